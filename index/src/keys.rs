@@ -1,0 +1,137 @@
+//! How an index reads keys it does not own.
+
+use half::{bf16, f16};
+
+/// Storage dtype of key (and value) rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyDtype {
+    /// IEEE half precision, what most engines keep their KV cache in.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// single precision.
+    F32,
+}
+
+impl KeyDtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            KeyDtype::F16 | KeyDtype::Bf16 => 2,
+            KeyDtype::F32 => 4,
+        }
+    }
+}
+
+/// Read access to `len()` key rows of `dim()` elements, stored elsewhere.
+///
+/// The daemon's KV store implements it over its arenas; benchmarks over loaded arrays.
+/// All scoring goes through it, so kernels (and their SIMD dispatch) live behind one seam.
+pub trait KeyStore: Sync {
+    /// Number of key rows.
+    fn len(&self) -> usize;
+    /// True when the store holds no key.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Elements per row.
+    fn dim(&self) -> usize;
+    /// `out[i] = <query, key[ids[i]]>`. Panics are never raised for valid ids; callers keep ids
+    /// below `len()`.
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut [f32]);
+    /// `out[i] = <query, key[start + i]>` for a contiguous block of rows.
+    fn score_range(&self, query: &[f32], start: usize, out: &mut [f32]);
+    /// Copies row `id`, widened to f32, into `out` (`dim()` long).
+    fn row_f32(&self, id: u32, out: &mut [f32]);
+}
+
+/// Contiguous key rows in one of the supported dtypes.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyRows<'a> {
+    /// f32 rows.
+    F32(&'a [f32]),
+    /// f16 rows.
+    F16(&'a [f16]),
+    /// bf16 rows.
+    Bf16(&'a [bf16]),
+}
+
+/// A [`KeyStore`] over contiguous, row-major key rows.
+#[derive(Clone, Copy, Debug)]
+pub struct KeySlice<'a> {
+    rows: KeyRows<'a>,
+    dim: usize,
+    len: usize,
+}
+
+impl<'a> KeySlice<'a> {
+    /// Wraps `rows` of `dim` elements each. Fails when the length is not a multiple of `dim`.
+    pub fn new(rows: KeyRows<'a>, dim: usize) -> Result<Self, crate::IndexError> {
+        let n = match rows {
+            KeyRows::F32(s) => s.len(),
+            KeyRows::F16(s) => s.len(),
+            KeyRows::Bf16(s) => s.len(),
+        };
+        if dim == 0 || n % dim != 0 {
+            return Err(crate::IndexError::BadShape(format!(
+                "{n} elements is not a whole number of rows of dim {dim}"
+            )));
+        }
+        Ok(Self { rows, dim, len: n / dim })
+    }
+
+    /// The underlying rows.
+    pub fn rows(&self) -> KeyRows<'a> {
+        self.rows
+    }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+impl KeyStore for KeySlice<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut [f32]) {
+        let d = self.dim;
+        for (o, &id) in out.iter_mut().zip(ids) {
+            let r = id as usize * d..(id as usize + 1) * d;
+            *o = match self.rows {
+                KeyRows::F32(s) => dot_f32(query, &s[r]),
+                KeyRows::F16(s) => dot_f16(query, &s[r]),
+                KeyRows::Bf16(s) => dot_bf16(query, &s[r]),
+            };
+        }
+    }
+    fn score_range(&self, query: &[f32], start: usize, out: &mut [f32]) {
+        let d = self.dim;
+        for (i, o) in out.iter_mut().enumerate() {
+            let r = (start + i) * d..(start + i + 1) * d;
+            *o = match self.rows {
+                KeyRows::F32(s) => dot_f32(query, &s[r]),
+                KeyRows::F16(s) => dot_f16(query, &s[r]),
+                KeyRows::Bf16(s) => dot_bf16(query, &s[r]),
+            };
+        }
+    }
+    fn row_f32(&self, id: u32, out: &mut [f32]) {
+        let d = self.dim;
+        let r = id as usize * d..(id as usize + 1) * d;
+        match self.rows {
+            KeyRows::F32(s) => out.copy_from_slice(&s[r]),
+            KeyRows::F16(s) => out.iter_mut().zip(&s[r]).for_each(|(o, x)| *o = x.to_f32()),
+            KeyRows::Bf16(s) => out.iter_mut().zip(&s[r]).for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! kvdex-index: maximum-inner-product search (MIPS) over KV-cache keys.
+//!
+//! # Layout
+//! - [`keys`]: the [`KeyStore`] trait through which an index reads keys it does not own, and
+//!   [`KeySlice`], a view over contiguous key rows (f32, f16 or bf16).
+//! - [`topk`]: caller-owned top-k selection and result buffers.
+//! - [`flat`]: the exact scan, the baseline every other index is measured against.
+//!
+//! The crate is pure compute: no I/O, no async, no daemon types. Storage belongs to the caller
+//! (the daemon's KV store); indices hold `u32` key ids into a [`KeyStore`], never copies of
+//! vectors, following qdrant's split of storage from index.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod flat;
+pub mod keys;
+pub mod topk;
+
+pub use error::IndexError;
+pub use keys::{KeyDtype, KeySlice, KeyStore};
+pub use topk::{Hits, TopK};
+
+/// Per-search counters, returned by every [`MipsIndex::search`].
+///
+/// `scored` is the number of keys whose inner product with the query was computed: the cost
+/// measure that recall is traded against (the "scored fraction" of the benchmarks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchStats {
+    /// Keys whose score was computed during this search.
+    pub scored: usize,
+}
+
+/// Scratch space owned by the caller (one per worker thread), so that no search allocates.
+///
+/// Following instant-distance's `Search`, it holds a visited set stamped with a generation
+/// counter (clearing costs O(1)) and the buffers a search needs. Indices grow it on first use.
+#[derive(Default, Debug)]
+pub struct SearchScratch {
+    /// Scores of one block of keys (flat scan), or of one node's neighbours (graph search).
+    pub scores: Vec<f32>,
+    /// Top-k selection state.
+    pub topk: TopK,
+}
+
+impl SearchScratch {
+    /// A new, empty scratch. Buffers are sized lazily by the first search.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// The read side of every MIPS backend: what the daemon and the benchmarks see.
+///
+/// Indices refer to keys by id in a [`KeyStore`] owned by the caller; the same store must be
+/// passed to every call (ids `0..len()` are the indexed keys).
+pub trait MipsIndex: Send + Sync {
+    /// A short stable name ("flat", "hnsw", "graph") for metrics and benchmark output.
+    fn name(&self) -> &'static str;
+
+    /// Finds the `k` keys with the largest inner product with `query` (f32, `keys.dim()` long).
+    ///
+    /// Results are written to `out`, best first. `k` larger than [`MipsIndex::len`] is clamped.
+    fn search(
+        &self,
+        keys: &dyn KeyStore,
+        query: &[f32],
+        k: usize,
+        scratch: &mut SearchScratch,
+        out: &mut Hits,
+    ) -> Result<SearchStats, IndexError>;
+
+    /// Number of keys indexed.
+    fn len(&self) -> usize;
+
+    /// True when no key is indexed.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of memory the index itself holds (not counting the keys).
+    fn memory_bytes(&self) -> usize;
+}
+
+/// The write side: indices that accept keys appended after the build.
+pub trait MipsIndexMut: MipsIndex {
+    /// Indexes keys `self.len()..keys.len()` of `keys`, which must extend the store the index was
+    /// built over.
+    fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError>;
+}

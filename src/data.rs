@@ -1,0 +1,2 @@
+//! Reading `.npy` data sets in the layout of ../shared/data, and the benchmark split.
+
