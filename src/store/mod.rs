@@ -44,8 +44,29 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Checks the shape is usable: all dimensions non-zero and GQA-divisible.
+    /// Most layers a session may have.
+    pub const MAX_LAYERS: u32 = 1024;
+    /// Most query (or KV) heads per layer.
+    pub const MAX_HEADS: u32 = 1024;
+    /// Longest head vector.
+    pub const MAX_HEAD_DIM: u32 = 8192;
+
+    /// Checks the shape is usable: all dimensions non-zero, within [`Shape::MAX_LAYERS`],
+    /// [`Shape::MAX_HEADS`] and [`Shape::MAX_HEAD_DIM`] (a client cannot make the daemon allocate
+    /// per-layer state for billions of layers), and GQA-divisible.
     pub fn validate(&self) -> Result<()> {
+        for (name, v, max) in [
+            ("layers", self.layers, Self::MAX_LAYERS),
+            ("q_heads", self.q_heads, Self::MAX_HEADS),
+            ("kv_heads", self.kv_heads, Self::MAX_HEADS),
+            ("head_dim", self.head_dim, Self::MAX_HEAD_DIM),
+        ] {
+            if v > max {
+                return Err(KvdexError::BadRequest(format!(
+                    "{name} = {v} is above the limit {max}"
+                )));
+            }
+        }
         if self.layers == 0 || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err(KvdexError::BadRequest(format!(
                 "shape has a zero dimension: {self:?}"
@@ -102,6 +123,12 @@ pub mod dtype_serde {
             serde::de::Error::custom(format!("unknown dtype {s:?}: expected f16, bf16 or f32"))
         })
     }
+}
+
+/// The arena source the daemon uses: host memory today; kvdex-transfer's `default_link()`
+/// (pinned memory when CUDA loads) once the transfer branch lands.
+pub fn default_link() -> Arc<dyn DeviceLink> {
+    Arc::new(HostLink::new())
 }
 
 /// Where sessions get their memory: a [`DeviceLink`] for arenas (pinned when CUDA is present,
