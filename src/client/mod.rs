@@ -1,2 +1,3 @@
 //! The blocking Rust client: connect, create and drop sessions, append, search, gather.
 
+pub mod merge;
