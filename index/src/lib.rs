@@ -14,6 +14,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod attend;
 pub mod error;
 pub mod flat;
 pub mod keys;

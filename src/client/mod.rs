@@ -19,6 +19,7 @@
 //! nothing.
 
 pub mod http;
+pub mod merge;
 pub mod session;
 
 use std::time::Duration;
