@@ -125,10 +125,10 @@ pub mod dtype_serde {
     }
 }
 
-/// The arena source the daemon uses: host memory today; kvdex-transfer's `default_link()`
-/// (pinned memory when CUDA loads) once the transfer branch lands.
+/// The arena source the daemon uses: kvdex-transfer's `default_link()`, which gives pinned
+/// memory when the CUDA driver loads and plain host memory (with a log line) otherwise.
 pub fn default_link() -> Arc<dyn DeviceLink> {
-    Arc::new(HostLink::new())
+    kvdex_transfer::default_link()
 }
 
 /// Where sessions get their memory: a [`DeviceLink`] for arenas (pinned when CUDA is present,
