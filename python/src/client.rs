@@ -49,6 +49,7 @@ impl Client {
 
     /// Creates a session (HTTP POST) and attaches its shared-memory region.
     #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn create_session(
         &self,
         py: Python<'_>,
@@ -222,7 +223,7 @@ impl Session {
         layer: u32,
         q: PyReadonlyArray2<'py, f32>,
         k: u32,
-    ) -> PyResult<(Bound<'py, PyArray2<u32>>, Bound<'py, PyArray2<f32>>)> {
+    ) -> PyResult<crate::arrays::SearchResult<'py>> {
         let (h, d) = (self.shape.q_heads as usize, self.shape.head_dim as usize);
         check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
         let qs = q

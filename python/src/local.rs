@@ -8,7 +8,7 @@
 use half::f16;
 use kvdex::store::{dtype_serde, Session, Shape};
 use kvdex_index::{Hits, KeyDtype, SearchScratch};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::arrays::{check_shape, to_f32, FloatArray};
@@ -123,7 +123,7 @@ impl LocalSession {
         layer: u32,
         q: PyReadonlyArray2<'py, f32>,
         k: usize,
-    ) -> PyResult<(Bound<'py, PyArray2<u32>>, Bound<'py, PyArray2<f32>>)> {
+    ) -> PyResult<crate::arrays::SearchResult<'py>> {
         let s = *self.shape();
         let (h, d) = (s.q_heads as usize, s.head_dim as usize);
         check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
