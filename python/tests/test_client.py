@@ -1,4 +1,9 @@
-"""The client against a real daemon started by a fixture: round trips and bad input."""
+"""The client against a real daemon started by a fixture: round trips and bad input.
+
+Each session test runs twice: through a daemon (`kvdex serve`, HTTP + shared memory), and through
+an in-process server (a real region and worker thread, attached with `kvdex.attach`), so the
+binding is exercised against the real worker even on a daemon build without a data plane.
+"""
 
 from __future__ import annotations
 
@@ -34,11 +39,18 @@ def client(daemon: kvdex.Daemon) -> kvdex.Client:
     return kvdex.connect(daemon.url)
 
 
-@pytest.fixture
-def session(client: kvdex.Client):
-    s = new_session(client)
-    yield s
-    s.close()
+@pytest.fixture(params=["daemon", "inproc"])
+def session(request):
+    if request.param == "daemon":
+        s = new_session(kvdex.connect(request.getfixturevalue("daemon").url))
+        yield s
+        s.close()
+    else:
+        server = kvdex._native.InProcessServer(dtype="f16", **SHAPE)
+        s = kvdex.attach(server.shm_path, server.token)
+        yield s
+        s.close()
+        server.stop()
 
 
 def test_round_trip_matches_numpy(session: kvdex.Session) -> None:
@@ -122,8 +134,8 @@ def test_bad_shape_at_create(client: kvdex.Client) -> None:
         client.create_session(layers=1, q_heads=2, kv_heads=2, head_dim=8, dtype="int4")
 
 
-def test_closed_session(client: kvdex.Client) -> None:
-    s = new_session(client)
+def test_closed_session(session: kvdex.Session) -> None:
+    s = session
     s.close()
     s.close()  # idempotent
     assert s.closed
@@ -141,6 +153,24 @@ def test_dead_daemon(kvdex_bin: str) -> None:
     d.stop()
     with pytest.raises(kvdex.DisconnectedError):
         kvdex.connect(url)
+
+
+def test_stopped_server_is_a_disconnect() -> None:
+    server = kvdex._native.InProcessServer(dtype="f16", **SHAPE)
+    s = kvdex.attach(server.shm_path, server.token)
+    assert s.ping(b"x") == b"x"
+    server.stop()
+    with pytest.raises(kvdex.DisconnectedError, match="stopped"):
+        s.ping(b"x")
+
+
+def test_wrong_token_is_unauthorized() -> None:
+    server = kvdex._native.InProcessServer(dtype="f16", **SHAPE)
+    try:
+        with pytest.raises(kvdex.UnauthorizedError, match="refused the token"):
+            kvdex.attach(server.shm_path, "0" * 32)
+    finally:
+        server.stop()
 
 
 def test_connect_to_nothing_names_the_url() -> None:
