@@ -20,11 +20,12 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from . import _native
+from .errors import KvdexError
 
 
 def _percentiles(us: Sequence[float]) -> Dict[str, float]:
@@ -67,35 +68,52 @@ def rtt_daemon(url: Optional[str], iters: int, tokens: int, k: int) -> List[Dict
     try:
         client = connect(url or daemon.url)
         with client.create_session(layers=1, q_heads=9, kv_heads=3, head_dim=64, dtype="f16") as s:
-            rng = np.random.default_rng(0)
-            kv = rng.standard_normal((3, tokens, 64)).astype(np.float16)
-            s.append(0, kv, kv)
-            q = rng.standard_normal((9, 64)).astype(np.float32)
-            rows: List[Dict[str, object]] = []
-            common = {"bench": "rtt", "target": "daemon", "iters": iters}
-            for _ in range(min(iters, 500)):
-                s.ping(b"")
-            rust = s._s.bench_ping(0, iters)
-            py = []
-            for _ in range(iters):
-                t0 = time.perf_counter_ns()
-                s.ping(b"")
-                py.append((time.perf_counter_ns() - t0) / 1e3)
-            rows += _pair({**common, "op": "ping"}, rust, py)
-            ids = np.zeros((9, k), np.uint32)
-            scores = np.zeros((9, k), np.float32)
-            for op, call in (("search", lambda: s.search(0, q, k)),
-                             ("search_into", lambda: s.search_into(0, q, k, ids, scores))):
-                py = []
-                for _ in range(iters):
-                    t0 = time.perf_counter_ns()
-                    call()
-                    py.append((time.perf_counter_ns() - t0) / 1e3)
-                rows.append({**common, "op": op, "tokens": tokens, "k": k, "client": "python", **_percentiles(py)})
-            return rows
+            return _rtt_session(s, "daemon", iters, tokens, k)
     finally:
         if daemon is not None:
             daemon.stop()
+
+
+def rtt_inproc(iters: int, tokens: int, k: int) -> List[Dict[str, object]]:
+    """The same through a region served by a worker thread in this process (no daemon)."""
+    from .client import attach
+
+    server = _native.InProcessServer(1, 9, 3, 64, "f16")
+    try:
+        with attach(server.shm_path, server.token) as s:
+            return _rtt_session(s, "inproc", iters, tokens, k)
+    finally:
+        server.stop()
+
+
+def _rtt_session(s: Any, target: str, iters: int, tokens: int, k: int) -> List[Dict[str, object]]:
+    """Ping (Rust loop vs Python loop) and a small search/search_into from Python on session ``s``."""
+    rng = np.random.default_rng(0)
+    kv = rng.standard_normal((3, tokens, 64)).astype(np.float16)
+    s.append(0, kv, kv)
+    q = rng.standard_normal((9, 64)).astype(np.float32)
+    rows: List[Dict[str, object]] = []
+    common = {"bench": "rtt", "target": target, "iters": iters}
+    for _ in range(min(iters, 500)):
+        s.ping(b"")
+    rust = s._s.bench_ping(0, iters)
+    py = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        s.ping(b"")
+        py.append((time.perf_counter_ns() - t0) / 1e3)
+    rows += _pair({**common, "op": "ping"}, rust, py)
+    ids = np.zeros((9, k), np.uint32)
+    scores = np.zeros((9, k), np.float32)
+    for op, call in (("search", lambda: s.search(0, q, k)),
+                     ("search_into", lambda: s.search_into(0, q, k, ids, scores))):
+        py = []
+        for _ in range(iters):
+            t0 = time.perf_counter_ns()
+            call()
+            py.append((time.perf_counter_ns() - t0) / 1e3)
+        rows.append({**common, "op": op, "tokens": tokens, "k": k, "client": "python", **_percentiles(py)})
+    return rows
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -106,13 +124,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rtt.add_argument("--tokens", type=int, default=64, help="keys in the session (small: the call, not the scan)")
     rtt.add_argument("--k", type=int, default=8)
     rtt.add_argument("--json", action="store_true", help="one JSON object per line")
-    rtt.add_argument("--target", choices=["daemon", "local", "both"], default="both")
+    rtt.add_argument("--target", choices=["daemon", "inproc", "local", "all"], default="all",
+                     help="all: daemon (or inproc if this daemon has no data plane), then local")
     rtt.add_argument("--url", default=None, help="a running daemon (default: start one with kvdex.Daemon)")
     a = ap.parse_args(argv)
     rows: List[Dict[str, object]] = []
-    if a.target in ("daemon", "both"):
-        rows += rtt_daemon(a.url, a.iters, a.tokens, a.k)
-    if a.target in ("local", "both"):
+    if a.target in ("daemon", "all"):
+        try:
+            rows += rtt_daemon(a.url, a.iters, a.tokens, a.k)
+        except KvdexError as e:
+            if a.target == "daemon":
+                raise
+            print(f"daemon target unavailable ({e}); measuring the in-process server", file=sys.stderr)
+            rows += rtt_inproc(a.iters, a.tokens, a.k)
+    if a.target == "inproc":
+        rows += rtt_inproc(a.iters, a.tokens, a.k)
+    if a.target in ("local", "all"):
         rows += rtt_local(a.iters, a.tokens, a.k)
     if a.json:
         for r in rows:
