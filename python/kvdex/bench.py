@@ -43,12 +43,15 @@ def rtt_local(iters: int, tokens: int, k: int, shape=(1, 9, 3, 64)) -> List[Dict
     q = rng.standard_normal((q_heads, head_dim)).astype(np.float32)
     for _ in range(min(iters, 200)):  # warm caches and allocators
         s.search(0, q, k)
-    rust = s.bench_search(0, q, k, iters)
+    rust: List[float] = []
     py: List[float] = []
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        s.search(0, q, k)
-        py.append((time.perf_counter_ns() - t0) / 1e3)
+    batch = 100
+    for _ in range(max(1, iters // batch)):  # interleaved, as in _rtt_session
+        rust += s.bench_search(0, q, k, batch)
+        for _ in range(batch):
+            t0 = time.perf_counter_ns()
+            s.search(0, q, k)
+            py.append((time.perf_counter_ns() - t0) / 1e3)
     return _pair({"bench": "rtt", "target": "local", "op": "search", "tokens": tokens, "k": k, "iters": iters},
                  rust, py)
 
@@ -96,12 +99,17 @@ def _rtt_session(s: Any, target: str, iters: int, tokens: int, k: int) -> List[D
     common = {"bench": "rtt", "target": target, "iters": iters}
     for _ in range(min(iters, 500)):
         s.ping(b"")
-    rust = s._s.bench_ping(0, iters)
-    py = []
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        s.ping(b"")
-        py.append((time.perf_counter_ns() - t0) / 1e3)
+    # Interleave Rust and Python batches so both see the same machine state (load, the
+    # worker's spin/park phase); on a busy box, back-to-back runs are not comparable.
+    rust: List[float] = []
+    py: List[float] = []
+    batch = 100
+    for _ in range(max(1, iters // batch)):
+        rust += s._s.bench_ping(0, batch)
+        for _ in range(batch):
+            t0 = time.perf_counter_ns()
+            s.ping(b"")
+            py.append((time.perf_counter_ns() - t0) / 1e3)
     rows += _pair({**common, "op": "ping"}, rust, py)
     ids = np.zeros((9, k), np.uint32)
     scores = np.zeros((9, k), np.float32)
