@@ -300,7 +300,7 @@ fn serve(
                         ..c
                     },
                 ) {
-                    wait::notify(&h.client_sleeping.0);
+                    let _ = wait::notify(&h.client_sleeping.0);
                 }
                 return ExitReason::Protocol(msg);
             }
@@ -353,7 +353,7 @@ fn serve(
                 Err(e) => return ExitReason::Protocol(e.to_string()),
             }
         }
-        wait::notify(&h.client_sleeping.0);
+        let _ = wait::notify(&h.client_sleeping.0);
     }
 }
 

@@ -34,6 +34,9 @@ impl Default for WaitPolicy {
     }
 }
 
+/// How long [`wait_until`] spins without yielding: a hot round trip completes well within it.
+const PURE_SPIN: Duration = Duration::from_micros(5);
+
 /// Parks on `word` while it still holds `expected`, for at most `timeout`.
 /// Spurious returns are fine: callers re-check their condition.
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
@@ -88,14 +91,25 @@ pub fn wait_until(
     if !policy.spin.is_zero() {
         let start = Instant::now();
         let mut spins: u32 = 0;
+        let mut yielding = false;
         loop {
-            std::hint::spin_loop();
+            if yielding {
+                // On a busy machine a pure spin can hold the core the peer needs to run on;
+                // past the first few microseconds, give it up between checks.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
             if ready() {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() >= policy.spin {
-                break;
+            if yielding || spins % 64 == 0 {
+                let waited = start.elapsed();
+                if waited >= policy.spin {
+                    break;
+                }
+                yielding = waited >= PURE_SPIN;
             }
         }
     }
@@ -111,11 +125,16 @@ pub fn wait_until(
 }
 
 /// Called after publishing something the peer may be waiting for: wakes it only if it parked.
-pub fn notify(sleeping: &AtomicU32) {
+/// Returns true when it had to wake it (the peer was asleep, so an answer will take a
+/// scheduler wake-up: the caller is better off parking than spinning on the core the peer
+/// needs).
+pub fn notify(sleeping: &AtomicU32) -> bool {
     fence(Ordering::SeqCst);
     if sleeping.load(Ordering::Relaxed) != 0 && sleeping.swap(0, Ordering::AcqRel) != 0 {
         futex_wake(sleeping);
+        return true;
     }
+    false
 }
 
 /// Wakes the peer whether or not it announced parking (used for stop requests, where the
