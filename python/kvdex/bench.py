@@ -124,6 +124,21 @@ def _rtt_session(s: Any, target: str, iters: int, tokens: int, k: int) -> List[D
     return rows
 
 
+def rtt_harness(n: int) -> List[Dict[str, object]]:
+    """The Rust harness's own figures (``kvdex bench rtt --json``: daemon-side host, shm vs Unix
+    socket), tagged, so that they print next to the binding's in one run."""
+    import subprocess
+
+    from .daemon import find_binary
+
+    out = subprocess.run([find_binary(), "bench", "rtt", "--json", "--n", str(n), "--cold-n", str(max(1, n // 20))],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise KvdexError(f"kvdex bench rtt failed ({out.returncode}): {out.stderr.strip()[-500:]}")
+    return [{"bench": "rtt", "target": "kvdex bench rtt", **json.loads(line)}
+            for line in out.stdout.splitlines() if line.startswith("{")]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvdex.bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rtt.add_argument("--target", choices=["daemon", "inproc", "local", "all"], default="all",
                      help="all: daemon (or inproc if this daemon has no data plane), then local")
     rtt.add_argument("--url", default=None, help="a running daemon (default: start one with kvdex.Daemon)")
+    rtt.add_argument("--harness", action="store_true",
+                     help="also run the Rust harness `kvdex bench rtt --json` (binary from kvdex.find_binary)")
     a = ap.parse_args(argv)
     rows: List[Dict[str, object]] = []
     if a.target in ("daemon", "all"):
@@ -149,8 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += rtt_inproc(a.iters, a.tokens, a.k)
     if a.target in ("local", "all"):
         rows += rtt_local(a.iters, a.tokens, a.k)
+    harness = rtt_harness(a.iters) if a.harness else []
     if a.json:
-        for r in rows:
+        for r in rows + harness:
             print(json.dumps(r))
     else:
         print(f"{'target':8s} {'op':11s} {'client':8s} {'p50 us':>9s} {'p99 us':>9s} {'overhead p50 us':>16s}")
@@ -158,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ov = r.get("overhead_p50_us")
             print(f"{r['target']:8s} {r['op']:11s} {r['client']:8s} {r['p50_us']:9.2f} {r['p99_us']:9.2f} "
                   f"{'' if ov is None else f'{ov:16.2f}'}")
+        for r in harness:
+            print("kvdex bench rtt:", json.dumps(r))
     return 0
 
 
