@@ -145,12 +145,14 @@ def test_closed_session(session: kvdex.Session) -> None:
 
 def test_dead_daemon(kvdex_bin: str) -> None:
     d = kvdex.Daemon(binary=kvdex_bin).start()
-    url = d.url
-    s = new_session(kvdex.connect(url))
-    d.kill()
-    with pytest.raises(kvdex.DisconnectedError):
-        s.search(0, np.zeros((4, 8), np.float32), 1)
-    d.stop()
+    try:  # stop the daemon even when the test skips or fails half-way
+        url = d.url
+        s = new_session(kvdex.connect(url))
+        d.kill()
+        with pytest.raises(kvdex.DisconnectedError):
+            s.search(0, np.zeros((4, 8), np.float32), 1)
+    finally:
+        d.stop()
     with pytest.raises(kvdex.DisconnectedError):
         kvdex.connect(url)
 
