@@ -73,7 +73,11 @@ proptest! {
             let mut hits = Hits::default();
             let st = idx.search(&keys, &q, k, &mut scratch, &mut hits).unwrap();
             check_invariants(&hits, &keys, &q, n, k);
-            prop_assert!(st.scored <= n);
+            // The graph scores each key at most once per search; hnsw_rs may evaluate a node on
+            // several layers, so its count (distance evaluations) can exceed n.
+            if kind != IndexKind::Hnsw {
+                prop_assert!(st.scored <= n, "{kind:?} scored {} of {n}", st.scored);
+            }
             let found = hits.ids.iter().filter(|i| exact.ids.contains(i)).count();
             // Small uniform data: every kind should find most of the true top-k.
             prop_assert!(found as f64 >= 0.7 * exact.len() as f64, "{kind:?} found {found} of {}", exact.len());

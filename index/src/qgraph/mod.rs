@@ -46,7 +46,7 @@ pub struct GraphParams {
 impl Default for GraphParams {
     fn default() -> Self {
         Self {
-            degree: 32,
+            degree: 30,
             train_topk: 100,
             max_train_queries: 4096,
             search_list: 200,
