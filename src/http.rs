@@ -1,2 +1,1 @@
 //! The axum control plane: sessions, health, stats and `/metrics`.
-

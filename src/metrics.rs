@@ -1,2 +1,1 @@
 //! The Prometheus registry: request counts and latency per op, memory, sessions, bytes moved.
-

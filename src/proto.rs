@@ -1,2 +1,1 @@
 //! The request/response codec carried by the shared-memory rings.
-

@@ -109,7 +109,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
                 .map(|i| mu_k[i] + norm * (c[i] + 0.6 * normal(&mut rng)))
                 .collect();
             if p == 0 {
-                k = mu_q.iter().map(|x| 4.0 * x).collect();
+                k = mu_q.iter().map(|x| 0.55 * x).collect();
             }
             rope(&mut k, p);
             let v = gauss_vec(&mut rng, d, 1.0);

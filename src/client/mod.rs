@@ -1,2 +1,1 @@
 //! The blocking Rust client: connect, create and drop sessions, append, search, gather.
-
