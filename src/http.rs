@@ -1,1 +1,2 @@
 //! The axum control plane: sessions, health, stats and `/metrics`.
+

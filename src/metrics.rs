@@ -1,1 +1,2 @@
 //! The Prometheus registry: request counts and latency per op, memory, sessions, bytes moved.
+

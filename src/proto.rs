@@ -1,1 +1,2 @@
 //! The request/response codec carried by the shared-memory rings.
+

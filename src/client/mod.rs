@@ -1,1 +1,2 @@
 //! The blocking Rust client: connect, create and drop sessions, append, search, gather.
+

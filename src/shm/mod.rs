@@ -1,2 +1,3 @@
 //! The per-client shared-memory region: header, submission and completion rings, payload
 //! arena, and the spin-then-park wait.
+

@@ -34,9 +34,7 @@ impl Shape {
     /// Checks the shape is usable: all dimensions non-zero and GQA-divisible.
     pub fn validate(&self) -> Result<()> {
         if self.layers == 0 || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
-            return Err(KvdexError::BadRequest(format!(
-                "shape has a zero dimension: {self:?}"
-            )));
+            return Err(KvdexError::BadRequest(format!("shape has a zero dimension: {self:?}")));
         }
         if self.q_heads % self.kv_heads != 0 {
             return Err(KvdexError::BadRequest(format!(
@@ -273,32 +271,15 @@ mod tests {
 
     #[test]
     fn append_search_gather_round_trip() {
-        let shape = Shape {
-            layers: 1,
-            q_heads: 2,
-            kv_heads: 1,
-            head_dim: 2,
-            dtype: KeyDtype::F32,
-        };
+        let shape = Shape { layers: 1, q_heads: 2, kv_heads: 1, head_dim: 2, dtype: KeyDtype::F32 };
         let s = Session::new(shape).unwrap();
         let k: Vec<f32> = vec![1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
         let v: Vec<f32> = vec![9.0; 6];
-        s.append(0, 3, bytemuck::cast_slice(&k), bytemuck::cast_slice(&v))
-            .unwrap();
+        s.append(0, 3, bytemuck::cast_slice(&k), bytemuck::cast_slice(&v)).unwrap();
         let (mut ids, mut sc) = (vec![0u32; 2], vec![0f32; 2]);
         let mut scratch = SearchScratch::new();
         let mut hits = Hits::default();
-        let kk = s
-            .search(
-                0,
-                &[1.0, 0.0, 0.0, -1.0],
-                1,
-                &mut scratch,
-                &mut hits,
-                &mut ids,
-                &mut sc,
-            )
-            .unwrap();
+        let kk = s.search(0, &[1.0, 0.0, 0.0, -1.0], 1, &mut scratch, &mut hits, &mut ids, &mut sc).unwrap();
         assert_eq!(kk, 1);
         assert_eq!(ids, vec![2, 0]);
         let mut out = vec![0u8; 16];
