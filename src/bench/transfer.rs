@@ -58,6 +58,10 @@ struct Row {
     limit_gbps: f64,
     batch_p50_us: f64,
     ratio: f64,
+    /// Median over batches of (limit time / gather time) in the same iteration: on a shared
+    /// machine whose speed flips between states from one second to the next, pairing each
+    /// gather with the limit measured right next to it is steadier than the ratio of medians.
+    paired_ratio_p50: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     limit_1t_gbps: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -247,6 +251,10 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
                 }
             }
         }
+        let mut paired: Vec<f64> = (0..t_gather.len())
+            .map(|i| t_1t[i].min(t_mt[i]) / t_gather[i])
+            .collect();
+        let paired_ratio_p50 = median(&mut paired);
         let best_limit_gbps = bytes / best(&t_1t).min(best(&t_mt)) / 1e9;
         let best_gbps = bytes / best(&t_gather) / 1e9;
         let (g, one, many) = (median(&mut t_gather), median(&mut t_1t), median(&mut t_mt));
@@ -260,6 +268,7 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
             limit_gbps: limit,
             batch_p50_us: g * 1e6,
             ratio: gbps / limit,
+            paired_ratio_p50,
             limit_1t_gbps: (!cuda).then(|| bytes / one / 1e9),
             limit_mt_gbps: (!cuda).then(|| bytes / many / 1e9),
             naive_gbps: (!cuda).then(|| bytes / median(&mut t_naive) / 1e9),

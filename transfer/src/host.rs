@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::arena::AllocTracker;
-use crate::copy::copy_runs_prefetch;
+use crate::copy::{copy_runs_prefetch, copy_runs_streaming, STREAM_MIN_BATCH_BYTES};
 use crate::dest::{DestStats, Registry};
 use crate::inflight::Use;
 use crate::tickets::Tickets;
@@ -90,10 +90,18 @@ impl HostEngine {
         let pool = match &self.pool {
             Some(p) if summary.total_bytes >= self.parallel_min_bytes => p.clone(),
             _ => {
+                let stream =
+                    summary.disjoint_ascending && summary.total_bytes >= STREAM_MIN_BATCH_BYTES;
                 // SAFETY: check_runs bounded every run by both buffers; an arena never aliases
                 // a registered destination (its memory is owned by the arena); the
                 // registration contract keeps others off the destination bytes.
-                unsafe { copy_runs_prefetch(src.as_ptr(), dst.0, runs) };
+                unsafe {
+                    if stream {
+                        copy_runs_streaming(src.as_ptr(), dst.0, runs)
+                    } else {
+                        copy_runs_prefetch(src.as_ptr(), dst.0, runs)
+                    }
+                };
                 drop(dest_use);
                 return self.tickets.submit(true);
             }
