@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvdex_transfer::copy::{copy_contiguous, copy_contiguous_parallel, copy_runs_parallel};
+use kvdex_transfer::copy::{
+    copy_contiguous, copy_contiguous_parallel, copy_contiguous_streaming, copy_runs_parallel,
+};
 use kvdex_transfer::cuda::CudaLink;
 use kvdex_transfer::host::HostConfig;
 use kvdex_transfer::{DeviceLink, HostLink, Registration, Run};
@@ -234,7 +236,9 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
                     Ok(())
                 })?;
             } else {
-                one = time(|| copy_contiguous(whole, staging));
+                // One thread: the faster of memcpy and the gathers' own streaming loop.
+                one = time(|| copy_contiguous(whole, staging))
+                    .min(time(|| copy_contiguous_streaming(whole, staging)));
                 many = time(|| copy_contiguous_parallel(&pool, whole, staging));
                 // Fresh runs: re-reading the gather's rows would find them in cache.
                 draw_runs(&mut rng, arena_bytes as u64, block, blocks, &mut runs);
