@@ -5,6 +5,10 @@ use rayon::prelude::*;
 
 use crate::Run;
 
+mod simd;
+#[cfg(target_arch = "x86_64")]
+use simd::{copy_avx2, copy_stream_avx2};
+
 /// How many runs ahead the small-run loop prefetches. Eight 256-byte rows in flight cover a
 /// DRAM miss (~90 ns) at the ~3 ns per row a cached copy takes.
 const PREFETCH_AHEAD: usize = 8;
@@ -43,18 +47,11 @@ fn prefetch_read(p: *const u8) {
     let _ = p;
 }
 
-/// Runs at least this long go to the C library's `memcpy`, whose large-copy path (non-temporal
-/// stores, page-interleaved loops) beats a cached vector loop once a run outgrows the caches.
-const LIBC_MIN_BYTES: u64 = 1 << 20;
-/// Runs shorter than this also go to `memcpy`: its small-copy path (a few overlapping vector
-/// moves, no loop, no `rep movsb`) is faster than the AVX2 loop for single-token rows.
-const VECTOR_LOOP_MIN_BYTES: u64 = 2048;
-
 /// Copies `runs` one after the other on this thread, prefetching the source lines of the run
 /// `PREFETCH_AHEAD` places ahead when runs are small (random single-token rows miss in cache
 /// and TLB; issuing the next rows' loads early overlaps those misses).
 ///
-/// Runs from [`VECTOR_LOOP_MIN_BYTES`] to [`LIBC_MIN_BYTES`] are copied by an AVX2 loop where the CPU has one, not by
+/// Runs from 2 KiB to 1 MiB are copied by an AVX2 loop where the CPU has one, not by
 /// `memcpy`: glibc's `memcpy` uses `rep movsb` for mid-sized copies, and on AMD Zen that runs
 /// about 8x slower when the destination sits 16 bytes past the source within a 4 KiB page
 /// (measured here: 64 KiB runs into a `Vec` destination, 2.7 GB/s against 22 GB/s; see
@@ -130,56 +127,11 @@ unsafe fn copy_runs_avx2(src: *const u8, dst: *mut u8, runs: &[Run]) {
     unsafe { copy_runs_with(src, dst, runs, copy_avx2) };
 }
 
-/// Copies `len` bytes with 32-byte AVX2 loads and stores, four per step (small and large runs
-/// go to `memcpy`, see [`VECTOR_LOOP_MIN_BYTES`] and [`LIBC_MIN_BYTES`]).
-///
-/// # Safety
-/// The CPU must support AVX2; `src .. + len` readable, `dst .. + len` writable, not
-/// overlapping.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize) {
-    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_storeu_si256};
-    if !(VECTOR_LOOP_MIN_BYTES..LIBC_MIN_BYTES).contains(&(len as u64)) {
-        // SAFETY: the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-        return;
-    }
-    let mut i = 0;
-    // SAFETY: every access is at `i .. i + 128 <= len` (or `i .. i + 32 <= len`) from either
-    // base, inside the ranges the caller vouched for; unaligned loads and stores are allowed.
-    unsafe {
-        while i + 128 <= len {
-            let (s, d) = (src.add(i).cast::<__m256i>(), dst.add(i).cast::<__m256i>());
-            let a = _mm256_loadu_si256(s);
-            let b = _mm256_loadu_si256(s.add(1));
-            let c = _mm256_loadu_si256(s.add(2));
-            let e = _mm256_loadu_si256(s.add(3));
-            _mm256_storeu_si256(d, a);
-            _mm256_storeu_si256(d.add(1), b);
-            _mm256_storeu_si256(d.add(2), c);
-            _mm256_storeu_si256(d.add(3), e);
-            i += 128;
-        }
-        while i + 32 <= len {
-            _mm256_storeu_si256(
-                dst.add(i).cast::<__m256i>(),
-                _mm256_loadu_si256(src.add(i).cast::<__m256i>()),
-            );
-            i += 32;
-        }
-        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
-    }
-}
-
 /// Batches of at least this many bytes are written with non-temporal (streaming) stores, as
 /// glibc's `memcpy` does for the contiguous copy a gather is measured against: a batch this
 /// large (half the 32 MiB L3 here) will not stay cached anyway, and streaming skips reading
 /// every destination line before overwriting it, a third of the memory traffic.
 pub const STREAM_MIN_BATCH_BYTES: u64 = 16 << 20;
-/// Runs shorter than this are written with ordinary stores even in a streaming batch: for
-/// single-token rows streaming measured slower here (about half the throughput at 256 B).
-const STREAM_MIN_RUN_BYTES: usize = 4096;
 
 /// As [`copy_runs_prefetch`], but the destination is written with non-temporal stores (AVX2;
 /// without AVX2 this is [`copy_runs_prefetch`]). For batches of at least
@@ -209,49 +161,6 @@ unsafe fn copy_runs_streaming_avx2(src: *const u8, dst: *mut u8, runs: &[Run]) {
     // SAFETY: the caller's contract, passed through.
     unsafe { copy_runs_with(src, dst, runs, copy_stream_avx2) };
     std::arch::x86_64::_mm_sfence();
-}
-
-/// Copies `len` bytes with unaligned 32-byte loads and 32-byte-aligned non-temporal stores;
-/// the unaligned head and the tail go through `memcpy`. The caller fences afterwards.
-///
-/// # Safety
-/// The CPU must support AVX2; `src .. + len` readable, `dst .. + len` writable, not
-/// overlapping.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn copy_stream_avx2(src: *const u8, dst: *mut u8, len: usize) {
-    use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_stream_si256};
-    if len < STREAM_MIN_RUN_BYTES {
-        // SAFETY: the caller's contract; AVX2 is present.
-        unsafe { copy_avx2(src, dst, len) };
-        return;
-    }
-    let head = dst.align_offset(32).min(len);
-    // SAFETY: every access below stays inside `0 .. len` of either range (the caller's
-    // contract); stores at `dst + i` with `i >= head` are 32-byte aligned, as streaming
-    // stores require.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, dst, head);
-        let mut i = head;
-        while i + 128 <= len {
-            let (s, d) = (src.add(i).cast::<__m256i>(), dst.add(i).cast::<__m256i>());
-            let a = _mm256_loadu_si256(s);
-            let b = _mm256_loadu_si256(s.add(1));
-            let c = _mm256_loadu_si256(s.add(2));
-            let e = _mm256_loadu_si256(s.add(3));
-            _mm256_stream_si256(d, a);
-            _mm256_stream_si256(d.add(1), b);
-            _mm256_stream_si256(d.add(2), c);
-            _mm256_stream_si256(d.add(3), e);
-            i += 128;
-        }
-        while i + 32 <= len {
-            let v = _mm256_loadu_si256(src.add(i).cast::<__m256i>());
-            _mm256_stream_si256(dst.add(i).cast::<__m256i>(), v);
-            i += 32;
-        }
-        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
-    }
 }
 
 /// Copies `runs` across `pool`'s threads, in tasks of about `PAR_TASK_BYTES`.
@@ -382,76 +291,6 @@ mod tests {
             // SAFETY: as above, and destinations are ascending and disjoint by construction.
             unsafe { copy_runs_parallel(&pool, src.as_ptr(), par.as_mut_ptr(), &runs, total) };
             assert!(par == want, "parallel loop, runs up to {max_units} x 16 B");
-        }
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn avx2_kernel_copies_every_length_and_offset() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("SKIPPED: avx2_kernel_copies_every_length_and_offset: no AVX2 on this CPU");
-            return;
-        }
-        let src: Vec<u8> = (0..(1 << 21) + 4096).map(|i| (i % 253) as u8).collect();
-        let lens = (2000..2300).chain([
-            4096,
-            4112,
-            65536 + 48,
-            (1 << 20) - 16,
-            1 << 20,
-            (1 << 20) + 16,
-        ]);
-        for len in lens {
-            for (s_off, d_off) in [(0, 0), (0, 16), (48, 16), (4080, 7)] {
-                let mut dst = vec![0u8; len + 64];
-                // SAFETY: AVX2 checked above; both ranges lie inside their own buffers.
-                unsafe { copy_avx2(src.as_ptr().add(s_off), dst.as_mut_ptr().add(d_off), len) };
-                assert!(
-                    dst[d_off..d_off + len] == src[s_off..s_off + len],
-                    "len {len}"
-                );
-                assert!(
-                    dst[..d_off].iter().all(|&b| b == 0),
-                    "wrote before, len {len}"
-                );
-                assert!(
-                    dst[d_off + len..].iter().all(|&b| b == 0),
-                    "wrote past, len {len}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn streaming_kernel_copies_every_length_and_offset() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("SKIPPED: streaming_kernel_copies_every_length_and_offset: no AVX2");
-            return;
-        }
-        let src: Vec<u8> = (0..(1 << 20) + 4096).map(|i| (i % 241) as u8).collect();
-        let lens = (0..400).chain([4096, 4112, 65536 + 48, 1 << 20]);
-        for len in lens {
-            for (s_off, d_off) in [(0, 0), (0, 16), (48, 16), (4080, 7), (3, 31)] {
-                let mut dst = vec![0u8; len + 64];
-                // SAFETY: AVX2 checked above; both ranges lie inside their own buffers.
-                unsafe {
-                    copy_stream_avx2(src.as_ptr().add(s_off), dst.as_mut_ptr().add(d_off), len);
-                    std::arch::x86_64::_mm_sfence();
-                }
-                assert!(
-                    dst[d_off..d_off + len] == src[s_off..s_off + len],
-                    "len {len}"
-                );
-                assert!(
-                    dst[..d_off].iter().all(|&b| b == 0),
-                    "wrote before, len {len}"
-                );
-                assert!(
-                    dst[d_off + len..].iter().all(|&b| b == 0),
-                    "wrote past, len {len}"
-                );
-            }
         }
     }
 
