@@ -5,6 +5,10 @@ use rayon::prelude::*;
 
 use crate::Run;
 
+mod simd;
+#[cfg(target_arch = "x86_64")]
+use simd::{copy_avx2, copy_stream_avx2};
+
 /// How many runs ahead the small-run loop prefetches. Eight 256-byte rows in flight cover a
 /// DRAM miss (~90 ns) at the ~3 ns per row a cached copy takes.
 const PREFETCH_AHEAD: usize = 8;
@@ -47,11 +51,39 @@ fn prefetch_read(p: *const u8) {
 /// `PREFETCH_AHEAD` places ahead when runs are small (random single-token rows miss in cache
 /// and TLB; issuing the next rows' loads early overlaps those misses).
 ///
+/// Runs from 2 KiB to 1 MiB are copied by an AVX2 loop where the CPU has one, not by
+/// `memcpy`: glibc's `memcpy` uses `rep movsb` for mid-sized copies, and on AMD Zen that runs
+/// about 8x slower when the destination sits 16 bytes past the source within a 4 KiB page
+/// (measured here: 64 KiB runs into a `Vec` destination, 2.7 GB/s against 22 GB/s; see
+/// notes/transfer.md). Gathers from page-aligned arena blocks into a heap buffer hit exactly
+/// that case, so the loop must not depend on where the caller's buffer happens to start.
+///
 /// # Safety
 /// For every run, `src + src_offset .. + len` must be readable and `dst + dst_offset .. + len`
 /// writable, the two ranges may not overlap, and nothing else may write the destination bytes
 /// during the call.
 pub unsafe fn copy_runs_prefetch(src: *const u8, dst: *mut u8, runs: &[Run]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked above); the rest is the caller's contract.
+        unsafe { copy_runs_avx2(src, dst, runs) };
+        return;
+    }
+    // SAFETY: the caller's contract; `copy_libc` is a plain memcpy.
+    unsafe { copy_runs_with(src, dst, runs, copy_libc) };
+}
+
+/// The run loop, generic over the per-run copy so that the AVX2 build inlines its kernel.
+///
+/// # Safety
+/// As [`copy_runs_prefetch`]; `copy` must copy `len` bytes between non-overlapping ranges.
+#[inline(always)]
+unsafe fn copy_runs_with(
+    src: *const u8,
+    dst: *mut u8,
+    runs: &[Run],
+    copy: unsafe fn(*const u8, *mut u8, usize),
+) {
     for (i, r) in runs.iter().enumerate() {
         if let Some(ahead) = runs.get(i + PREFETCH_AHEAD) {
             if ahead.len <= PREFETCH_MAX_BYTES {
@@ -66,13 +98,69 @@ pub unsafe fn copy_runs_prefetch(src: *const u8, dst: *mut u8, runs: &[Run]) {
         }
         // SAFETY: bounds and disjointness are the caller's contract above.
         unsafe {
-            std::ptr::copy_nonoverlapping(
+            copy(
                 src.add(r.src_offset as usize),
                 dst.add(r.dst_offset as usize),
                 r.len as usize,
             )
         };
     }
+}
+
+/// A plain `memcpy`.
+///
+/// # Safety
+/// `src .. + len` readable, `dst .. + len` writable, not overlapping.
+unsafe fn copy_libc(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+/// [`copy_runs_with`] compiled with AVX2 enabled, so the vector kernel inlines into the loop.
+///
+/// # Safety
+/// The CPU must support AVX2; otherwise as [`copy_runs_prefetch`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_runs_avx2(src: *const u8, dst: *mut u8, runs: &[Run]) {
+    // SAFETY: the caller's contract, passed through.
+    unsafe { copy_runs_with(src, dst, runs, copy_avx2) };
+}
+
+/// Batches of at least this many bytes are written with non-temporal (streaming) stores, as
+/// glibc's `memcpy` does for the contiguous copy a gather is measured against: a batch this
+/// large (half the 32 MiB L3 here) will not stay cached anyway, and streaming skips reading
+/// every destination line before overwriting it, a third of the memory traffic.
+pub const STREAM_MIN_BATCH_BYTES: u64 = 16 << 20;
+
+/// As [`copy_runs_prefetch`], but the destination is written with non-temporal stores (AVX2;
+/// without AVX2 this is [`copy_runs_prefetch`]). For batches of at least
+/// [`STREAM_MIN_BATCH_BYTES`]; ends with a store fence, so the bytes are globally visible
+/// before whoever signals completion does so.
+///
+/// # Safety
+/// As [`copy_runs_prefetch`].
+pub unsafe fn copy_runs_streaming(src: *const u8, dst: *mut u8, runs: &[Run]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present (checked above); the rest is the caller's contract.
+        unsafe { copy_runs_streaming_avx2(src, dst, runs) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { copy_runs_prefetch(src, dst, runs) };
+}
+
+/// [`copy_runs_with`] over the streaming kernel, then a store fence.
+///
+/// # Safety
+/// The CPU must support AVX2; otherwise as [`copy_runs_prefetch`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_runs_streaming_avx2(src: *const u8, dst: *mut u8, runs: &[Run]) {
+    // SAFETY: the caller's contract, passed through.
+    unsafe { copy_runs_with(src, dst, runs, copy_stream_avx2) };
+    std::arch::x86_64::_mm_sfence();
 }
 
 /// Copies `runs` across `pool`'s threads, in tasks of about `PAR_TASK_BYTES`.
@@ -117,13 +205,27 @@ pub unsafe fn copy_runs_parallel(
     });
 }
 
-/// One-thread contiguous copy: half of the limit a gather is measured against.
+/// One-thread contiguous copy with `memcpy`: part of the limit a gather is measured against.
 pub fn copy_contiguous(src: &[u8], dst: &mut [u8]) {
     let n = src.len().min(dst.len());
     dst[..n].copy_from_slice(&src[..n]);
 }
 
-/// All-threads contiguous copy: the other half of the limit.
+/// One-thread contiguous copy with the streaming loop that large gathers use: also part of the
+/// limit, so that a gather is never measured against a weaker copy than its own.
+pub fn copy_contiguous_streaming(src: &[u8], dst: &mut [u8]) {
+    let n = src.len().min(dst.len());
+    let run = Run {
+        src_offset: 0,
+        dst_offset: 0,
+        len: n as u64,
+    };
+    // SAFETY: one run of `n` bytes inside both slices, which cannot overlap (`&` and `&mut`).
+    unsafe { copy_runs_streaming(src.as_ptr(), dst.as_mut_ptr(), &[run]) };
+}
+
+/// All-threads contiguous copy: the other part of the limit (streaming stores from
+/// [`STREAM_MIN_BATCH_BYTES`] on, as the gathers).
 pub fn copy_contiguous_parallel(pool: &rayon::ThreadPool, src: &[u8], dst: &mut [u8]) {
     let n = src.len().min(dst.len());
     let task = PAR_TASK_BYTES as usize * 2;
@@ -132,7 +234,11 @@ pub fn copy_contiguous_parallel(pool: &rayon::ThreadPool, src: &[u8], dst: &mut 
             .par_chunks_mut(task)
             .zip(src[..n].par_chunks(task))
             .for_each(|(d, s)| {
-                d.copy_from_slice(s);
+                if n as u64 >= STREAM_MIN_BATCH_BYTES {
+                    copy_contiguous_streaming(s, d);
+                } else {
+                    d.copy_from_slice(s);
+                }
             });
     });
 }
@@ -177,6 +283,10 @@ mod tests {
             // SAFETY: runs were drawn inside both buffers, and `one` is a separate allocation.
             unsafe { copy_runs_prefetch(src.as_ptr(), one.as_mut_ptr(), &runs) };
             assert!(one == want, "serial loop, runs up to {max_units} x 16 B");
+            let mut nt = vec![0u8; at as usize];
+            // SAFETY: as above.
+            unsafe { copy_runs_streaming(src.as_ptr(), nt.as_mut_ptr(), &runs) };
+            assert!(nt == want, "streaming loop, runs up to {max_units} x 16 B");
             let mut par = vec![0u8; at as usize];
             // SAFETY: as above, and destinations are ascending and disjoint by construction.
             unsafe { copy_runs_parallel(&pool, src.as_ptr(), par.as_mut_ptr(), &runs, total) };
@@ -196,5 +306,8 @@ mod tests {
         copy_contiguous(&src, &mut a);
         copy_contiguous_parallel(&pool, &src, &mut b);
         assert!(a == src && b == src);
+        let mut c = vec![0u8; src.len()];
+        copy_contiguous_streaming(&src, &mut c);
+        assert!(c == src);
     }
 }

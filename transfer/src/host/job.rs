@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::copy::copy_runs_prefetch;
+use crate::copy::{copy_runs_prefetch, copy_runs_streaming, STREAM_MIN_BATCH_BYTES};
 use crate::inflight::Use;
 use crate::tickets::Tickets;
 use crate::{Run, Ticket};
@@ -23,6 +23,8 @@ pub(crate) struct Job {
     runs: Vec<Run>,
     runs_per_chunk: usize,
     chunks: usize,
+    /// Large batch: chunks are written with streaming stores.
+    stream: bool,
     next: AtomicUsize,
     remaining: AtomicUsize,
     src: HostPtr,
@@ -73,6 +75,7 @@ impl Job {
             runs: owned,
             runs_per_chunk,
             chunks,
+            stream: total_bytes >= STREAM_MIN_BATCH_BYTES,
             next: AtomicUsize::new(0),
             remaining: AtomicUsize::new(chunks),
             src,
@@ -94,10 +97,18 @@ impl Job {
             }
             let start = c * self.runs_per_chunk;
             let end = (start + self.runs_per_chunk).min(self.runs.len());
+            let (src, dst, runs) = (self.src.get(), self.dst.get(), &self.runs[start..end]);
             // SAFETY: runs were checked against the arena and the destination (check_runs)
             // with disjoint ascending destinations, so chunks write disjoint bytes; the uses
-            // held in `self.uses` keep both alive until the last chunk is done.
-            unsafe { copy_runs_prefetch(self.src.get(), self.dst.get(), &self.runs[start..end]) };
+            // held in `self.uses` keep both alive until the last chunk is done. The streaming
+            // loop fences its stores before the counter below publishes the chunk as done.
+            unsafe {
+                if self.stream {
+                    copy_runs_streaming(src, dst, runs)
+                } else {
+                    copy_runs_prefetch(src, dst, runs)
+                }
+            };
             if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                 self.finish();
                 return true;
