@@ -1,2 +1,393 @@
 //! The daemon side of a shared-memory region: validates and serves each request.
+//!
+//! One [`Worker`] is one OS thread serving one region for one session. It:
+//! - serves nothing until the client presents the session token in the attach slot
+//!   (compared in constant time against the token the daemon holds, never one from the region);
+//! - then watches the client's pid with a pidfd, checked whenever the worker's park times out,
+//!   and exits with [`ExitReason::ClientGone`] when it dies (even mid-request: the request in
+//!   hand is finished, its completion posted, then the death is noticed on the next park);
+//! - copies every descriptor out of the ring before looking at it, validates opcode, request
+//!   id, offsets and lengths against its own state ([`dispatch::Dispatcher`]), and answers a bad
+//!   request with an error completion whose message lands in the error slot;
+//! - treats an impossible ring index as a protocol violation: it posts a `Protocol` error
+//!   completion if it can, marks the region closed, and exits with [`ExitReason::Protocol`];
+//!   other clients, which have their own regions and workers, are untouched.
+//!
+//! `on_exit` runs on the worker thread after it stops serving; the daemon uses it to drop the
+//! session and the region.
 
+pub mod dispatch;
+pub mod socket;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{KvdexError, Result};
+use crate::proto::{self, Opcode, Status};
+use crate::shm::layout::{attach_state, close_reason};
+use crate::shm::wait::{self, PidWatch, WaitPolicy};
+use crate::shm::{ConsumerState, Descriptor, ProducerState, Region};
+use crate::store::Session;
+use dispatch::Dispatcher;
+
+/// How the daemon records per-request metrics (control implements it with prometheus).
+pub trait Observer: Send + Sync {
+    /// One request finished: its op name ("ping", "append", ..., or "invalid"), whether it
+    /// succeeded, its service time, and the payload bytes read and written.
+    fn on_request(&self, op: &'static str, ok: bool, micros: f64, bytes_in: u64, bytes_out: u64);
+}
+
+/// An [`Observer`] that records nothing (tests, benchmarks).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopObserver;
+
+impl Observer for NoopObserver {
+    fn on_request(&self, _: &'static str, _: bool, _: f64, _: u64, _: u64) {}
+}
+
+/// Why a worker stopped serving.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// [`Worker::stop`] was called (or the worker was dropped).
+    Stopped,
+    /// The client process exited or detached.
+    ClientGone,
+    /// The client corrupted the region (the message says how); the region is closed.
+    Protocol(String),
+    /// The worker failed internally (a bug); the region is closed.
+    Internal(String),
+}
+
+/// Tuning of a worker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkerConfig {
+    /// Spin, then park. The park timeout is also how often the client's pid is checked.
+    pub wait: WaitPolicy,
+}
+
+struct Shared {
+    region: Region,
+    stop: AtomicBool,
+}
+
+/// A running worker thread. Dropping it stops the thread and waits for it.
+pub struct Worker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("region", &self.shared.region.path())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Starts serving `region` for `session`, with the default [`WorkerConfig`].
+    pub fn spawn(
+        region: Region,
+        session: Arc<Session>,
+        token: [u8; 16],
+        observer: Arc<dyn Observer>,
+        on_exit: Box<dyn FnOnce(ExitReason) + Send>,
+    ) -> Result<Worker> {
+        Self::spawn_with(
+            region,
+            session,
+            token,
+            observer,
+            on_exit,
+            WorkerConfig::default(),
+        )
+    }
+
+    /// [`Worker::spawn`] with explicit tuning.
+    pub fn spawn_with(
+        region: Region,
+        session: Arc<Session>,
+        token: [u8; 16],
+        observer: Arc<dyn Observer>,
+        on_exit: Box<dyn FnOnce(ExitReason) + Send>,
+        config: WorkerConfig,
+    ) -> Result<Worker> {
+        let h = region.header();
+        let s = *session.shape();
+        for (field, v) in h.shape.iter().zip([
+            s.layers as u64,
+            s.q_heads as u64,
+            s.kv_heads as u64,
+            s.head_dim as u64,
+            proto::dtype_code(s.dtype),
+        ]) {
+            field.store(v, Ordering::Relaxed);
+        }
+        let shared = Arc::new(Shared {
+            region,
+            stop: AtomicBool::new(false),
+        });
+        let inner = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("kvdex-worker".into())
+            .spawn(move || {
+                let reason = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    serve(&inner, session, token, &*observer, config)
+                }))
+                .unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned());
+                    ExitReason::Internal(format!("worker panicked: {}", msg.unwrap_or_default()))
+                });
+                let code = match &reason {
+                    ExitReason::Stopped => close_reason::STOPPED,
+                    ExitReason::ClientGone => close_reason::CLIENT_GONE,
+                    ExitReason::Protocol(_) => close_reason::PROTOCOL,
+                    ExitReason::Internal(_) => close_reason::INTERNAL,
+                };
+                inner.region.close(code);
+                tracing::debug!(region = %inner.region.path().display(), ?reason, "worker exits");
+                on_exit(reason);
+            })?;
+        Ok(Worker {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The region's path.
+    pub fn region_path(&self) -> &std::path::Path {
+        self.shared.region.path()
+    }
+
+    /// True once the thread has stopped serving.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Asks the thread to stop and waits for it (unless called from the worker thread itself,
+    /// e.g. from `on_exit`, where waiting would deadlock).
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        wait::force_wake(&self.shared.region.header().daemon_sleeping.0);
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Constant-time comparison of the presented token with ours.
+fn token_matches(presented: [u64; 2], ours: &[u8; 16]) -> bool {
+    let mut diff = 0u64;
+    for (i, w) in presented.iter().enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&ours[i * 8..i * 8 + 8]);
+        diff |= w ^ u64::from_le_bytes(b);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+struct Attachment {
+    attached: bool,
+    watch: Option<PidWatch>,
+}
+
+fn judge_attach(region: &Region, token: &[u8; 16], att: &mut Attachment) {
+    let a = &region.header().attach.0;
+    let presented = [
+        a.token[0].load(Ordering::Relaxed),
+        a.token[1].load(Ordering::Relaxed),
+    ];
+    let pid = a.client_pid.load(Ordering::Relaxed);
+    let verdict = if !token_matches(presented, token) {
+        tracing::warn!(region = %region.path().display(), "attach with a wrong token refused");
+        att.attached = false;
+        attach_state::REJECTED
+    } else {
+        match PidWatch::open(pid) {
+            Ok(w) => {
+                att.watch = Some(w);
+                att.attached = true;
+                attach_state::ACCEPTED
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                tracing::warn!(
+                    "pidfd_open unsupported; client death will go unnoticed until detach"
+                );
+                att.attached = true;
+                attach_state::ACCEPTED
+            }
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "attach from a pid that cannot be watched refused");
+                att.attached = false;
+                attach_state::REJECTED
+            }
+        }
+    };
+    a.state.store(verdict, Ordering::Release);
+    wait::force_wake(&region.header().client_sleeping.0);
+}
+
+fn serve(
+    shared: &Shared,
+    session: Arc<Session>,
+    token: [u8; 16],
+    observer: &dyn Observer,
+    config: WorkerConfig,
+) -> ExitReason {
+    let region = &shared.region;
+    let h = region.header();
+    let (sq, cq) = (region.sq(), region.cq());
+    let mut consumer = ConsumerState::new(&sq);
+    let mut producer = ProducerState::new(&cq);
+    let mut dispatcher = Dispatcher::new(session);
+    let mut att = Attachment {
+        attached: false,
+        watch: None,
+    };
+    let state = &h.attach.0.state;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return ExitReason::Stopped;
+        }
+        match state.load(Ordering::Acquire) {
+            attach_state::REQUESTED => judge_attach(region, &token, &mut att),
+            attach_state::DETACHED if att.attached => return ExitReason::ClientGone,
+            _ => {}
+        }
+        let (_, d) = match consumer.try_pop(&sq) {
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
+                let woke = wait::wait_until(&h.daemon_sleeping.0, config.wait, || {
+                    shared.stop.load(Ordering::Relaxed)
+                        || sq.has_entries_after(consumer.tail())
+                        || match state.load(Ordering::Relaxed) {
+                            attach_state::REQUESTED => true,
+                            attach_state::DETACHED => att.attached,
+                            _ => false,
+                        }
+                });
+                if !woke && att.watch.as_ref().is_some_and(|w| w.exited()) {
+                    return ExitReason::ClientGone;
+                }
+                continue;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let c = Descriptor {
+                    request_id: 0,
+                    code: Status::Protocol as u32,
+                    ..Default::default()
+                };
+                // Best effort: the completion ring may be the corrupted one.
+                if let Ok(true) = producer.try_push(
+                    &cq,
+                    &Descriptor {
+                        aux: region.write_error(producer.head(), &msg),
+                        ..c
+                    },
+                ) {
+                    wait::notify(&h.client_sleeping.0);
+                }
+                return ExitReason::Protocol(msg);
+            }
+        };
+        let started = Instant::now();
+        let result = if att.attached {
+            // SAFETY: this thread is the only user of the arena in this process (the Worker
+            // handle only touches header atomics); the bytes are untrusted and handled as such.
+            let arena = unsafe { region.arena_unchecked() };
+            dispatcher.serve(&d, arena)
+        } else {
+            Err(KvdexError::Unauthorized(
+                "attach with the session token before sending requests".into(),
+            ))
+        };
+        let op = Opcode::from_code(d.code).map_or("invalid", Opcode::name);
+        let micros = started.elapsed().as_secs_f64() * 1e6;
+        let completion = match &result {
+            Ok(n) => Descriptor {
+                request_id: d.request_id,
+                out_offset: d.out_offset,
+                out_len: *n,
+                ..Default::default()
+            },
+            Err(e) => error_completion(region, producer.head(), d.request_id, e),
+        };
+        observer.on_request(
+            op,
+            result.is_ok(),
+            micros,
+            d.in_len,
+            completion.out_len * result.is_ok() as u64,
+        );
+        loop {
+            match producer.try_push(&cq, &completion) {
+                Ok(true) => break,
+                Ok(false) => {
+                    // The client is not draining its completions: wait for room, but keep
+                    // watching for stop and death.
+                    if shared.stop.load(Ordering::Acquire) {
+                        return ExitReason::Stopped;
+                    }
+                    if att.watch.as_ref().is_some_and(|w| w.exited())
+                        || state.load(Ordering::Acquire) == attach_state::DETACHED
+                    {
+                        return ExitReason::ClientGone;
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(e) => return ExitReason::Protocol(e.to_string()),
+            }
+        }
+        wait::notify(&h.client_sleeping.0);
+    }
+}
+
+fn error_completion(region: &Region, index: u64, request_id: u64, e: &KvdexError) -> Descriptor {
+    let status = Status::of(e);
+    let aux = region.write_error(index, &e.to_string());
+    let mut c = Descriptor {
+        request_id,
+        code: status as u32,
+        aux,
+        ..Default::default()
+    };
+    if let KvdexError::Budget {
+        asked,
+        left,
+        budget,
+    } = *e
+    {
+        c.reserved = [asked, left];
+        c.out_len = budget;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_compare() {
+        let t = [7u8; 16];
+        let w = u64::from_le_bytes([7; 8]);
+        assert!(token_matches([w, w], &t));
+        assert!(!token_matches([w, w ^ 1], &t));
+        assert!(!token_matches([0, 0], &t));
+    }
+}

@@ -1,0 +1,202 @@
+//! Validating and executing one request against a session, independent of the transport.
+//!
+//! The shared-memory worker and the Unix-socket baseline both call [`Dispatcher::serve`] with
+//! a descriptor and the bytes of an arena, so the benchmark compares transports over the same
+//! request path.
+
+use std::sync::Arc;
+
+use kvdex_index::{Hits, SearchScratch};
+
+use crate::error::{KvdexError, Result};
+use crate::proto::{self, Opcode, Request, SearchLayout};
+use crate::shm::layout::PAYLOAD_ALIGN;
+use crate::shm::Descriptor;
+use crate::store::Session;
+
+/// Per-connection state and scratch: everything a request needs, reused across requests so
+/// that serving one does not allocate.
+pub struct Dispatcher {
+    session: Arc<Session>,
+    last_request_id: Option<u64>,
+    scratch: SearchScratch,
+    hits: Hits,
+    query: Vec<f32>,
+    ids: Vec<u32>,
+}
+
+fn check_range(what: &str, offset: u64, len: u64, arena: usize) -> Result<std::ops::Range<usize>> {
+    if offset % PAYLOAD_ALIGN != 0 {
+        return Err(KvdexError::BadRequest(format!(
+            "{what}_offset {offset} is not a multiple of {PAYLOAD_ALIGN}"
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= arena as u64 => Ok(offset as usize..end as usize),
+        _ => Err(KvdexError::BadRequest(format!(
+            "{what} range offset {offset} + length {len} is outside the {arena}-byte arena"
+        ))),
+    }
+}
+
+/// Splits the arena into the request body (read) and the response space (written); they must
+/// not overlap.
+fn split<'a>(
+    arena: &'a mut [u8],
+    input: std::ops::Range<usize>,
+    output: std::ops::Range<usize>,
+) -> Result<(&'a [u8], &'a mut [u8])> {
+    if input.is_empty() {
+        return Ok((&[], &mut arena[output]));
+    }
+    if output.is_empty() {
+        return Ok((&arena[input], &mut []));
+    }
+    if input.end <= output.start {
+        let (a, b) = arena.split_at_mut(output.start);
+        Ok((&a[input], &mut b[..output.len()]))
+    } else if output.end <= input.start {
+        let (a, b) = arena.split_at_mut(input.start);
+        Ok((&b[..input.len()], &mut a[output]))
+    } else {
+        Err(KvdexError::BadRequest(format!(
+            "request body {input:?} and response space {output:?} overlap"
+        )))
+    }
+}
+
+fn too_small(op: Opcode, need: usize, have: usize) -> KvdexError {
+    KvdexError::BadRequest(format!(
+        "{} response needs {need} bytes, the response space has {have}",
+        op.name()
+    ))
+}
+
+impl Dispatcher {
+    /// A dispatcher serving `session`.
+    pub fn new(session: Arc<Session>) -> Self {
+        Self {
+            session,
+            last_request_id: None,
+            scratch: SearchScratch::new(),
+            hits: Hits::default(),
+            query: Vec::new(),
+            ids: Vec::new(),
+        }
+    }
+
+    /// The session served.
+    pub fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// Validates `d` against the arena and this connection's state, executes it, and returns
+    /// the bytes of response written at `d.out_offset`. `d` must already be a private copy.
+    pub fn serve(&mut self, d: &Descriptor, arena: &mut [u8]) -> Result<u64> {
+        let op = Opcode::from_code(d.code)
+            .ok_or_else(|| KvdexError::BadRequest(format!("unknown opcode {}", d.code)))?;
+        if let Some(last) = self.last_request_id {
+            if d.request_id <= last {
+                return Err(KvdexError::BadRequest(format!(
+                    "request id {} is not after the previous one ({last})",
+                    d.request_id
+                )));
+            }
+        }
+        self.last_request_id = Some(d.request_id);
+        let input = check_range("in", d.in_offset, d.in_len, arena.len())?;
+        let output = check_range("out", d.out_offset, d.out_len, arena.len())?;
+        let (body, out) = split(arena, input, output)?;
+        let req = Request::decode(op, body)?;
+        self.execute(req, out).map(|n| n as u64)
+    }
+
+    fn execute(&mut self, req: Request<'_>, out: &mut [u8]) -> Result<usize> {
+        let op = req.opcode();
+        match req {
+            Request::Ping { data } => {
+                let dst = out
+                    .get_mut(..data.len())
+                    .ok_or_else(|| too_small(op, data.len(), 0))?;
+                dst.copy_from_slice(data);
+                Ok(data.len())
+            }
+            Request::Append {
+                layer,
+                tokens,
+                k,
+                v,
+            } => {
+                let dst = out.get_mut(..8).ok_or_else(|| too_small(op, 8, 0))?;
+                let len = self.session.append(layer, tokens as usize, k, v)?;
+                dst.copy_from_slice(&(len as u64).to_le_bytes());
+                Ok(8)
+            }
+            Request::Search { layer, k, query } => self.search(layer, k, query, out),
+            Request::Gather {
+                layer,
+                kv_head,
+                ids,
+            } => {
+                // Copy the ids out of shared memory first: the store validates each id and then
+                // indexes with it, which must see the same value both times.
+                self.ids.clear();
+                self.ids.resize(ids.len() / 4, 0);
+                proto::read_u32s(ids, &mut self.ids);
+                let rb = self.session.shape().row_bytes();
+                let need = self
+                    .ids
+                    .len()
+                    .checked_mul(2 * rb)
+                    .and_then(|n| n.checked_add(8));
+                let have = out.len();
+                let need = need
+                    .filter(|&n| n <= have)
+                    .ok_or_else(|| too_small(op, need.unwrap_or(usize::MAX), have))?;
+                let rows = u32::try_from(self.ids.len()).map_err(|_| too_small(op, need, have))?;
+                proto::put_gather_header(out, rows, rb as u32)?;
+                let written = self
+                    .session
+                    .gather(layer, kv_head, &self.ids, &mut out[8..need])?;
+                Ok(8 + written)
+            }
+        }
+    }
+
+    fn search(&mut self, layer: u32, k: u32, query: &[u8], out: &mut [u8]) -> Result<usize> {
+        let shape = *self.session.shape();
+        self.query.clear();
+        self.query.resize(query.len() / 4, 0.0);
+        proto::read_f32s(query, &mut self.query);
+        let k = (k as usize).min(self.session.len(layer)?) as u32;
+        let layout = SearchLayout::new(shape.q_heads, k)
+            .ok_or_else(|| KvdexError::BadRequest(format!("search of k={k} overflows")))?;
+        if out.len() < layout.len() {
+            return Err(too_small(Opcode::Search, layout.len(), out.len()));
+        }
+        proto::put_search_header(out, k, shape.q_heads)?;
+        let (ids, scores) = out[..layout.len()].split_at_mut(layout.scores.start);
+        let ids: &mut [u32] =
+            bytemuck::try_cast_slice_mut(&mut ids[layout.ids.start..]).map_err(|e| {
+                KvdexError::BadRequest(format!("search response space is misaligned: {e}"))
+            })?;
+        let scores: &mut [f32] = bytemuck::try_cast_slice_mut(scores).map_err(|e| {
+            KvdexError::BadRequest(format!("search response space is misaligned: {e}"))
+        })?;
+        let used = self.session.search(
+            layer,
+            &self.query,
+            k as usize,
+            &mut self.scratch,
+            &mut self.hits,
+            ids,
+            scores,
+        )?;
+        if used != k as usize {
+            return Err(KvdexError::Protocol(format!(
+                "layer {layer} changed length during a search ({used} != {k})"
+            )));
+        }
+        Ok(layout.len())
+    }
+}
