@@ -1,3 +1,520 @@
 //! Configuration: the embedded default (config/kvdex.toml), then a file, then `KVDEX_*`
 //! environment variables, then flags. Bad values are refused at start-up, naming the key.
+//!
+//! Layering works on TOML tables: every override is checked against the embedded default, so a
+//! key the default does not have is refused (a typo never silently does nothing), and a value
+//! must have the default's type. The merged table is then deserialized into [`Config`] and
+//! [`Config::validate`] checks the values' meaning (addresses, ranges, loopback).
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+use crate::error::{KvdexError, Result};
+
+/// The embedded default configuration, the bottom layer.
+pub const DEFAULT_TOML: &str = include_str!("../config/kvdex.toml");
+
+/// Prefix of the environment variables that override keys: `KVDEX_SECTION__KEY`.
+pub const ENV_PREFIX: &str = "KVDEX_";
+
+/// Smallest payload arena a session may have: room for one 8 KiB request and its reply.
+pub const MIN_PAYLOAD_BYTES: u64 = 64 * 1024;
+
+/// The daemon's whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP control plane.
+    pub http: HttpConfig,
+    /// K/V storage.
+    pub memory: MemoryConfig,
+    /// Session limits and shared memory.
+    pub sessions: SessionsConfig,
+}
+
+/// `[http]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the control plane (`host:port`; port 0 picks a free one).
+    pub listen: String,
+    /// Must be true for a `listen` address that is not loopback.
+    pub allow_non_loopback: bool,
+    /// Optional Unix-domain socket for the control plane ("" for none).
+    pub unix_socket: String,
+}
+
+/// `[memory]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Global budget for K/V storage in bytes.
+    pub budget_bytes: u64,
+    /// Capacity in tokens of a layer's first allocation.
+    pub initial_tokens: u64,
+}
+
+/// `[sessions]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Most sessions alive at once.
+    pub max_sessions: u64,
+    /// Payload arena size when a client does not ask for one.
+    pub default_payload_bytes: u64,
+    /// Largest payload arena a client may ask for.
+    pub max_payload_bytes: u64,
+    /// Directory of the shared-memory files.
+    pub shm_dir: String,
+}
+
+fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {
+    KvdexError::Config(format!("key `{key}`: {what}"))
+}
+
+impl Config {
+    /// The embedded default alone.
+    pub fn embedded() -> Result<Self> {
+        Self::load(None, std::iter::empty(), None)
+    }
+
+    /// Builds the configuration from its layers: the embedded default, then `file`, then the
+    /// `KVDEX_*` pairs of `env` (other variables are ignored), then the `--listen` flag.
+    ///
+    /// `env` is passed in (rather than read here) so that tests need not touch the process
+    /// environment; the daemon passes `std::env::vars()`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        listen_flag: Option<&str>,
+    ) -> Result<Self> {
+        let default: Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| KvdexError::Config(format!("embedded default is invalid: {e}")))?;
+        let mut merged = default.clone();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| KvdexError::Config(format!("cannot read {}: {e}", path.display())))?;
+            let table: Table = text.parse().map_err(|e| {
+                KvdexError::Config(format!("{} is not valid TOML: {e}", path.display()))
+            })?;
+            merge(&mut merged, &default, table, "")
+                .map_err(|e| KvdexError::Config(format!("{}: {e}", path.display())))?;
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| is_override_var(k))
+            .collect();
+        env.sort();
+        for (var, raw) in env {
+            let key = env_key(&var);
+            let value = parse_env_value(&default, &key, &raw)
+                .map_err(|e| KvdexError::Config(format!("{var}: {e}")))?;
+            set_key(&mut merged, &key, value)?;
+        }
+        if let Some(listen) = listen_flag {
+            set_key(
+                &mut merged,
+                "http.listen",
+                Value::String(listen.to_string()),
+            )?;
+        }
+        refuse_negative(&merged, "")?;
+        let config: Config = Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| KvdexError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot: addresses parse, loopback unless allowed, sizes in range.
+    pub fn validate(&self) -> Result<()> {
+        let addr = self.listen_addr()?;
+        if !addr.ip().is_loopback() && !self.http.allow_non_loopback {
+            return Err(bad(
+                "http.listen",
+                format!(
+                    "{addr} is not a loopback address; set http.allow_non_loopback = true to \
+                     expose the control plane (it hands out session tokens over plain HTTP)"
+                ),
+            ));
+        }
+        let m = &self.memory;
+        if m.budget_bytes == 0 {
+            return Err(bad("memory.budget_bytes", "must be greater than 0"));
+        }
+        if m.initial_tokens == 0 || m.initial_tokens > 1 << 24 {
+            return Err(bad(
+                "memory.initial_tokens",
+                format!("{} is not in 1..=16777216", m.initial_tokens),
+            ));
+        }
+        let s = &self.sessions;
+        if s.max_sessions == 0 {
+            return Err(bad("sessions.max_sessions", "must be greater than 0"));
+        }
+        if s.max_payload_bytes < MIN_PAYLOAD_BYTES {
+            return Err(bad(
+                "sessions.max_payload_bytes",
+                format!(
+                    "{} is below the minimum {MIN_PAYLOAD_BYTES}",
+                    s.max_payload_bytes
+                ),
+            ));
+        }
+        if s.default_payload_bytes < MIN_PAYLOAD_BYTES
+            || s.default_payload_bytes > s.max_payload_bytes
+        {
+            return Err(bad(
+                "sessions.default_payload_bytes",
+                format!(
+                    "{} is not between {MIN_PAYLOAD_BYTES} and sessions.max_payload_bytes ({})",
+                    s.default_payload_bytes, s.max_payload_bytes
+                ),
+            ));
+        }
+        if s.shm_dir.is_empty() || !Path::new(&s.shm_dir).is_dir() {
+            return Err(bad(
+                "sessions.shm_dir",
+                format!("{:?} is not a directory", s.shm_dir),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `http.listen` parsed.
+    pub fn listen_addr(&self) -> Result<SocketAddr> {
+        self.http.listen.parse().map_err(|e| {
+            bad(
+                "http.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:7070 ({e})",
+                    self.http.listen
+                ),
+            )
+        })
+    }
+
+    /// `http.unix_socket`, if set.
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        (!self.http.unix_socket.is_empty()).then(|| PathBuf::from(&self.http.unix_socket))
+    }
+}
+
+/// True for `KVDEX_SECTION__KEY` variables; `KVDEX_LOG` (the log filter) and variables without
+/// a section separator are not configuration keys.
+fn is_override_var(var: &str) -> bool {
+    var.strip_prefix(ENV_PREFIX)
+        .is_some_and(|rest| rest.contains("__"))
+}
+
+/// `KVDEX_HTTP__LISTEN` -> `http.listen`.
+fn env_key(var: &str) -> String {
+    var[ENV_PREFIX.len()..]
+        .to_ascii_lowercase()
+        .replace("__", ".")
+}
+
+/// Looks `key` (dotted) up in the default table.
+fn lookup<'a>(default: &'a Table, key: &str) -> Option<&'a Value> {
+    let mut parts = key.split('.');
+    let mut cur = default.get(parts.next()?)?;
+    for p in parts {
+        cur = cur.as_table()?.get(p)?;
+    }
+    Some(cur)
+}
+
+/// Parses an environment string as the type the default has at `key`.
+fn parse_env_value(default: &Table, key: &str, raw: &str) -> Result<Value, String> {
+    let Some(template) = lookup(default, key) else {
+        return Err(format!("unknown key `{key}`"));
+    };
+    match template {
+        Value::String(_) => Ok(Value::String(raw.to_string())),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("key `{key}`: expected an integer, got {raw:?}")),
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" => Ok(Value::Boolean(true)),
+            "false" | "0" => Ok(Value::Boolean(false)),
+            _ => Err(format!("key `{key}`: expected true or false, got {raw:?}")),
+        },
+        Value::Float(_) => raw
+            .trim()
+            .parse::<f64>()
+            .map(Value::Float)
+            .map_err(|_| format!("key `{key}`: expected a number, got {raw:?}")),
+        Value::Table(_) => Err(format!("`{key}` is a section, not a key")),
+        Value::Array(_) | Value::Datetime(_) => {
+            Err(format!("key `{key}` cannot be set from the environment"))
+        }
+    }
+}
+
+/// Sets dotted `key` in `table` (the key is known to exist in the default).
+fn set_key(table: &mut Table, key: &str, value: Value) -> Result<()> {
+    let (section, name) = key
+        .rsplit_once('.')
+        .ok_or_else(|| KvdexError::Config(format!("`{key}` is not a section.key")))?;
+    let mut cur = table;
+    for p in section.split('.') {
+        cur = cur
+            .get_mut(p)
+            .and_then(Value::as_table_mut)
+            .ok_or_else(|| KvdexError::Config(format!("unknown section `{section}`")))?;
+    }
+    cur.insert(name.to_string(), value);
+    Ok(())
+}
+
+/// Every integer key is a count or a size: a negative one is refused here, by name (serde's
+/// own message would not say which key).
+fn refuse_negative(table: &Table, prefix: &str) -> Result<()> {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            Value::Integer(i) if *i < 0 => return Err(bad(&key, format!("{i} is negative"))),
+            Value::Table(t) => refuse_negative(t, &key)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a number",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a date",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a section",
+    }
+}
+
+/// Merges `over` into `into`, refusing keys absent from `default` and values whose type differs.
+fn merge(into: &mut Table, default: &Table, over: Table, prefix: &str) -> Result<(), String> {
+    for (name, value) in over {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let Some(template) = default.get(&name) else {
+            return Err(format!("unknown key `{key}`"));
+        };
+        match (template, value) {
+            (Value::Table(dt), Value::Table(ot)) => {
+                let Some(Value::Table(it)) = into.get_mut(&name) else {
+                    return Err(format!("`{key}` is not a section"));
+                };
+                merge(it, dt, ot, &key)?;
+            }
+            (t, v) if std::mem::discriminant(t) == std::mem::discriminant(&v) => {
+                into.insert(name, v);
+            }
+            (t, v) => {
+                return Err(format!(
+                    "key `{key}`: expected {}, got {}",
+                    type_name(t),
+                    type_name(&v)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile_path::TempToml {
+        tempfile_path::TempToml::new(text)
+    }
+
+    /// A TOML file under the system temp dir, removed on drop.
+    mod tempfile_path {
+        pub struct TempToml(pub std::path::PathBuf);
+        impl TempToml {
+            pub fn new(text: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p =
+                    std::env::temp_dir().join(format!("kvdex-cfg-{}-{n}.toml", std::process::id()));
+                std::fs::write(&p, text).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for TempToml {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn err(r: Result<Config>) -> String {
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_loopback() {
+        let c = Config::embedded().unwrap();
+        assert!(c.listen_addr().unwrap().ip().is_loopback());
+        assert!(c.memory.budget_bytes > 0);
+        assert_eq!(c.unix_socket(), None);
+    }
+
+    #[test]
+    fn layers_apply_in_order_default_file_env_flag() {
+        let f = write(
+            "[memory]\nbudget_bytes = 1000\ninitial_tokens = 7\n[http]\nlisten = \"127.0.0.1:1\"\n",
+        );
+        let c = Config::load(Some(&f.0), env(&[]), None).unwrap();
+        assert_eq!((c.memory.budget_bytes, c.memory.initial_tokens), (1000, 7));
+        assert_eq!(c.http.listen, "127.0.0.1:1");
+        let e = env(&[
+            ("KVDEX_MEMORY__BUDGET_BYTES", "2000"),
+            ("KVDEX_HTTP__LISTEN", "127.0.0.1:2"),
+            ("KVDEX_LOG", "debug"),
+        ]);
+        let c = Config::load(Some(&f.0), e.clone(), None).unwrap();
+        assert_eq!((c.memory.budget_bytes, c.memory.initial_tokens), (2000, 7));
+        assert_eq!(c.http.listen, "127.0.0.1:2");
+        let c = Config::load(Some(&f.0), e, Some("127.0.0.1:3")).unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:3");
+        assert_eq!(c.sessions, Config::embedded().unwrap().sessions);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let f = write("[http]\nlisen = \"127.0.0.1:1\"\n");
+        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("unknown key `http.lisen`"));
+        let f = write("[cache]\nx = 1\n");
+        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("unknown key `cache`"));
+        let e = err(Config::load(
+            None,
+            env(&[("KVDEX_MEMORY__BUDGET", "1")]),
+            None,
+        ));
+        assert!(
+            e.contains("KVDEX_MEMORY__BUDGET") && e.contains("unknown key `memory.budget`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_refused_with_key_and_reason() {
+        let f = write("[memory]\nbudget_bytes = \"lots\"\n");
+        let e = err(Config::load(Some(&f.0), env(&[]), None));
+        assert!(
+            e.contains("`memory.budget_bytes`: expected an integer, got a string"),
+            "{e}"
+        );
+        let e = err(Config::load(
+            None,
+            env(&[("KVDEX_MEMORY__BUDGET_BYTES", "12x")]),
+            None,
+        ));
+        assert!(
+            e.contains("`memory.budget_bytes`: expected an integer, got \"12x\""),
+            "{e}"
+        );
+        let e = err(Config::load(
+            None,
+            env(&[("KVDEX_HTTP__ALLOW_NON_LOOPBACK", "yes")]),
+            None,
+        ));
+        assert!(
+            e.contains("`http.allow_non_loopback`: expected true or false"),
+            "{e}"
+        );
+        let f = write("not toml [");
+        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("not valid TOML"));
+        let e = err(Config::load(
+            Some(Path::new("/nonexistent/kvdex.toml")),
+            env(&[]),
+            None,
+        ));
+        assert!(e.contains("cannot read /nonexistent/kvdex.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_key_and_reason() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "KVDEX_MEMORY__BUDGET_BYTES",
+                "0",
+                "`memory.budget_bytes`: must be greater than 0",
+            ),
+            (
+                "KVDEX_MEMORY__BUDGET_BYTES",
+                "-5",
+                "`memory.budget_bytes`: -5 is negative",
+            ),
+            (
+                "KVDEX_HTTP__LISTEN",
+                "localhost-ish",
+                "`http.listen`: \"localhost-ish\" is not an address",
+            ),
+            (
+                "KVDEX_SESSIONS__MAX_SESSIONS",
+                "0",
+                "`sessions.max_sessions`",
+            ),
+            (
+                "KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES",
+                "10",
+                "`sessions.default_payload_bytes`",
+            ),
+            (
+                "KVDEX_SESSIONS__SHM_DIR",
+                "/no/such/dir",
+                "`sessions.shm_dir`",
+            ),
+            (
+                "KVDEX_MEMORY__INITIAL_TOKENS",
+                "0",
+                "`memory.initial_tokens`",
+            ),
+        ];
+        for (var, val, want) in cases {
+            let e = err(Config::load(None, env(&[(var, val)]), None));
+            assert!(e.contains(want), "{var}={val}: {e}");
+        }
+    }
+
+    #[test]
+    fn non_loopback_needs_explicit_permission() {
+        let e = err(Config::load(None, env(&[]), Some("0.0.0.0:7070")));
+        assert!(
+            e.contains("`http.listen`") && e.contains("not a loopback"),
+            "{e}"
+        );
+        let c = Config::load(
+            None,
+            env(&[("KVDEX_HTTP__ALLOW_NON_LOOPBACK", "true")]),
+            Some("0.0.0.0:7070"),
+        );
+        assert_eq!(c.unwrap().listen_addr().unwrap().port(), 7070);
+        assert!(Config::load(None, env(&[]), Some("[::1]:0")).is_ok());
+    }
+}

@@ -1,4 +1,32 @@
 //! `kvdex serve`: the session registry, dead-client reaping and clean shutdown.
+//!
+//! # Layout
+//! - [`registry`]: live sessions, their tokens and workers.
+//! - [`dataplane`]: the seam to the shared-memory data plane that serves each session.
+//! - this file: start-up (config, store, listeners), the reaper that ends sessions whose
+//!   client died, and shutdown on SIGINT/SIGTERM in the mini-redis pattern: the signal flips a
+//!   watch channel, every server drains, then the registry ends every session (stopping its
+//!   worker, freeing its memory, removing its /dev/shm file).
+
+pub mod dataplane;
+pub mod registry;
+
+use std::future::{Future, IntoFuture};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::error::{KvdexError, Result};
+use crate::http::{router, AppState};
+use crate::metrics::Metrics;
+use crate::store::{Budget, Store};
+use dataplane::{DataPlane, ExitNotice};
+use registry::Registry;
 
 /// Arguments of `kvdex serve`.
 #[derive(Debug, clap::Args)]
@@ -12,6 +40,160 @@ pub struct ServeArgs {
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
-pub fn run(_args: ServeArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("serve is not built yet".into()))
+pub fn run(args: ServeArgs) -> Result<()> {
+    let config = Config::load(
+        args.config.as_deref(),
+        std::env::vars(),
+        args.listen.as_deref(),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kvdex-http")
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(config, dataplane::shm(), shutdown_signal()))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the daemon");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+/// Serves `config` until `shutdown` resolves, then ends every session and returns.
+///
+/// Prints `kvdex listening on http://ADDR` on stdout once the listener is bound, so that a
+/// caller that asked for port 0 learns the port.
+pub async fn serve(
+    config: Config,
+    data_plane: Box<dyn DataPlane>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let metrics = Arc::new(Metrics::new()?);
+    let store = Store::new(
+        crate::store::default_link(),
+        Arc::new(Budget::new(config.memory.budget_bytes)),
+        config.memory.initial_tokens as usize,
+    );
+    let (exit_tx, exit_rx) = mpsc::unbounded_channel();
+    let registry = Arc::new(Registry::new(
+        config.clone(),
+        store,
+        metrics.clone(),
+        data_plane,
+        exit_tx,
+    ));
+    let state = AppState {
+        registry: registry.clone(),
+        metrics,
+        started: Instant::now(),
+    };
+    let app = router(state);
+
+    let addr: SocketAddr = config.listen_addr()?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| KvdexError::Config(format!("key `http.listen`: cannot bind {addr}: {e}")))?;
+    let local = tcp.local_addr()?;
+    let unix_path = config.unix_socket();
+    let reaper = tokio::spawn(reap(registry.clone(), exit_rx));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(
+        axum::serve(tcp, app.clone())
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    if let Some(path) = &unix_path {
+        let listener = bind_unix(path)?;
+        tracing::info!(path = %path.display(), "control plane also on a Unix socket");
+        servers.spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(stop_rx))
+                .into_future(),
+        );
+    }
+    tracing::info!(%local, budget = config.memory.budget_bytes, "kvdex serving");
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "kvdex listening on http://{local}");
+        let _ = out.flush();
+    }
+
+    tokio::pin!(shutdown);
+    let mut failed = None;
+    tokio::select! {
+        () = &mut shutdown => {}
+        Some(res) = servers.join_next() => failed = Some(res),
+    }
+    let _ = stop_tx.send(true);
+    while let Some(res) = servers.join_next().await {
+        if let Ok(Err(e)) = res {
+            tracing::warn!("server ended with {e}");
+        }
+    }
+    reaper.abort();
+    let closing = registry.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .map_err(|e| KvdexError::Protocol(format!("shutdown task failed: {e}")))?;
+    if let Some(path) = &unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("kvdex stopped");
+    match failed {
+        Some(Ok(Err(e))) => Err(KvdexError::Io(e)),
+        Some(Err(e)) => Err(KvdexError::Protocol(format!("server task failed: {e}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Ends the sessions whose worker reported an exit (the client died or broke the protocol).
+async fn reap(registry: Arc<Registry>, mut exits: mpsc::UnboundedReceiver<ExitNotice>) {
+    while let Some(notice) = exits.recv().await {
+        tracing::info!(id = %notice.id, reason = notice.reason, "reaping session");
+        let r = registry.clone();
+        // Dropping the entry joins the worker's thread; never on an async worker.
+        let _ = tokio::task::spawn_blocking(move || r.end(&notice.id, notice.reason)).await;
+    }
+}
+
+/// Binds the control plane's Unix socket, replacing a stale socket file (never another file).
+fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(KvdexError::Config(format!(
+                "key `http.unix_socket`: {} exists and is not a socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+        KvdexError::Config(format!(
+            "key `http.unix_socket`: cannot bind {}: {e}",
+            path.display()
+        ))
+    })?;
+    l.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(l)?)
 }

@@ -27,6 +27,9 @@ pub enum KvdexError {
         /// The whole budget.
         budget: u64,
     },
+    /// A limit other than memory was reached (e.g. the number of sessions).
+    #[error("limit reached: {0}")]
+    Exhausted(String),
     /// The shared-memory protocol was violated (bad magic, version, ring index, ...).
     #[error("protocol: {0}")]
     Protocol(String),

@@ -1,2 +1,211 @@
 //! The axum control plane: sessions, health, stats and `/metrics`.
+//!
+//! Routes (the contract the Rust and Python clients call):
+//! - `POST /v1/sessions` creates a session and returns its id, token and shm path;
+//! - `GET`/`DELETE /v1/sessions/{id}` need `Authorization: Bearer <token>`;
+//! - `/healthz` (the process answers), `/readyz` (it accepts sessions), `/stats` (JSON),
+//!   `/metrics` (Prometheus text).
+//!
+//! Errors are `{"error": "..."}` with a status that says whose fault it was.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::daemon::registry::{CreateRequest, Registry, SessionInfo};
+use crate::error::KvdexError;
+use crate::metrics::Metrics;
+
+/// What every handler sees.
+#[derive(Clone)]
+pub struct AppState {
+    /// The sessions.
+    pub registry: Arc<Registry>,
+    /// The Prometheus registry.
+    pub metrics: Arc<Metrics>,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+/// A handler error, rendered as `{"error": ...}` with a fitting status.
+pub struct ApiError(pub KvdexError);
+
+impl From<KvdexError> for ApiError {
+    fn from(e: KvdexError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            KvdexError::BadRequest(_) | KvdexError::Index(_) => StatusCode::BAD_REQUEST,
+            KvdexError::NotFound(_) => StatusCode::NOT_FOUND,
+            KvdexError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            KvdexError::Budget { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            KvdexError::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+            KvdexError::Disconnected(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %self.0, "request failed");
+        }
+        let mut resp = (
+            status,
+            Json(serde_json::json!({ "error": self.0.to_string() })),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// The control plane's routes over `state`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/sessions", axum::routing::post(create_session))
+        .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// Counts every control-plane request by route template and status code.
+async fn count_requests(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let resp = next.run(req).await;
+    st.metrics
+        .http_requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// The token of `Authorization: Bearer <token>`, if present.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(str::trim)
+}
+
+async fn create_session(
+    State(st): State<AppState>,
+    body: Result<Json<CreateRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(req) = body.map_err(|e| KvdexError::BadRequest(e.body_text()))?;
+    let registry = st.registry.clone();
+    // Creating the region touches the file system: keep it off the async workers.
+    let created = tokio::task::spawn_blocking(move || registry.create(req))
+        .await
+        .map_err(|e| KvdexError::Protocol(format!("session creation task failed: {e}")))??;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn get_session(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<SessionInfo>, ApiError> {
+    Ok(Json(st.registry.info(&id, bearer(&headers))?))
+}
+
+async fn delete_session(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let token = bearer(&headers).map(str::to_string);
+    let registry = st.registry.clone();
+    // Stopping the worker joins its thread.
+    tokio::task::spawn_blocking(move || registry.delete(&id, token.as_deref()))
+        .await
+        .map_err(|e| KvdexError::Protocol(format!("session deletion task failed: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.registry.is_closing() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+/// `/stats`: memory, budget and every session (no tokens).
+#[derive(Serialize)]
+pub struct Stats {
+    /// Seconds since start.
+    pub uptime_secs: f64,
+    /// Sessions alive.
+    pub sessions: usize,
+    /// The configured budget.
+    pub budget_bytes: u64,
+    /// Bytes reserved from it (arena capacity).
+    pub budget_used_bytes: u64,
+    /// Bytes still free.
+    pub budget_left_bytes: u64,
+    /// K/V bytes stored across sessions.
+    pub resident_bytes: u64,
+    /// The arena backend ("host" or "cuda").
+    pub link: &'static str,
+    /// Arenas alive in the backend.
+    pub link_arenas: u64,
+    /// Bytes those arenas hold.
+    pub link_bytes: u64,
+    /// Per session: shape, memory, per-layer tokens and index state.
+    pub per_session: Vec<SessionInfo>,
+}
+
+async fn stats(State(st): State<AppState>) -> Json<Stats> {
+    let per_session = st.registry.all();
+    let store = st.registry.store();
+    let budget = store.budget();
+    let link = store.link().stats();
+    Json(Stats {
+        uptime_secs: st.started.elapsed().as_secs_f64(),
+        sessions: per_session.len(),
+        budget_bytes: budget.total(),
+        budget_used_bytes: budget.used(),
+        budget_left_bytes: budget.left(),
+        resident_bytes: per_session.iter().map(|s| s.resident_bytes).sum(),
+        link: store.link().name(),
+        link_arenas: link.arenas,
+        link_bytes: link.bytes,
+        per_session,
+    })
+}
+
+async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
+    st.registry.refresh_gauges();
+    let text = st.metrics.encode()?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+#[cfg(test)]
+mod tests;

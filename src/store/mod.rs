@@ -4,13 +4,26 @@
 //! appended so far. Requests from the data plane ([`crate::worker`]) call the methods here; this
 //! is the seam between the protocol and the storage.
 //!
-//! NOTE: this is the first, minimal store (growable vectors, exact flat search). The budgeted,
-//! arena-backed store replaces the internals behind the same methods.
+//! # Layout
+//! - [`budget`]: the global byte budget every session reserves from.
+//! - [`layer`]: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
+//! - this file: [`Shape`], [`Store`] (the arena source and budget sessions are made from) and
+//!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
+//!   (growth copies into a larger arena under it), searches and gathers its read lock.
 
-use std::sync::RwLock;
+pub mod budget;
+mod layer;
 
-use kvdex_index::keys::KeyRows;
-use kvdex_index::{flat::FlatIndex, Hits, KeyDtype, KeySlice, MipsIndex, SearchScratch};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use kvdex_index::flat::FlatIndex;
+use kvdex_index::{Hits, KeyDtype, MipsIndexMut, SearchScratch};
+use kvdex_transfer::host::HostLink;
+use kvdex_transfer::DeviceLink;
+
+pub use budget::Budget;
+use layer::{arena_bytes, LayerKv};
 
 use crate::error::{KvdexError, Result};
 
@@ -31,10 +44,33 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// Checks the shape is usable: all dimensions non-zero and GQA-divisible.
+    /// Most layers a session may have.
+    pub const MAX_LAYERS: u32 = 1024;
+    /// Most query (or KV) heads per layer.
+    pub const MAX_HEADS: u32 = 1024;
+    /// Longest head vector.
+    pub const MAX_HEAD_DIM: u32 = 8192;
+
+    /// Checks the shape is usable: all dimensions non-zero, within [`Shape::MAX_LAYERS`],
+    /// [`Shape::MAX_HEADS`] and [`Shape::MAX_HEAD_DIM`] (a client cannot make the daemon allocate
+    /// per-layer state for billions of layers), and GQA-divisible.
     pub fn validate(&self) -> Result<()> {
+        for (name, v, max) in [
+            ("layers", self.layers, Self::MAX_LAYERS),
+            ("q_heads", self.q_heads, Self::MAX_HEADS),
+            ("kv_heads", self.kv_heads, Self::MAX_HEADS),
+            ("head_dim", self.head_dim, Self::MAX_HEAD_DIM),
+        ] {
+            if v > max {
+                return Err(KvdexError::BadRequest(format!(
+                    "{name} = {v} is above the limit {max}"
+                )));
+            }
+        }
         if self.layers == 0 || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
-            return Err(KvdexError::BadRequest(format!("shape has a zero dimension: {self:?}")));
+            return Err(KvdexError::BadRequest(format!(
+                "shape has a zero dimension: {self:?}"
+            )));
         }
         if self.q_heads % self.kv_heads != 0 {
             return Err(KvdexError::BadRequest(format!(
@@ -89,39 +125,100 @@ pub mod dtype_serde {
     }
 }
 
-/// One layer's rows: per KV head, K and V, row-major, `len` tokens.
-#[derive(Default)]
-struct LayerKv {
-    /// Backed by u64 so that the bytes are 8-aligned and cast safely to f16/bf16/f32.
-    k: Vec<Vec<u64>>,
-    v: Vec<Vec<u64>>,
-    len: usize,
+/// The arena source the daemon uses: host memory today; kvdex-transfer's `default_link()`
+/// (pinned memory when CUDA loads) once the transfer branch lands.
+pub fn default_link() -> Arc<dyn DeviceLink> {
+    Arc::new(HostLink::new())
+}
+
+/// Where sessions get their memory: a [`DeviceLink`] for arenas (pinned when CUDA is present,
+/// plain otherwise) and the daemon-wide [`Budget`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    link: Arc<dyn DeviceLink>,
+    budget: Arc<Budget>,
+    initial_tokens: usize,
+}
+
+impl Store {
+    /// A store allocating from `link` under `budget`; layers start with room for
+    /// `initial_tokens` tokens and grow by doubling.
+    pub fn new(link: Arc<dyn DeviceLink>, budget: Arc<Budget>, initial_tokens: usize) -> Self {
+        Self {
+            link,
+            budget,
+            initial_tokens: initial_tokens.max(1),
+        }
+    }
+
+    /// Host memory, no budget limit: for stand-alone sessions in tests and tools.
+    pub fn unlimited() -> Self {
+        Self::new(
+            Arc::new(HostLink::new()),
+            Arc::new(Budget::unlimited()),
+            1024,
+        )
+    }
+
+    /// A new empty session of `shape`.
+    pub fn session(&self, shape: Shape) -> Result<Session> {
+        shape.validate()?;
+        let layers = (0..shape.layers)
+            .map(|_| {
+                let indices = (0..shape.q_heads)
+                    .map(|_| Box::new(FlatIndex::new(0)) as Box<dyn MipsIndexMut>)
+                    .collect();
+                RwLock::new(LayerKv::new(indices))
+            })
+            .collect();
+        Ok(Session {
+            shape,
+            layers,
+            store: self.clone(),
+            held: AtomicU64::new(0),
+        })
+    }
+
+    /// The shared budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// The arena source.
+    pub fn link(&self) -> &Arc<dyn DeviceLink> {
+        &self.link
+    }
+}
+
+/// One layer's state as reported by `/stats` and `GET /v1/sessions/{id}`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LayerStats {
+    /// Tokens stored.
+    pub tokens: usize,
+    /// Tokens the arenas hold room for.
+    pub capacity: usize,
+    /// Index kind searches use ("flat" until an index is built).
+    pub index: &'static str,
+    /// Tokens the index covers, least over the layer's query heads; `tokens - indexed` are
+    /// waiting to be inserted (a build in progress reports its progress here).
+    pub indexed: usize,
+    /// Bytes the layer's indices hold, beyond the K/V rows.
+    pub index_bytes: usize,
 }
 
 /// One sequence's KV cache.
 pub struct Session {
     shape: Shape,
     layers: Vec<RwLock<LayerKv>>,
-}
-
-fn bytes(v: &[u64]) -> &[u8] {
-    bytemuck::cast_slice(v)
+    store: Store,
+    /// Bytes reserved from the budget for this session's arenas; released on drop.
+    held: AtomicU64,
 }
 
 impl Session {
-    /// An empty session of the given shape.
+    /// An empty session of the given shape in host memory, outside any budget.
     pub fn new(shape: Shape) -> Result<Self> {
-        shape.validate()?;
-        let layers = (0..shape.layers)
-            .map(|_| {
-                RwLock::new(LayerKv {
-                    k: vec![Vec::new(); shape.kv_heads as usize],
-                    v: vec![Vec::new(); shape.kv_heads as usize],
-                    len: 0,
-                })
-            })
-            .collect();
-        Ok(Self { shape, layers })
+        Store::unlimited().session(shape)
     }
 
     /// The session's shape.
@@ -142,10 +239,14 @@ impl Session {
 
     /// Appends `tokens` tokens to `layer`. `k` and `v` are `[kv_heads][tokens][head_dim]` in the
     /// session dtype. Returns the layer's new token count.
+    ///
+    /// Fails with [`KvdexError::Budget`] when the growth the append needs does not fit in the
+    /// global budget; the session keeps what it had.
     pub fn append(&self, layer: u32, tokens: usize, k: &[u8], v: &[u8]) -> Result<usize> {
         let s = &self.shape;
-        let per_head = tokens * s.row_bytes();
-        let want = per_head * s.kv_heads as usize;
+        let rb = s.row_bytes();
+        let kvh = s.kv_heads as usize;
+        let want = tokens.checked_mul(rb * kvh).unwrap_or(usize::MAX);
         if k.len() != want || v.len() != want {
             return Err(KvdexError::BadRequest(format!(
                 "append of {tokens} tokens needs {want} bytes each of K and V, got {} and {}",
@@ -155,22 +256,48 @@ impl Session {
         }
         let mut guard = self.layer(layer)?.write().map_err(poisoned)?;
         let l = &mut *guard;
-        let old = l.len * s.row_bytes();
-        for h in 0..s.kv_heads as usize {
-            for (dst, src) in [(&mut l.k[h], k), (&mut l.v[h], v)] {
-                dst.resize((old + per_head).div_ceil(8), 0);
-                bytemuck::cast_slice_mut::<u64, u8>(dst)[old..old + per_head]
-                    .copy_from_slice(&src[h * per_head..(h + 1) * per_head]);
-            }
+        let need = l.len + tokens;
+        if need > u32::MAX as usize {
+            return Err(KvdexError::BadRequest(format!(
+                "layer {layer} would exceed 2^32 tokens"
+            )));
         }
-        l.len += tokens;
+        if need > l.cap {
+            self.grow(l, need)?;
+        }
+        l.write_rows(tokens, rb, k, v);
+        l.update_indices(s.group() as usize, s.dtype, s.head_dim as usize)?;
         Ok(l.len)
     }
 
-    /// Top-`k` keys by inner product for every query head of `layer`.
+    /// Grows `l` to hold `need` tokens: doubling when the budget allows, exactly `need`
+    /// otherwise, or a budget error naming the exact growth asked for.
+    fn grow(&self, l: &mut LayerKv, need: usize) -> Result<()> {
+        let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
+        let held = l.held_bytes(kvh, rb) as u64;
+        let bytes_at = |cap: usize| (2 * kvh * arena_bytes(cap, rb)) as u64;
+        let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
+        let budget = &self.store.budget;
+        let cap = if budget.try_reserve(bytes_at(roomy) - held).is_ok() {
+            roomy
+        } else {
+            budget.try_reserve(bytes_at(need) - held)?;
+            need
+        };
+        let grown = bytes_at(cap) - held;
+        if let Err(e) = l.grow(self.store.link.as_ref(), kvh, rb, cap) {
+            budget.release(grown);
+            return Err(e);
+        }
+        self.held.fetch_add(grown, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Top-`k` keys by inner product for every query head of `layer`, through each head's index.
     ///
     /// `q` is `[q_heads][head_dim]`; `ids` and `scores` are `[q_heads][k]`. Returns the k used
     /// (clamped to the layer's length); only the first `q_heads * k_used` entries are written.
+    #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
         layer: u32,
@@ -193,14 +320,23 @@ impl Session {
         let l = self.layer(layer)?.read().map_err(poisoned)?;
         let k = k.min(l.len);
         if ids.len() < s.q_heads as usize * k || scores.len() < s.q_heads as usize * k {
-            return Err(KvdexError::BadRequest("output buffers too small".into()));
+            return Err(KvdexError::BadRequest(format!(
+                "output buffers hold {} ids and {} scores, need q_heads*k = {}",
+                ids.len(),
+                scores.len(),
+                s.q_heads as usize * k
+            )));
         }
-        let flat = FlatIndex::new(l.len);
-        for qh in 0..s.q_heads as usize {
-            let kvh = qh / s.group() as usize;
-            let rows = typed_rows(s.dtype, bytes(&l.k[kvh]), l.len * d);
-            let keys = KeySlice::new(rows, d)?;
-            flat.search(&keys, &q[qh * d..(qh + 1) * d], k, scratch, hits)?;
+        for (qh, index) in l.indices.iter().enumerate() {
+            let keys = l.keys(qh / s.group() as usize, s.dtype, d)?;
+            index.search(&keys, &q[qh * d..(qh + 1) * d], k, scratch, hits)?;
+            if hits.len() != k {
+                return Err(KvdexError::Protocol(format!(
+                    "index {} returned {} hits for k = {k}",
+                    index.name(),
+                    hits.len()
+                )));
+            }
             ids[qh * k..(qh + 1) * k].copy_from_slice(&hits.ids);
             scores[qh * k..(qh + 1) * k].copy_from_slice(&hits.scores);
         }
@@ -233,7 +369,10 @@ impl Session {
                 l.len
             )));
         }
-        let (kb, vb) = (bytes(&l.k[kv_head as usize]), bytes(&l.v[kv_head as usize]));
+        let (kb, vb) = (
+            l.k_bytes(kv_head as usize, rb),
+            l.v_bytes(kv_head as usize, rb),
+        );
         let (ko, vo) = out[..need].split_at_mut(ids.len() * rb);
         for (i, &id) in ids.iter().enumerate() {
             let r = id as usize * rb..(id as usize + 1) * rb;
@@ -243,7 +382,7 @@ impl Session {
         Ok(need)
     }
 
-    /// Bytes of K and V held.
+    /// Bytes of K and V stored (tokens appended, not capacity).
     pub fn resident_bytes(&self) -> u64 {
         self.layers
             .iter()
@@ -251,13 +390,32 @@ impl Session {
             .map(|l| (2 * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64)
             .sum()
     }
+
+    /// Bytes of arena this session holds, charged to the budget (capacity, not just rows).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Per-layer tokens, capacity and index state.
+    pub fn layer_stats(&self) -> Vec<LayerStats> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.read().ok())
+            .map(|l| LayerStats {
+                tokens: l.len,
+                capacity: l.cap,
+                index: l.indices.first().map_or("flat", |i| i.name()),
+                indexed: l.indices.iter().map(|i| i.len()).min().unwrap_or(0),
+                index_bytes: l.indices.iter().map(|i| i.memory_bytes()).sum(),
+            })
+            .collect()
+    }
 }
 
-fn typed_rows(dtype: KeyDtype, b: &[u8], n: usize) -> KeyRows<'_> {
-    match dtype {
-        KeyDtype::F16 => KeyRows::F16(&bytemuck::cast_slice(b)[..n]),
-        KeyDtype::Bf16 => KeyRows::Bf16(&bytemuck::cast_slice(b)[..n]),
-        KeyDtype::F32 => KeyRows::F32(&bytemuck::cast_slice(b)[..n]),
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The arenas free themselves as the layers drop; give their bytes back to the budget.
+        self.store.budget.release(*self.held.get_mut());
     }
 }
 
@@ -271,20 +429,181 @@ mod tests {
 
     #[test]
     fn append_search_gather_round_trip() {
-        let shape = Shape { layers: 1, q_heads: 2, kv_heads: 1, head_dim: 2, dtype: KeyDtype::F32 };
+        let shape = Shape {
+            layers: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 2,
+            dtype: KeyDtype::F32,
+        };
         let s = Session::new(shape).unwrap();
         let k: Vec<f32> = vec![1.0, 0.0, 0.0, 1.0, 2.0, 2.0];
         let v: Vec<f32> = vec![9.0; 6];
-        s.append(0, 3, bytemuck::cast_slice(&k), bytemuck::cast_slice(&v)).unwrap();
+        s.append(0, 3, bytemuck::cast_slice(&k), bytemuck::cast_slice(&v))
+            .unwrap();
         let (mut ids, mut sc) = (vec![0u32; 2], vec![0f32; 2]);
         let mut scratch = SearchScratch::new();
         let mut hits = Hits::default();
-        let kk = s.search(0, &[1.0, 0.0, 0.0, -1.0], 1, &mut scratch, &mut hits, &mut ids, &mut sc).unwrap();
+        let kk = s
+            .search(
+                0,
+                &[1.0, 0.0, 0.0, -1.0],
+                1,
+                &mut scratch,
+                &mut hits,
+                &mut ids,
+                &mut sc,
+            )
+            .unwrap();
         assert_eq!(kk, 1);
         assert_eq!(ids, vec![2, 0]);
         let mut out = vec![0u8; 16];
         assert_eq!(s.gather(0, 0, &[1], &mut out).unwrap(), 16);
         let f: &[f32] = bytemuck::cast_slice(&out);
         assert_eq!(f, &[0.0, 1.0, 9.0, 9.0]);
+    }
+
+    fn f32_session(store: &Store, layers: u32) -> Session {
+        let shape = Shape {
+            layers,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            dtype: KeyDtype::F32,
+        };
+        store.session(shape).unwrap()
+    }
+
+    fn rows(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 500.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn growth_keeps_rows_and_search_matches_brute_force() {
+        let store = Store::new(Arc::new(HostLink::new()), Arc::new(Budget::unlimited()), 4);
+        let s = f32_session(&store, 2);
+        let (kvh, d) = (2usize, 8usize);
+        let mut all_k = vec![Vec::new(); kvh];
+        for (block, tokens) in [3usize, 5, 1, 17, 40].into_iter().enumerate() {
+            let k = rows(kvh * tokens * d, block as u32);
+            let v = rows(kvh * tokens * d, 99 + block as u32);
+            s.append(
+                1,
+                tokens,
+                bytemuck::cast_slice(&k),
+                bytemuck::cast_slice(&v),
+            )
+            .unwrap();
+            for h in 0..kvh {
+                all_k[h].extend_from_slice(&k[h * tokens * d..(h + 1) * tokens * d]);
+            }
+        }
+        let n = 66;
+        assert_eq!((s.len(1).unwrap(), s.len(0).unwrap()), (n, 0));
+        let st = s.layer_stats();
+        assert_eq!((st[1].tokens, st[1].indexed, st[1].index), (n, n, "flat"));
+        assert!(st[1].capacity >= n);
+        let q = rows(4 * d, 7);
+        let (mut ids, mut sc) = (vec![0u32; 4 * 5], vec![0f32; 4 * 5]);
+        let (mut scratch, mut hits) = (SearchScratch::new(), Hits::default());
+        assert_eq!(
+            s.search(1, &q, 5, &mut scratch, &mut hits, &mut ids, &mut sc)
+                .unwrap(),
+            5
+        );
+        for qh in 0..4 {
+            let keys = &all_k[qh / 2];
+            let mut brute: Vec<(f32, u32)> = (0..n)
+                .map(|t| {
+                    (
+                        (0..d).map(|j| q[qh * d + j] * keys[t * d + j]).sum(),
+                        t as u32,
+                    )
+                })
+                .collect();
+            brute.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let want: Vec<u32> = brute[..5].iter().map(|x| x.1).collect();
+            assert_eq!(&ids[qh * 5..(qh + 1) * 5], &want[..], "query head {qh}");
+        }
+        let mut out = vec![0u8; 2 * 2 * d * 4];
+        s.gather(1, 1, &[65, 0], &mut out).unwrap();
+        let f: &[f32] = bytemuck::cast_slice(&out);
+        assert_eq!(&f[..d], &all_k[1][65 * d..66 * d]);
+        assert_eq!(&f[d..2 * d], &all_k[1][..d]);
+    }
+
+    #[test]
+    fn budget_refuses_an_append_and_leaves_other_sessions_intact() {
+        let link = Arc::new(HostLink::new());
+        // One token of one layer: 2 KV heads x (K+V) x 32 bytes, each rounded to 64 = 256 bytes.
+        let store = Store::new(link.clone(), Arc::new(Budget::new(1024)), 2);
+        let a = f32_session(&store, 1);
+        let b = f32_session(&store, 1);
+        let tok = rows(2 * 8, 1);
+        let blk = bytemuck::cast_slice(&tok);
+        a.append(0, 1, blk, blk).unwrap(); // initial capacity 2 tokens: 2*2*64 = 256 bytes
+        b.append(0, 1, blk, blk).unwrap();
+        assert_eq!(store.budget().used(), 512);
+        let big = rows(2 * 8 * 8, 2);
+        match b.append(0, 8, bytemuck::cast_slice(&big), bytemuck::cast_slice(&big)) {
+            Err(KvdexError::Budget {
+                asked,
+                left,
+                budget,
+            }) => {
+                assert_eq!((left, budget), (512, 1024));
+                assert!(asked > left, "asked {asked}");
+            }
+            other => panic!("expected a budget error, got {other:?}"),
+        }
+        assert_eq!(b.len(0).unwrap(), 1, "the refused append changed nothing");
+        // The other session still grows within what is left.
+        let three = rows(2 * 8 * 3, 3);
+        a.append(
+            0,
+            3,
+            bytemuck::cast_slice(&three),
+            bytemuck::cast_slice(&three),
+        )
+        .unwrap();
+        assert_eq!(a.layer_stats()[0].capacity, 4);
+        let mut out = vec![0u8; 64];
+        b.gather(0, 0, &[0], &mut out).unwrap();
+        assert_eq!(&out[..32], &blk[..32]);
+        let used = store.budget().used();
+        drop(a);
+        assert_eq!(store.budget().used(), used - 512);
+        drop(b);
+        assert_eq!((store.budget().used(), link.stats().bytes), (0, 0));
+    }
+
+    #[test]
+    fn bad_appends_and_gathers_are_refused() {
+        let s = f32_session(&Store::unlimited(), 1);
+        let e = s
+            .append(0, 2, &[0u8; 10], &[0u8; 10])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs 128 bytes"), "{e}");
+        assert!(s
+            .append(5, 0, &[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("layer 5"));
+        let mut out = vec![0u8; 64];
+        assert!(s
+            .gather(0, 0, &[0], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("token id 0 out of range"));
+        assert!(s
+            .gather(0, 9, &[], &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("kv_head 9"));
     }
 }

@@ -1,0 +1,349 @@
+//! The session registry: who holds which session, with which token, served by which worker.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rand::rngs::OsRng;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::dataplane::{DataPlane, DataPlaneSpec, ExitNotice, Serving};
+use crate::config::{Config, MIN_PAYLOAD_BYTES};
+use crate::error::{KvdexError, Result};
+use crate::metrics::Metrics;
+use crate::store::{dtype_serde, LayerStats, Session, Shape, Store};
+
+/// Bytes of a session token: 128 bits from the OS RNG.
+pub const TOKEN_BYTES: usize = 16;
+
+/// Body of `POST /v1/sessions`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// Transformer layers.
+    pub layers: u32,
+    /// Query heads per layer.
+    pub q_heads: u32,
+    /// KV heads per layer.
+    pub kv_heads: u32,
+    /// Elements per head vector.
+    pub head_dim: u32,
+    /// "f16" | "bf16" | "f32".
+    pub dtype: String,
+    /// Payload arena of the shared-memory region; the config's default when absent.
+    pub payload_bytes: Option<u64>,
+}
+
+/// Reply to `POST /v1/sessions`: everything the client needs to attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct Created {
+    /// Session id (hex).
+    pub id: String,
+    /// The per-session token (32 hex chars): for attaching and for `/v1/sessions/{id}`.
+    pub token: String,
+    /// The shared-memory file to open.
+    pub shm_path: PathBuf,
+    /// Size of the region's payload arena.
+    pub payload_bytes: u64,
+}
+
+/// One session's public state, for `GET /v1/sessions/{id}` and `/stats`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub id: String,
+    /// Its shape.
+    pub shape: Shape,
+    /// Its shared-memory file.
+    pub shm_path: PathBuf,
+    /// Payload arena size.
+    pub payload_bytes: u64,
+    /// K/V bytes stored.
+    pub resident_bytes: u64,
+    /// Bytes of budget held (arena capacity).
+    pub reserved_bytes: u64,
+    /// Seconds since creation.
+    pub age_secs: f64,
+    /// Per layer: tokens, capacity, index kind and index progress.
+    pub layers: Vec<LayerStats>,
+}
+
+/// A live session.
+struct Entry {
+    token: [u8; TOKEN_BYTES],
+    shm_path: PathBuf,
+    payload_bytes: u64,
+    created: Instant,
+    session: Arc<Session>,
+    /// Dropped (stopping the worker and removing the region) when the entry goes.
+    _serving: Box<dyn Serving>,
+}
+
+/// Every live session of the daemon.
+pub struct Registry {
+    config: Config,
+    store: Store,
+    metrics: Arc<Metrics>,
+    data_plane: Box<dyn DataPlane>,
+    sessions: Mutex<HashMap<String, Entry>>,
+    /// Where workers report their exit; the daemon's reaper ends those sessions.
+    exits: tokio::sync::mpsc::UnboundedSender<ExitNotice>,
+    closing: AtomicBool,
+}
+
+/// Hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses 32 hex chars into a token; None for anything else.
+pub fn parse_token(s: &str) -> Option<[u8; TOKEN_BYTES]> {
+    let s = s.as_bytes();
+    if s.len() != 2 * TOKEN_BYTES {
+        return None;
+    }
+    let mut out = [0u8; TOKEN_BYTES];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Compares tokens in time independent of where they differ.
+pub fn tokens_equal(a: &[u8; TOKEN_BYTES], b: &[u8; TOKEN_BYTES]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Registry {
+    /// An empty registry; `exits` receives the notices of workers whose client went away.
+    pub fn new(
+        config: Config,
+        store: Store,
+        metrics: Arc<Metrics>,
+        data_plane: Box<dyn DataPlane>,
+        exits: tokio::sync::mpsc::UnboundedSender<ExitNotice>,
+    ) -> Self {
+        metrics
+            .budget_bytes
+            .set(store.budget().total().min(i64::MAX as u64) as i64);
+        Self {
+            config,
+            store,
+            metrics,
+            data_plane,
+            sessions: Mutex::new(HashMap::new()),
+            exits,
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the map cannot leave it half-updated (inserts and removes are
+        // single calls), so a poisoned lock is still safe to use.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates a session: validates the request, allocates the store session, creates the
+    /// shared-memory region and starts its worker.
+    pub fn create(&self, req: CreateRequest) -> Result<Created> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(KvdexError::Disconnected(
+                "the daemon is shutting down".into(),
+            ));
+        }
+        let dtype = dtype_serde::parse(&req.dtype).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "dtype {:?} is not one of f16, bf16, f32",
+                req.dtype
+            ))
+        })?;
+        let shape = Shape {
+            layers: req.layers,
+            q_heads: req.q_heads,
+            kv_heads: req.kv_heads,
+            head_dim: req.head_dim,
+            dtype,
+        };
+        let limits = &self.config.sessions;
+        let payload_bytes = req.payload_bytes.unwrap_or(limits.default_payload_bytes);
+        if !(MIN_PAYLOAD_BYTES..=limits.max_payload_bytes).contains(&payload_bytes) {
+            return Err(KvdexError::BadRequest(format!(
+                "payload_bytes {payload_bytes} is not between {MIN_PAYLOAD_BYTES} and {} \
+                 (sessions.max_payload_bytes)",
+                limits.max_payload_bytes
+            )));
+        }
+        let session = Arc::new(self.store.session(shape)?);
+        let mut id_bytes = [0u8; 8];
+        let mut token = [0u8; TOKEN_BYTES];
+        OsRng
+            .try_fill_bytes(&mut id_bytes)
+            .and_then(|()| OsRng.try_fill_bytes(&mut token))
+            .map_err(|e| {
+                KvdexError::Io(std::io::Error::other(format!("OS random generator: {e}")))
+            })?;
+        let id = hex(&id_bytes);
+        let shm_path =
+            PathBuf::from(&limits.shm_dir).join(format!("kvdex-{}-{id}", std::process::id()));
+        let mut map = self.lock();
+        if map.len() as u64 >= limits.max_sessions {
+            return Err(KvdexError::Exhausted(format!(
+                "{} sessions are alive, the limit (sessions.max_sessions)",
+                map.len()
+            )));
+        }
+        let spec = DataPlaneSpec {
+            id: id.clone(),
+            shm_path: shm_path.clone(),
+            payload_bytes,
+            token,
+            session: session.clone(),
+            metrics: self.metrics.clone(),
+            exits: self.exits.clone(),
+        };
+        let serving = self.data_plane.start(spec)?;
+        map.insert(
+            id.clone(),
+            Entry {
+                token,
+                shm_path: shm_path.clone(),
+                payload_bytes,
+                created: Instant::now(),
+                session,
+                _serving: serving,
+            },
+        );
+        self.metrics.sessions.set(map.len() as i64);
+        tracing::info!(%id, ?shape, payload_bytes, "session created");
+        Ok(Created {
+            id,
+            token: hex(&token),
+            shm_path,
+            payload_bytes,
+        })
+    }
+
+    /// Checks `token` against session `id`: NotFound for an unknown id, Unauthorized for a
+    /// missing or wrong token.
+    fn authorize<'a>(
+        map: &'a HashMap<String, Entry>,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<&'a Entry> {
+        let token = token.ok_or_else(|| {
+            KvdexError::Unauthorized("missing `Authorization: Bearer <token>`".into())
+        })?;
+        let entry = map
+            .get(id)
+            .ok_or_else(|| KvdexError::NotFound(format!("session {id:?}")))?;
+        match parse_token(token) {
+            Some(t) if tokens_equal(&t, &entry.token) => Ok(entry),
+            _ => Err(KvdexError::Unauthorized(format!(
+                "wrong token for session {id}"
+            ))),
+        }
+    }
+
+    /// The state of session `id`, for its token holder.
+    pub fn info(&self, id: &str, token: Option<&str>) -> Result<SessionInfo> {
+        let map = self.lock();
+        Ok(Self::describe(id, Self::authorize(&map, id, token)?))
+    }
+
+    fn describe(id: &str, e: &Entry) -> SessionInfo {
+        SessionInfo {
+            id: id.to_string(),
+            shape: *e.session.shape(),
+            shm_path: e.shm_path.clone(),
+            payload_bytes: e.payload_bytes,
+            resident_bytes: e.session.resident_bytes(),
+            reserved_bytes: e.session.reserved_bytes(),
+            age_secs: e.created.elapsed().as_secs_f64(),
+            layers: e.session.layer_stats(),
+        }
+    }
+
+    /// Ends session `id` for its token holder: stops its worker, frees its memory.
+    pub fn delete(&self, id: &str, token: Option<&str>) -> Result<()> {
+        let entry = {
+            let mut map = self.lock();
+            Self::authorize(&map, id, token)?;
+            map.remove(id)
+        };
+        self.finish(id, entry, "deleted");
+        Ok(())
+    }
+
+    /// Ends session `id` because its worker exited (`reason`: "client_gone", ...). Unknown ids
+    /// (already deleted) are ignored.
+    pub fn end(&self, id: &str, reason: &'static str) {
+        let entry = self.lock().remove(id);
+        self.finish(id, entry, reason);
+    }
+
+    /// Drops `entry` outside the map's lock (stopping a worker can take a moment).
+    fn finish(&self, id: &str, entry: Option<Entry>, reason: &'static str) {
+        let Some(entry) = entry else { return };
+        let freed = entry.session.reserved_bytes();
+        drop(entry);
+        self.metrics.sessions.set(self.len() as i64);
+        self.metrics
+            .sessions_ended
+            .with_label_values(&[reason])
+            .inc();
+        tracing::info!(%id, reason, freed, "session ended");
+    }
+
+    /// Sessions alive.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no session is alive.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every session's state, for `/stats`.
+    pub fn all(&self) -> Vec<SessionInfo> {
+        let map = self.lock();
+        let mut v: Vec<SessionInfo> = map.iter().map(|(id, e)| Self::describe(id, e)).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// The store sessions are made from.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Refuses new sessions and ends every live one (shutdown).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let all: Vec<(String, Entry)> = self.lock().drain().collect();
+        for (id, e) in all {
+            self.finish(&id, Some(e), "shutdown");
+        }
+    }
+
+    /// True once [`Registry::close`] has begun.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Updates the memory and session gauges from the live state (before a scrape).
+    pub fn refresh_gauges(&self) {
+        let map = self.lock();
+        let resident: u64 = map.values().map(|e| e.session.resident_bytes()).sum();
+        self.metrics
+            .resident_bytes
+            .set(resident.min(i64::MAX as u64) as i64);
+        self.metrics.sessions.set(map.len() as i64);
+        self.metrics
+            .budget_used_bytes
+            .set(self.store.budget().used().min(i64::MAX as u64) as i64);
+    }
+}

@@ -1,0 +1,259 @@
+//! The control plane over real HTTP, with an in-process stand-in for the data plane.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::{router, AppState};
+use crate::config::Config;
+use crate::daemon::dataplane::{DataPlane, DataPlaneSpec, Serving};
+use crate::daemon::registry::Registry;
+use crate::error::Result;
+use crate::metrics::Metrics;
+use crate::store::{Budget, Store};
+
+/// Counts live "workers": +1 on start, -1 when the guard drops.
+struct FakePlane(Arc<AtomicUsize>);
+struct Guard(
+    Arc<AtomicUsize>,
+    #[allow(dead_code)] Arc<crate::store::Session>,
+);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+impl DataPlane for FakePlane {
+    fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(Guard(self.0.clone(), spec.session)))
+    }
+}
+
+struct Server {
+    base: String,
+    live: Arc<AtomicUsize>,
+    registry: Arc<Registry>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn server(max_sessions: u64) -> Server {
+    let env = vec![(
+        "KVDEX_SESSIONS__MAX_SESSIONS".to_string(),
+        max_sessions.to_string(),
+    )];
+    let config = Config::load(None, env, None).unwrap();
+    let live = Arc::new(AtomicUsize::new(0));
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let store = Store::new(
+        crate::store::default_link(),
+        Arc::new(Budget::new(1 << 20)),
+        16,
+    );
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let registry = Arc::new(Registry::new(
+        config,
+        store,
+        metrics.clone(),
+        Box::new(FakePlane(live.clone())),
+        tx,
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = router(AppState {
+        registry: registry.clone(),
+        metrics,
+        started: Instant::now(),
+    });
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(async move { axum::serve(listener, app).await });
+    Server {
+        base,
+        live,
+        registry,
+        rt,
+    }
+}
+
+/// (status, JSON body or the text as a JSON string).
+fn call(req: ureq::Request, body: Option<Value>) -> (u16, Value) {
+    let r = match body {
+        Some(b) => req
+            .set("Content-Type", "application/json")
+            .send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn shape() -> Value {
+    json!({"layers": 2, "q_heads": 4, "kv_heads": 2, "head_dim": 8, "dtype": "f16"})
+}
+
+#[test]
+fn session_lifecycle_with_tokens() {
+    let s = server(8);
+    let (st, created) = call(
+        ureq::post(&format!("{}/v1/sessions", s.base)),
+        Some(shape()),
+    );
+    assert_eq!(st, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let token = created["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 32);
+    assert!(created["shm_path"].as_str().unwrap().ends_with(&id));
+    assert_eq!(created["payload_bytes"], json!(16777216));
+    assert_eq!(s.live.load(Ordering::SeqCst), 1);
+
+    let url = format!("{}/v1/sessions/{id}", s.base);
+    let (st, info) = call(
+        ureq::get(&url).set("Authorization", &format!("Bearer {token}")),
+        None,
+    );
+    assert_eq!(st, 200);
+    assert_eq!(info["shape"], shape());
+    assert_eq!(info["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(info["resident_bytes"], json!(0));
+
+    let (st, e) = call(ureq::get(&url), None);
+    assert_eq!(st, 401);
+    assert!(e["error"].as_str().unwrap().contains("missing"), "{e}");
+    let wrong = if token.starts_with('0') { "1" } else { "0" }.repeat(32);
+    for bad in [wrong.as_str(), "not-hex", ""] {
+        let (st, e) = call(
+            ureq::delete(&url).set("Authorization", &format!("Bearer {bad}")),
+            None,
+        );
+        assert_eq!(st, 401, "token {bad:?}: {e}");
+    }
+    let (st, _) = call(
+        ureq::get(&format!("{}/v1/sessions/ffff", s.base))
+            .set("Authorization", &format!("Bearer {token}")),
+        None,
+    );
+    assert_eq!(st, 404);
+    assert_eq!(
+        s.live.load(Ordering::SeqCst),
+        1,
+        "refused requests touched nothing"
+    );
+
+    let (st, stats) = call(ureq::get(&format!("{}/stats", s.base)), None);
+    assert_eq!(st, 200);
+    assert_eq!(stats["sessions"], json!(1));
+    assert_eq!(stats["budget_bytes"], json!(1 << 20));
+    assert_eq!(stats["per_session"][0]["id"], json!(id));
+    assert!(
+        !stats.to_string().contains(&token),
+        "stats must not leak tokens"
+    );
+
+    let (st, _) = call(
+        ureq::delete(&url).set("Authorization", &format!("Bearer {token}")),
+        None,
+    );
+    assert_eq!(st, 204);
+    assert_eq!(
+        s.live.load(Ordering::SeqCst),
+        0,
+        "deleting stops the worker"
+    );
+    let (st, _) = call(
+        ureq::get(&url).set("Authorization", &format!("Bearer {token}")),
+        None,
+    );
+    assert_eq!(st, 404);
+    assert!(s.registry.is_empty());
+}
+
+#[test]
+fn bad_create_requests_name_what_is_wrong() {
+    let s = server(1);
+    let url = format!("{}/v1/sessions", s.base);
+    let with = |k: &str, v: Value| {
+        let mut b = shape();
+        b[k] = v;
+        call(ureq::post(&url), Some(b))
+    };
+    let cases = [
+        with("dtype", json!("f8")),
+        with("q_heads", json!(3)),
+        with("layers", json!(0)),
+        with("layers", json!(4_000_000)),
+        with("payload_bytes", json!(10)),
+        with("extra", json!(1)),
+        call(ureq::post(&url), Some(json!({"layers": 1}))),
+    ];
+    let wants = [
+        "dtype \"f8\"",
+        "not a multiple of kv_heads",
+        "zero dimension",
+        "layers = 4000000",
+        "payload_bytes 10",
+        "unknown field `extra`",
+        "missing field",
+    ];
+    for ((st, e), want) in cases.into_iter().zip(wants) {
+        assert_eq!(st, 400, "{want}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(want), "{want}: {e}");
+    }
+    assert_eq!(s.live.load(Ordering::SeqCst), 0);
+    let (st, _) = call(ureq::post(&url), Some(shape()));
+    assert_eq!(st, 201);
+    let (st, e) = call(ureq::post(&url), Some(shape()));
+    assert_eq!(st, 429, "{e}");
+    assert!(e["error"]
+        .as_str()
+        .unwrap()
+        .contains("sessions.max_sessions"));
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let s = server(4);
+    assert_eq!(call(ureq::get(&format!("{}/healthz", s.base)), None).0, 200);
+    assert_eq!(call(ureq::get(&format!("{}/readyz", s.base)), None).0, 200);
+    call(
+        ureq::post(&format!("{}/v1/sessions", s.base)),
+        Some(shape()),
+    );
+    let (st, text) = call(ureq::get(&format!("{}/metrics", s.base)), None);
+    assert_eq!(st, 200);
+    let text = text.as_str().unwrap().to_string();
+    assert!(text.contains("kvdex_sessions 1"), "{text}");
+    assert!(text.contains("kvdex_budget_bytes 1048576"));
+    assert!(
+        text.contains("kvdex_http_requests_total{code=\"201\",route=\"/v1/sessions\"} 1"),
+        "{text}"
+    );
+    s.registry.close();
+    assert_eq!(s.live.load(Ordering::SeqCst), 0, "close ends every session");
+    assert_eq!(call(ureq::get(&format!("{}/readyz", s.base)), None).0, 503);
+    assert_eq!(
+        call(
+            ureq::post(&format!("{}/v1/sessions", s.base)),
+            Some(shape())
+        )
+        .0,
+        503
+    );
+    drop(s.rt);
+}

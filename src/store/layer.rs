@@ -1,0 +1,212 @@
+//! One layer's K/V rows: per KV head, contiguous K and V arenas, and the layer's indices.
+//!
+//! Rows of one (layer, KV head) are contiguous and 64-byte aligned (the arena's alignment), so
+//! an index or a kernel sees them as one slice. Capacity grows by copying into a larger arena;
+//! the copy happens under the layer's write lock (see [`super::Session`]), so a reader holding
+//! the read lock never sees a freed or half-copied arena.
+
+use kvdex_index::keys::KeyRows;
+use kvdex_index::{KeyDtype, KeySlice, MipsIndexMut};
+use kvdex_transfer::{Arena, DeviceLink};
+
+use crate::error::Result;
+
+/// Bytes an arena of `tokens` rows takes: rounded up to whole cache lines.
+pub(super) fn arena_bytes(tokens: usize, row_bytes: usize) -> usize {
+    (tokens * row_bytes).div_ceil(64) * 64
+}
+
+/// K and V storage of one KV head.
+struct HeadKv {
+    k: Arena,
+    v: Arena,
+}
+
+/// One layer of a session.
+pub(super) struct LayerKv {
+    /// Per KV head; empty until the first append allocates.
+    heads: Vec<HeadKv>,
+    /// Tokens stored.
+    pub(super) len: usize,
+    /// Tokens the arenas can hold.
+    pub(super) cap: usize,
+    /// Per query head: the index searches go through. Flat (exact) today; the attention-aware
+    /// graph of the index crate replaces an entry once built, over the same KV-head storage.
+    pub(super) indices: Vec<Box<dyn MipsIndexMut>>,
+}
+
+impl LayerKv {
+    /// An empty layer whose query heads search through `indices`.
+    pub(super) fn new(indices: Vec<Box<dyn MipsIndexMut>>) -> Self {
+        Self {
+            heads: Vec::new(),
+            len: 0,
+            cap: 0,
+            indices,
+        }
+    }
+
+    /// Bytes held by this layer's arenas (what the budget is charged).
+    pub(super) fn held_bytes(&self, kv_heads: usize, row_bytes: usize) -> usize {
+        if self.cap == 0 {
+            0
+        } else {
+            2 * kv_heads * arena_bytes(self.cap, row_bytes)
+        }
+    }
+
+    /// Moves the rows into arenas of `new_cap` tokens. Every new arena is allocated before any
+    /// old one is released, so a failed allocation leaves the layer as it was.
+    pub(super) fn grow(
+        &mut self,
+        link: &dyn DeviceLink,
+        kv_heads: usize,
+        row_bytes: usize,
+        new_cap: usize,
+    ) -> Result<()> {
+        let bytes = arena_bytes(new_cap, row_bytes);
+        let mut fresh = Vec::with_capacity(kv_heads);
+        for _ in 0..kv_heads {
+            fresh.push(HeadKv {
+                k: link.alloc_arena(bytes)?,
+                v: link.alloc_arena(bytes)?,
+            });
+        }
+        let used = self.len * row_bytes;
+        for (new, old) in fresh.iter_mut().zip(&self.heads) {
+            for (dst, src) in [(&new.k, &old.k), (&new.v, &old.v)] {
+                // SAFETY: both arenas hold at least `used` bytes (old: len <= cap rows; new:
+                // new_cap >= len rows); they are distinct allocations; `&mut self` means no reader
+                // holds the layer while it is copied.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), used) };
+            }
+        }
+        self.heads = fresh;
+        self.cap = new_cap;
+        Ok(())
+    }
+
+    /// Writes `tokens` rows per KV head after the current ones and publishes them.
+    /// `k`, `v` are `[kv_heads][tokens][row_bytes]`; the caller checked their lengths and that
+    /// `len + tokens <= cap`.
+    pub(super) fn write_rows(&mut self, tokens: usize, row_bytes: usize, k: &[u8], v: &[u8]) {
+        let per_head = tokens * row_bytes;
+        let offset = self.len * row_bytes;
+        debug_assert!(self.len + tokens <= self.cap);
+        for (h, head) in self.heads.iter().enumerate() {
+            let src = h * per_head..(h + 1) * per_head;
+            for (dst, src) in [(&head.k, &k[src.clone()]), (&head.v, &v[src])] {
+                assert!(
+                    offset + per_head <= dst.len(),
+                    "append past the arena's capacity"
+                );
+                // SAFETY: offset + per_head <= arena length (asserted above); `&mut self` gives
+                // exclusive access to the layer's arenas; src is a distinct caller buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.as_ptr(),
+                        dst.as_mut_ptr().add(offset),
+                        per_head,
+                    )
+                };
+            }
+        }
+        self.len += tokens;
+    }
+
+    /// The stored K bytes of `kv_head` (`len * row_bytes`).
+    pub(super) fn k_bytes(&self, kv_head: usize, row_bytes: usize) -> &[u8] {
+        stored(self.heads.get(kv_head).map(|h| &h.k), self.len * row_bytes)
+    }
+
+    /// The stored V bytes of `kv_head` (`len * row_bytes`).
+    pub(super) fn v_bytes(&self, kv_head: usize, row_bytes: usize) -> &[u8] {
+        stored(self.heads.get(kv_head).map(|h| &h.v), self.len * row_bytes)
+    }
+
+    /// K rows of `kv_head` as a key store for the indices.
+    pub(super) fn keys(
+        &self,
+        kv_head: usize,
+        dtype: KeyDtype,
+        head_dim: usize,
+    ) -> Result<KeySlice<'_>> {
+        key_slice(&self.heads, self.len, kv_head, dtype, head_dim)
+    }
+
+    /// Brings every query head's index up to the stored rows (query head `qh` indexes KV head
+    /// `qh / group`).
+    pub(super) fn update_indices(
+        &mut self,
+        group: usize,
+        dtype: KeyDtype,
+        head_dim: usize,
+    ) -> Result<()> {
+        for (qh, index) in self.indices.iter_mut().enumerate() {
+            let keys = key_slice(&self.heads, self.len, qh / group, dtype, head_dim)?;
+            index.insert(&keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// The first `n` bytes of `arena` (none when the layer has not allocated yet).
+fn stored(arena: Option<&Arena>, n: usize) -> &[u8] {
+    let Some(arena) = arena else { return &[] };
+    assert!(n <= arena.len(), "stored rows exceed the arena");
+    // SAFETY: the arena holds at least n initialised bytes (zeroed at allocation, then
+    // written); writes happen only through `&mut LayerKv`, so none overlaps this shared borrow,
+    // which cannot outlive the arena it borrows.
+    unsafe { std::slice::from_raw_parts(arena.as_ptr(), n) }
+}
+
+fn key_slice(
+    heads: &[HeadKv],
+    len: usize,
+    kv_head: usize,
+    dtype: KeyDtype,
+    head_dim: usize,
+) -> Result<KeySlice<'_>> {
+    let b = stored(
+        heads.get(kv_head).map(|h| &h.k),
+        len * head_dim * dtype.size(),
+    );
+    // The arena is 64-byte aligned and rows are whole elements, so the casts cannot fail.
+    let rows = match dtype {
+        KeyDtype::F16 => KeyRows::F16(bytemuck::cast_slice(b)),
+        KeyDtype::Bf16 => KeyRows::Bf16(bytemuck::cast_slice(b)),
+        KeyDtype::F32 => KeyRows::F32(bytemuck::cast_slice(b)),
+    };
+    Ok(KeySlice::new(rows, head_dim)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvdex_transfer::host::HostLink;
+
+    #[test]
+    fn grow_keeps_rows_and_alignment_and_frees_old_arenas() {
+        let link = HostLink::new();
+        let mut l = LayerKv::new(Vec::new());
+        l.grow(&link, 2, 8, 2).unwrap();
+        let k: Vec<u8> = (0..32).collect();
+        let v: Vec<u8> = (100..132).collect();
+        l.write_rows(2, 8, &k, &v);
+        assert_eq!(link.stats().arenas, 4);
+        l.grow(&link, 2, 8, 5).unwrap();
+        assert_eq!(
+            link.stats().arenas,
+            4,
+            "old arenas are freed after the copy"
+        );
+        assert_eq!(link.stats().bytes, 4 * 64);
+        assert_eq!(l.k_bytes(0, 8), &k[..16]);
+        assert_eq!(l.k_bytes(1, 8), &k[16..]);
+        assert_eq!(l.v_bytes(1, 8), &v[16..]);
+        assert_eq!(l.k_bytes(1, 8).as_ptr() as usize % 64, 0);
+        assert_eq!(l.held_bytes(2, 8), 4 * 64);
+        drop(l);
+        assert_eq!(link.stats().bytes, 0);
+    }
+}
