@@ -18,6 +18,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod attend;
 pub mod builder;
 pub mod error;
 pub mod flat;
