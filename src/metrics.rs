@@ -201,4 +201,53 @@ mod tests {
         );
         assert!(text.contains("kvdex_requests_total{op=\"gather\",status=\"ok\"} 1"));
     }
+
+    /// Every `kvdex_*` series a dashboard query names, without histogram series suffixes.
+    pub(crate) fn dashboard_metric_names(dashboard: &str) -> Vec<String> {
+        let json: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        let mut names = Vec::new();
+        for panel in json["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                let mut rest = expr;
+                while let Some(at) = rest.find("kvdex_") {
+                    let tail = &rest[at..];
+                    let end = tail
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(tail.len());
+                    let name = &tail[..end];
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|sfx| name.strip_suffix(sfx))
+                        .unwrap_or(name);
+                    names.push(base.to_string());
+                    rest = &tail[end..];
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn every_dashboard_metric_is_exported() {
+        let m = Metrics::new().unwrap();
+        // Label vectors export a family only once a child exists: touch each.
+        m.record_request("ping", true, 1.0, 0, 0);
+        m.sessions_ended.with_label_values(&["deleted"]).inc();
+        m.http_requests
+            .with_label_values(&["/healthz", "200"])
+            .inc();
+        let exported = m.family_names();
+        let queried =
+            dashboard_metric_names(include_str!("../config/grafana/kvdex-dashboard.json"));
+        assert!(queried.len() >= 8, "the dashboard queries {queried:?}");
+        for name in &queried {
+            assert!(
+                exported.contains(name),
+                "dashboard queries {name}, which the daemon does not export ({exported:?})"
+            );
+        }
+    }
 }

@@ -1,2 +1,115 @@
 //! The blocking Rust client: connect, create and drop sessions, append, search, gather.
+//!
+//! ```no_run
+//! # fn main() -> kvdex::error::Result<()> {
+//! use kvdex::client::{Client, SessionOptions};
+//! use kvdex::store::Shape;
+//! let client = Client::connect("http://127.0.0.1:7070")?;
+//! let shape = Shape { layers: 2, q_heads: 4, kv_heads: 2, head_dim: 8, dtype: kvdex_index::KeyDtype::F32 };
+//! let mut session = client.create_session(shape, SessionOptions::default())?;
+//! let echo = session.ping(b"hello")?;
+//! assert_eq!(echo, b"hello");
+//! session.drop_session()?;
+//! # Ok(()) }
+//! ```
+//!
+//! The HTTP control plane is used only to create and drop a session; every request after that
+//! goes over the session's shared-memory region, one outstanding request at a time, writing
+//! the request into the region's arena and reading results from it, so a request allocates
+//! nothing.
 
+pub mod http;
+pub mod merge;
+pub mod session;
+
+use std::time::Duration;
+
+pub use http::{format_token, parse_token};
+pub use session::{GatheredRows, SessionHandle};
+
+use crate::error::Result;
+use crate::shm::wait::WaitPolicy;
+use crate::store::Shape;
+
+/// Options of [`Client::create_session`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionOptions {
+    /// Payload arena size; the daemon's configured default when `None`.
+    pub payload_bytes: Option<u64>,
+    /// How the client waits for completions (spin, then park).
+    pub wait: WaitPolicy,
+}
+
+/// A connection to a daemon's control plane.
+#[derive(Clone, Debug)]
+pub struct Client {
+    agent: ureq::Agent,
+    base_url: String,
+}
+
+impl Client {
+    /// Connects to the daemon at `base_url` (e.g. `http://127.0.0.1:7070`) and checks
+    /// `/healthz`.
+    pub fn connect(base_url: &str) -> Result<Client> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(30))
+            .build();
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        agent
+            .get(&format!("{base_url}/healthz"))
+            .call()
+            .map_err(|e| http::http_error("GET /healthz", e))?;
+        Ok(Client { agent, base_url })
+    }
+
+    /// Creates a session of `shape` over HTTP, then maps and attaches its region.
+    pub fn create_session(&self, shape: Shape, opts: SessionOptions) -> Result<SessionHandle> {
+        let created = http::create(&self.agent, &self.base_url, &shape, opts.payload_bytes)?;
+        let token = parse_token(&created.token)?;
+        let http = http::HttpSession {
+            agent: self.agent.clone(),
+            base_url: self.base_url.clone(),
+            id: created.id,
+            token: created.token,
+        };
+        let mut handle =
+            match SessionHandle::attach(std::path::Path::new(&created.shm_path), &token, opts.wait)
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = http.delete();
+                    return Err(e);
+                }
+            };
+        handle.http = Some(http);
+        Ok(handle)
+    }
+
+    /// Attaches to a region directly, bypassing HTTP (tests, embedded daemons).
+    pub fn attach(
+        shm_path: impl AsRef<std::path::Path>,
+        token: &[u8; 16],
+    ) -> Result<SessionHandle> {
+        SessionHandle::attach(shm_path.as_ref(), token, WaitPolicy::default())
+    }
+
+    /// [`Client::attach`] with an explicit wait policy.
+    pub fn attach_with(
+        shm_path: impl AsRef<std::path::Path>,
+        token: &[u8; 16],
+        wait: WaitPolicy,
+    ) -> Result<SessionHandle> {
+        SessionHandle::attach(shm_path.as_ref(), token, wait)
+    }
+}
+
+impl SessionHandle {
+    /// Drops the session on the daemon (`DELETE /v1/sessions/{id}`) and detaches. For a
+    /// handle made with [`Client::attach`] it only detaches.
+    pub fn drop_session(mut self) -> Result<()> {
+        match self.http.take() {
+            Some(h) => h.delete(),
+            None => Ok(()),
+        }
+    }
+}

@@ -93,8 +93,6 @@ impl Dispatcher {
     /// Validates `d` against the arena and this connection's state, executes it, and returns
     /// the bytes of response written at `d.out_offset`. `d` must already be a private copy.
     pub fn serve(&mut self, d: &Descriptor, arena: &mut [u8]) -> Result<u64> {
-        let op = Opcode::from_code(d.code)
-            .ok_or_else(|| KvdexError::BadRequest(format!("unknown opcode {}", d.code)))?;
         if let Some(last) = self.last_request_id {
             if d.request_id <= last {
                 return Err(KvdexError::BadRequest(format!(
@@ -104,6 +102,8 @@ impl Dispatcher {
             }
         }
         self.last_request_id = Some(d.request_id);
+        let op = Opcode::from_code(d.code)
+            .ok_or_else(|| KvdexError::BadRequest(format!("unknown opcode {}", d.code)))?;
         let input = check_range("in", d.in_offset, d.in_len, arena.len())?;
         let output = check_range("out", d.out_offset, d.out_len, arena.len())?;
         let (body, out) = split(arena, input, output)?;

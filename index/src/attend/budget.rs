@@ -41,7 +41,7 @@ pub struct BudgetParams {
 impl BudgetParams {
     /// Validates `0 < coverage <= 1` and `1 <= min_k <= max_k`.
     pub fn new(coverage: f32, min_k: usize, max_k: usize) -> Result<Self, IndexError> {
-        if !(coverage > 0.0 && coverage <= 1.0) {
+        if coverage <= 0.0 || !(0.0..=1.0).contains(&coverage) {
             return Err(IndexError::InvalidArgument(format!(
                 "coverage {coverage} is not in (0, 1]"
             )));

@@ -138,7 +138,7 @@ pub fn reconstruct_values(
     }
     scratch.inv_freq.clear();
     if let Some(r) = rope {
-        if r.rope_dim % 2 != 0 || r.rope_dim > hd || !(r.theta > 0.0) {
+        if r.rope_dim % 2 != 0 || r.rope_dim > hd || r.theta.is_nan() || r.theta <= 0.0 {
             return Err(IndexError::InvalidArgument(format!(
                 "RoPE rope_dim {} (must be even and <= {hd}) / theta {}",
                 r.rope_dim, r.theta

@@ -1,0 +1,124 @@
+//! The client's side of the HTTP control plane (the contract in SEAMS.md), with ureq.
+
+use crate::error::{KvdexError, Result};
+use crate::store::Shape;
+
+/// What `POST /v1/sessions` answers.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CreatedSession {
+    /// Session id (hex).
+    pub id: String,
+    /// 32 hex characters: the token for the region and for `/v1/sessions/{id}`.
+    pub token: String,
+    /// Path of the region to attach.
+    pub shm_path: String,
+    /// Bytes of the region's payload arena.
+    pub payload_bytes: u64,
+}
+
+/// The HTTP identity of a session, kept by its handle for `drop_session`.
+#[derive(Debug, Clone)]
+pub struct HttpSession {
+    pub(super) agent: ureq::Agent,
+    pub(super) base_url: String,
+    pub(super) id: String,
+    pub(super) token: String,
+}
+
+/// Turns a ureq failure into an error that names the route and the daemon's message.
+pub(super) fn http_error(route: &str, e: ureq::Error) -> KvdexError {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body = resp.into_string().unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
+                .unwrap_or(body);
+            let msg = format!("{route}: HTTP {code}: {msg}");
+            match code {
+                401 | 403 => KvdexError::Unauthorized(msg),
+                404 => KvdexError::NotFound(msg),
+                400..=499 => KvdexError::BadRequest(msg),
+                _ => KvdexError::Disconnected(msg),
+            }
+        }
+        ureq::Error::Transport(t) => KvdexError::Disconnected(format!("{route}: {t}")),
+    }
+}
+
+/// `POST /v1/sessions`.
+pub(super) fn create(
+    agent: &ureq::Agent,
+    base_url: &str,
+    shape: &Shape,
+    payload_bytes: Option<u64>,
+) -> Result<CreatedSession> {
+    let route = format!("{base_url}/v1/sessions");
+    let mut body = serde_json::json!({
+        "layers": shape.layers,
+        "q_heads": shape.q_heads,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "dtype": crate::store::dtype_serde::name(shape.dtype),
+    });
+    if let Some(p) = payload_bytes {
+        body["payload_bytes"] = p.into();
+    }
+    let resp = agent
+        .post(&route)
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .map_err(|e| http_error("POST /v1/sessions", e))?;
+    let text = resp.into_string()?;
+    serde_json::from_str(&text)
+        .map_err(|e| KvdexError::Protocol(format!("POST /v1/sessions answered {text:?}: {e}")))
+}
+
+impl HttpSession {
+    /// `DELETE /v1/sessions/{id}`.
+    pub(super) fn delete(&self) -> Result<()> {
+        self.agent
+            .delete(&format!("{}/v1/sessions/{}", self.base_url, self.id))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| http_error("DELETE /v1/sessions/{id}", e))?;
+        Ok(())
+    }
+}
+
+/// Parses a 32-hex-character token.
+pub fn parse_token(hex: &str) -> Result<[u8; 16]> {
+    let bad = || {
+        KvdexError::BadRequest(format!(
+            "token must be 32 hex characters, got {} characters",
+            hex.len()
+        ))
+    };
+    if hex.len() != 32 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Formats a token as 32 lowercase hex characters.
+pub fn format_token(token: &[u8; 16]) -> String {
+    token.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_hex_round_trip_and_errors() {
+        let t: [u8; 16] = std::array::from_fn(|i| (i * 17) as u8);
+        assert_eq!(parse_token(&format_token(&t)).unwrap(), t);
+        assert!(parse_token("abc").is_err());
+        assert!(parse_token(&"zz".repeat(16)).is_err());
+        assert!(parse_token(&"é".repeat(16)).is_err());
+    }
+}
