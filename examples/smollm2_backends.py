@@ -1,0 +1,149 @@
+"""Retrieval backends for the decode path of examples/smollm2_decode.py.
+
+At position ``t`` of layer ``l`` the engine attends itself over the static tokens: the sinks
+``[0, S)`` and the recent window ``(t - W, t]``. The rest, ``[S, t - W + 1)``, is the retrieval
+region. A backend returns the partial attention over the tokens it selects from that region,
+``(out [H, hd], lse [H], attended [H])``, and the caller merges it exactly (LSE) with the
+engine's part.
+
+Budgets: ``Budget(k=…)`` selects a fixed ``k`` tokens per query head; ``Budget(p=…)`` is
+adaptive: the fewest tokens such that the omitted attention mass is at most ``1 - p`` of the
+head's total (static part included), capped at ``k_max``.
+
+Backends:
+- ``exact-topk``: the numpy oracle, exact scores over the whole region (the ceiling an index
+  can reach at a given budget).
+- ``recency``: no retrieval; the ``k`` tokens just before the window (a larger window of the
+  same size).
+- ``kvdex``: through the daemon (wired when the client's search/attend exist; see notes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+Partial = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A fixed top-``k`` (``p`` is None) or an adaptive mass target ``p`` capped at ``k``."""
+
+    k: int
+    p: Optional[float] = None
+
+    @staticmethod
+    def parse(text: str) -> "Budget":
+        """``"100"`` or ``"k100"`` -> fixed 100; ``"p0.9"`` or ``"p0.9:k400"`` -> adaptive."""
+        t = text.strip()
+        if t.startswith("p"):
+            p_part, _, k_part = t[1:].partition(":")
+            p = float(p_part)
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"budget {text!r}: p must be in (0, 1]")
+            return Budget(k=int(k_part.lstrip("k")) if k_part else 1 << 30, p=p)
+        k = int(t.lstrip("k"))
+        if k < 0:
+            raise ValueError(f"budget {text!r}: k must be >= 0")
+        return Budget(k=k)
+
+    def __str__(self) -> str:
+        if self.p is None:
+            return f"k{self.k}"
+        return f"p{self.p}" + (f":k{self.k}" if self.k < (1 << 30) else "")
+
+
+def empty_partial(h: int, d: int) -> Partial:
+    """The partial of an empty token set."""
+    return np.zeros((h, d), np.float32), np.full(h, -np.inf, np.float32), np.zeros(h, np.int64)
+
+
+def attend_masked(scores: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """Softmax-attend scaled ``scores [H, n]`` over ``v [H, n, hd]`` where ``mask`` (all if None)."""
+    s = scores if mask is None else np.where(mask, scores, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    z = p.sum(-1)
+    out = np.einsum("hn,hnd->hd", p, v) / np.maximum(z, 1e-30)[:, None]
+    with np.errstate(divide="ignore"):
+        lse = np.where(z > 0, m[:, 0] + np.log(z), -np.inf)
+    return out.astype(np.float32), lse.astype(np.float32)
+
+
+class ExactTopK:
+    """The numpy oracle: exact top-k (or adaptive top-p) over the retrieval region."""
+
+    name = "exact-topk"
+
+    def __init__(self, group: int, scale: float) -> None:
+        self.group, self.scale = group, np.float32(scale)
+
+    def retrieve(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
+                 budget: Budget, static_lse: np.ndarray) -> Partial:
+        """Partial attention over the selected tokens of ``k[:, lo:hi]`` (``[KV, n, hd]`` caches)."""
+        H, d = q.shape
+        n = hi - lo
+        if n <= 0 or budget.k == 0:
+            return empty_partial(H, d)
+        kr = np.repeat(k[:, lo:hi], self.group, axis=0)  # [H, n, hd], query head h -> KV h/g
+        vr = np.repeat(v[:, lo:hi], self.group, axis=0)
+        s = np.einsum("hd,hnd->hn", q, kr) * self.scale
+        if budget.p is None and budget.k >= n:
+            out, lse = attend_masked(s, vr, None)
+            return out, lse, np.full(H, n, np.int64)
+        if budget.p is None:
+            kk = budget.k
+            top = np.argpartition(-s, kk - 1, axis=-1)[:, :kk]
+            mask = np.zeros_like(s, dtype=bool)
+            np.put_along_axis(mask, top, True, axis=-1)
+            out, lse = attend_masked(s, vr, mask)
+            return out, lse, np.full(H, kk, np.int64)
+        # Adaptive: the fewest tokens whose omission leaves <= (1-p) of the total mass out.
+        order = np.argsort(-s, axis=-1)
+        ss = np.take_along_axis(s, order, -1)
+        m = np.maximum(ss[:, :1], static_lse[:, None])
+        w = np.exp(ss - m)
+        total = np.exp(static_lse - m[:, 0]) + w.sum(-1)
+        omitted = total[:, None] - np.exp(static_lse - m[:, 0])[:, None] - np.cumsum(w, -1)
+        # count = 1 + first index where omitted mass after taking it is small enough.
+        ok = omitted <= (1.0 - budget.p) * total[:, None]
+        count = np.where(ok.any(-1), ok.argmax(-1) + 1, n)
+        rest = total - np.exp(static_lse - m[:, 0])
+        count = np.where(rest <= (1.0 - budget.p) * total, 0, count)  # static part suffices
+        count = np.minimum(count, min(budget.k, n))
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(n)[None].repeat(H, 0), axis=-1)
+        mask = ranks < count[:, None]
+        out, lse = attend_masked(s, vr, mask)
+        return out, lse, count.astype(np.int64)
+
+
+class Recency:
+    """No retrieval: the ``k`` tokens right before the window (a larger window, same size)."""
+
+    name = "recency"
+
+    def __init__(self, group: int, scale: float) -> None:
+        self.group, self.scale = group, np.float32(scale)
+
+    def retrieve(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
+                 budget: Budget, static_lse: np.ndarray) -> Partial:
+        """Partial attention over ``[max(lo, hi - k), hi)``."""
+        if budget.p is not None:
+            raise ValueError("recency takes a fixed budget (k), not an adaptive one (p)")
+        H, d = q.shape
+        a = max(lo, hi - budget.k)
+        if hi - a <= 0:
+            return empty_partial(H, d)
+        kr = np.repeat(k[:, a:hi], self.group, axis=0)
+        vr = np.repeat(v[:, a:hi], self.group, axis=0)
+        s = np.einsum("hd,hnd->hn", q, kr) * self.scale
+        out, lse = attend_masked(s, vr, None)
+        return out, lse, np.full(H, hi - a, np.int64)
+
+
+BACKENDS = {"exact-topk": ExactTopK, "recency": Recency}

@@ -1,0 +1,44 @@
+//! Rust errors -> the typed exceptions defined in `kvdex/errors.py`.
+//!
+//! The classes live in Python so that they can inherit from both `kvdex.KvdexError` and the
+//! matching builtin (`ValueError`, `KeyError`, `PermissionError`, `ConnectionError`), which a
+//! PyO3 `create_exception!` cannot express.
+
+use kvdex::KvdexError;
+use pyo3::prelude::*;
+
+/// Builds the `kvdex.errors.<class_name>` exception carrying `msg`.
+pub fn py_error(py: Python<'_>, class_name: &str, msg: String) -> PyErr {
+    let built = py
+        .import("kvdex.errors")
+        .and_then(|m| m.getattr(class_name))
+        .and_then(|cls| cls.call1((msg.clone(),)));
+    match built {
+        Ok(exc) => PyErr::from_value(exc),
+        // The Python half is missing (the extension imported on its own): still say what failed.
+        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(msg),
+    }
+}
+
+/// The exception class for each [`KvdexError`] variant.
+fn class_of(e: &KvdexError) -> &'static str {
+    match e {
+        KvdexError::BadRequest(_) | KvdexError::Index(_) => "BadRequestError",
+        KvdexError::NotFound(_) => "NotFoundError",
+        KvdexError::Unauthorized(_) => "UnauthorizedError",
+        KvdexError::Budget { .. } => "BudgetError",
+        KvdexError::Disconnected(_) | KvdexError::Io(_) => "DisconnectedError",
+        KvdexError::Protocol(_) => "ProtocolError",
+        KvdexError::Config(_) | KvdexError::Data(_) | KvdexError::Transfer(_) => "KvdexError",
+    }
+}
+
+/// Converts a crate error into the matching Python exception, keeping its message.
+pub fn to_py(py: Python<'_>, e: KvdexError) -> PyErr {
+    py_error(py, class_of(&e), e.to_string())
+}
+
+/// Shorthand for a `BadRequestError` raised by the binding's own argument checks.
+pub fn bad_request(py: Python<'_>, msg: impl Into<String>) -> PyErr {
+    py_error(py, "BadRequestError", msg.into())
+}

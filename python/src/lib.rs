@@ -1,0 +1,28 @@
+//! kvdex-py: the native half of the `kvdex` Python package (imported as `kvdex._native`).
+//!
+//! # Layout
+//! - [`errors`]: maps [`kvdex::KvdexError`] onto the exception classes of `kvdex.errors`, so a
+//!   Python caller sees the daemon's message in a typed exception.
+//! - [`arrays`]: numpy <-> byte conversions for K/V rows in the session dtype.
+//! - [`local`]: `LocalSession`, an in-process [`kvdex::store::Session`] (the daemon's storage
+//!   seam) for tests and for measuring the binding's own overhead without a daemon.
+//! - [`merge`]: the exact log-sum-exp merge of two partial attentions.
+//!
+//! The Python-facing API (type hints, docstrings, the guide) lives in `kvdex/*.py`; this crate
+//! stays thin so that the shared-memory protocol has one implementation, the Rust client's.
+
+use pyo3::prelude::*;
+
+mod arrays;
+mod errors;
+mod local;
+mod merge;
+
+/// The `kvdex._native` module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<local::LocalSession>()?;
+    m.add_function(wrap_pyfunction!(merge::merge_partials, m)?)?;
+    Ok(())
+}
