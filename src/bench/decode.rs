@@ -10,5 +10,7 @@ pub struct DecodeArgs {
 
 /// Runs the benchmark.
 pub fn run(_args: DecodeArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("bench decode is not built yet".into()))
+    Err(crate::KvdexError::Config(
+        "bench decode is not built yet".into(),
+    ))
 }

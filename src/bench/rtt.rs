@@ -10,5 +10,7 @@ pub struct RttArgs {
 
 /// Runs the benchmark.
 pub fn run(_args: RttArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("bench rtt is not built yet".into()))
+    Err(crate::KvdexError::Config(
+        "bench rtt is not built yet".into(),
+    ))
 }
