@@ -199,6 +199,16 @@ impl Session {
                 "layer {layer} changed length during a retrieve"
             )));
         }
+        if end <= start {
+            // Only static tokens: an empty part (weight exp(-inf) = 0 in the merge).
+            out.k[..hq].fill(0);
+            out.coverage[..hq].fill(1.0);
+            if params.attend {
+                out.out[..hq * d].fill(0.0);
+                out.lse[..hq].fill(f32::NEG_INFINITY);
+            }
+            return Ok(RetrieveStats::default());
+        }
         if scratch.heads.len() < hq {
             scratch.heads.resize_with(hq, HeadScratch::default);
         }
