@@ -180,8 +180,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr)) -> List[Dict[str, object]]:
-    """Everything but the printing; returns one result per (backend, budget)."""
+def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=None) -> List[Dict[str, object]]:
+    """Everything but the table; returns one result per (backend, budget), each also passed to
+    ``emit`` as soon as it is measured (long sweeps print as they go)."""
     names = [b.strip() for b in a.backend.split(",") if b.strip()]
     for b in names:
         if b == "kvdex":
@@ -208,23 +209,22 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr)) -> List[
             specs = a.sweep.split(",")
         for spec in specs:
             budget = Budget.parse(spec)
-            if name == "recency" and budget.p is not None:
-                continue
+            if name == "recency" and (budget.p is not None or (budget.k == 0 and "exact-topk" in names)):
+                continue  # recency takes fixed sizes; k0 (static tokens only) is the same for every backend
             r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
             r["text"] = os.path.basename(a.text)
             log(f"{name:10s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
                 f"top1 {r['top1_agreement']:.3f}  ppl {r['ppl_kvdex']:.3f} (full {r['ppl_full']:.3f})")
             results.append(r)
+            if emit is not None:
+                emit(r)
     return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     a = parse_args(argv)
-    results = run(a)
-    if a.json:
-        for r in results:
-            print(json.dumps(r))
-    else:
+    results = run(a, emit=(lambda r: print(json.dumps(r), flush=True)) if a.json else None)
+    if not a.json:
         cols = ["backend", "budget", "attended_fraction", "kl_vs_full", "top1_agreement", "ppl_rel_increase",
                 "kvdex_ms_per_layer_p50", "model_ms_per_token"]
         print("  ".join(f"{c:>14s}" for c in cols))

@@ -172,6 +172,12 @@ impl Metrics {
     }
 }
 
+impl crate::worker::Observer for Metrics {
+    fn on_request(&self, op: &'static str, ok: bool, micros: f64, bytes_in: u64, bytes_out: u64) {
+        self.record_request(op, ok, micros, bytes_in, bytes_out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 The shared-memory protocol is implemented once, in the Rust client; this package is a thin
 PyO3 binding of it (``kvdex._native``) plus pure-Python helpers:
 
+- :func:`connect` -> :class:`Client` -> :class:`Session` (append, search, gather); see
+  :mod:`kvdex.client` for which results are copies and which calls allocate nothing.
 - :class:`Daemon` starts and stops a local ``kvdex serve`` (a context manager).
 - :func:`merge` is the exact log-sum-exp merge of two partial attentions;
   :func:`partial_attention` is its numpy reference counterpart.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import LocalSession
+from .client import Client, Session, attach, connect
 from .daemon import Daemon, find_binary
 from .errors import (
     BadRequestError,
@@ -31,6 +34,10 @@ from .merge import merge, partial_attention
 __version__: str = _native.__version__
 
 __all__ = [
+    "connect",
+    "attach",
+    "Client",
+    "Session",
     "Daemon",
     "find_binary",
     "LocalSession",

@@ -28,7 +28,7 @@ class UnauthorizedError(KvdexError, PermissionError):
 
 
 class BudgetError(KvdexError, MemoryError):
-    """The daemon's memory budget would be exceeded."""
+    """The daemon's memory budget, or another limit (e.g. session count), would be exceeded."""
 
 
 class ProtocolError(KvdexError):

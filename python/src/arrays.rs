@@ -13,6 +13,12 @@ use pyo3::prelude::*;
 
 use crate::errors::bad_request;
 
+/// `(ids uint32 [q_heads, k], scores float32 [q_heads, k])`, new arrays.
+pub type SearchResult<'py> = (
+    Bound<'py, numpy::PyArray2<u32>>,
+    Bound<'py, numpy::PyArray2<f32>>,
+);
+
 /// A borrowed float16/float32 numpy array of any rank, as its raw elements.
 pub enum FloatArray<'py> {
     /// float16 elements.

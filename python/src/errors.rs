@@ -26,7 +26,7 @@ fn class_of(e: &KvdexError) -> &'static str {
         KvdexError::BadRequest(_) | KvdexError::Index(_) => "BadRequestError",
         KvdexError::NotFound(_) => "NotFoundError",
         KvdexError::Unauthorized(_) => "UnauthorizedError",
-        KvdexError::Budget { .. } => "BudgetError",
+        KvdexError::Budget { .. } | KvdexError::Exhausted(_) => "BudgetError",
         KvdexError::Disconnected(_) | KvdexError::Io(_) => "DisconnectedError",
         KvdexError::Protocol(_) => "ProtocolError",
         KvdexError::Config(_) | KvdexError::Data(_) | KvdexError::Transfer(_) => "KvdexError",

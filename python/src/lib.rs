@@ -4,6 +4,8 @@
 //! - [`errors`]: maps [`kvdex::KvdexError`] onto the exception classes of `kvdex.errors`, so a
 //!   Python caller sees the daemon's message in a typed exception.
 //! - [`arrays`]: numpy <-> byte conversions for K/V rows in the session dtype.
+//! - [`client`]: `Client`, `Session` and `attach`, over [`kvdex::client`].
+//! - [`inproc`]: `InProcessServer`, a real region + worker thread in-process (no daemon).
 //! - [`local`]: `LocalSession`, an in-process [`kvdex::store::Session`] (the daemon's storage
 //!   seam) for tests and for measuring the binding's own overhead without a daemon.
 //! - [`merge`]: the exact log-sum-exp merge of two partial attentions.
@@ -14,7 +16,9 @@
 use pyo3::prelude::*;
 
 mod arrays;
+mod client;
 mod errors;
+mod inproc;
 mod local;
 mod merge;
 
@@ -23,6 +27,10 @@ mod merge;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<local::LocalSession>()?;
+    m.add_class::<client::Client>()?;
+    m.add_class::<client::Session>()?;
+    m.add_class::<inproc::InProcessServer>()?;
+    m.add_function(wrap_pyfunction!(client::attach, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_partials, m)?)?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 use half::f16;
 use kvdex::store::{dtype_serde, Session, Shape};
 use kvdex_index::{Hits, KeyDtype, SearchScratch};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::arrays::{check_shape, to_f32, FloatArray};
@@ -123,7 +123,7 @@ impl LocalSession {
         layer: u32,
         q: PyReadonlyArray2<'py, f32>,
         k: usize,
-    ) -> PyResult<(Bound<'py, PyArray2<u32>>, Bound<'py, PyArray2<f32>>)> {
+    ) -> PyResult<crate::arrays::SearchResult<'py>> {
         let s = *self.shape();
         let (h, d) = (s.q_heads as usize, s.head_dim as usize);
         check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
@@ -206,12 +206,24 @@ impl LocalSession {
     /// The same search as [`LocalSession::search`] run `iters` times in a Rust loop (no Python
     /// in between); returns each call's wall time in microseconds. `kvdex.bench` puts these
     /// next to the Python-side timings of the same call to isolate the binding's overhead.
-    fn bench_search(&self, py: Python<'_>, layer: u32, q: PyReadonlyArray2<'_, f32>, k: usize, iters: usize) -> PyResult<Vec<f64>> {
+    fn bench_search(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        q: PyReadonlyArray2<'_, f32>,
+        k: usize,
+        iters: usize,
+    ) -> PyResult<Vec<f64>> {
         let s = *self.shape();
         let (h, d) = (s.q_heads as usize, s.head_dim as usize);
         check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
-        let qs = q.as_slice().map_err(|_| bad_request(py, "q must be C-contiguous"))?;
-        let mut guard = self.scratch.lock().map_err(|_| bad_request(py, "session scratch poisoned"))?;
+        let qs = q
+            .as_slice()
+            .map_err(|_| bad_request(py, "q must be C-contiguous"))?;
+        let mut guard = self
+            .scratch
+            .lock()
+            .map_err(|_| bad_request(py, "session scratch poisoned"))?;
         let sc = &mut *guard;
         sc.ids.resize(h * k, 0);
         sc.scores.resize(h * k, 0.0);
@@ -220,7 +232,15 @@ impl LocalSession {
             let mut times = Vec::with_capacity(iters);
             for _ in 0..iters {
                 let t0 = std::time::Instant::now();
-                session.search(layer, qs, k, &mut sc.search, &mut sc.hits, &mut sc.ids, &mut sc.scores)?;
+                session.search(
+                    layer,
+                    qs,
+                    k,
+                    &mut sc.search,
+                    &mut sc.hits,
+                    &mut sc.ids,
+                    &mut sc.scores,
+                )?;
                 times.push(t0.elapsed().as_secs_f64() * 1e6);
             }
             Ok(times)

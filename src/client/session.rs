@@ -216,7 +216,16 @@ impl SessionHandle {
             ));
         }
         let h = self.region.header();
-        wait::notify(&h.daemon_sleeping.0);
+        // If the worker was parked it needs a wake-up and a core: park at once instead of
+        // spinning on the core it could run on (the cold case).
+        let policy = if wait::notify(&h.daemon_sleeping.0) {
+            WaitPolicy {
+                spin: Duration::ZERO,
+                ..self.wait
+            }
+        } else {
+            self.wait
+        };
         let c = loop {
             match self
                 .cq
@@ -237,7 +246,7 @@ impl SessionHandle {
                         return Err(closed_error(r));
                     }
                     let tail = self.cq.tail();
-                    let ready = wait::wait_until(&h.client_sleeping.0, self.wait, || {
+                    let ready = wait::wait_until(&h.client_sleeping.0, policy, || {
                         cq.has_entries_after(tail) || h.attach.0.closed.load(Ordering::Relaxed) != 0
                     });
                     if !ready && self.daemon.as_ref().is_some_and(|w| w.exited()) {

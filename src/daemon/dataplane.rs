@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
+use crate::shm::Region;
 use crate::store::Session;
+use crate::worker::{ExitReason, Observer, Worker};
 
 /// What a data plane needs to serve one session.
 pub struct DataPlaneSpec {
@@ -55,14 +57,34 @@ pub fn shm() -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane)
 }
 
-/// Creates the region with `shm::Region::create` and serves it with `worker::Worker::spawn`.
+/// Creates the region with [`Region::create`] and serves it with [`Worker::spawn`]; the
+/// returned guard is the [`Worker`], whose drop stops the thread, and with it the region, whose
+/// drop removes the /dev/shm file.
 pub struct ShmDataPlane;
 
 impl DataPlane for ShmDataPlane {
-    fn start(&self, _spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
-        // Wired to shm::Region and worker::Worker once the data-plane branch is merged.
-        Err(crate::KvdexError::Disconnected(
-            "the shared-memory data plane is not built in this branch yet".into(),
-        ))
+    fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
+        let region = Region::create(&spec.shm_path, spec.payload_bytes)?;
+        let (id, exits) = (spec.id, spec.exits);
+        let on_exit = Box::new(move |reason: ExitReason| {
+            let label = match reason {
+                // Stopped by the registry itself (delete, shutdown): nothing to reap.
+                ExitReason::Stopped => return,
+                ExitReason::ClientGone => "client_gone",
+                ExitReason::Protocol(msg) => {
+                    tracing::warn!(%id, "client broke the protocol: {msg}");
+                    "protocol_error"
+                }
+                ExitReason::Internal(msg) => {
+                    tracing::error!(%id, "worker failed: {msg}");
+                    "worker_error"
+                }
+            };
+            // The receiver is gone only during shutdown, which ends every session anyway.
+            let _ = exits.send(ExitNotice { id, reason: label });
+        });
+        let observer: Arc<dyn Observer> = spec.metrics;
+        let worker = Worker::spawn(region, spec.session, spec.token, observer, on_exit)?;
+        Ok(Box::new(worker))
     }
 }

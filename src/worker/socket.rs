@@ -99,3 +99,65 @@ pub fn serve_connection(
         stream.write_all(&reply[..FRAME_HEADER + body.len()])?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Shape;
+
+    fn call(s: &mut UnixStream, d: Descriptor, body: &[u8]) -> (Descriptor, Vec<u8>) {
+        s.write_all(bytemuck::bytes_of(&d)).unwrap();
+        s.write_all(body).unwrap();
+        let mut h = [0u8; FRAME_HEADER];
+        s.read_exact(&mut h).unwrap();
+        let c: Descriptor = bytemuck::pod_read_unaligned(&h);
+        let n = if c.code == 0 { c.out_len } else { c.aux as u64 };
+        let mut out = vec![0u8; n as usize];
+        s.read_exact(&mut out).unwrap();
+        (c, out)
+    }
+
+    #[test]
+    fn socket_frames_use_the_same_request_path() {
+        let shape = Shape {
+            layers: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            dtype: kvdex_index::KeyDtype::F32,
+        };
+        let session = Arc::new(Session::new(shape).unwrap());
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve_connection(b, session, 4096));
+        let ping = Descriptor {
+            request_id: 1,
+            code: 1,
+            in_len: 5,
+            out_len: 100,
+            ..Default::default()
+        };
+        let (c, out) = call(&mut a, ping, b"hello");
+        assert_eq!((c.code, c.request_id, &out[..]), (0, 1, &b"hello"[..]));
+        let (c, out) = call(
+            &mut a,
+            Descriptor {
+                request_id: 2,
+                code: 42,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(c.code, Status::BadRequest as u32);
+        assert!(String::from_utf8_lossy(&out).contains("unknown opcode 42"));
+        // A frame claiming more body than the server's arena ends the connection with an error.
+        a.write_all(bytemuck::bytes_of(&Descriptor {
+            request_id: 3,
+            code: 1,
+            in_len: 1 << 40,
+            ..Default::default()
+        }))
+        .unwrap();
+        drop(a);
+        assert!(server.join().unwrap().is_err());
+    }
+}

@@ -1,10 +1,10 @@
 //! The plain-memory backend, and the CPU gather engine the CUDA backend also uses for host
 //! destinations.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::arena::AllocTracker;
-use crate::copy::{copy_runs_parallel, copy_runs_prefetch};
+use crate::copy::copy_runs_prefetch;
 use crate::dest::{DestStats, Registry};
 use crate::inflight::Use;
 use crate::tickets::Tickets;
@@ -12,6 +12,7 @@ use crate::{
     check_runs, AllocStats, Arena, DestId, DeviceLink, IpcEventHandle, IpcMemHandle, Run, Ticket,
     TransferError,
 };
+use job::Job;
 
 /// Batches under this many bytes are copied on the caller's thread before `gather` returns:
 /// handing them to a pool costs more than the copy.
@@ -34,7 +35,8 @@ unsafe impl Send for HostPtr {}
 // SAFETY: as above.
 unsafe impl Sync for HostPtr {}
 
-/// Runs gathers into host memory: inline for small batches, on a thread pool otherwise.
+/// Runs gathers into host memory: inline for small batches; larger ones are shared between
+/// the caller and the pool (see [`job`]), and complete when the last chunk is copied.
 pub(crate) struct HostEngine {
     pool: Option<Arc<rayon::ThreadPool>>,
     tickets: Arc<Tickets>,
@@ -85,46 +87,42 @@ impl HostEngine {
                 return self.tickets.submit(true);
             }
         };
-        let ticket = self.tickets.submit(false)?;
-        let mut owned = self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default();
-        owned.clear();
-        owned.extend_from_slice(runs);
-        let src_use = src.begin_use();
-        let src_ptr = HostPtr(src.as_mut_ptr());
-        let (tickets, spare, task_pool) = (self.tickets.clone(), self.spare.clone(), pool.clone());
-        pool.spawn(move || {
-            if summary.disjoint_ascending {
-                // SAFETY: as for the inline copy; destinations are disjoint (checked), so the
-                // pool's threads write different bytes; `src_use` keeps the arena alive.
-                unsafe {
-                    copy_runs_parallel(
-                        &task_pool,
-                        src_ptr.get(),
-                        dst.get(),
-                        &owned,
-                        summary.total_bytes,
-                    )
-                };
-            } else {
-                // SAFETY: as for the inline copy, on one thread: later runs overwrite earlier
-                // ones, as in submission order.
-                unsafe { copy_runs_prefetch(src_ptr.get(), dst.get(), &owned) };
-            }
-            drop(src_use);
+        if !summary.disjoint_ascending {
+            // Overlapping or out-of-order destinations: one thread, in order, so that later
+            // runs overwrite earlier ones as submitted.
+            // SAFETY: as for the inline copy above.
+            unsafe { copy_runs_prefetch(src.as_ptr(), dst.0, runs) };
             drop(dest_use);
-            tickets.complete(ticket);
-            spare
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(owned);
-        });
+            return self.tickets.submit(true);
+        }
+        let ticket = self.tickets.submit(false)?;
+        let job = Job::new(
+            runs,
+            summary.total_bytes,
+            HostPtr(src.as_mut_ptr()),
+            dst,
+            ticket,
+            self.tickets.clone(),
+            (src.begin_use(), dest_use),
+            self.spare.clone(),
+        );
+        // The caller is one worker; wake up to one pool thread per remaining core.
+        let helpers = (pool.current_num_threads().saturating_sub(1))
+            .min(job_chunks_hint(summary.total_bytes).saturating_sub(1));
+        for _ in 0..helpers {
+            let job = job.clone();
+            pool.spawn(move || {
+                job.work();
+            });
+        }
+        job.work();
         Ok(ticket)
     }
+}
+
+/// Pool threads worth waking for a batch of `bytes`: one per chunk at most.
+fn job_chunks_hint(bytes: u64) -> usize {
+    bytes.div_ceil(job::CHUNK_BYTES) as usize
 }
 
 /// Settings of a [`HostLink`].
@@ -263,5 +261,6 @@ impl Drop for HostLink {
     }
 }
 
+mod job;
 #[cfg(test)]
 mod tests;
