@@ -14,9 +14,17 @@ use crate::{
 };
 use job::Job;
 
-/// Batches under this many bytes are copied on the caller's thread before `gather` returns:
-/// handing them to a pool costs more than the copy.
+/// Batches under this many bytes are always copied on the caller's thread before `gather`
+/// returns: handing them to a pool costs more than the copy. (The floor of
+/// [`HostConfig::parallel_min_bytes`].)
 pub const INLINE_BYTES: u64 = 256 << 10;
+
+/// Machines with at most this many CPUs copy every batch on the caller alone by default.
+/// Measured on a 2-vCPU VM (notes/transfer.md): a second gather thread never beat one, at any
+/// batch from 256 KiB to 32 MiB, even in the least-disturbed samples (one core already reaches
+/// the memory bandwidth there), and when the box is loaded a helper preempted mid-chunk holds the
+/// whole batch back by a scheduler time slice.
+pub const CALLER_ONLY_MAX_CPUS: usize = 2;
 
 /// A host address that may cross threads; the registration contract makes writes through it
 /// sound (see [`DeviceLink::register_host`]).
@@ -39,6 +47,8 @@ unsafe impl Sync for HostPtr {}
 /// the caller and the pool (see [`job`]), and complete when the last chunk is copied.
 pub(crate) struct HostEngine {
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// Batches of at least this many bytes are shared with the pool.
+    parallel_min_bytes: u64,
     tickets: Arc<Tickets>,
     /// Run buffers of finished asynchronous gathers, reused so that steady-state submits do
     /// not allocate.
@@ -46,7 +56,7 @@ pub(crate) struct HostEngine {
 }
 
 impl HostEngine {
-    pub(crate) fn new(threads: usize, tickets: Arc<Tickets>) -> Self {
+    pub(crate) fn new(threads: usize, parallel_min_bytes: u64, tickets: Arc<Tickets>) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("kvdex-gather-{i}"))
@@ -60,6 +70,7 @@ impl HostEngine {
         };
         Self {
             pool,
+            parallel_min_bytes: parallel_min_bytes.max(INLINE_BYTES),
             tickets,
             spare: Default::default(),
         }
@@ -77,7 +88,7 @@ impl HostEngine {
     ) -> Result<Ticket, TransferError> {
         let summary = check_runs(runs, src.len() as u64, dst_len)?;
         let pool = match &self.pool {
-            Some(p) if summary.total_bytes >= INLINE_BYTES => p.clone(),
+            Some(p) if summary.total_bytes >= self.parallel_min_bytes => p.clone(),
             _ => {
                 // SAFETY: check_runs bounded every run by both buffers; an arena never aliases
                 // a registered destination (its memory is owned by the arena); the
@@ -134,14 +145,25 @@ pub struct HostConfig {
     pub capacity_bytes: u64,
     /// Back arenas of 2 MiB and more with hugepages when the kernel allows (default: true).
     pub hugepages: bool,
+    /// Batches of at least this many bytes are shared between the caller and the gather
+    /// threads; smaller ones the caller copies alone (never less than [`INLINE_BYTES`]).
+    /// Default: `u64::MAX` (caller alone) on machines with at most [`CALLER_ONLY_MAX_CPUS`]
+    /// CPUs, where extra threads were measured not to pay; [`INLINE_BYTES`] otherwise.
+    pub parallel_min_bytes: u64,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: cpus,
             capacity_bytes: u64::MAX,
             hugepages: true,
+            parallel_min_bytes: if cpus <= CALLER_ONLY_MAX_CPUS {
+                u64::MAX
+            } else {
+                INLINE_BYTES
+            },
         }
     }
 }
@@ -175,7 +197,7 @@ impl HostLink {
             tracker: Arc::new(AllocTracker::with_capacity(cfg.capacity_bytes)),
             hugepages: cfg.hugepages,
             dests: Registry::new(),
-            engine: HostEngine::new(cfg.threads, tickets.clone()),
+            engine: HostEngine::new(cfg.threads, cfg.parallel_min_bytes, tickets.clone()),
             tickets,
         }
     }
