@@ -118,6 +118,7 @@ fn wait_ready(session: &Session, layer: u32) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Retrieves every non-static token, merges kvdex's part with the engine's exact part over the
 /// static tokens, and compares with full attention over the context.
 fn check_merge_is_exact(
