@@ -33,6 +33,54 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Session limits and shared memory.
     pub sessions: SessionsConfig,
+    /// The decode path: static tokens, index builds, retrieval.
+    pub decode: DecodeSection,
+}
+
+/// `[decode]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSection {
+    /// S: first tokens of a layer kept by the engine, never retrieved.
+    pub sinks: u64,
+    /// W: most recent tokens kept by the engine, never retrieved.
+    pub window: u64,
+    /// Threads of the background index-build pool (0: one per core).
+    pub build_threads: u64,
+    /// Tokens inserted into an index per lock hold, and the backlog that triggers an insert.
+    pub insert_batch: u64,
+    /// Spread a layer's query heads over cores during a retrieve.
+    pub parallel_heads: bool,
+    /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
+    pub tail_sample: u64,
+    /// Graph: beam width L of a search (raised to the candidates asked for).
+    pub graph_search_list: u64,
+    /// Graph: out-degree cap M.
+    pub graph_degree: u64,
+    /// Graph: training queries used at most per KV head.
+    pub graph_max_train_queries: u64,
+}
+
+impl DecodeSection {
+    /// The store's decode settings.
+    pub fn to_decode_config(&self) -> crate::store::DecodeConfig {
+        let mut c = crate::store::DecodeConfig {
+            sinks: self.sinks as usize,
+            window: self.window as usize,
+            insert_batch: self.insert_batch.max(1) as usize,
+            parallel_heads: self.parallel_heads,
+            tail_sample: self.tail_sample as usize,
+            ..Default::default()
+        };
+        if self.build_threads > 0 {
+            c.build_threads = self.build_threads as usize;
+        }
+        let g = &mut c.params.graph;
+        g.search_list = self.graph_search_list.max(1) as usize;
+        g.degree = self.graph_degree.clamp(1, 255) as usize;
+        g.max_train_queries = self.graph_max_train_queries.max(1) as usize;
+        c
+    }
 }
 
 /// `[http]`.

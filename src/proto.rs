@@ -10,6 +10,7 @@
 //! | append | layer u32, tokens u32, k_len u64, K, V          | layer length after the append, u64         |
 //! | search | layer u32, k u32, query f32 `[q_heads][dim]`    | k u32, q_heads u32, ids u32 `[q_heads][k]`, scores f32 `[q_heads][k]` |
 //! | gather | layer u32, kv_head u32, ids u32 `[n]`           | rows u32, row_bytes u32, K rows, V rows    |
+//! | seal, retrieve | the decode path's own codec: [`crate::decode::wire`]      |                            |
 //!
 //! Decoding never trusts a length: every field is read from a bounds-checked slice, and a body
 //! that does not fit its op is an error naming what was wrong. Bodies borrow the buffer they
@@ -34,11 +35,24 @@ pub enum Opcode {
     Search = 3,
     /// K/V rows of given ids of one KV head, copied into the arena.
     Gather = 4,
+    /// Seal a layer's prefill and build its indices in the background
+    /// (body: [`crate::decode::wire`]).
+    Seal = 5,
+    /// The decode-step request: ids, scores, partial attention and gathered rows for every
+    /// query head of a layer (body: [`crate::decode::wire`]).
+    Retrieve = 6,
 }
 
 impl Opcode {
     /// Every opcode, for tests and metrics.
-    pub const ALL: [Opcode; 4] = [Opcode::Ping, Opcode::Append, Opcode::Search, Opcode::Gather];
+    pub const ALL: [Opcode; 6] = [
+        Opcode::Ping,
+        Opcode::Append,
+        Opcode::Search,
+        Opcode::Gather,
+        Opcode::Seal,
+        Opcode::Retrieve,
+    ];
 
     /// The opcode with wire value `code`, if any.
     pub fn from_code(code: u32) -> Option<Self> {
@@ -52,6 +66,8 @@ impl Opcode {
             Opcode::Append => "append",
             Opcode::Search => "search",
             Opcode::Gather => "gather",
+            Opcode::Seal => "seal",
+            Opcode::Retrieve => "retrieve",
         }
     }
 }
@@ -216,6 +232,14 @@ pub enum Response<'a> {
     },
 }
 
+/// The decode-path ops have their own codec ([`crate::decode::wire`]).
+fn decoded_elsewhere(op: Opcode) -> KvdexError {
+    KvdexError::BadRequest(format!(
+        "{} bodies are decoded by crate::decode::wire, not proto",
+        op.name()
+    ))
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
@@ -365,6 +389,7 @@ impl<'a> Request<'a> {
                     ids,
                 })
             }
+            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
         }
     }
 }
@@ -497,6 +522,7 @@ impl<'a> Response<'a> {
                     v: &body[8 + n..],
                 })
             }
+            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
         }
     }
 }
@@ -640,7 +666,7 @@ mod tests {
             .to_string();
         assert!(e.contains("not a multiple of 4"), "{e}");
         assert!(Response::decode(Opcode::Append, &[0; 9]).is_err());
-        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(5).is_none());
+        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(7).is_none());
         for op in Opcode::ALL {
             assert_eq!(Opcode::from_code(op as u32), Some(op));
         }
