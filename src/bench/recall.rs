@@ -56,6 +56,9 @@ pub struct RecallArgs {
     /// Graph: training queries used at most per graph (sampled evenly).
     #[arg(long, default_value_t = GraphParams::default().max_train_queries)]
     pub max_train: usize,
+    /// Graph: of the training queries, the latest this many are always used.
+    #[arg(long, default_value_t = GraphParams::default().recent_train_queries)]
+    pub recent_train: usize,
     /// Graph: beam width L when not sweeping.
     #[arg(long, default_value_t = GraphParams::default().search_list)]
     pub list: usize,
@@ -205,6 +208,7 @@ fn graph_params(a: &RecallArgs) -> GraphParams {
         alpha: a.alpha,
         rank_window: a.window,
         kept_queries: a.kept_queries,
+        recent_train_queries: a.recent_train,
         insert_queries: a.insert_links,
         ..GraphParams::default()
     }
@@ -521,6 +525,7 @@ mod tests {
             degree: 30,
             train_topk: 100,
             max_train: 100,
+            recent_train: 1024,
             list: 10,
             entries: 4,
             alpha: 1.0,

@@ -174,9 +174,7 @@ pub(super) fn training_lists(
                 )));
             }
             check_finite("training query", vectors)?;
-            let total = positions.len();
-            let take = total.min(params.max_train_queries.max(1));
-            let picks: Vec<usize> = (0..take).map(|i| i * total / take.max(1)).collect();
+            let picks = sample_queries(positions, params);
             let flat = FlatIndex::new(n);
             let lists = picks
                 .par_iter()
@@ -198,6 +196,26 @@ pub(super) fn training_lists(
             Ok(lists)
         }
     }
+}
+
+/// Which training queries to use: all when they fit in `max_train_queries`; otherwise the
+/// `recent_train_queries` latest by position (decode queries follow the last prefill ones) plus
+/// an even sample of the rest.
+fn sample_queries(positions: &[u32], params: &GraphParams) -> Vec<usize> {
+    let total = positions.len();
+    let take = total.min(params.max_train_queries.max(1));
+    if take == total {
+        return (0..total).collect();
+    }
+    let recent = params.recent_train_queries.min(take);
+    let mut by_pos: Vec<usize> = (0..total).collect();
+    by_pos.sort_by_key(|&i| std::cmp::Reverse(positions[i]));
+    let (latest, rest) = by_pos.split_at(recent);
+    let spread = take - recent;
+    let mut picks: Vec<usize> = latest.to_vec();
+    picks.extend((0..spread).map(|i| rest[i * rest.len() / spread.max(1)]));
+    picks.sort_unstable();
+    picks
 }
 
 fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {

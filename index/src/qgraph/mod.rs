@@ -29,8 +29,11 @@ pub struct GraphParams {
     pub degree: usize,
     /// Nq: length of each training query's exact top list.
     pub train_topk: usize,
-    /// Training queries used at most; more are sampled evenly.
+    /// Training queries used at most; more are sampled (see `recent_train_queries`).
     pub max_train_queries: usize,
+    /// Of those, the latest by position always taken (decode queries resemble the last
+    /// prefill ones); the rest are an even sample of the older ones.
+    pub recent_train_queries: usize,
     /// L: beam width of a search. It may be below k: the result is the k best of every key
     /// scored on the way, so L sets the effort and k only the size of the answer.
     pub search_list: usize,
@@ -56,6 +59,7 @@ impl Default for GraphParams {
             degree: 30,
             train_topk: 100,
             max_train_queries: 4096,
+            recent_train_queries: 1024,
             search_list: 200,
             build_list: 64,
             entry_points: 4,
