@@ -414,7 +414,7 @@ fn params_json(
             serde_json::json!({"k": a.k, "M": hp.m, "ef_construction": hp.ef_construction, "ef": s})
         }
         _ => serde_json::json!({
-            "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries,
+            "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries, "recent_train": gp.recent_train_queries,
             "entries": gp.entry_points, "alpha": gp.alpha, "window": gp.rank_window, "per": a.graph_per,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
             "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
