@@ -164,8 +164,8 @@ fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexErr
     }
     g.edges.reserve_exact((n - old) * m);
     g.deg.reserve_exact(n - old);
-    g.edges.extend(std::iter::repeat_n(0, (n - old) * m));
-    g.deg.extend(std::iter::repeat_n(0, n - old));
+    g.edges.resize(n * m, 0);
+    g.deg.resize(n, 0);
     Ok(old)
 }
 
