@@ -108,4 +108,17 @@ pub trait MipsIndexMut: MipsIndex {
     /// Indexes keys `self.len()..keys.len()` of `keys`, which must extend the store the index was
     /// built over.
     fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError>;
+
+    /// As [`MipsIndexMut::insert`], also handing over queries (row-major, `keys.dim()` floats
+    /// each) that the engine computed for the new positions, e.g. prefill chunks or decode
+    /// queries sliding out of the window. Query-guided indices remember them to link later
+    /// keys; the others ignore them.
+    fn insert_with_queries(
+        &mut self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<(), IndexError> {
+        let _ = queries;
+        self.insert(keys)
+    }
 }

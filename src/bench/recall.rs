@@ -56,6 +56,9 @@ pub struct RecallArgs {
     /// Graph: training queries used at most per graph (sampled evenly).
     #[arg(long, default_value_t = GraphParams::default().max_train_queries)]
     pub max_train: usize,
+    /// Graph: of the training queries, the latest this many are always used.
+    #[arg(long, default_value_t = GraphParams::default().recent_train_queries)]
+    pub recent_train: usize,
     /// Graph: beam width L when not sweeping.
     #[arg(long, default_value_t = GraphParams::default().search_list)]
     pub list: usize,
@@ -71,6 +74,16 @@ pub struct RecallArgs {
     /// Graph: also build on the first (1-f) of the context and insert the rest ("graph+insert").
     #[arg(long)]
     pub insert_frac: Option<f64>,
+    /// Graph+insert: also hand the new positions' prefill queries (an even sample of at most
+    /// this many per graph) to insert, as the daemon does with prefill chunks (0: keys only).
+    #[arg(long, default_value_t = 0)]
+    pub insert_queries: usize,
+    /// Graph: remembered queries through which insert links each new key.
+    #[arg(long, default_value_t = GraphParams::default().insert_queries)]
+    pub insert_links: usize,
+    /// Graph: training queries remembered to guide insert.
+    #[arg(long, default_value_t = GraphParams::default().kept_queries)]
+    pub kept_queries: usize,
     /// HNSW: M.
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
@@ -194,6 +207,9 @@ fn graph_params(a: &RecallArgs) -> GraphParams {
         entry_points: a.entries,
         alpha: a.alpha,
         rank_window: a.window,
+        kept_queries: a.kept_queries,
+        recent_train_queries: a.recent_train,
+        insert_queries: a.insert_links,
         ..GraphParams::default()
     }
 }
@@ -351,7 +367,16 @@ pub fn run(a: RecallArgs) -> Result<()> {
                             let part = KeySlice::new(KeyRows::F16(&keys_f16[..cut * d]), d)?;
                             let mut idx = build_graph(&part, &signal, &gp)?;
                             if cut < ctx {
-                                idx.insert(&keys)?;
+                                let mut fresh = Vec::new();
+                                let per = a.insert_queries.div_ceil(grp.len().max(1));
+                                let span = ctx - cut;
+                                for &i in &grp {
+                                    for j in 0..per.min(span) {
+                                        let p = cut + j * span / per.min(span);
+                                        fresh.extend_from_slice(&train[i][p * d..(p + 1) * d]);
+                                    }
+                                }
+                                idx.insert_with_queries(&keys, &fresh)?;
                             }
                             let bs = t0.elapsed().as_secs_f64();
                             for (si, lst) in settings("graph", &a).into_iter().enumerate() {
@@ -389,9 +414,10 @@ fn params_json(
             serde_json::json!({"k": a.k, "M": hp.m, "ef_construction": hp.ef_construction, "ef": s})
         }
         _ => serde_json::json!({
-            "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries,
+            "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries, "recent_train": gp.recent_train_queries,
             "entries": gp.entry_points, "alpha": gp.alpha, "window": gp.rank_window, "per": a.graph_per,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
+            "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
         }),
     }
 }
@@ -499,11 +525,15 @@ mod tests {
             degree: 30,
             train_topk: 100,
             max_train: 100,
+            recent_train: 1024,
             list: 10,
             entries: 4,
             alpha: 1.0,
             window: 8,
             insert_frac: None,
+            insert_queries: 0,
+            kept_queries: 16,
+            insert_links: 4,
             m: 16,
             ef_construction: 50,
             ef: 50,

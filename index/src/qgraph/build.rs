@@ -9,6 +9,9 @@
 //! 5. Connectivity: every key not reachable from the entry points (the hub keys, those most
 //!    frequent in the top lists) is searched for with its own vector and linked in.
 //!
+//! 6. An even sample of the training queries is remembered to guide incremental insert
+//!    ([`super::insert`]).
+//!
 //! Steps 1, 3 and the searches of 5 run in parallel with rayon.
 
 use super::search::{beam_search, Adjacency, GraphScratch};
@@ -48,21 +51,7 @@ pub fn build(
     if lists.is_empty() {
         entries.truncate(1);
     }
-    // Projection: pivot → the rest of its query's list.
-    let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n];
-    // Each list member also takes its rank neighbours in the list as candidates: when one hub
-    // (a sink) is the pivot of most queries, pivot edges alone leave the rest of the graph bare.
-    let w = params.rank_window;
-    for l in &lists {
-        if let Some((&p, rest)) = l.split_first() {
-            cands[p as usize].extend_from_slice(rest);
-        }
-        for (i, &x) in l.iter().enumerate().skip(1) {
-            let lo = i.saturating_sub(w).max(1);
-            let hi = (i + w + 1).min(l.len());
-            cands[x as usize].extend(l[lo..hi].iter().copied());
-        }
-    }
+    let cands = candidates(&lists, n, params.rank_window);
     let m = params.degree;
     let mut adj: Vec<Vec<u32>> = cands
         .into_par_iter()
@@ -71,7 +60,7 @@ pub fn build(
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            prune(keys, &norms, p as u32, &c, m, params.alpha)
+            prune(keys, &|i| norms[i as usize], p as u32, &c, m, params.alpha)
         })
         .collect();
     // Reverse edges while the target has room.
@@ -88,16 +77,47 @@ pub fn build(
         edges: vec![0; n * m],
         deg: vec![0; n],
         entries,
+        memory: Default::default(),
     };
     for (i, a) in adj.iter().enumerate() {
         g.set_neighbours(i, a);
     }
     connect(&mut g, keys);
+    if let TrainingSignal::Queries { vectors, .. } = *training {
+        // An even sample of the training queries guides later inserts (see `insert`).
+        let d = keys.dim();
+        let total = vectors.len() / d.max(1);
+        let take = total.min(params.kept_queries);
+        let mut sample = Vec::with_capacity(take * d);
+        for i in 0..take {
+            let qi = i * total / take;
+            sample.extend_from_slice(&vectors[qi * d..(qi + 1) * d]);
+        }
+        g.remember_queries(keys, &sample)?;
+    }
     Ok(g)
 }
 
+/// Projection (steps 2-3's input): each list's pivot (its best key) takes the rest of the list
+/// as candidates, and each member also takes its rank neighbours within `w`: when one hub (a
+/// sink) is the pivot of most queries, pivot edges alone leave the rest of the graph bare.
+pub(super) fn candidates(lists: &[Vec<u32>], n: usize, w: usize) -> Vec<Vec<u32>> {
+    let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for l in lists {
+        if let Some((&p, rest)) = l.split_first() {
+            cands[p as usize].extend_from_slice(rest);
+        }
+        for (i, &x) in l.iter().enumerate().skip(1) {
+            let lo = i.saturating_sub(w).max(1);
+            let hi = (i + w + 1).min(l.len());
+            cands[x as usize].extend(l[lo..hi].iter().copied());
+        }
+    }
+    cands
+}
+
 impl QueryGuidedGraph {
-    fn set_neighbours(&mut self, i: usize, a: &[u32]) {
+    pub(super) fn set_neighbours(&mut self, i: usize, a: &[u32]) {
         let m = self.params.degree;
         let d = a.len().min(m);
         self.edges[i * m..i * m + d].copy_from_slice(&a[..d]);
@@ -106,7 +126,7 @@ impl QueryGuidedGraph {
 
     /// Adds the edge `from → to`; when `from` is full and `force` is set, the last (weakest)
     /// edge is replaced. Returns true when the edge is present afterwards.
-    fn link(&mut self, from: u32, to: u32, force: bool) -> bool {
+    pub(super) fn link(&mut self, from: u32, to: u32, force: bool) -> bool {
         let m = self.params.degree;
         let (f, d) = (from as usize, self.deg[from as usize] as usize);
         if self.edges[f * m..f * m + d].contains(&to) {
@@ -126,7 +146,7 @@ impl QueryGuidedGraph {
 }
 
 /// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists.
-fn training_lists(
+pub(super) fn training_lists(
     keys: &dyn KeyStore,
     training: &TrainingSignal<'_>,
     params: &GraphParams,
@@ -154,9 +174,7 @@ fn training_lists(
                 )));
             }
             check_finite("training query", vectors)?;
-            let total = positions.len();
-            let take = total.min(params.max_train_queries.max(1));
-            let picks: Vec<usize> = (0..take).map(|i| i * total / take.max(1)).collect();
+            let picks = sample_queries(positions, params);
             let flat = FlatIndex::new(n);
             let lists = picks
                 .par_iter()
@@ -180,6 +198,26 @@ fn training_lists(
     }
 }
 
+/// Which training queries to use: all when they fit in `max_train_queries`; otherwise the
+/// `recent_train_queries` latest by position (decode queries follow the last prefill ones) plus
+/// an even sample of the rest.
+fn sample_queries(positions: &[u32], params: &GraphParams) -> Vec<usize> {
+    let total = positions.len();
+    let take = total.min(params.max_train_queries.max(1));
+    if take == total {
+        return (0..total).collect();
+    }
+    let recent = params.recent_train_queries.min(take);
+    let mut by_pos: Vec<usize> = (0..total).collect();
+    by_pos.sort_by_key(|&i| std::cmp::Reverse(positions[i]));
+    let (latest, rest) = by_pos.split_at(recent);
+    let spread = take - recent;
+    let mut picks: Vec<usize> = latest.to_vec();
+    picks.extend((0..spread).map(|i| rest[i * rest.len() / spread.max(1)]));
+    picks.sort_unstable();
+    picks
+}
+
 fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
     let d = keys.dim();
     (0..keys.len() as u32)
@@ -196,9 +234,10 @@ fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
 
 /// Step 3, occlusion pruning (RoarGraph Alg. 2 / DiskANN RobustPrune): candidates in order of
 /// L2 distance to the pivot p; c is kept unless a kept s is closer to c than p is (scaled by α).
-fn prune(
+/// `norm(id)` gives a key's squared norm (a table at build time, computed on demand at insert).
+pub(crate) fn prune(
     keys: &dyn KeyStore,
-    norms: &[f32],
+    norm: &dyn Fn(u32) -> f32,
     p: u32,
     cands: &[u32],
     m: usize,
@@ -212,29 +251,33 @@ fn prune(
     keys.row_f32(p, &mut row);
     let mut ip = vec![0.0f32; cands.len()];
     keys.score_ids(&row, cands, &mut ip);
-    let np = norms[p as usize];
-    let mut by_dist: Vec<(f32, u32)> = cands
+    let np = norm(p);
+    let mut by_dist: Vec<(f32, u32, f32)> = cands
         .iter()
         .zip(&ip)
-        .map(|(&c, &s)| (np + norms[c as usize] - 2.0 * s, c))
+        .map(|(&c, &s)| {
+            let nc = norm(c);
+            (np + nc - 2.0 * s, c, nc)
+        })
         .collect();
     by_dist.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut kept: Vec<u32> = Vec::with_capacity(m);
+    let mut kept_norm: Vec<f32> = Vec::with_capacity(m);
     let mut kept_ip = vec![0.0f32; m];
-    for &(dist_pc, c) in &by_dist {
+    for &(dist_pc, c, nc) in &by_dist {
         if kept.len() >= m {
             break;
         }
         keys.row_f32(c, &mut row);
         let ks = kept.len();
         keys.score_ids(&row, &kept, &mut kept_ip[..ks]);
-        let nc = norms[c as usize];
-        let occluded = kept
+        let occluded = kept_norm
             .iter()
             .zip(&kept_ip[..ks])
-            .any(|(&s, &sc)| alpha * (norms[s as usize] + nc - 2.0 * sc) < dist_pc);
+            .any(|(&ns, &sc)| alpha * (ns + nc - 2.0 * sc) < dist_pc);
         if !occluded {
             kept.push(c);
+            kept_norm.push(nc);
         }
     }
     kept
@@ -243,7 +286,7 @@ fn prune(
 /// Step 5: links every key not reachable from the entry points. Each round searches for the
 /// unreached keys in parallel on a snapshot, then links each from the best reached node with
 /// room (forcing the best one when none has room) and to its nearest found nodes.
-fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
+pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
     let d = keys.dim();
     for _round in 0..8 {
         let unreached = unreached(g);
@@ -279,7 +322,7 @@ fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
 }
 
 /// Keys not reachable from the entry points (breadth-first).
-fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
+pub(super) fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
     let n = g.nodes();
     let mut seen = vec![false; n];
     let mut queue: Vec<u32> = Vec::new();
@@ -298,41 +341,4 @@ fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
         }
     }
     (0..n as u32).filter(|&i| !seen[i as usize]).collect()
-}
-
-/// Incremental insert of keys `g.len()..keys.len()`: each new key is searched for with its own
-/// vector, linked to its pruned nearest nodes, and linked from them while they have room (the
-/// best one is forced, so the new key is always reachable).
-pub fn insert(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<(), IndexError> {
-    let (old, n, d, m) = (g.deg.len(), keys.len(), keys.dim(), g.params.degree);
-    if n < old {
-        return Err(IndexError::InvalidArgument(format!(
-            "store holds {n} keys but the graph already indexes {old}"
-        )));
-    }
-    let norms = key_norms(keys);
-    let mut s = GraphScratch::default();
-    let mut row = vec![0.0f32; d];
-    for u in old..n {
-        keys.row_f32(u as u32, &mut row);
-        check_finite("key", &row)?;
-        if g.entries.is_empty() {
-            g.entries.push(u as u32);
-        }
-        beam_search(g, keys, &row, &g.entries, g.params.build_list, &mut s);
-        let found: Vec<u32> = s.pool.iter().map(|c| c.id).collect();
-        let kept = prune(keys, &norms, u as u32, &found, m, g.params.alpha);
-        g.edges.extend(std::iter::repeat_n(0, m));
-        g.deg.push(0);
-        g.set_neighbours(u, &kept);
-        let linked = kept
-            .iter()
-            .fold(false, |acc, &c| g.link(c, u as u32, false) || acc);
-        if !linked {
-            if let Some(&best) = found.first() {
-                g.link(best, u as u32, true);
-            }
-        }
-    }
-    Ok(())
 }

@@ -5,13 +5,15 @@
 //! links the wrong neighbours. This graph is built from the *queries' own* exact top lists:
 //! - [`build`]: exact top-Nq per training query (flat kernels, causal), pivot edges with
 //!   occlusion pruning and out-degree cap M, reverse edges, a connectivity pass so every key is
-//!   reachable from the entry points, and incremental insert for keys that arrive later.
+//!   reachable from the entry points.
+//! - [`insert`]: incremental insert of later keys, guided by remembered queries.
 //! - [`search`]: best-first beam search with list size L from hub entry points.
 //!
 //! Storage is one fixed-width slot of M neighbour ids per key plus a one-byte degree, so a
 //! graph costs `M * 4 + 1` bytes per key.
 
 pub mod build;
+pub mod insert;
 pub mod search;
 
 pub use search::GraphScratch;
@@ -27,8 +29,11 @@ pub struct GraphParams {
     pub degree: usize,
     /// Nq: length of each training query's exact top list.
     pub train_topk: usize,
-    /// Training queries used at most; more are sampled evenly.
+    /// Training queries used at most; more are sampled (see `recent_train_queries`).
     pub max_train_queries: usize,
+    /// Of those, the latest by position always taken (decode queries resemble the last
+    /// prefill ones); the rest are an even sample of the older ones.
+    pub recent_train_queries: usize,
     /// L: beam width of a search. It may be below k: the result is the k best of every key
     /// scored on the way, so L sets the effort and k only the size of the answer.
     pub search_list: usize,
@@ -41,6 +46,11 @@ pub struct GraphParams {
     pub rank_window: usize,
     /// Occlusion slack α (DiskANN): candidate c is pruned when a kept s has α·d(s,c) < d(p,c).
     pub alpha: f32,
+    /// Training (and later decode) queries remembered, in f16, to guide incremental insert.
+    pub kept_queries: usize,
+    /// Insert links a new key through at most this many remembered queries whose top lists it
+    /// enters.
+    pub insert_queries: usize,
 }
 
 impl Default for GraphParams {
@@ -49,11 +59,14 @@ impl Default for GraphParams {
             degree: 30,
             train_topk: 100,
             max_train_queries: 4096,
+            recent_train_queries: 1024,
             search_list: 200,
             build_list: 64,
             entry_points: 4,
             alpha: 1.0,
             rank_window: 8,
+            kept_queries: 256,
+            insert_queries: 4,
         }
     }
 }
@@ -66,6 +79,8 @@ pub struct QueryGuidedGraph {
     edges: Vec<u32>,
     deg: Vec<u8>,
     entries: Vec<u32>,
+    /// Remembered queries that guide insert.
+    memory: insert::QueryMemory,
 }
 
 impl search::Adjacency for QueryGuidedGraph {
@@ -156,12 +171,23 @@ impl MipsIndex for QueryGuidedGraph {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.edges.capacity() * 4 + self.deg.capacity() + self.entries.capacity() * 4
+        self.edges.capacity() * 4
+            + self.deg.capacity()
+            + self.entries.capacity() * 4
+            + self.memory.memory_bytes()
     }
 }
 
 impl MipsIndexMut for QueryGuidedGraph {
     fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError> {
-        build::insert(self, keys)
+        insert::insert(self, keys)
+    }
+
+    fn insert_with_queries(
+        &mut self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<(), IndexError> {
+        insert::insert_with_queries(self, keys, queries)
     }
 }

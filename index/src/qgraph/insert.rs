@@ -1,0 +1,425 @@
+//! Incremental insert guided by remembered queries.
+//!
+//! A key that arrives after the build has no training list of its own, and searching for it
+//! with its own vector (what HNSW does) walks the graph with an out-of-distribution probe: the
+//! graph was built for the queries, not for the keys. So the graph remembers a small sample of
+//! its training queries (f16, with each one's Nq-th best score over all keys: the bar a key must
+//! clear to enter that query's top list) and links a new key u as the build would have:
+//!
+//! 1. Score u against every remembered query (one block product through the SIMD kernels).
+//! 2. The queries whose top-Nq u would enter (score above the bar), best margin first, up to
+//!    `insert_queries` of them; when none qualifies, the single query u comes closest to.
+//! 3. For each: a beam search with that query gives its current top list; u takes the place
+//!    its score earns in it. As in the build, the list's pivot (its best key) and u's rank
+//!    neighbours (within `rank_window`) become u's candidates and u becomes theirs.
+//! 4. u's out-edges are its pruned candidates; each node that gains u as a candidate takes it
+//!    (re-pruning its edges when full), and u's out-neighbours take a reverse edge while they
+//!    have room. If no edge into u survived, the pivot is forced to point at u.
+//!
+//! New queries (decode queries whose positions slide out of the daemon's window) join the
+//! memory through [`QueryGuidedGraph::remember_queries`], replacing the oldest once it is full.
+
+use super::build::{candidates, connect, prune, training_lists};
+use super::search::{beam_search, Adjacency, GraphScratch};
+use super::QueryGuidedGraph;
+use crate::error::check_finite;
+use crate::keys::KeyRows;
+use crate::{FlatIndex, Hits, IndexError, KeySlice, KeyStore, SearchScratch, TrainingSignal};
+use half::f16;
+use rayon::prelude::*;
+
+/// Remembered training queries: f16 rows, each with its Nq-th best score over all keys.
+#[derive(Clone, Debug, Default)]
+pub struct QueryMemory {
+    rows: Vec<f16>,
+    bars: Vec<f32>,
+    /// Ring cursor: the slot the next query replaces once the memory is full.
+    next: usize,
+}
+
+impl QueryMemory {
+    /// Number of remembered queries.
+    pub fn len(&self) -> usize {
+        self.bars.len()
+    }
+
+    /// True when no query is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.bars.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn memory_bytes(&self) -> usize {
+        self.rows.capacity() * 2 + self.bars.capacity() * 4
+    }
+
+    /// Adds a query with its bar, replacing the oldest when `cap` are held.
+    fn push(&mut self, q: &[f32], bar: f32, cap: usize) {
+        if cap == 0 {
+            return;
+        }
+        let d = q.len();
+        if self.bars.len() < cap {
+            self.rows.extend(q.iter().map(|&x| f16::from_f32(x)));
+            self.bars.push(bar);
+        } else {
+            let i = self.next % self.bars.len();
+            for (dst, &x) in self.rows[i * d..(i + 1) * d].iter_mut().zip(q) {
+                *dst = f16::from_f32(x);
+            }
+            self.bars[i] = bar;
+            self.next = i + 1;
+        }
+    }
+}
+
+impl QueryGuidedGraph {
+    /// The remembered queries that guide [`crate::MipsIndexMut::insert`].
+    pub fn query_memory(&self) -> &QueryMemory {
+        &self.memory
+    }
+
+    /// Remembers `queries` (row-major, `keys.dim()` floats each) as insert guides. Each one's
+    /// bar is its exact Nq-th best score over all of `keys` (a flat scan per query, the price
+    /// of a correct bar); the oldest remembered queries are replaced once
+    /// `GraphParams::kept_queries` are held.
+    pub fn remember_queries(
+        &mut self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<(), IndexError> {
+        let d = keys.dim();
+        if d == 0 || queries.len() % d != 0 {
+            return Err(IndexError::BadShape(format!(
+                "{} query floats is not a multiple of dim {d}",
+                queries.len()
+            )));
+        }
+        check_finite("query", queries)?;
+        let cap = self.params.kept_queries;
+        let n = keys.len();
+        if cap == 0 || n == 0 {
+            return Ok(());
+        }
+        let room = cap.saturating_sub(self.memory.len()).min(queries.len() / d);
+        self.memory.rows.reserve_exact(room * d);
+        self.memory.bars.reserve_exact(room);
+        let flat = FlatIndex::new(n);
+        let mut scratch = SearchScratch::new();
+        let mut hits = Hits::default();
+        for q in queries.chunks_exact(d) {
+            let k = self.params.train_topk.clamp(1, n);
+            flat.search_prefix(keys, q, k, n, &mut scratch, std::slice::from_mut(&mut hits))?;
+            let bar = hits.scores.last().copied().unwrap_or(f32::NEG_INFINITY);
+            self.memory.push(q, bar, cap);
+        }
+        Ok(())
+    }
+}
+
+/// Incremental insert of keys `g.len()..keys.len()` (see the module comment).
+pub fn insert(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<(), IndexError> {
+    let old = grow(g, keys)?;
+    link_unlinked(g, keys, old)
+}
+
+/// Insert with the new positions' queries: they are remembered, their exact top lists over all
+/// keys are merged into the graph as the build would (pivot and rank-window candidates, pruned
+/// together with each node's edges), keys no list reached are linked through the memory, and a
+/// connectivity pass makes every key reachable.
+pub fn insert_with_queries(
+    g: &mut QueryGuidedGraph,
+    keys: &dyn KeyStore,
+    queries: &[f32],
+) -> Result<(), IndexError> {
+    g.remember_queries(keys, queries)?;
+    let old = grow(g, keys)?;
+    let d = keys.dim();
+    let positions = vec![keys.len().saturating_sub(1) as u32; queries.len() / d.max(1)];
+    let signal = TrainingSignal::Queries {
+        vectors: queries,
+        positions: &positions,
+    };
+    let mut params = g.params.clone();
+    params.max_train_queries = positions.len().max(1);
+    let lists = training_lists(keys, &signal, &params)?;
+    merge_lists(g, keys, &lists);
+    link_unlinked(g, keys, old)?;
+    connect(g, keys);
+    Ok(())
+}
+
+/// Adds empty slots for keys `g.len()..keys.len()`; returns the old length.
+fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexError> {
+    let (old, n, m) = (g.deg.len(), keys.len(), g.params.degree);
+    if n < old {
+        return Err(IndexError::InvalidArgument(format!(
+            "store holds {n} keys but the graph already indexes {old}"
+        )));
+    }
+    let mut row = vec![0.0f32; keys.dim()];
+    for u in old..n {
+        keys.row_f32(u as u32, &mut row);
+        check_finite("key", &row)?;
+    }
+    g.edges.reserve_exact((n - old) * m);
+    g.deg.reserve_exact(n - old);
+    g.edges.resize(n * m, 0);
+    g.deg.resize(n, 0);
+    Ok(old)
+}
+
+/// Merges training lists into the graph: every node that gains candidates is re-pruned over its
+/// edges and its candidates together, then takes reverse edges while it has room.
+fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) {
+    let n = g.deg.len();
+    let d = keys.dim();
+    let norm = |id: u32| {
+        let mut r = vec![0.0f32; d];
+        keys.row_f32(id, &mut r);
+        r.iter().map(|x| x * x).sum::<f32>()
+    };
+    let cands = candidates(lists, n, g.params.rank_window);
+    let (m, alpha) = (g.params.degree, g.params.alpha);
+    let snap: &QueryGuidedGraph = g;
+    let updates: Vec<(u32, Vec<u32>)> = cands
+        .into_par_iter()
+        .enumerate()
+        .filter(|(_, c)| !c.is_empty())
+        .map(|(p, mut c)| {
+            c.extend_from_slice(snap.neighbours(p as u32));
+            c.sort_unstable();
+            c.dedup();
+            c.retain(|&x| x as usize != p);
+            (p as u32, prune(keys, &norm, p as u32, &c, m, alpha))
+        })
+        .collect();
+    for (p, a) in &updates {
+        g.set_neighbours(*p as usize, a);
+    }
+    for (p, a) in &updates {
+        for &c in a {
+            g.link(c, *p, false);
+        }
+    }
+}
+
+/// Links each key `old..` that has no out-edge yet through the query memory.
+fn link_unlinked(
+    g: &mut QueryGuidedGraph,
+    keys: &dyn KeyStore,
+    old: usize,
+) -> Result<(), IndexError> {
+    let (n, d, m) = (g.deg.len(), keys.dim(), g.params.degree);
+    let mut s = GraphScratch::default();
+    let mut row = vec![0.0f32; d];
+    let mut q = vec![0.0f32; d];
+    let mut qscores = vec![0.0f32; g.memory.len()];
+    let mut picks: Vec<(f32, usize)> = Vec::new();
+    let norm = |id: u32| {
+        let mut r = vec![0.0f32; d];
+        keys.row_f32(id, &mut r);
+        r.iter().map(|x| x * x).sum::<f32>()
+    };
+    let w = g.params.rank_window.max(1);
+    for u in old..n {
+        let uid = u as u32;
+        if g.deg[u] > 0 {
+            continue;
+        }
+        keys.row_f32(uid, &mut row);
+        if g.entries.is_empty() {
+            g.entries.push(uid);
+            continue;
+        }
+        // Step 1-2: the remembered queries whose top lists u would enter.
+        picks.clear();
+        if !g.memory.is_empty() {
+            let mem = KeySlice::new(KeyRows::F16(&g.memory.rows), d)?;
+            mem.score_range(&row, 0, &mut qscores);
+            picks.extend(
+                qscores
+                    .iter()
+                    .zip(&g.memory.bars)
+                    .enumerate()
+                    .map(|(i, (&sc, &bar))| (sc - bar, i)),
+            );
+            picks.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let qualified = picks.iter().take_while(|p| p.0 >= 0.0).count();
+            picks.truncate(qualified.clamp(1, g.params.insert_queries.max(1)));
+        }
+        // Step 3: candidates of u, and the nodes that take u as a candidate.
+        let mut cands: Vec<u32> = Vec::new();
+        let mut takers: Vec<u32> = Vec::new();
+        if picks.is_empty() {
+            // No query memory (built from neighbour lists): probe with the key itself.
+            beam_search(g, keys, &row, &g.entries, g.params.build_list, &mut s);
+            cands.extend(s.pool.iter().map(|c| c.id).filter(|&id| id != uid));
+            takers.extend(cands.iter().take(w));
+        }
+        for &(_, qi) in &picks {
+            for (dst, x) in q.iter_mut().zip(&g.memory.rows[qi * d..(qi + 1) * d]) {
+                *dst = x.to_f32();
+            }
+            beam_search(g, keys, &q, &g.entries, g.params.build_list, &mut s);
+            let su = qscores[qi];
+            let list: Vec<u32> = s
+                .pool
+                .iter()
+                .map(|c| c.id)
+                .filter(|&id| id != uid)
+                .collect();
+            let r = s.pool.partition_point(|c| c.score >= su).min(list.len());
+            if r == 0 {
+                // u is this query's best key: its pivot, so the whole list is its candidates.
+                cands.extend_from_slice(&list);
+            } else {
+                takers.push(list[0]);
+                cands.push(list[0]);
+            }
+            let lo = r.saturating_sub(w);
+            let hi = (r + w).min(list.len());
+            cands.extend_from_slice(&list[lo..hi]);
+            takers.extend_from_slice(&list[lo..hi]);
+        }
+        cands.sort_unstable();
+        cands.dedup();
+        takers.sort_unstable();
+        takers.dedup();
+        // Step 4: u's out-edges, edges into u, reverse edges.
+        let kept = prune(keys, &norm, uid, &cands, m, g.params.alpha);
+        g.set_neighbours(u, &kept);
+        let mut into_u = false;
+        for &c in &takers {
+            into_u |= take_candidate(g, keys, &norm, c, uid);
+        }
+        for &t in &kept {
+            into_u |= g.link(t, uid, false);
+        }
+        if !into_u {
+            let best = takers.first().or(kept.first()).copied();
+            if let Some(b) = best {
+                g.link(b, uid, true);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Node `c` takes `u` as a new candidate: appended while c has room, otherwise c's edges and u
+/// are pruned together (u may lose). Returns true when c → u is present afterwards.
+fn take_candidate(
+    g: &mut QueryGuidedGraph,
+    keys: &dyn KeyStore,
+    norm: &dyn Fn(u32) -> f32,
+    c: u32,
+    u: u32,
+) -> bool {
+    if g.link(c, u, false) {
+        return true;
+    }
+    let mut pool: Vec<u32> = g.neighbours(c).to_vec();
+    pool.push(u);
+    let kept = prune(keys, norm, c, &pool, g.params.degree, g.params.alpha);
+    g.set_neighbours(c as usize, &kept);
+    kept.contains(&u)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GraphParams, MipsIndex, MipsIndexMut};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Keys and queries from two offset clouds (queries out of distribution for the keys).
+    fn data(n: usize, nq: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(7);
+        let keys = (0..n * d)
+            .map(|i| rng.gen_range(-1.0..1.0) + (i % d) as f32 * 0.05)
+            .collect();
+        let qs = (0..nq * d)
+            .map(|i| rng.gen_range(-1.0..1.0) - (i % d) as f32 * 0.05)
+            .collect();
+        (keys, qs)
+    }
+
+    fn recall(g: &QueryGuidedGraph, keys: &KeySlice<'_>, tests: &[f32], k: usize) -> f64 {
+        let d = keys.dim();
+        let flat = FlatIndex::new(keys.len());
+        let (mut s, mut exact, mut got) = (SearchScratch::new(), Hits::default(), Hits::default());
+        let mut hit = 0;
+        for q in tests.chunks_exact(d) {
+            flat.search(keys, q, k, &mut s, &mut exact).unwrap();
+            g.search(keys, q, k, &mut s, &mut got).unwrap();
+            hit += got.ids.iter().filter(|i| exact.ids.contains(i)).count();
+        }
+        hit as f64 / (k * tests.len() / d) as f64
+    }
+
+    #[test]
+    fn inserted_keys_are_reachable_and_recall_stays_near_a_rebuild() {
+        let (n, d, cut) = (1200, 16, 1080);
+        let (kv, qs) = data(n, 1300, d);
+        let (train, tests) = qs.split_at(1200 * d);
+        let keys = KeySlice::new(KeyRows::F32(&kv), d).unwrap();
+        let part = KeySlice::new(KeyRows::F32(&kv[..cut * d]), d).unwrap();
+        let params = GraphParams {
+            train_topk: 20,
+            search_list: 32,
+            kept_queries: 64,
+            ..GraphParams::default()
+        };
+        let pos: Vec<u32> = (0..1200).collect();
+        let full = TrainingSignal::Queries {
+            vectors: train,
+            positions: &pos,
+        };
+        let rebuilt = super::super::build::build(&keys, &full, &params).unwrap();
+        let early = TrainingSignal::Queries {
+            vectors: &train[..cut * d],
+            positions: &pos[..cut],
+        };
+        let base = super::super::build::build(&part, &early, &params).unwrap();
+        assert_eq!(base.query_memory().len(), 64);
+        let mut keys_only = base.clone();
+        keys_only.insert(&keys).unwrap();
+        let mut with_q = base;
+        with_q
+            .insert_with_queries(&keys, &train[cut * d..])
+            .unwrap();
+        for g in [&keys_only, &with_q] {
+            assert_eq!(g.len(), n);
+            assert!(super::super::build::unreached(g).is_empty());
+        }
+        let r_full = recall(&rebuilt, &keys, tests, 10);
+        let r_keys = recall(&keys_only, &keys, tests, 10);
+        let r_q = recall(&with_q, &keys, tests, 10);
+        assert!(
+            r_keys > r_full - 0.1,
+            "keys-only insert {r_keys} vs rebuild {r_full}"
+        );
+        assert!(
+            r_q > r_full - 0.05,
+            "insert with queries {r_q} vs rebuild {r_full}"
+        );
+        // The memory stays bounded by kept_queries as queries keep arriving.
+        assert_eq!(with_q.query_memory().len(), 64);
+    }
+
+    #[test]
+    fn insert_rejects_a_shrunken_store_and_bad_queries() {
+        let (kv, qs) = data(100, 10, 8);
+        let keys = KeySlice::new(KeyRows::F32(&kv), 8).unwrap();
+        let pos: Vec<u32> = (0..10).collect();
+        let t = TrainingSignal::Queries {
+            vectors: &qs,
+            positions: &pos,
+        };
+        let mut g = super::super::build::build(&keys, &t, &GraphParams::default()).unwrap();
+        let small = KeySlice::new(KeyRows::F32(&kv[..80]), 8).unwrap();
+        assert!(g.insert(&small).is_err());
+        assert!(g.insert_with_queries(&keys, &qs[..5]).is_err());
+        let nan = vec![f32::NAN; 8];
+        assert!(g.remember_queries(&keys, &nan).is_err());
+    }
+}
