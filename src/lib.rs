@@ -8,6 +8,7 @@
 //! - [`shm`]: the per-client shared-memory region: header, submission and completion rings,
 //!   payload arena, and the spin-then-park wait.
 //! - [`worker`]: the daemon side of a region: validates and serves each request.
+//! - [`decode`]: the wire format of the decode path (`seal`, `retrieve`).
 //! - [`daemon`]: `kvdex serve`: the session registry, dead-client reaping, clean shutdown.
 //! - [`http`]: the axum control plane (sessions, health, stats, `/metrics`).
 //! - [`metrics`]: the Prometheus registry.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod decode;
 pub mod error;
 pub mod http;
 pub mod metrics;

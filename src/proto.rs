@@ -34,11 +34,24 @@ pub enum Opcode {
     Search = 3,
     /// K/V rows of given ids of one KV head, copied into the arena.
     Gather = 4,
+    /// Seal a layer's prefill and build its indices in the background
+    /// (body: [`crate::decode::wire`]).
+    Seal = 5,
+    /// The decode-step request: ids, scores, partial attention and gathered rows for every
+    /// query head of a layer (body: [`crate::decode::wire`]).
+    Retrieve = 6,
 }
 
 impl Opcode {
     /// Every opcode, for tests and metrics.
-    pub const ALL: [Opcode; 4] = [Opcode::Ping, Opcode::Append, Opcode::Search, Opcode::Gather];
+    pub const ALL: [Opcode; 6] = [
+        Opcode::Ping,
+        Opcode::Append,
+        Opcode::Search,
+        Opcode::Gather,
+        Opcode::Seal,
+        Opcode::Retrieve,
+    ];
 
     /// The opcode with wire value `code`, if any.
     pub fn from_code(code: u32) -> Option<Self> {
@@ -52,6 +65,8 @@ impl Opcode {
             Opcode::Append => "append",
             Opcode::Search => "search",
             Opcode::Gather => "gather",
+            Opcode::Seal => "seal",
+            Opcode::Retrieve => "retrieve",
         }
     }
 }
@@ -216,6 +231,14 @@ pub enum Response<'a> {
     },
 }
 
+/// The decode-path ops have their own codec ([`crate::decode::wire`]).
+fn decoded_elsewhere(op: Opcode) -> KvdexError {
+    KvdexError::BadRequest(format!(
+        "{} bodies are decoded by crate::decode::wire, not proto",
+        op.name()
+    ))
+}
+
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
@@ -365,6 +388,7 @@ impl<'a> Request<'a> {
                     ids,
                 })
             }
+            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
         }
     }
 }
@@ -497,6 +521,7 @@ impl<'a> Response<'a> {
                     v: &body[8 + n..],
                 })
             }
+            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
         }
     }
 }

@@ -10,5 +10,7 @@ pub struct SynthArgs {
 
 /// Writes a synthetic data set.
 pub fn run(_args: SynthArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("gen-synth is not built yet".into()))
+    Err(crate::KvdexError::Config(
+        "gen-synth is not built yet".into(),
+    ))
 }

@@ -16,6 +16,7 @@
 //! `on_exit` runs on the worker thread after it stops serving; the daemon uses it to drop the
 //! session and the region.
 
+pub mod decode_ops;
 pub mod dispatch;
 pub mod socket;
 

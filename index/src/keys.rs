@@ -1,5 +1,6 @@
 //! How an index reads keys it does not own.
 
+use crate::simd::Kernels;
 use half::{bf16, f16};
 
 /// Storage dtype of key (and value) rows.
@@ -43,6 +44,20 @@ pub trait KeyStore: Sync {
     fn score_range(&self, query: &[f32], start: usize, out: &mut [f32]);
     /// Copies row `id`, widened to f32, into `out` (`dim()` long).
     fn row_f32(&self, id: u32, out: &mut [f32]);
+    /// GQA group scoring: `queries` holds `g` queries of `dim()` back to back, and
+    /// `out[j * n + i] = <query j, key[start + i]>` with `n = out.len() / g`. Stores whose rows
+    /// are contiguous override it to read each key once for the whole group.
+    fn score_range_group(&self, queries: &[f32], start: usize, out: &mut [f32]) {
+        let d = self.dim();
+        if d == 0 || queries.is_empty() {
+            return;
+        }
+        let g = queries.len() / d;
+        let n = out.len() / g.max(1);
+        for (j, q) in queries.chunks_exact(d).enumerate() {
+            self.score_range(q, start, &mut out[j * n..(j + 1) * n]);
+        }
+    }
 }
 
 /// Contiguous key rows in one of the supported dtypes.
@@ -77,23 +92,17 @@ impl<'a> KeySlice<'a> {
                 "{n} elements is not a whole number of rows of dim {dim}"
             )));
         }
-        Ok(Self { rows, dim, len: n / dim })
+        Ok(Self {
+            rows,
+            dim,
+            len: n / dim,
+        })
     }
 
     /// The underlying rows.
     pub fn rows(&self) -> KeyRows<'a> {
         self.rows
     }
-}
-
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
-}
-fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
 impl KeyStore for KeySlice<'_> {
@@ -104,34 +113,36 @@ impl KeyStore for KeySlice<'_> {
         self.dim
     }
     fn score_ids(&self, query: &[f32], ids: &[u32], out: &mut [f32]) {
-        let d = self.dim;
-        for (o, &id) in out.iter_mut().zip(ids) {
-            let r = id as usize * d..(id as usize + 1) * d;
-            *o = match self.rows {
-                KeyRows::F32(s) => dot_f32(query, &s[r]),
-                KeyRows::F16(s) => dot_f16(query, &s[r]),
-                KeyRows::Bf16(s) => dot_bf16(query, &s[r]),
-            };
-        }
+        Kernels::best().gather(query, self.rows, self.dim, ids, out);
     }
     fn score_range(&self, query: &[f32], start: usize, out: &mut [f32]) {
-        let d = self.dim;
-        for (i, o) in out.iter_mut().enumerate() {
-            let r = (start + i) * d..(start + i + 1) * d;
-            *o = match self.rows {
-                KeyRows::F32(s) => dot_f32(query, &s[r]),
-                KeyRows::F16(s) => dot_f16(query, &s[r]),
-                KeyRows::Bf16(s) => dot_bf16(query, &s[r]),
-            };
-        }
+        Kernels::best().block(query, self.rows, self.dim, start, out);
+    }
+    fn score_range_group(&self, queries: &[f32], start: usize, out: &mut [f32]) {
+        Kernels::best().group(queries, self.rows, self.dim, start, out);
     }
     fn row_f32(&self, id: u32, out: &mut [f32]) {
         let d = self.dim;
         let r = id as usize * d..(id as usize + 1) * d;
         match self.rows {
-            KeyRows::F32(s) => out.copy_from_slice(&s[r]),
-            KeyRows::F16(s) => out.iter_mut().zip(&s[r]).for_each(|(o, x)| *o = x.to_f32()),
-            KeyRows::Bf16(s) => out.iter_mut().zip(&s[r]).for_each(|(o, x)| *o = x.to_f32()),
+            KeyRows::F32(s) => s
+                .get(r)
+                .into_iter()
+                .flatten()
+                .zip(out)
+                .for_each(|(x, o)| *o = *x),
+            KeyRows::F16(s) => s
+                .get(r)
+                .into_iter()
+                .flatten()
+                .zip(out)
+                .for_each(|(x, o)| *o = x.to_f32()),
+            KeyRows::Bf16(s) => s
+                .get(r)
+                .into_iter()
+                .flatten()
+                .zip(out)
+                .for_each(|(x, o)| *o = x.to_f32()),
         }
     }
 }

@@ -4,7 +4,11 @@
 //! - [`keys`]: the [`KeyStore`] trait through which an index reads keys it does not own, and
 //!   [`KeySlice`], a view over contiguous key rows (f32, f16 or bf16).
 //! - [`topk`]: caller-owned top-k selection and result buffers.
+//! - [`simd`]: inner-product kernels (scalar, AVX2, AVX-512) picked once at run time.
 //! - [`flat`]: the exact scan, the baseline every other index is measured against.
+//! - [`hnsw`]: the hnsw_rs baseline with the MIPS → L2 reduction.
+//! - [`qgraph`]: the query-guided graph (RoarGraph / RetrievalAttention), the product.
+//! - [`builder`]: [`build_index`], the one way the daemon builds any of them.
 //!
 //! The crate is pure compute: no I/O, no async, no daemon types. Storage belongs to the caller
 //! (the daemon's KV store); indices hold `u32` key ids into a [`KeyStore`], never copies of
@@ -15,13 +19,21 @@
 #![warn(missing_docs)]
 
 pub mod attend;
+pub mod builder;
 pub mod error;
 pub mod flat;
+pub mod hnsw;
 pub mod keys;
+pub mod qgraph;
+pub mod simd;
 pub mod topk;
 
+pub use builder::{build_index, IndexKind, IndexParams, TrainingSignal};
 pub use error::IndexError;
+pub use flat::FlatIndex;
+pub use hnsw::{HnswIndex, HnswParams};
 pub use keys::{KeyDtype, KeySlice, KeyStore};
+pub use qgraph::{GraphParams, QueryGuidedGraph};
 pub use topk::{Hits, TopK};
 
 /// Per-search counters, returned by every [`MipsIndex::search`].
@@ -32,6 +44,8 @@ pub use topk::{Hits, TopK};
 pub struct SearchStats {
     /// Keys whose score was computed during this search.
     pub scored: usize,
+    /// True when `k` exceeded the number of indexed keys and was clamped to it.
+    pub k_clamped: bool,
 }
 
 /// Scratch space owned by the caller (one per worker thread), so that no search allocates.
@@ -44,6 +58,10 @@ pub struct SearchScratch {
     pub scores: Vec<f32>,
     /// Top-k selection state.
     pub topk: TopK,
+    /// Per-worker state of a parallel flat scan (see [`flat`]).
+    pub flat: Vec<flat::FlatPart>,
+    /// Graph search state: visited stamps and the beam (see [`qgraph`]).
+    pub graph: qgraph::GraphScratch,
 }
 
 impl SearchScratch {

@@ -90,6 +90,20 @@ impl TopK {
             }
         }
     }
+    /// Moves every entry of `other` into this selection (merging per-worker partial results).
+    pub fn absorb(&mut self, other: &mut TopK) {
+        for e in other.heap.drain() {
+            self.push(e.id, e.score);
+        }
+    }
+    /// Number of entries held.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
     /// Writes the kept entries to `out`, best first, and empties the selection.
     pub fn drain_into(&mut self, out: &mut Hits) {
         out.clear();

@@ -2,6 +2,7 @@
 //! object per line with `--json`, and runs its baseline side by side in the same run.
 
 pub mod decode;
+pub mod decode_data;
 pub mod recall;
 pub mod rtt;
 pub mod transfer;

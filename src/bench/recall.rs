@@ -10,5 +10,7 @@ pub struct RecallArgs {
 
 /// Runs the benchmark.
 pub fn run(_args: RecallArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("bench recall is not built yet".into()))
+    Err(crate::KvdexError::Config(
+        "bench recall is not built yet".into(),
+    ))
 }

@@ -10,5 +10,7 @@ pub struct TransferArgs {
 
 /// Runs the benchmark.
 pub fn run(_args: TransferArgs) -> crate::error::Result<()> {
-    Err(crate::KvdexError::Config("bench transfer is not built yet".into()))
+    Err(crate::KvdexError::Config(
+        "bench transfer is not built yet".into(),
+    ))
 }

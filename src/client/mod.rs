@@ -18,12 +18,14 @@
 //! the request into the region's arena and reading results from it, so a request allocates
 //! nothing.
 
+pub mod decode;
 pub mod http;
 pub mod merge;
 pub mod session;
 
 use std::time::Duration;
 
+pub use decode::Retrieved;
 pub use http::{format_token, parse_token};
 pub use session::{GatheredRows, SessionHandle};
 

@@ -178,6 +178,29 @@ impl SessionHandle {
         })
     }
 
+    /// Sends a request of `op` whose body the caller already wrote at the start of the arena
+    /// ([`SessionHandle::arena_mut`]), `in_len` bytes, and waits for its completion. For ops
+    /// with their own codec (the decode path's `seal` and `retrieve`).
+    pub(crate) fn call_raw(&mut self, op: Opcode, in_len: u64) -> Result<std::ops::Range<usize>> {
+        let arena_len = self.region.arena_len();
+        let out_offset = in_len.div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
+        self.submit(Descriptor {
+            request_id: self.next_id,
+            code: op as u32,
+            in_offset: 0,
+            in_len,
+            out_offset,
+            out_len: arena_len.saturating_sub(out_offset),
+            ..Default::default()
+        })
+    }
+
+    /// The payload arena, where [`SessionHandle::call_raw`] bodies are written and responses
+    /// read.
+    pub(crate) fn arena_mut(&mut self) -> &mut [u8] {
+        self.region.arena_mut()
+    }
+
     /// Pushes a raw descriptor and waits for its completion. Exposed for protocol tests that
     /// need to send what a well-behaved client never would.
     pub fn submit(&mut self, d: Descriptor) -> Result<std::ops::Range<usize>> {

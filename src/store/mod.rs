@@ -12,7 +12,9 @@
 //!   (growth copies into a larger arena under it), searches and gathers its read lock.
 
 pub mod budget;
+pub mod indexing;
 mod layer;
+pub mod retrieve;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -23,6 +25,8 @@ use kvdex_transfer::host::HostLink;
 use kvdex_transfer::DeviceLink;
 
 pub use budget::Budget;
+use indexing::{BuildPool, LayerIndex};
+pub use indexing::{BuildStatus, DecodeConfig, SealTraining};
 use layer::{arena_bytes, LayerKv};
 
 use crate::error::{KvdexError, Result};
@@ -138,6 +142,8 @@ pub struct Store {
     link: Arc<dyn DeviceLink>,
     budget: Arc<Budget>,
     initial_tokens: usize,
+    decode: Arc<DecodeConfig>,
+    pool: Arc<BuildPool>,
 }
 
 impl Store {
@@ -148,7 +154,20 @@ impl Store {
             link,
             budget,
             initial_tokens: initial_tokens.max(1),
+            decode: Arc::new(DecodeConfig::default()),
+            pool: Arc::new(BuildPool::default()),
         }
+    }
+
+    /// This store with decode-path settings `cfg` (static tokens, builds, retrieval).
+    pub fn with_decode(mut self, cfg: DecodeConfig) -> Self {
+        self.decode = Arc::new(cfg);
+        self
+    }
+
+    /// The decode-path settings.
+    pub fn decode(&self) -> &DecodeConfig {
+        &self.decode
     }
 
     /// Host memory, no budget limit: for stand-alone sessions in tests and tools.
@@ -174,6 +193,9 @@ impl Store {
         Ok(Session {
             shape,
             layers,
+            index: (0..shape.layers)
+                .map(|_| LayerIndex::new(shape.kv_heads as usize))
+                .collect(),
             store: self.clone(),
             held: AtomicU64::new(0),
         })
@@ -204,12 +226,16 @@ pub struct LayerStats {
     pub indexed: usize,
     /// Bytes the layer's indices hold, beyond the K/V rows.
     pub index_bytes: usize,
+    /// The decode-path index build (seal) and its progress.
+    pub build: BuildStatus,
 }
 
 /// One sequence's KV cache.
 pub struct Session {
     shape: Shape,
     layers: Vec<RwLock<LayerKv>>,
+    /// Per layer: the decode-path indices (per KV head) and their build state.
+    index: Vec<LayerIndex>,
     store: Store,
     /// Bytes reserved from the budget for this session's arenas; released on drop.
     held: AtomicU64,
@@ -230,6 +256,17 @@ impl Session {
         self.layers.get(layer as usize).ok_or_else(|| {
             KvdexError::NotFound(format!("layer {layer} (session has {})", self.shape.layers))
         })
+    }
+
+    fn index_of(&self, layer: u32) -> Result<&LayerIndex> {
+        self.index.get(layer as usize).ok_or_else(|| {
+            KvdexError::NotFound(format!("layer {layer} (session has {})", self.shape.layers))
+        })
+    }
+
+    /// The store's decode-path settings (static tokens, budgets).
+    pub fn decode_config(&self) -> &DecodeConfig {
+        &self.store.decode
     }
 
     /// Tokens stored for `layer`.
@@ -400,13 +437,27 @@ impl Session {
     pub fn layer_stats(&self) -> Vec<LayerStats> {
         self.layers
             .iter()
-            .filter_map(|l| l.read().ok())
-            .map(|l| LayerStats {
-                tokens: l.len,
-                capacity: l.cap,
-                index: l.indices.first().map_or("flat", |i| i.name()),
-                indexed: l.indices.iter().map(|i| i.len()).min().unwrap_or(0),
-                index_bytes: l.indices.iter().map(|i| i.memory_bytes()).sum(),
+            .zip(&self.index)
+            .filter_map(|(l, li)| Some((l.read().ok()?, li)))
+            .map(|(l, li)| {
+                let build = li.status();
+                let (indexed, bytes) = li.coverage();
+                let built = build.state == "ready" || indexed > 0;
+                LayerStats {
+                    tokens: l.len,
+                    capacity: l.cap,
+                    index: match build.kind {
+                        Some(k) if built => k,
+                        _ => l.indices.first().map_or("flat", |i| i.name()),
+                    },
+                    indexed: if built {
+                        indexed
+                    } else {
+                        l.indices.iter().map(|i| i.len()).min().unwrap_or(0)
+                    },
+                    index_bytes: bytes + l.indices.iter().map(|i| i.memory_bytes()).sum::<usize>(),
+                    build,
+                }
             })
             .collect()
     }

@@ -23,6 +23,7 @@ pub struct Dispatcher {
     hits: Hits,
     query: Vec<f32>,
     ids: Vec<u32>,
+    decode: super::decode_ops::DecodeOps,
 }
 
 fn check_range(what: &str, offset: u64, len: u64, arena: usize) -> Result<std::ops::Range<usize>> {
@@ -82,6 +83,7 @@ impl Dispatcher {
             hits: Hits::default(),
             query: Vec::new(),
             ids: Vec::new(),
+            decode: Default::default(),
         }
     }
 
@@ -107,6 +109,12 @@ impl Dispatcher {
         let input = check_range("in", d.in_offset, d.in_len, arena.len())?;
         let output = check_range("out", d.out_offset, d.out_len, arena.len())?;
         let (body, out) = split(arena, input, output)?;
+        if matches!(op, Opcode::Seal | Opcode::Retrieve) {
+            return self
+                .decode
+                .serve(&self.session, op, body, out)
+                .map(|n| n as u64);
+        }
         let req = Request::decode(op, body)?;
         self.execute(req, out).map(|n| n as u64)
     }
@@ -129,6 +137,8 @@ impl Dispatcher {
             } => {
                 let dst = out.get_mut(..8).ok_or_else(|| too_small(op, 8, 0))?;
                 let len = self.session.append(layer, tokens as usize, k, v)?;
+                // Tokens that left the window go into the index in the background.
+                self.session.schedule_insert(layer);
                 dst.copy_from_slice(&(len as u64).to_le_bytes());
                 Ok(8)
             }

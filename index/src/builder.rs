@@ -1,0 +1,73 @@
+//! The one entry point the daemon and the benchmarks build indices through: pick an
+//! [`IndexKind`], fill [`IndexParams`], supply the [`TrainingSignal`] the engine has, and get a
+//! `Box<dyn MipsIndexMut>`.
+
+use crate::hnsw::{HnswIndex, HnswParams};
+use crate::qgraph::{build::build as build_graph, GraphParams};
+use crate::{FlatIndex, IndexError, KeyStore, MipsIndexMut};
+
+/// Which backend to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IndexKind {
+    /// Exact scan.
+    Flat,
+    /// hnsw_rs with the MIPS → L2 reduction.
+    Hnsw,
+    /// The query-guided graph (RoarGraph / RetrievalAttention).
+    Graph,
+}
+
+impl IndexKind {
+    /// Parses "flat", "hnsw" or "graph".
+    pub fn parse(s: &str) -> Result<Self, IndexError> {
+        match s {
+            "flat" => Ok(Self::Flat),
+            "hnsw" => Ok(Self::Hnsw),
+            "graph" | "qgraph" => Ok(Self::Graph),
+            other => Err(IndexError::InvalidArgument(format!(
+                "unknown index kind {other:?} (expected flat, hnsw or graph)"
+            ))),
+        }
+    }
+}
+
+/// Parameters of every backend; each kind reads its own part.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IndexParams {
+    /// For [`IndexKind::Hnsw`].
+    pub hnsw: HnswParams,
+    /// For [`IndexKind::Graph`].
+    pub graph: GraphParams,
+}
+
+/// What the engine knows about the queries that will search the index.
+#[derive(Clone, Copy, Debug)]
+pub enum TrainingSignal<'a> {
+    /// Nothing: the graph falls back to a key-only graph.
+    None,
+    /// Prefill queries, `vectors` holding `positions.len()` rows of `dim` floats. They are
+    /// causal: the query at position p saw keys `0..=p` only.
+    Queries {
+        /// Row-major query vectors.
+        vectors: &'a [f32],
+        /// Token position of each query.
+        positions: &'a [u32],
+    },
+    /// Each training query's top key ids, best first, as the engine computed them on the GPU
+    /// during prefill.
+    Neighbours(&'a [Vec<u32>]),
+}
+
+/// Builds an index of `kind` over all keys of `keys`.
+pub fn build_index(
+    kind: IndexKind,
+    keys: &dyn KeyStore,
+    training: &TrainingSignal<'_>,
+    params: &IndexParams,
+) -> Result<Box<dyn MipsIndexMut>, IndexError> {
+    Ok(match kind {
+        IndexKind::Flat => Box::new(FlatIndex::new(keys.len())),
+        IndexKind::Hnsw => Box::new(HnswIndex::build(keys, &params.hnsw)?),
+        IndexKind::Graph => Box::new(build_graph(keys, training, &params.graph)?),
+    })
+}

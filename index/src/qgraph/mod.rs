@@ -1,0 +1,165 @@
+//! The query-guided graph: RoarGraph (arXiv 2408.08933) as RetrievalAttention (arXiv 2409.10516)
+//! uses it for KV caches.
+//!
+//! Decode queries are out of distribution for the keys, so a graph built over keys alone (HNSW)
+//! links the wrong neighbours. This graph is built from the *queries' own* exact top lists:
+//! - [`build`]: exact top-Nq per training query (flat kernels, causal), pivot edges with
+//!   occlusion pruning and out-degree cap M, reverse edges, a connectivity pass so every key is
+//!   reachable from the entry points, and incremental insert for keys that arrive later.
+//! - [`search`]: best-first beam search with list size L from hub entry points.
+//!
+//! Storage is one fixed-width slot of M neighbour ids per key plus a one-byte degree, so a
+//! graph costs `M * 4 + 1` bytes per key.
+
+pub mod build;
+pub mod search;
+
+pub use search::GraphScratch;
+
+use crate::error::check_finite;
+use crate::{Hits, IndexError, KeyStore, MipsIndex, MipsIndexMut, SearchScratch, SearchStats};
+
+/// Build and search parameters of the query-guided graph. Plain fields, so that configuration
+/// layers (serde in the daemon, flags in the benchmarks) can mirror them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraphParams {
+    /// M: out-degree cap (at most 255).
+    pub degree: usize,
+    /// Nq: length of each training query's exact top list.
+    pub train_topk: usize,
+    /// Training queries used at most; more are sampled evenly.
+    pub max_train_queries: usize,
+    /// L: beam width of a search (raised to k when smaller).
+    pub search_list: usize,
+    /// Beam width used by the connectivity pass and by insert.
+    pub build_list: usize,
+    /// Hub keys (most frequent in the training top lists) that every search starts from.
+    pub entry_points: usize,
+    /// Occlusion slack α (DiskANN): candidate c is pruned when a kept s has α·d(s,c) < d(p,c).
+    pub alpha: f32,
+}
+
+impl Default for GraphParams {
+    fn default() -> Self {
+        Self {
+            degree: 32,
+            train_topk: 100,
+            max_train_queries: 4096,
+            search_list: 200,
+            build_list: 64,
+            entry_points: 4,
+            alpha: 1.0,
+        }
+    }
+}
+
+/// A built query-guided graph over keys `0..len` of a [`KeyStore`].
+#[derive(Clone, Debug)]
+pub struct QueryGuidedGraph {
+    params: GraphParams,
+    /// `len * degree` neighbour ids; node i's are `edges[i*M .. i*M + deg[i]]`.
+    edges: Vec<u32>,
+    deg: Vec<u8>,
+    entries: Vec<u32>,
+}
+
+impl search::Adjacency for QueryGuidedGraph {
+    fn nodes(&self) -> usize {
+        self.deg.len()
+    }
+    fn neighbours(&self, id: u32) -> &[u32] {
+        let i = id as usize;
+        let m = self.params.degree;
+        match self.deg.get(i) {
+            Some(&d) => &self.edges[i * m..i * m + d as usize],
+            None => &[],
+        }
+    }
+}
+
+impl QueryGuidedGraph {
+    /// The parameters it was built with (the search list may be changed with
+    /// [`QueryGuidedGraph::set_search_list`]).
+    pub fn params(&self) -> &GraphParams {
+        &self.params
+    }
+
+    /// Changes L, the beam width of later searches (the effort knob of `bench recall --sweep`).
+    pub fn set_search_list(&mut self, l: usize) {
+        self.params.search_list = l.max(1);
+    }
+
+    /// The entry points every search starts from.
+    pub fn entries(&self) -> &[u32] {
+        &self.entries
+    }
+
+    /// Average out-degree (for reports).
+    pub fn mean_degree(&self) -> f64 {
+        if self.deg.is_empty() {
+            return 0.0;
+        }
+        self.deg.iter().map(|&d| d as f64).sum::<f64>() / self.deg.len() as f64
+    }
+
+    /// Out-edges of a node (tests and reports).
+    pub fn neighbours_of(&self, id: u32) -> &[u32] {
+        search::Adjacency::neighbours(self, id)
+    }
+}
+
+impl MipsIndex for QueryGuidedGraph {
+    fn name(&self) -> &'static str {
+        "graph"
+    }
+
+    fn search(
+        &self,
+        keys: &dyn KeyStore,
+        query: &[f32],
+        k: usize,
+        scratch: &mut SearchScratch,
+        out: &mut Hits,
+    ) -> Result<SearchStats, IndexError> {
+        if query.len() != keys.dim() {
+            return Err(IndexError::DimMismatch {
+                expected: keys.dim(),
+                got: query.len(),
+            });
+        }
+        check_finite("query", query)?;
+        out.clear();
+        let n = self.len().min(keys.len());
+        if n == 0 || k == 0 {
+            return Ok(SearchStats {
+                scored: 0,
+                k_clamped: k > n,
+            });
+        }
+        let l = self.params.search_list.max(k);
+        let g = &mut scratch.graph;
+        let scored = search::beam_search(self, keys, query, &self.entries, l, g);
+        for c in g.pool.iter().take(k) {
+            out.ids.push(c.id);
+            out.scores.push(c.score);
+        }
+        Ok(SearchStats {
+            scored,
+            k_clamped: k > n,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.deg.len()
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.edges.capacity() * 4 + self.deg.capacity() + self.entries.capacity() * 4
+    }
+}
+
+impl MipsIndexMut for QueryGuidedGraph {
+    fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError> {
+        build::insert(self, keys)
+    }
+}

@@ -1,0 +1,129 @@
+//! The client side of the decode path: `seal` a layer's prefill, then `retrieve` once per layer
+//! and decode step. Results are read in place from the region's arena (no allocation).
+
+use kvdex_index::IndexKind;
+
+use super::SessionHandle;
+use crate::decode::wire::{
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+};
+use crate::error::{KvdexError, Result};
+use crate::proto::Opcode;
+use crate::store::retrieve::RetrieveParams;
+
+/// A retrieve's results, borrowed from the arena until the next request.
+#[derive(Clone, Copy, Debug)]
+pub struct Retrieved<'a> {
+    /// Header: stride, shape and the daemon's own timings.
+    pub header: ResponseHeader,
+    /// `[q_heads]` tokens chosen per head.
+    pub k: &'a [u32],
+    /// `[q_heads]` estimated mass covered (adaptive budgets; 0 otherwise).
+    pub coverage: &'a [f32],
+    /// `[q_heads][stride]` candidate ids, best first; head h uses the first `k[h]`.
+    pub ids: &'a [u32],
+    /// `[q_heads][stride]` candidate inner products.
+    pub scores: &'a [f32],
+    /// `[q_heads][head_dim]` partial attention over the chosen tokens (empty unless asked).
+    pub out: &'a [f32],
+    /// `[q_heads]` its log-sum-exp (empty unless asked).
+    pub lse: &'a [f32],
+    /// `[q_heads][2][stride][row_bytes]` K then V rows of the chosen tokens (empty unless asked).
+    pub rows: &'a [u8],
+}
+
+impl Retrieved<'_> {
+    /// The chosen ids of query head `h`.
+    pub fn head_ids(&self, h: usize) -> &[u32] {
+        let s = self.header.stride as usize;
+        let k = self.k.get(h).map_or(0, |&k| k as usize);
+        self.ids.get(h * s..h * s + k).unwrap_or(&[])
+    }
+
+    /// The gathered K and V rows of query head `h` (`k[h]` rows each).
+    pub fn head_rows(&self, h: usize) -> (&[u8], &[u8]) {
+        let (s, rb) = (self.header.stride as usize, self.header.row_bytes as usize);
+        let k = self.k.get(h).map_or(0, |&k| k as usize);
+        let base = h * 2 * s * rb;
+        (
+            self.rows.get(base..base + k * rb).unwrap_or(&[]),
+            self.rows
+                .get(base + s * rb..base + (s + k) * rb)
+                .unwrap_or(&[]),
+        )
+    }
+}
+
+fn cast<'a, T: bytemuck::Pod>(b: &'a [u8]) -> Result<&'a [T]> {
+    bytemuck::try_cast_slice(b)
+        .map_err(|e| KvdexError::Protocol(format!("retrieve response section misaligned: {e}")))
+}
+
+impl SessionHandle {
+    /// Seals `layer`'s prefill and asks for a background build of a `kind` index per KV head.
+    /// `training` is `(queries [q_heads][n][head_dim], positions [n])`, a sample of the prefill
+    /// queries (causal); `None` builds from the keys alone. Returns the tokens indexed per KV
+    /// head; progress shows in `/stats`.
+    pub fn seal(
+        &mut self,
+        layer: u32,
+        kind: IndexKind,
+        training: Option<(&[f32], &[u32])>,
+    ) -> Result<u64> {
+        let (q, p) = training.unwrap_or((&[], &[]));
+        let h = SealHeader {
+            layer,
+            kind,
+            n: p.len() as u32,
+        };
+        let n = h.encode(p, q, self.arena_mut())?;
+        let r = self.call_raw(Opcode::Seal, n as u64)?;
+        let b = &self.arena_mut()[r];
+        let v: [u8; 8] = b.try_into().map_err(|_| {
+            KvdexError::Protocol(format!("seal response is {} bytes, not 8", b.len()))
+        })?;
+        Ok(u64::from_le_bytes(v))
+    }
+
+    /// The decode-step request for `layer`: `q` is `[q_heads][head_dim]`.
+    pub fn retrieve(
+        &mut self,
+        layer: u32,
+        q: &[f32],
+        params: &RetrieveParams,
+    ) -> Result<Retrieved<'_>> {
+        let h = RetrieveHeader {
+            layer,
+            params: *params,
+        };
+        let n = h.encode(q, self.arena_mut())?;
+        let r = self.call_raw(Opcode::Retrieve, n as u64)?;
+        let body = &self.arena_mut()[r];
+        let header = ResponseHeader::decode(body)?;
+        let layout = RetrieveLayout::new(
+            header.q_heads as usize,
+            header.stride as usize,
+            header.head_dim as usize,
+            header.row_bytes as usize,
+            header.flags & ATTEND != 0,
+            header.flags & GATHER != 0,
+        )
+        .filter(|l| l.len() == body.len())
+        .ok_or_else(|| {
+            KvdexError::Protocol(format!(
+                "retrieve response of {} bytes does not match its header {header:?}",
+                body.len()
+            ))
+        })?;
+        Ok(Retrieved {
+            header,
+            k: cast(&body[layout.k])?,
+            coverage: cast(&body[layout.coverage])?,
+            ids: cast(&body[layout.ids])?,
+            scores: cast(&body[layout.scores])?,
+            out: cast(&body[layout.out])?,
+            lse: cast(&body[layout.lse])?,
+            rows: &body[layout.rows],
+        })
+    }
+}

@@ -1,0 +1,436 @@
+//! Bodies of the decode-path requests (little-endian, like [`crate::proto`]).
+//!
+//! | op       | request body | response body |
+//! |----------|--------------|---------------|
+//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, 0 u32, positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]` | tokens indexed per KV head, u64 |
+//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, 0 u32, query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
+//!
+//! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
+//! `min_k..=max_k`; otherwise exactly `k`). A scale of 0 means `1/sqrt(head_dim)`.
+
+use kvdex_index::attend::BudgetParams;
+use kvdex_index::IndexKind;
+
+use crate::error::{KvdexError, Result};
+use crate::store::retrieve::{Budget, RetrieveParams};
+
+/// Retrieve flag: compute the partial attention `(out, lse)`.
+pub const ATTEND: u32 = 1;
+/// Retrieve flag: copy the chosen K/V rows into the response.
+pub const GATHER: u32 = 2;
+/// Retrieve flag: adaptive budget.
+pub const ADAPTIVE: u32 = 4;
+
+/// Bytes of the seal request header.
+pub const SEAL_HEADER: usize = 16;
+/// Bytes of the retrieve request header.
+pub const RETRIEVE_HEADER: usize = 32;
+/// Bytes of the retrieve response header.
+pub const RESPONSE_HEADER: usize = 48;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn f32_at(b: &[u8], at: usize) -> Option<f32> {
+    u32_at(b, at).map(f32::from_bits)
+}
+
+/// The wire code of an index kind.
+pub fn kind_code(kind: IndexKind) -> u32 {
+    match kind {
+        IndexKind::Flat => 0,
+        IndexKind::Hnsw => 1,
+        IndexKind::Graph => 2,
+    }
+}
+
+/// A decoded seal header; the positions and queries are the bytes after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SealHeader {
+    /// Layer to seal.
+    pub layer: u32,
+    /// Index kind.
+    pub kind: IndexKind,
+    /// Training positions that follow (0: key-only build).
+    pub n: u32,
+}
+
+impl SealHeader {
+    /// Decodes the header and splits the body into positions and queries bytes.
+    pub fn decode(body: &[u8]) -> Result<(Self, &[u8], &[u8])> {
+        let (Some(layer), Some(kind), Some(n)) =
+            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "seal body is {} bytes, needs at least {SEAL_HEADER}",
+                body.len()
+            )));
+        };
+        let kind = match kind {
+            0 => IndexKind::Flat,
+            1 => IndexKind::Hnsw,
+            2 => IndexKind::Graph,
+            other => {
+                return Err(KvdexError::BadRequest(format!(
+                    "seal index kind {other} is unknown (0 flat, 1 hnsw, 2 graph)"
+                )))
+            }
+        };
+        let rest = body.get(SEAL_HEADER..).unwrap_or(&[]);
+        let pos_bytes = (n as usize)
+            .checked_mul(4)
+            .filter(|&b| b <= rest.len())
+            .ok_or_else(|| {
+                KvdexError::BadRequest(format!(
+                    "seal says {n} training positions, but only {} bytes follow",
+                    rest.len()
+                ))
+            })?;
+        let (positions, queries) = rest.split_at(pos_bytes);
+        if queries.len() % 4 != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "seal queries are {} bytes, not a multiple of 4",
+                queries.len()
+            )));
+        }
+        Ok((Self { layer, kind, n }, positions, queries))
+    }
+
+    /// Writes the header followed by `positions` and `queries` into `out`; returns the length.
+    pub fn encode(&self, positions: &[u32], queries: &[f32], out: &mut [u8]) -> Result<usize> {
+        let need = SEAL_HEADER + 4 * positions.len() + 4 * queries.len();
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "seal request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        let head = [self.layer, kind_code(self.kind), positions.len() as u32, 0];
+        for (i, w) in head.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        let (p, q) = out[SEAL_HEADER..].split_at_mut(4 * positions.len());
+        p.copy_from_slice(bytemuck::cast_slice(positions));
+        q.copy_from_slice(bytemuck::cast_slice(queries));
+        Ok(need)
+    }
+}
+
+/// A decoded retrieve header; the query is the bytes after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetrieveHeader {
+    /// Layer.
+    pub layer: u32,
+    /// What to compute.
+    pub params: RetrieveParams,
+}
+
+impl RetrieveHeader {
+    /// Decodes the header (validating the budget) and returns the query bytes.
+    pub fn decode(body: &[u8]) -> Result<(Self, &[u8])> {
+        let field = |at| u32_at(body, at);
+        let (Some(layer), Some(flags), Some(k), Some(min_k), Some(max_k)) =
+            (field(0), field(4), field(8), field(12), field(16))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve body is {} bytes, needs at least {RETRIEVE_HEADER}",
+                body.len()
+            )));
+        };
+        let (Some(coverage), Some(scale)) = (f32_at(body, 20), f32_at(body, 24)) else {
+            return Err(KvdexError::BadRequest("retrieve body too short".into()));
+        };
+        if flags & !(ATTEND | GATHER | ADAPTIVE) != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve flags {flags:#x} are unknown"
+            )));
+        }
+        let budget = if flags & ADAPTIVE != 0 {
+            Budget::Adaptive(BudgetParams::new(coverage, min_k as usize, max_k as usize)?)
+        } else if k == 0 {
+            return Err(KvdexError::BadRequest(
+                "budget k = 0: ask for at least one token".into(),
+            ));
+        } else {
+            Budget::Fixed(k as usize)
+        };
+        let query = body.get(RETRIEVE_HEADER..).unwrap_or(&[]);
+        if query.len() % 4 != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve query is {} bytes, not a multiple of 4",
+                query.len()
+            )));
+        }
+        let params = RetrieveParams {
+            budget,
+            attend: flags & ATTEND != 0,
+            gather: flags & GATHER != 0,
+            scale: (scale != 0.0).then_some(scale),
+        };
+        Ok((Self { layer, params }, query))
+    }
+
+    /// Writes the header and `query` into `out`; returns the length.
+    pub fn encode(&self, query: &[f32], out: &mut [u8]) -> Result<usize> {
+        let p = &self.params;
+        let need = RETRIEVE_HEADER + 4 * query.len();
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "retrieve request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        let mut flags = (p.attend as u32) * ATTEND | (p.gather as u32) * GATHER;
+        let (k, min_k, max_k, coverage) = match p.budget {
+            Budget::Fixed(k) => (k as u32, 0, 0, 0.0f32),
+            Budget::Adaptive(b) => {
+                flags |= ADAPTIVE;
+                (0, b.min_k as u32, b.max_k as u32, b.coverage)
+            }
+        };
+        let scale = p.scale.unwrap_or(0.0);
+        let head = [
+            self.layer,
+            flags,
+            k,
+            min_k,
+            max_k,
+            coverage.to_bits(),
+            scale.to_bits(),
+            0,
+        ];
+        for (i, w) in head.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[RETRIEVE_HEADER..].copy_from_slice(bytemuck::cast_slice(query));
+        Ok(need)
+    }
+}
+
+/// Byte ranges of a retrieve response, computed identically by the worker (to write) and the
+/// client (to read). Every section is a whole number of 4-byte words, so with the arena's
+/// 8-byte alignment each casts in place to `u32`/`f32`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrieveLayout {
+    /// `[q_heads]` u32 chosen k.
+    pub k: std::ops::Range<usize>,
+    /// `[q_heads]` f32 estimated coverage.
+    pub coverage: std::ops::Range<usize>,
+    /// `[q_heads][stride]` u32 ids.
+    pub ids: std::ops::Range<usize>,
+    /// `[q_heads][stride]` f32 scores.
+    pub scores: std::ops::Range<usize>,
+    /// `[q_heads][head_dim]` f32 partial attention (empty unless attend).
+    pub out: std::ops::Range<usize>,
+    /// `[q_heads]` f32 log-sum-exp (empty unless attend).
+    pub lse: std::ops::Range<usize>,
+    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather).
+    pub rows: std::ops::Range<usize>,
+}
+
+impl RetrieveLayout {
+    /// The layout for a shape and stride; `None` on overflow.
+    pub fn new(
+        q_heads: usize,
+        stride: usize,
+        head_dim: usize,
+        row_bytes: usize,
+        attend: bool,
+        gather: bool,
+    ) -> Option<Self> {
+        let mut at = RESPONSE_HEADER;
+        let mut take = |n: usize| -> Option<std::ops::Range<usize>> {
+            let r = at..at.checked_add(n)?;
+            at = r.end;
+            Some(r)
+        };
+        let hs = q_heads.checked_mul(stride)?;
+        Some(Self {
+            k: take(4 * q_heads)?,
+            coverage: take(4 * q_heads)?,
+            ids: take(hs.checked_mul(4)?)?,
+            scores: take(hs.checked_mul(4)?)?,
+            out: take(if attend {
+                q_heads.checked_mul(head_dim)?.checked_mul(4)?
+            } else {
+                0
+            })?,
+            lse: take(if attend { 4 * q_heads } else { 0 })?,
+            rows: take(if gather {
+                hs.checked_mul(2)?.checked_mul(row_bytes)?
+            } else {
+                0
+            })?,
+        })
+    }
+
+    /// Total response bytes.
+    pub fn len(&self) -> usize {
+        self.rows.end
+    }
+
+    /// Never empty (the header is always there).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The retrieve response header.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResponseHeader {
+    /// Query heads.
+    pub q_heads: u32,
+    /// Candidates per head.
+    pub stride: u32,
+    /// Head dim.
+    pub head_dim: u32,
+    /// Bytes per gathered row.
+    pub row_bytes: u32,
+    /// The request's flags.
+    pub flags: u32,
+    /// Keys scored by the searches.
+    pub scored: u64,
+    /// Daemon microseconds searching.
+    pub search_us: f32,
+    /// Daemon microseconds on budgets and attention.
+    pub attend_us: f32,
+    /// Daemon microseconds copying out.
+    pub copy_us: f32,
+}
+
+impl ResponseHeader {
+    /// Writes the header into the first [`RESPONSE_HEADER`] bytes of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<()> {
+        let out = out.get_mut(..RESPONSE_HEADER).ok_or_else(|| {
+            KvdexError::BadRequest("retrieve response space is smaller than its header".into())
+        })?;
+        let words = [
+            self.q_heads,
+            self.stride,
+            self.head_dim,
+            self.row_bytes,
+            self.flags,
+            0,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[24..32].copy_from_slice(&self.scored.to_le_bytes());
+        for (i, f) in [self.search_us, self.attend_us, self.copy_us, 0.0]
+            .iter()
+            .enumerate()
+        {
+            out[32 + i * 4..36 + i * 4].copy_from_slice(&f.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Reads the header.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let bad = || {
+            KvdexError::Protocol(format!(
+                "retrieve response of {} bytes has no header",
+                b.len()
+            ))
+        };
+        let w = |i: usize| u32_at(b, i * 4).ok_or_else(bad);
+        Ok(Self {
+            q_heads: w(0)?,
+            stride: w(1)?,
+            head_dim: w(2)?,
+            row_bytes: w(3)?,
+            flags: w(4)?,
+            scored: u64::from_le_bytes(
+                b.get(24..32)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            ),
+            search_us: f32_at(b, 32).ok_or_else(bad)?,
+            attend_us: f32_at(b, 36).ok_or_else(bad)?,
+            copy_us: f32_at(b, 40).ok_or_else(bad)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retrieve_header_round_trips_and_refuses_bad_budgets() {
+        let h = RetrieveHeader {
+            layer: 3,
+            params: RetrieveParams {
+                budget: Budget::Adaptive(BudgetParams::new(0.9, 4, 64).unwrap()),
+                attend: true,
+                gather: false,
+                scale: Some(0.125),
+            },
+        };
+        let q = [1.0f32, -2.0, 3.5];
+        let mut buf = vec![0u8; 64];
+        let n = h.encode(&q, &mut buf).unwrap();
+        let (back, query) = RetrieveHeader::decode(&buf[..n]).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(query), &q);
+        // k = 0 with a fixed budget, and min_k = 0 with an adaptive one, are refused.
+        let mut fixed = h;
+        fixed.params.budget = Budget::Fixed(0);
+        let n = fixed.encode(&q, &mut buf).unwrap();
+        let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
+        assert!(e.contains("k = 0"), "{e}");
+        buf[12..16].copy_from_slice(&0u32.to_le_bytes());
+        buf[4..8].copy_from_slice(&ADAPTIVE.to_le_bytes());
+        let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
+        assert!(e.contains("min_k 0"), "{e}");
+        assert!(RetrieveHeader::decode(&buf[..20]).is_err());
+        buf[4..8].copy_from_slice(&0x80u32.to_le_bytes());
+        assert!(RetrieveHeader::decode(&buf[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("flags"));
+    }
+
+    #[test]
+    fn seal_header_round_trips_and_checks_lengths() {
+        let h = SealHeader {
+            layer: 1,
+            kind: IndexKind::Graph,
+            n: 2,
+        };
+        let mut buf = vec![0u8; 64];
+        let n = h.encode(&[5, 9], &[0.5; 4], &mut buf).unwrap();
+        let (back, p, q) = SealHeader::decode(&buf[..n]).unwrap();
+        assert_eq!(back, h);
+        assert_eq!((p.len(), q.len()), (8, 16));
+        buf[8..12].copy_from_slice(&100u32.to_le_bytes());
+        assert!(SealHeader::decode(&buf[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("100 training"));
+        buf[4..8].copy_from_slice(&7u32.to_le_bytes());
+        assert!(SealHeader::decode(&buf[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("kind 7"));
+    }
+
+    #[test]
+    fn layout_sections_follow_each_other_and_overflow_is_none() {
+        let l = RetrieveLayout::new(8, 10, 128, 256, true, true).unwrap();
+        assert_eq!(l.k.start, RESPONSE_HEADER);
+        assert_eq!(l.rows.len(), 8 * 2 * 10 * 256);
+        assert_eq!(l.out.len(), 8 * 128 * 4);
+        assert!(RetrieveLayout::new(usize::MAX / 2, 4, 1, 1, false, false).is_none());
+        let h = ResponseHeader {
+            q_heads: 8,
+            stride: 10,
+            scored: 1 << 40,
+            search_us: 1.5,
+            ..Default::default()
+        };
+        let mut b = [0u8; RESPONSE_HEADER];
+        h.encode(&mut b).unwrap();
+        assert_eq!(ResponseHeader::decode(&b).unwrap(), h);
+    }
+}

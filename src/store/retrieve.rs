@@ -1,0 +1,483 @@
+//! The decode-step request: one call per layer and step, for all query heads of the layer.
+//!
+//! For each query head `h` (reading KV head `h / group`):
+//! 1. **search**: the top candidates among the non-static tokens `sinks .. len - window`, through
+//!    the KV head's index plus an exact scan of the tokens not inserted yet, or, before the
+//!    index is built, one GQA-batched exact scan per KV head;
+//! 2. **budget**: a fixed k, or the adaptive k covering a fraction p of the estimated mass
+//!    (static tokens exact, candidates exact, tail sampled: [`kvdex_index::attend::budget`]);
+//! 3. **attend**: partial attention over the chosen ids, `(out, lse)`, for the engine's exact
+//!    LSE merge ([`crate::client::merge`]);
+//! 4. **gather**: the chosen K/V rows copied into the response.
+//!
+//! Steps 1 (graph searches) and 2-3 run one query head per rayon task when
+//! [`DecodeConfig::parallel_heads`](super::DecodeConfig) is set. Every buffer lives in the
+//! caller's [`RetrieveScratch`], so a steady-state request allocates nothing.
+
+use std::time::Instant;
+
+use kvdex_index::attend::{
+    attend_head, choose_k, default_scale, estimate_tail_lse, systematic_sample, AttendScratch,
+    BudgetParams,
+};
+use kvdex_index::keys::KeyRows;
+use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch, TopK};
+use rayon::prelude::*;
+
+use super::indexing::{view, HeadIndex};
+use super::layer::LayerKv;
+use super::{poisoned, Session};
+use crate::error::{KvdexError, Result};
+
+/// How many tokens each query head gets.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    /// Exactly k (clamped to the retrievable tokens).
+    Fixed(usize),
+    /// The smallest k covering a fraction of the estimated attention mass, within bounds.
+    Adaptive(BudgetParams),
+}
+
+/// What a retrieve computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetrieveParams {
+    /// Tokens per head.
+    pub budget: Budget,
+    /// Compute the partial attention `(out, lse)`.
+    pub attend: bool,
+    /// Copy the chosen K/V rows into the response.
+    pub gather: bool,
+    /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+}
+
+/// Where a retrieve writes, all caller-owned (the response space of the shared-memory arena).
+/// `stride` is the candidate count per head the caller sized them for.
+pub struct RetrieveOut<'a> {
+    /// `[q_heads]`: tokens chosen per head (a prefix of its candidates).
+    pub k: &'a mut [u32],
+    /// `[q_heads]`: estimated mass covered by static tokens + chosen ones (adaptive), else 0.
+    pub coverage: &'a mut [f32],
+    /// `[q_heads][stride]` token ids, best first.
+    pub ids: &'a mut [u32],
+    /// `[q_heads][stride]` raw inner products.
+    pub scores: &'a mut [f32],
+    /// `[q_heads][head_dim]` partial attention (when asked).
+    pub out: &'a mut [f32],
+    /// `[q_heads]` its log-sum-exp (when asked).
+    pub lse: &'a mut [f32],
+    /// `[q_heads][2][stride][row_bytes]`: K rows then V rows of the chosen ids (when asked).
+    pub rows: &'a mut [u8],
+}
+
+/// Server-side timings and counters of one retrieve.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RetrieveStats {
+    /// Candidates per head (the response's row stride).
+    pub stride: usize,
+    /// Keys scored by the searches, all heads.
+    pub scored: u64,
+    /// Microseconds searching.
+    pub search_us: f64,
+    /// Microseconds choosing budgets and attending.
+    pub attend_us: f64,
+    /// Microseconds copying results and rows out.
+    pub copy_us: f64,
+}
+
+/// One query head's reusable buffers.
+#[derive(Default)]
+struct HeadScratch {
+    search: SearchScratch,
+    hits: Hits,
+    pending: Hits,
+    merge: TopK,
+    attend: AttendScratch,
+    sample: Vec<u32>,
+    logits: Vec<f32>,
+    out: Vec<f32>,
+    lse: f32,
+    k: usize,
+    coverage: f32,
+    scored: usize,
+    searched: bool,
+}
+
+/// Per-connection scratch of [`Session::retrieve`]; grows on first use, then is reused.
+#[derive(Default)]
+pub struct RetrieveScratch {
+    heads: Vec<HeadScratch>,
+    group: Vec<Hits>,
+    flat: SearchScratch,
+}
+
+impl RetrieveScratch {
+    /// An empty scratch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Rows of `bytes` in `dtype` as a key (or value) store.
+fn rows_of(bytes: &[u8], dtype: KeyDtype, d: usize) -> Result<KeySlice<'_>> {
+    let cast = |e: bytemuck::PodCastError| KvdexError::Protocol(format!("stored rows: {e}"));
+    let rows = match dtype {
+        KeyDtype::F16 => KeyRows::F16(bytemuck::try_cast_slice(bytes).map_err(cast)?),
+        KeyDtype::Bf16 => KeyRows::Bf16(bytemuck::try_cast_slice(bytes).map_err(cast)?),
+        KeyDtype::F32 => KeyRows::F32(bytemuck::try_cast_slice(bytes).map_err(cast)?),
+    };
+    Ok(KeySlice::new(rows, d)?)
+}
+
+fn lse_of(xs: &[f32]) -> f32 {
+    let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    m + xs.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+}
+
+impl Session {
+    /// Candidates per head a retrieve of `layer` with `budget` returns now: the response's
+    /// row stride. Errors on an unknown layer or a zero budget.
+    pub fn retrieve_stride(&self, layer: u32, budget: &Budget) -> Result<usize> {
+        let want = match budget {
+            Budget::Fixed(0) => {
+                return Err(KvdexError::BadRequest(
+                    "budget k = 0: ask for at least one token".into(),
+                ))
+            }
+            Budget::Fixed(k) => *k,
+            Budget::Adaptive(p) => p.max_k,
+        };
+        let cfg = &self.store.decode;
+        let len = self.len(layer)?;
+        Ok(want.min(cfg.retrievable_end(len) - cfg.sinks))
+    }
+
+    /// The decode-step request for `layer` (see the module docs). `q` is `[q_heads][head_dim]`
+    /// f32; `out` is sized for `stride` candidates per head.
+    pub fn retrieve(
+        &self,
+        layer: u32,
+        q: &[f32],
+        params: &RetrieveParams,
+        scratch: &mut RetrieveScratch,
+        out: RetrieveOut<'_>,
+    ) -> Result<RetrieveStats> {
+        let s = self.shape;
+        let (hq, d, group) = (s.q_heads as usize, s.head_dim as usize, s.group() as usize);
+        if q.len() != hq * d {
+            return Err(KvdexError::BadRequest(format!(
+                "query has {} values, expected q_heads {hq} x head_dim {d} = {}",
+                q.len(),
+                hq * d
+            )));
+        }
+        if let Some(pos) = q.iter().position(|x| !x.is_finite()) {
+            return Err(KvdexError::BadRequest(format!(
+                "query value {pos} (head {}) is {}",
+                pos / d,
+                q[pos]
+            )));
+        }
+        let scale = params.scale.unwrap_or_else(|| default_scale(d));
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(KvdexError::BadRequest(format!(
+                "attention scale {scale} must be finite and positive"
+            )));
+        }
+        let stride = self.retrieve_stride(layer, &params.budget)?;
+        let rb = s.row_bytes();
+        check_out(&out, hq, d, stride, rb, params)?;
+        let cfg = &self.store.decode;
+        let li = self.index_of(layer)?;
+        let l = self.layer(layer)?.read().map_err(poisoned)?;
+        let (start, end) = (cfg.sinks, cfg.retrievable_end(l.len));
+        if end - start < stride {
+            return Err(KvdexError::Protocol(format!(
+                "layer {layer} changed length during a retrieve"
+            )));
+        }
+        if end <= start {
+            // Only static tokens: an empty part (weight exp(-inf) = 0 in the merge).
+            out.k[..hq].fill(0);
+            out.coverage[..hq].fill(1.0);
+            if params.attend {
+                out.out[..hq * d].fill(0.0);
+                out.lse[..hq].fill(f32::NEG_INFINITY);
+            }
+            return Ok(RetrieveStats::default());
+        }
+        if scratch.heads.len() < hq {
+            scratch.heads.resize_with(hq, HeadScratch::default);
+        }
+        let heads = &mut scratch.heads[..hq];
+        let t0 = Instant::now();
+        // 1a. KV heads without an index: one GQA-batched exact scan for the whole group.
+        for g in 0..s.kv_heads as usize {
+            let exact = matches!(*li.heads[g].read().map_err(poisoned)?, HeadIndex::Exact);
+            let hs = &mut heads[g * group..(g + 1) * group];
+            hs.iter_mut().for_each(|h| h.searched = exact);
+            if !exact || stride == 0 {
+                hs.iter_mut().for_each(|h| {
+                    h.hits.clear();
+                    h.scored = 0;
+                });
+                continue;
+            }
+            let keys = view(&l.keys(g, s.dtype, d)?, start, end)?;
+            scratch.group.resize_with(group, Hits::default);
+            let st = FlatIndex::new(end - start).search_group(
+                &keys,
+                &q[g * group * d..(g + 1) * group * d],
+                stride,
+                &mut scratch.flat,
+                &mut scratch.group,
+            )?;
+            for (h, hits) in hs.iter_mut().zip(scratch.group.iter_mut()) {
+                std::mem::swap(&mut h.hits, hits);
+                h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+                h.scored = st.scored / group;
+            }
+        }
+        // 1b. KV heads with an index: one search per query head, plus the pending tokens.
+        let search = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
+            if hs.searched || stride == 0 {
+                return Ok(());
+            }
+            let g = h / group;
+            let guard = li.heads[g].read().map_err(poisoned)?;
+            let HeadIndex::Ready(index) = &*guard else {
+                return Err(KvdexError::Protocol("index disappeared".into()));
+            };
+            search_indexed(
+                &l,
+                index.as_ref(),
+                g,
+                &q[h * d..(h + 1) * d],
+                stride,
+                hs,
+                self,
+                (start, end),
+            )
+        };
+        if cfg.parallel_heads {
+            heads.par_iter_mut().enumerate().try_for_each(search)?;
+        } else {
+            heads.iter_mut().enumerate().try_for_each(search)?;
+        }
+        let t1 = Instant::now();
+        // 2-3. Budget and attention per head.
+        let work = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
+            let g = h / group;
+            let keys = l.keys(g, s.dtype, d)?;
+            let values = rows_of(l.v_bytes(g, rb), s.dtype, d)?;
+            let qh = &q[h * d..(h + 1) * d];
+            budget_and_attend(
+                &keys,
+                &values,
+                qh,
+                scale,
+                params,
+                (start, end, l.len),
+                cfg.tail_sample,
+                hs,
+            )
+        };
+        if cfg.parallel_heads {
+            heads.par_iter_mut().enumerate().try_for_each(work)?;
+        } else {
+            heads.iter_mut().enumerate().try_for_each(work)?;
+        }
+        let t2 = Instant::now();
+        // 4. Copy out.
+        let mut scored = 0u64;
+        for (h, hs) in heads.iter().enumerate() {
+            let n = hs.hits.len().min(stride);
+            let (ids, scores) = (
+                &mut out.ids[h * stride..(h + 1) * stride],
+                &mut out.scores[h * stride..(h + 1) * stride],
+            );
+            ids[..n].copy_from_slice(&hs.hits.ids[..n]);
+            scores[..n].copy_from_slice(&hs.hits.scores[..n]);
+            ids[n..].fill(u32::MAX);
+            scores[n..].fill(f32::NEG_INFINITY);
+            out.k[h] = hs.k as u32;
+            out.coverage[h] = hs.coverage;
+            scored += hs.scored as u64;
+            if params.attend {
+                out.out[h * d..(h + 1) * d].copy_from_slice(&hs.out[..d]);
+                out.lse[h] = hs.lse;
+            }
+            if params.gather {
+                let g = h / group;
+                let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
+                let base = h * 2 * stride * rb;
+                for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
+                    let src = id as usize * rb..(id as usize + 1) * rb;
+                    let ko = base + i * rb;
+                    let vo = base + (stride + i) * rb;
+                    out.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
+                    out.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                }
+            }
+        }
+        let t3 = Instant::now();
+        let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
+        Ok(RetrieveStats {
+            stride,
+            scored,
+            search_us: us(t0, t1),
+            attend_us: us(t1, t2),
+            copy_us: us(t2, t3),
+        })
+    }
+}
+
+/// Checks every output slice is sized for `hq` heads of `stride` candidates.
+fn check_out(
+    out: &RetrieveOut<'_>,
+    hq: usize,
+    d: usize,
+    stride: usize,
+    rb: usize,
+    p: &RetrieveParams,
+) -> Result<()> {
+    let want = [
+        ("k", out.k.len(), hq),
+        ("coverage", out.coverage.len(), hq),
+        ("ids", out.ids.len(), hq * stride),
+        ("scores", out.scores.len(), hq * stride),
+        ("out", out.out.len(), if p.attend { hq * d } else { 0 }),
+        ("lse", out.lse.len(), if p.attend { hq } else { 0 }),
+        (
+            "rows",
+            out.rows.len(),
+            if p.gather { hq * 2 * stride * rb } else { 0 },
+        ),
+    ];
+    for (what, got, need) in want {
+        if got < need {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve output {what} holds {got}, needs {need}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Graph (or other index) search of one head over the indexed tokens, merged with an exact
+/// scan of the tokens that left the window but are not inserted yet.
+#[allow(clippy::too_many_arguments)]
+fn search_indexed(
+    l: &LayerKv,
+    index: &dyn kvdex_index::MipsIndexMut,
+    g: usize,
+    q: &[f32],
+    stride: usize,
+    hs: &mut HeadScratch,
+    session: &Session,
+    (start, end): (usize, usize),
+) -> Result<()> {
+    let s = session.shape;
+    let d = s.head_dim as usize;
+    let full = l.keys(g, s.dtype, d)?;
+    let n = index.len().min(end - start);
+    let st = index.search(
+        &view(&full, start, start + n)?,
+        q,
+        stride,
+        &mut hs.search,
+        &mut hs.hits,
+    )?;
+    hs.scored = st.scored;
+    if start + n < end {
+        let pend = view(&full, start + n, end)?;
+        let st = FlatIndex::new(end - start - n).search_group(
+            &pend,
+            q,
+            stride,
+            &mut hs.search,
+            std::slice::from_mut(&mut hs.pending),
+        )?;
+        hs.scored += st.scored;
+        hs.merge.reset(stride);
+        for (&id, &sc) in hs.hits.ids.iter().zip(&hs.hits.scores) {
+            hs.merge.push(id + start as u32, sc);
+        }
+        for (&id, &sc) in hs.pending.ids.iter().zip(&hs.pending.scores) {
+            hs.merge.push(id + (start + n) as u32, sc);
+        }
+        hs.merge.drain_into(&mut hs.hits);
+    } else {
+        hs.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+    }
+    Ok(())
+}
+
+/// Steps 2 and 3 for one head: choose k, then attend over the first k candidates.
+#[allow(clippy::too_many_arguments)]
+fn budget_and_attend(
+    keys: &KeySlice<'_>,
+    values: &KeySlice<'_>,
+    q: &[f32],
+    scale: f32,
+    params: &RetrieveParams,
+    (start, end, len): (usize, usize, usize),
+    tail_sample: usize,
+    hs: &mut HeadScratch,
+) -> Result<()> {
+    let n = hs.hits.len();
+    match params.budget {
+        Budget::Fixed(k) => {
+            hs.k = k.min(n);
+            hs.coverage = 0.0;
+        }
+        Budget::Adaptive(bp) => {
+            // Static tokens' exact log-sum-exp: sinks 0..start and window end..len.
+            let nstatic = start + (len - end);
+            hs.logits.resize(nstatic.max(n), 0.0);
+            keys.score_range(q, 0, &mut hs.logits[..start]);
+            keys.score_range(q, end, &mut hs.logits[start..nstatic]);
+            hs.logits[..nstatic].iter_mut().for_each(|x| *x *= scale);
+            let static_lse = lse_of(&hs.logits[..nstatic]);
+            let threshold = hs.hits.scores.last().map_or(f32::INFINITY, |&x| x * scale);
+            hs.sample.resize(tail_sample, 0);
+            let m = systematic_sample(start as u32, end as u32, &mut hs.sample);
+            let tail = if n < end - start {
+                estimate_tail_lse(
+                    keys,
+                    q,
+                    scale,
+                    &hs.sample[..m],
+                    end - start,
+                    threshold,
+                    &mut hs.attend,
+                )?
+            } else {
+                f32::NEG_INFINITY
+            };
+            hs.logits.resize(n, 0.0);
+            for (l, &s) in hs.logits.iter_mut().zip(&hs.hits.scores) {
+                *l = s * scale;
+            }
+            let c = choose_k(&hs.logits[..n], static_lse, tail, &bp)?;
+            hs.k = c.k;
+            hs.coverage = c.estimated_coverage;
+        }
+    }
+    if params.attend {
+        hs.out.resize(q.len(), 0.0);
+        hs.lse = attend_head(
+            keys,
+            values,
+            q,
+            &hs.hits.ids[..hs.k],
+            scale,
+            &mut hs.attend,
+            &mut hs.out,
+        )?;
+    }
+    Ok(())
+}

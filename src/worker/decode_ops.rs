@@ -1,0 +1,128 @@
+//! Serving the decode-path ops (`seal`, `retrieve`) for one connection.
+
+use std::sync::Arc;
+
+use crate::decode::wire::{
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+};
+use crate::error::{KvdexError, Result};
+use crate::proto::{self, Opcode};
+use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch};
+use crate::store::{SealTraining, Session};
+
+/// Per-connection buffers of the decode ops, reused across requests.
+#[derive(Default)]
+pub struct DecodeOps {
+    query: Vec<f32>,
+    scratch: RetrieveScratch,
+}
+
+fn cast_mut<'a, T: bytemuck::Pod>(what: &str, b: &'a mut [u8]) -> Result<&'a mut [T]> {
+    bytemuck::try_cast_slice_mut(b)
+        .map_err(|e| KvdexError::BadRequest(format!("retrieve response {what} is misaligned: {e}")))
+}
+
+impl DecodeOps {
+    /// Executes a `seal` or `retrieve` body; returns the response bytes written into `out`.
+    pub fn serve(
+        &mut self,
+        session: &Arc<Session>,
+        op: Opcode,
+        body: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize> {
+        match op {
+            Opcode::Seal => Self::seal(session, body, out),
+            Opcode::Retrieve => self.retrieve(session, body, out),
+            other => Err(KvdexError::BadRequest(format!(
+                "{} is not a decode-path op",
+                other.name()
+            ))),
+        }
+    }
+
+    fn seal(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let (h, positions, queries) = SealHeader::decode(body)?;
+        let dst = out.get_mut(..8).ok_or_else(|| {
+            KvdexError::BadRequest("seal response needs 8 bytes of response space".into())
+        })?;
+        // Copied out of shared memory: the build runs long after this request completes.
+        let mut pos = vec![0u32; positions.len() / 4];
+        proto::read_u32s(positions, &mut pos);
+        let mut vectors = vec![0f32; queries.len() / 4];
+        proto::read_f32s(queries, &mut vectors);
+        let training = (h.n > 0).then_some(SealTraining {
+            vectors: &vectors,
+            positions: &pos,
+        });
+        session.seal(h.layer, h.kind, training)?;
+        let st = session.build_status(h.layer)?;
+        dst.copy_from_slice(&(st.sealed_tokens as u64).to_le_bytes());
+        Ok(8)
+    }
+
+    fn retrieve(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let (h, query) = RetrieveHeader::decode(body)?;
+        let shape = *session.shape();
+        let (hq, d) = (shape.q_heads as usize, shape.head_dim as usize);
+        // The query is copied out of shared memory before it is validated and used.
+        self.query.clear();
+        self.query.resize(query.len() / 4, 0.0);
+        proto::read_f32s(query, &mut self.query);
+        let p = h.params;
+        if let Budget::Adaptive(b) = p.budget {
+            if b.max_k == 0 {
+                return Err(KvdexError::BadRequest("adaptive max_k = 0".into()));
+            }
+        }
+        let stride = session.retrieve_stride(h.layer, &p.budget)?;
+        let rb = shape.row_bytes();
+        let layout =
+            RetrieveLayout::new(hq, stride, d, rb, p.attend, p.gather).ok_or_else(|| {
+                KvdexError::BadRequest(format!("retrieve of {stride} per head overflows"))
+            })?;
+        if out.len() < layout.len() {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve response needs {} bytes, the response space has {}",
+                layout.len(),
+                out.len()
+            )));
+        }
+        let out = &mut out[..layout.len()];
+        let (head, rest) = out.split_at_mut(layout.k.start);
+        let (k, rest) = rest.split_at_mut(layout.k.len());
+        let (cov, rest) = rest.split_at_mut(layout.coverage.len());
+        let (ids, rest) = rest.split_at_mut(layout.ids.len());
+        let (scores, rest) = rest.split_at_mut(layout.scores.len());
+        let (o, rest) = rest.split_at_mut(layout.out.len());
+        let (lse, rows) = rest.split_at_mut(layout.lse.len());
+        let stats = session.retrieve(
+            h.layer,
+            &self.query,
+            &p,
+            &mut self.scratch,
+            RetrieveOut {
+                k: cast_mut("k", k)?,
+                coverage: cast_mut("coverage", cov)?,
+                ids: cast_mut("ids", ids)?,
+                scores: cast_mut("scores", scores)?,
+                out: cast_mut("out", o)?,
+                lse: cast_mut("lse", lse)?,
+                rows,
+            },
+        )?;
+        ResponseHeader {
+            q_heads: hq as u32,
+            stride: stride as u32,
+            head_dim: d as u32,
+            row_bytes: rb as u32,
+            flags: (p.attend as u32) * ATTEND | (p.gather as u32) * GATHER,
+            scored: stats.scored,
+            search_us: stats.search_us as f32,
+            attend_us: stats.attend_us as f32,
+            copy_us: stats.copy_us as f32,
+        }
+        .encode(head)?;
+        Ok(layout.len())
+    }
+}

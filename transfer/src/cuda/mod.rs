@@ -1,0 +1,433 @@
+//! The CUDA backend: pinned arenas from `cuMemHostAlloc`, destinations in the engine's GPU
+//! memory opened from CUDA IPC handles, and double-buffered asynchronous gathers on a stream.
+//! cudarc loads the driver at run time, so nothing here is needed to build or run without one.
+
+mod driver;
+mod staging;
+
+use std::ffi::{c_char, c_void};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use cudarc::driver::sys;
+
+pub(crate) use driver::free_pinned as free_pinned_raw;
+pub use driver::probe_driver_library;
+use driver::{check, no_panic, Handle};
+pub use staging::{CHUNK_BYTES, DIRECT_BYTES};
+
+use crate::arena::AllocTracker;
+use crate::dest::{DestStats, Registry};
+use crate::host::{HostEngine, HostPtr};
+use crate::inflight::Use;
+use crate::tickets::Tickets;
+use crate::{
+    check_runs, AllocStats, Arena, Backing, DestId, DeviceLink, IpcEventHandle, IpcMemHandle, Run,
+    Ticket, TransferError,
+};
+use staging::Staging;
+
+/// The primary context of the device in use, made current before freeing pinned memory on
+/// whatever thread drops an arena.
+static PRIMARY: OnceLock<Handle<sys::CUctx_st>> = OnceLock::new();
+
+/// Frees a pinned arena's memory (its `Drop` calls this).
+///
+/// # Safety
+/// `ptr` must come from `cuMemHostAlloc` and be freed once.
+pub(crate) unsafe fn free_pinned(ptr: *mut u8) {
+    if let Some(ctx) = PRIMARY.get() {
+        // SAFETY: the primary context is retained for the life of the process.
+        unsafe { sys::cuCtxSetCurrent(ctx.0) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { free_pinned_raw(ptr) }
+}
+
+/// Where a CUDA-link destination lives.
+#[derive(Clone, Copy, Debug)]
+enum Dest {
+    /// Host memory: gathered by CPU copies, as on the host link.
+    Host(HostPtr),
+    /// GPU memory: opened from an IPC handle (`ipc`), or allocated here (`cuMemAlloc`), with
+    /// the engine's IPC event to record after each gather, if it sent one.
+    Device {
+        ptr: sys::CUdeviceptr,
+        ipc: bool,
+        event: Option<Handle<sys::CUevent_st>>,
+    },
+}
+
+/// What a finished gather releases: it is handed to the stream as a host callback, which runs
+/// once every copy before it has completed.
+struct Done {
+    tickets: Arc<Tickets>,
+    ticket: Ticket,
+    _src: Use,
+    _dst: Use,
+}
+
+unsafe extern "C" fn on_gather_done(arg: *mut c_void) {
+    // SAFETY: arg is the Box<Done> leaked by `gather_device`, handed to exactly one callback.
+    let done = unsafe { Box::from_raw(arg.cast::<Done>()) };
+    done.tickets.complete(done.ticket);
+}
+
+/// [`DeviceLink`] over one CUDA device.
+pub struct CudaLink {
+    ctx: Handle<sys::CUctx_st>,
+    device_name: String,
+    stream: Handle<sys::CUstream_st>,
+    staging: Mutex<Staging>,
+    tracker: Arc<AllocTracker>,
+    dests: Registry<(Dest, u64)>,
+    tickets: Arc<Tickets>,
+    host: HostEngine,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl CudaLink {
+    /// Opens device `ordinal`: probes for the driver library first, so a machine without CUDA
+    /// gets an error, never a panic.
+    pub fn new(ordinal: i32) -> Result<Self, TransferError> {
+        probe_driver_library().map_err(|reason| TransferError::Cuda {
+            call: "dlopen",
+            reason,
+        })?;
+        no_panic("driver start-up", || Self::open(ordinal))
+    }
+
+    fn open(ordinal: i32) -> Result<Self, TransferError> {
+        // SAFETY: cuInit takes no pointers; the library is known to load.
+        check("cuInit", unsafe { sys::cuInit(0) })?;
+        let mut dev = 0;
+        // SAFETY: out-pointer to a local.
+        check("cuDeviceGet", unsafe {
+            sys::cuDeviceGet(&mut dev, ordinal)
+        })?;
+        let mut name = [0 as c_char; 256];
+        // SAFETY: the buffer holds 256 chars, as passed.
+        check("cuDeviceGetName", unsafe {
+            sys::cuDeviceGetName(name.as_mut_ptr(), 256, dev)
+        })?;
+        // SAFETY: the driver wrote a NUL-terminated string within the buffer.
+        let device_name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into();
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local. The primary context stays retained for the process's
+        // life: pinned arenas may outlive the link, and freeing them needs it.
+        check("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+        })?;
+        let _ = PRIMARY.set(Handle(ctx));
+        // SAFETY: a retained context.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+        let mut stream = std::ptr::null_mut();
+        let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32;
+        // SAFETY: out-pointer to a local, context current.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut stream, flags)
+        })?;
+        let staging = Staging::new()?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kvdex-pack-{i}"))
+            .build()
+            .map_err(|e| TransferError::Alloc {
+                bytes: 0,
+                reason: e.to_string(),
+            })?;
+        let tickets = Arc::new(Tickets::new());
+        Ok(Self {
+            ctx: Handle(ctx),
+            device_name,
+            stream: Handle(stream),
+            staging: Mutex::new(staging),
+            tracker: Arc::new(AllocTracker::default()),
+            dests: Registry::new(),
+            host: HostEngine::new(threads, tickets.clone()),
+            tickets,
+            pool: Arc::new(pool),
+        })
+    }
+
+    /// The device's name, as the driver reports it (for logs and benchmark reports).
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    fn make_current(&self) -> Result<(), TransferError> {
+        // SAFETY: the context is retained for the process's life.
+        check("cuCtxSetCurrent", unsafe {
+            sys::cuCtxSetCurrent(self.ctx.0)
+        })
+    }
+
+    /// Allocates `bytes` of device memory as a destination owned by this link (freed on
+    /// unregister). The engine's buffers come through [`DeviceLink::register_ipc`]; this one
+    /// serves tests and benchmarks, which have no engine process.
+    pub fn alloc_device(&self, bytes: usize) -> Result<DestId, TransferError> {
+        self.make_current()?;
+        let mut ptr = 0;
+        // SAFETY: out-pointer to a local, context current.
+        check("cuMemAlloc", unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, bytes.max(1))
+        })?;
+        let dest = Dest::Device {
+            ptr,
+            ipc: false,
+            event: None,
+        };
+        Ok(self.dests.insert((dest, bytes as u64), bytes as u64))
+    }
+
+    /// Copies `out.len()` bytes at `offset` of a device destination back to the host, after
+    /// every gather submitted so far: how tests check what landed.
+    pub fn read_device(
+        &self,
+        dest: DestId,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), TransferError> {
+        let check_len = [Run {
+            src_offset: 0,
+            dst_offset: offset,
+            len: out.len() as u64,
+        }];
+        let ((kind, len), _, _use) = self.dests.begin_gather(dest)?;
+        let Dest::Device { ptr, .. } = kind else {
+            return Err(TransferError::InvalidArgument(
+                "read_device of a host destination".into(),
+            ));
+        };
+        if out.is_empty() {
+            return Ok(());
+        }
+        check_runs(&check_len, out.len() as u64, len)?;
+        self.make_current()?;
+        // SAFETY: live stream; then a bounded device-to-host copy into `out`.
+        unsafe {
+            check(
+                "cuStreamSynchronize",
+                sys::cuStreamSynchronize(self.stream.0),
+            )?;
+            let rc = sys::cuMemcpyDtoH_v2(out.as_mut_ptr().cast(), ptr + offset, out.len());
+            check("cuMemcpyDtoH", rc)
+        }
+    }
+
+    /// Submits the device gather; see [`DeviceLink::gather`].
+    fn gather_device(
+        &self,
+        src: &Arena,
+        runs: &[Run],
+        ptr: sys::CUdeviceptr,
+        len: u64,
+        event: Option<Handle<sys::CUevent_st>>,
+        dest_use: Use,
+    ) -> Result<Ticket, TransferError> {
+        check_runs(runs, src.len() as u64, len)?;
+        self.make_current()?;
+        let ticket = self.tickets.submit(false)?;
+        let submitted = (|| {
+            let mut staging = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
+            // SAFETY: runs were checked against both buffers; the context is current; the
+            // arena stays alive until the callback below drops its use.
+            unsafe { staging.gather(self.stream, Some(&self.pool), src, runs, ptr)? };
+            if let Some(ev) = event {
+                // SAFETY: an opened IPC event and our stream.
+                check("cuEventRecord", unsafe {
+                    sys::cuEventRecord(ev.0, self.stream.0)
+                })?;
+            }
+            let done = Box::new(Done {
+                tickets: self.tickets.clone(),
+                ticket,
+                _src: src.begin_use(),
+                _dst: dest_use,
+            });
+            let arg = Box::into_raw(done).cast::<c_void>();
+            // SAFETY: the callback takes ownership of `arg` exactly once when it runs.
+            let rc = unsafe { sys::cuLaunchHostFunc(self.stream.0, Some(on_gather_done), arg) };
+            if let Err(e) = check("cuLaunchHostFunc", rc) {
+                // SAFETY: the launch failed, so no callback owns `arg`: reclaim it.
+                drop(unsafe { Box::from_raw(arg.cast::<Done>()) });
+                return Err(e);
+            }
+            Ok(())
+        })();
+        if let Err(e) = submitted {
+            // Let issued copies finish before the caller may free anything, then forget the
+            // ticket; the destination may hold part of the batch.
+            // SAFETY: live stream.
+            unsafe { sys::cuStreamSynchronize(self.stream.0) };
+            self.tickets.cancel(ticket);
+            return Err(e);
+        }
+        Ok(ticket)
+    }
+
+    fn release(&self, dest: Dest) {
+        let Dest::Device { ptr, ipc, event } = dest else {
+            return;
+        };
+        if self.make_current().is_err() {
+            return;
+        }
+        // SAFETY: the registry handed this destination out once; its gathers have finished
+        // (their uses ended, so their stream callbacks ran), and it is released once here.
+        let (call, rc) = unsafe {
+            if let Some(ev) = event {
+                sys::cuEventDestroy_v2(ev.0);
+            }
+            if ipc {
+                ("cuIpcCloseMemHandle", sys::cuIpcCloseMemHandle(ptr))
+            } else {
+                ("cuMemFree", sys::cuMemFree_v2(ptr))
+            }
+        };
+        if let Err(e) = check(call, rc) {
+            tracing::error!("releasing a destination: {e}");
+        }
+    }
+}
+
+impl Drop for CudaLink {
+    fn drop(&mut self) {
+        for (dest, _) in self.dests.drain() {
+            self.release(dest);
+        }
+        // SAFETY: every gather has drained (above); the stream is destroyed once.
+        unsafe {
+            sys::cuStreamSynchronize(self.stream.0);
+            sys::cuStreamDestroy_v2(self.stream.0);
+        }
+    }
+}
+
+impl DeviceLink for CudaLink {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc_arena(&self, bytes: usize) -> Result<Arena, TransferError> {
+        self.tracker.reserve(bytes)?;
+        let pinned = self.make_current().and_then(|()| {
+            let mut p: *mut c_void = std::ptr::null_mut();
+            let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+            // SAFETY: out-pointer to a local, context current.
+            check("cuMemHostAlloc", unsafe {
+                sys::cuMemHostAlloc(&mut p, bytes.max(1), flags)
+            })?;
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| TransferError::Alloc {
+                bytes,
+                reason: "cuMemHostAlloc returned null".into(),
+            })
+        });
+        match pinned {
+            Ok(ptr) => {
+                // SAFETY: `bytes` fresh bytes at ptr, ours alone.
+                unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, bytes) };
+                // SAFETY: zeroed, page-aligned pinned memory, reserved in the tracker above.
+                Ok(unsafe {
+                    Arena::from_raw(ptr, bytes, Backing::CudaPinned, self.tracker.clone())
+                })
+            }
+            Err(e) => {
+                self.tracker.release(bytes);
+                Err(e)
+            }
+        }
+    }
+
+    fn stats(&self) -> AllocStats {
+        self.tracker.snapshot()
+    }
+
+    fn dest_stats(&self) -> DestStats {
+        self.dests.stats()
+    }
+
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<DestId, TransferError> {
+        if ptr.is_null() {
+            return Err(TransferError::InvalidArgument(
+                "destination pointer is null".into(),
+            ));
+        }
+        Ok(self
+            .dests
+            .insert((Dest::Host(HostPtr(ptr)), len as u64), len as u64))
+    }
+
+    fn register_ipc(
+        &self,
+        mem: &IpcMemHandle,
+        len: usize,
+        event: Option<&IpcEventHandle>,
+    ) -> Result<DestId, TransferError> {
+        self.make_current()?;
+        let handle = sys::CUipcMemHandle {
+            reserved: mem.0.map(|b| b as c_char),
+        };
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        let mut ptr = 0;
+        // SAFETY: out-pointer to a local; the handle is plain bytes the driver validates.
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, flags)
+        })?;
+        let ev = match event {
+            None => None,
+            Some(h) => {
+                let mut ev = std::ptr::null_mut();
+                let handle = sys::CUipcEventHandle {
+                    reserved: h.0.map(|b| b as c_char),
+                };
+                // SAFETY: out-pointer to a local.
+                let rc = unsafe { sys::cuIpcOpenEventHandle(&mut ev, handle) };
+                if let Err(e) = check("cuIpcOpenEventHandle", rc) {
+                    // SAFETY: opened just above, closed once.
+                    unsafe { sys::cuIpcCloseMemHandle(ptr) };
+                    return Err(e);
+                }
+                Some(Handle(ev))
+            }
+        };
+        Ok(self.dests.insert(
+            (
+                Dest::Device {
+                    ptr,
+                    ipc: true,
+                    event: ev,
+                },
+                len as u64,
+            ),
+            len as u64,
+        ))
+    }
+
+    fn unregister(&self, dest: DestId) -> Result<(), TransferError> {
+        let (kind, _) = self.dests.remove(dest)?;
+        self.release(kind);
+        Ok(())
+    }
+
+    fn gather(&self, src: &Arena, runs: &[Run], dst: DestId) -> Result<Ticket, TransferError> {
+        let ((kind, len), _, dest_use) = self.dests.begin_gather(dst)?;
+        match kind {
+            Dest::Host(ptr) => self.host.gather(src, runs, ptr, len, dest_use),
+            Dest::Device { ptr, event, .. } => {
+                self.gather_device(src, runs, ptr, len, event, dest_use)
+            }
+        }
+    }
+
+    fn poll(&self, ticket: Ticket) -> Result<bool, TransferError> {
+        self.tickets.poll(ticket)
+    }
+
+    fn wait(&self, ticket: Ticket) -> Result<(), TransferError> {
+        self.tickets.wait(ticket)
+    }
+}
