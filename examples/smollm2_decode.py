@@ -164,6 +164,7 @@ def plot(results: Sequence[Dict[str, object]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    results = [r for r in results if "error" not in r]
     for name in sorted({str(r["backend"]) for r in results}):
         rs = sorted((r for r in results if r["backend"] == name), key=lambda r: r["attended_fraction"])
         x = [r["attended_fraction"] for r in rs]
@@ -223,21 +224,24 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=Non
     P, G = a.prompt_tokens, a.gen_tokens
     if len(ids) < P + G + 1:
         raise SystemExit(f"{a.text} has {len(ids)} tokens after offset {a.offset}; need P+G+1 = {P + G + 1}")
+    ref = prepare(model, ids, P, G, a.chunk, log, train_queries=a.train_queries if uses_daemon else 0)
+    # The daemon starts after the (long) prefill: kvdex.Daemon() picks target/release/kvdex when
+    # it exists by then ($KVDEX_BIN overrides).
     daemon = None
     if uses_daemon and a.url is None:
         daemon = kvdex.Daemon().__enter__()
+        log(f"daemon {daemon.binary} at {daemon.url}")
     try:
         client = kvdex.connect(a.url or daemon.url) if uses_daemon else None
-        return _run(a, model, ids, names, client, log, emit)
+        return _run(a, model, ids, ref, names, client, log, emit)
     finally:
         if daemon is not None:
             daemon.__exit__(None, None, None)
 
 
-def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, names: List[str], client, log, emit):
+def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, object], names: List[str],
+         client, log, emit) -> List[Dict[str, object]]:
     P, G = a.prompt_tokens, a.gen_tokens
-    uses_daemon = client is not None
-    ref = prepare(model, ids, P, G, a.chunk, log, train_queries=a.train_queries if uses_daemon else 0)
     scale = 1.0 / np.sqrt(model.cfg.hd)
     results = []
     for name in names:
@@ -257,7 +261,18 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, names: List[str],
                 continue  # k0 (static tokens only) is the same for every backend
             if name == "recency" and budget.p is not None:
                 continue  # recency takes fixed sizes
-            r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
+            try:
+                r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
+            except kvdex.KvdexError as e:  # one failed setting (the daemon's message) does not end a sweep
+                log(f"{name:10s} {str(budget):12s} FAILED: {type(e).__name__}: {e}")
+                if isinstance(backend, KvdexBackend):
+                    backend.close()
+                r = dict(backend=backend.name, prompt_tokens=P, gen_tokens=G, sinks=a.sinks, window=a.window,
+                         budget=str(budget), error=f"{type(e).__name__}: {e}", text=os.path.basename(a.text))
+                results.append(r)
+                if emit is not None:
+                    emit(r)
+                continue
             r["text"] = os.path.basename(a.text)
             log(f"{name:10s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
                 f"top1 {r['top1_agreement']:.3f}  ppl {r['ppl_kvdex']:.3f} (full {r['ppl_full']:.3f})")
@@ -275,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "kvdex_ms_per_layer_p50", "model_ms_per_token"]
         print("  ".join(f"{c:>14s}" for c in cols))
         for r in results:
-            print("  ".join(f"{str(r[c]):>14s}" for c in cols))
+            print("  ".join(f"{str(r.get(c, r.get('error', '')))[:14]:>14s}" for c in cols))
     if a.plot:
         plot(results, a.plot, f"SmolLM2-135M, {os.path.basename(a.text)}, P={a.prompt_tokens}, "
                               f"G={a.gen_tokens}, S={a.sinks}, W={a.window}")
