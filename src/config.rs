@@ -33,6 +33,54 @@ pub struct Config {
     pub memory: MemoryConfig,
     /// Session limits and shared memory.
     pub sessions: SessionsConfig,
+    /// The decode path: static tokens, index builds, retrieval.
+    pub decode: DecodeSection,
+}
+
+/// `[decode]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeSection {
+    /// S: first tokens of a layer kept by the engine, never retrieved.
+    pub sinks: u64,
+    /// W: most recent tokens kept by the engine, never retrieved.
+    pub window: u64,
+    /// Threads of the background index-build pool (0: one per core).
+    pub build_threads: u64,
+    /// Tokens inserted into an index per lock hold, and the backlog that triggers an insert.
+    pub insert_batch: u64,
+    /// Spread a layer's query heads over cores during a retrieve.
+    pub parallel_heads: bool,
+    /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
+    pub tail_sample: u64,
+    /// Graph: beam width L of a search (raised to the candidates asked for).
+    pub graph_search_list: u64,
+    /// Graph: out-degree cap M.
+    pub graph_degree: u64,
+    /// Graph: training queries used at most per KV head.
+    pub graph_max_train_queries: u64,
+}
+
+impl DecodeSection {
+    /// The store's decode settings.
+    pub fn to_decode_config(&self) -> crate::store::DecodeConfig {
+        let mut c = crate::store::DecodeConfig {
+            sinks: self.sinks as usize,
+            window: self.window as usize,
+            insert_batch: self.insert_batch.max(1) as usize,
+            parallel_heads: self.parallel_heads,
+            tail_sample: self.tail_sample as usize,
+            ..Default::default()
+        };
+        if self.build_threads > 0 {
+            c.build_threads = self.build_threads as usize;
+        }
+        let g = &mut c.params.graph;
+        g.search_list = self.graph_search_list.max(1) as usize;
+        g.degree = self.graph_degree.clamp(1, 255) as usize;
+        g.max_train_queries = self.graph_max_train_queries.max(1) as usize;
+        c
+    }
 }
 
 /// `[http]`.
@@ -337,184 +385,4 @@ fn merge(into: &mut Table, default: &Table, over: Table, prefix: &str) -> Result
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn write(text: &str) -> tempfile_path::TempToml {
-        tempfile_path::TempToml::new(text)
-    }
-
-    /// A TOML file under the system temp dir, removed on drop.
-    mod tempfile_path {
-        pub struct TempToml(pub std::path::PathBuf);
-        impl TempToml {
-            pub fn new(text: &str) -> Self {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p =
-                    std::env::temp_dir().join(format!("kvdex-cfg-{}-{n}.toml", std::process::id()));
-                std::fs::write(&p, text).unwrap();
-                Self(p)
-            }
-        }
-        impl Drop for TempToml {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-    }
-
-    fn err(r: Result<Config>) -> String {
-        r.unwrap_err().to_string()
-    }
-
-    #[test]
-    fn embedded_default_is_valid_and_loopback() {
-        let c = Config::embedded().unwrap();
-        assert!(c.listen_addr().unwrap().ip().is_loopback());
-        assert!(c.memory.budget_bytes > 0);
-        assert_eq!(c.unix_socket(), None);
-    }
-
-    #[test]
-    fn layers_apply_in_order_default_file_env_flag() {
-        let f = write(
-            "[memory]\nbudget_bytes = 1000\ninitial_tokens = 7\n[http]\nlisten = \"127.0.0.1:1\"\n",
-        );
-        let c = Config::load(Some(&f.0), env(&[]), None).unwrap();
-        assert_eq!((c.memory.budget_bytes, c.memory.initial_tokens), (1000, 7));
-        assert_eq!(c.http.listen, "127.0.0.1:1");
-        let e = env(&[
-            ("KVDEX_MEMORY__BUDGET_BYTES", "2000"),
-            ("KVDEX_HTTP__LISTEN", "127.0.0.1:2"),
-            ("KVDEX_LOG", "debug"),
-        ]);
-        let c = Config::load(Some(&f.0), e.clone(), None).unwrap();
-        assert_eq!((c.memory.budget_bytes, c.memory.initial_tokens), (2000, 7));
-        assert_eq!(c.http.listen, "127.0.0.1:2");
-        let c = Config::load(Some(&f.0), e, Some("127.0.0.1:3")).unwrap();
-        assert_eq!(c.http.listen, "127.0.0.1:3");
-        assert_eq!(c.sessions, Config::embedded().unwrap().sessions);
-    }
-
-    #[test]
-    fn unknown_keys_are_refused_with_their_name() {
-        let f = write("[http]\nlisen = \"127.0.0.1:1\"\n");
-        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("unknown key `http.lisen`"));
-        let f = write("[cache]\nx = 1\n");
-        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("unknown key `cache`"));
-        let e = err(Config::load(
-            None,
-            env(&[("KVDEX_MEMORY__BUDGET", "1")]),
-            None,
-        ));
-        assert!(
-            e.contains("KVDEX_MEMORY__BUDGET") && e.contains("unknown key `memory.budget`"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn wrong_types_are_refused_with_key_and_reason() {
-        let f = write("[memory]\nbudget_bytes = \"lots\"\n");
-        let e = err(Config::load(Some(&f.0), env(&[]), None));
-        assert!(
-            e.contains("`memory.budget_bytes`: expected an integer, got a string"),
-            "{e}"
-        );
-        let e = err(Config::load(
-            None,
-            env(&[("KVDEX_MEMORY__BUDGET_BYTES", "12x")]),
-            None,
-        ));
-        assert!(
-            e.contains("`memory.budget_bytes`: expected an integer, got \"12x\""),
-            "{e}"
-        );
-        let e = err(Config::load(
-            None,
-            env(&[("KVDEX_HTTP__ALLOW_NON_LOOPBACK", "yes")]),
-            None,
-        ));
-        assert!(
-            e.contains("`http.allow_non_loopback`: expected true or false"),
-            "{e}"
-        );
-        let f = write("not toml [");
-        assert!(err(Config::load(Some(&f.0), env(&[]), None)).contains("not valid TOML"));
-        let e = err(Config::load(
-            Some(Path::new("/nonexistent/kvdex.toml")),
-            env(&[]),
-            None,
-        ));
-        assert!(e.contains("cannot read /nonexistent/kvdex.toml"), "{e}");
-    }
-
-    #[test]
-    fn bad_values_are_refused_with_key_and_reason() {
-        let cases: &[(&str, &str, &str)] = &[
-            (
-                "KVDEX_MEMORY__BUDGET_BYTES",
-                "0",
-                "`memory.budget_bytes`: must be greater than 0",
-            ),
-            (
-                "KVDEX_MEMORY__BUDGET_BYTES",
-                "-5",
-                "`memory.budget_bytes`: -5 is negative",
-            ),
-            (
-                "KVDEX_HTTP__LISTEN",
-                "localhost-ish",
-                "`http.listen`: \"localhost-ish\" is not an address",
-            ),
-            (
-                "KVDEX_SESSIONS__MAX_SESSIONS",
-                "0",
-                "`sessions.max_sessions`",
-            ),
-            (
-                "KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES",
-                "10",
-                "`sessions.default_payload_bytes`",
-            ),
-            (
-                "KVDEX_SESSIONS__SHM_DIR",
-                "/no/such/dir",
-                "`sessions.shm_dir`",
-            ),
-            (
-                "KVDEX_MEMORY__INITIAL_TOKENS",
-                "0",
-                "`memory.initial_tokens`",
-            ),
-        ];
-        for (var, val, want) in cases {
-            let e = err(Config::load(None, env(&[(var, val)]), None));
-            assert!(e.contains(want), "{var}={val}: {e}");
-        }
-    }
-
-    #[test]
-    fn non_loopback_needs_explicit_permission() {
-        let e = err(Config::load(None, env(&[]), Some("0.0.0.0:7070")));
-        assert!(
-            e.contains("`http.listen`") && e.contains("not a loopback"),
-            "{e}"
-        );
-        let c = Config::load(
-            None,
-            env(&[("KVDEX_HTTP__ALLOW_NON_LOOPBACK", "true")]),
-            Some("0.0.0.0:7070"),
-        );
-        assert_eq!(c.unwrap().listen_addr().unwrap().port(), 7070);
-        assert!(Config::load(None, env(&[]), Some("[::1]:0")).is_ok());
-    }
-}
+mod tests;

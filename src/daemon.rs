@@ -88,7 +88,8 @@ pub async fn serve(
         crate::store::default_link(),
         Arc::new(Budget::new(config.memory.budget_bytes)),
         config.memory.initial_tokens as usize,
-    );
+    )
+    .with_decode(config.decode.to_decode_config());
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
         config.clone(),

@@ -1,1 +1,267 @@
 //! Reading `.npy` data sets in the layout of ../shared/data, and the benchmark split.
+//!
+//! A data set directory holds `meta.json` (`T`, `layers`, `kv_head_of_q_head`, `cfg.hd`) and per
+//! layer `K_L{l}.npy` / `V_L{l}.npy` (`[kv_heads, T, dim]`) and `Q_L{l}.npy` (`[q_heads, T,
+//! dim]`), all little-endian float16. The split every benchmark uses (DESIGN.md): context =
+//! positions `[0, T-256)`, prefill (training) queries = the same positions (causal), decode
+//! (test) queries = `[T-256, T)`.
+
+use crate::error::{KvdexError, Result};
+use half::f16;
+use std::path::{Path, PathBuf};
+
+/// Decode (test) queries at the end of every sequence.
+pub const TEST_QUERIES: usize = 256;
+
+/// A float16 array read from an `.npy` file.
+#[derive(Clone, Debug)]
+pub struct Npy {
+    /// C-order shape.
+    pub shape: Vec<usize>,
+    /// Elements, row-major.
+    pub data: Vec<f16>,
+}
+
+fn bad(path: &Path, why: impl std::fmt::Display) -> KvdexError {
+    KvdexError::Data(format!("{}: {why}", path.display()))
+}
+
+/// Reads a little-endian float16, C-order `.npy` file (format versions 1 to 3).
+pub fn read_npy_f16(path: &Path) -> Result<Npy> {
+    let bytes = std::fs::read(path).map_err(|e| bad(path, e))?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad(path, "not an .npy file (bad magic)"));
+    }
+    let (hlen, hstart) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(path, format!("unsupported .npy version {v}"))),
+    };
+    let header = bytes
+        .get(hstart..hstart + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad(path, "truncated or non-UTF-8 header"))?;
+    let field = |key: &str| -> Option<&str> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(rest)
+    };
+    let descr = field("descr").ok_or_else(|| bad(path, "header has no descr"))?;
+    if !(descr.starts_with("'<f2'") || descr.starts_with("'float16'")) {
+        let got = descr.split(',').next().unwrap_or(descr);
+        return Err(bad(
+            path,
+            format!("dtype {got} is not little-endian float16 ('<f2')"),
+        ));
+    }
+    if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
+        return Err(bad(path, "Fortran-order arrays are not supported"));
+    }
+    let shape_txt = field("shape").ok_or_else(|| bad(path, "header has no shape"))?;
+    let inner = shape_txt
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad(path, "malformed shape"))?;
+    let shape: Vec<usize> = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(path, format!("bad shape entry {s:?}")))
+        })
+        .collect::<Result<_>>()?;
+    let count: usize = shape.iter().product();
+    let body = &bytes[hstart + hlen..];
+    if body.len() != count * 2 {
+        return Err(bad(
+            path,
+            format!("{} data bytes for shape {shape:?}", body.len()),
+        ));
+    }
+    let data = body
+        .chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])));
+    Ok(Npy {
+        shape,
+        data: data.collect(),
+    })
+}
+
+/// Writes `data` as a little-endian float16 `.npy` file of `shape`.
+pub fn write_npy_f16(path: &Path, shape: &[usize], data: &[f16]) -> Result<()> {
+    let count: usize = shape.iter().product();
+    if count != data.len() {
+        return Err(bad(
+            path,
+            format!("{} elements for shape {shape:?}", data.len()),
+        ));
+    }
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f2', 'fortran_order': False, 'shape': {tuple}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 2);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in data {
+        out.extend_from_slice(&x.to_bits().to_le_bytes());
+    }
+    std::fs::write(path, out).map_err(|e| bad(path, e))
+}
+
+/// What meta.json says about a data set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    /// Tokens per sequence.
+    pub tokens: usize,
+    /// Layers present on disk.
+    pub layers: Vec<u32>,
+    /// KV head of each query head (GQA).
+    pub kv_head_of_q_head: Vec<usize>,
+    /// Head dimension.
+    pub dim: usize,
+}
+
+impl Meta {
+    /// Number of query heads.
+    pub fn q_heads(&self) -> usize {
+        self.kv_head_of_q_head.len()
+    }
+    /// Number of KV heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_head_of_q_head.iter().max().map_or(0, |m| m + 1)
+    }
+    /// Context length of the benchmark split: positions `[0, T-256)`.
+    pub fn context(&self) -> usize {
+        self.tokens.saturating_sub(TEST_QUERIES)
+    }
+}
+
+/// One layer's arrays.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// `[kv_heads, T, dim]`.
+    pub k: Npy,
+    /// `[kv_heads, T, dim]`.
+    pub v: Npy,
+    /// `[q_heads, T, dim]`.
+    pub q: Npy,
+}
+
+impl Layer {
+    /// Rows `[from, to)` of head `h` of a `[heads, T, dim]` array.
+    pub fn rows(a: &Npy, h: usize, from: usize, to: usize) -> &[f16] {
+        let (t, d) = (a.shape[1], a.shape[2]);
+        &a.data[(h * t + from) * d..(h * t + to) * d]
+    }
+}
+
+/// A data set directory.
+#[derive(Clone, Debug)]
+pub struct DataSet {
+    /// Where it lives.
+    pub dir: PathBuf,
+    /// Its meta.json.
+    pub meta: Meta,
+}
+
+impl DataSet {
+    /// Opens `dir` and validates meta.json.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mp = dir.join("meta.json");
+        let txt = std::fs::read_to_string(&mp).map_err(|e| bad(&mp, e))?;
+        let v: serde_json::Value = serde_json::from_str(&txt).map_err(|e| bad(&mp, e))?;
+        let num = |x: &serde_json::Value| x.as_u64().map(|n| n as usize);
+        let tokens = num(&v["T"]).ok_or_else(|| bad(&mp, "missing integer T"))?;
+        let dim = num(&v["cfg"]["hd"]).ok_or_else(|| bad(&mp, "missing integer cfg.hd"))?;
+        let layers: Vec<u32> = v["layers"]
+            .as_array()
+            .ok_or_else(|| bad(&mp, "missing array layers"))?
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .map(|n| n as u32)
+                    .ok_or_else(|| bad(&mp, "non-integer layer"))
+            })
+            .collect::<Result<_>>()?;
+        let kv_head_of_q_head: Vec<usize> = v["kv_head_of_q_head"]
+            .as_array()
+            .ok_or_else(|| bad(&mp, "missing array kv_head_of_q_head"))?
+            .iter()
+            .map(|x| num(x).ok_or_else(|| bad(&mp, "non-integer kv head")))
+            .collect::<Result<_>>()?;
+        if tokens <= TEST_QUERIES || dim == 0 || kv_head_of_q_head.is_empty() {
+            return Err(bad(
+                &mp,
+                format!("need T > {TEST_QUERIES}, hd > 0 and query heads"),
+            ));
+        }
+        let meta = Meta {
+            tokens,
+            layers,
+            kv_head_of_q_head,
+            dim,
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// Loads one layer and checks every array's shape against meta.json.
+    pub fn layer(&self, l: u32) -> Result<Layer> {
+        let m = &self.meta;
+        let load = |name: &str, heads: usize| -> Result<Npy> {
+            let p = self.dir.join(format!("{name}_L{l}.npy"));
+            let a = read_npy_f16(&p)?;
+            if a.shape != [heads, m.tokens, m.dim] {
+                return Err(bad(
+                    &p,
+                    format!(
+                        "shape {:?}, expected [{heads}, {}, {}]",
+                        a.shape, m.tokens, m.dim
+                    ),
+                ));
+            }
+            Ok(a)
+        };
+        Ok(Layer {
+            k: load("K", m.kv_heads())?,
+            v: load("V", m.kv_heads())?,
+            q: load("Q", m.q_heads())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trips_and_rejects_garbage() {
+        let dir = std::env::temp_dir().join(format!("kvdex-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.npy");
+        let data: Vec<f16> = (0..24).map(|i| f16::from_f32(i as f32 * 0.5)).collect();
+        write_npy_f16(&p, &[2, 3, 4], &data).unwrap();
+        let a = read_npy_f16(&p).unwrap();
+        assert_eq!(a.shape, vec![2, 3, 4]);
+        assert_eq!(a.data, data);
+        std::fs::write(&p, b"hello").unwrap();
+        assert!(matches!(read_npy_f16(&p), Err(KvdexError::Data(_))));
+        assert!(read_npy_f16(&dir.join("missing.npy")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

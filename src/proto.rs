@@ -665,7 +665,7 @@ mod tests {
             .to_string();
         assert!(e.contains("not a multiple of 4"), "{e}");
         assert!(Response::decode(Opcode::Append, &[0; 9]).is_err());
-        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(5).is_none());
+        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(7).is_none());
         for op in Opcode::ALL {
             assert_eq!(Opcode::from_code(op as u32), Some(op));
         }

@@ -108,6 +108,7 @@ impl Worker {
     }
 
     /// [`Worker::spawn`] with explicit tuning.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_with(
         region: Region,
         session: Arc<Session>,
@@ -168,7 +169,7 @@ impl Worker {
 
     /// True once the thread has stopped serving.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.thread.as_ref().map_or(true, |t| t.is_finished())
     }
 
     /// Asks the thread to stop and waits for it (unless called from the worker thread itself,

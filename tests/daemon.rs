@@ -9,7 +9,9 @@ use common::{http, kvdex, Daemon};
 
 #[test]
 fn bad_config_values_are_refused_at_start_up_naming_the_key() {
-    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+    /// (environment, flags, what stderr must say).
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
         (
             &[("KVDEX_MEMORY__BUDGET_BYTES", "lots")],
             &[],
@@ -356,9 +358,9 @@ fn tokens_guard_the_routes_and_the_region() {
     let shm = created["shm_path"].as_str().unwrap();
     let mut wrong_bytes = kvdex::client::http::parse_token(token).unwrap();
     wrong_bytes[5] ^= 1;
-    let e = Client::attach(shm, &wrong_bytes)
-        .err()
-        .expect("a wrong token must not attach");
+    let Err(e) = Client::attach(shm, &wrong_bytes) else {
+        panic!("a wrong token must not attach");
+    };
     assert!(e.to_string().contains("refused the token"), "{e}");
     let mut s = Client::attach(shm, &kvdex::client::http::parse_token(token).unwrap()).unwrap();
     assert_eq!(s.ping(&[7u8; 64]).unwrap(), &[7u8; 64]);

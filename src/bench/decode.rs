@@ -26,7 +26,6 @@ use super::decode_data::{Synth, Truth};
 use crate::client::{merge, parse_token, Client, SessionHandle};
 use crate::error::{KvdexError, Result};
 use crate::store::retrieve::{Budget, RetrieveParams};
-use crate::store::DecodeConfig;
 
 /// Arguments of `kvdex bench decode`.
 #[derive(Debug, clap::Args)]
@@ -73,6 +72,15 @@ pub struct DecodeArgs {
     /// Prefill query positions sampled for the graph build (per query head).
     #[arg(long, default_value_t = 1024)]
     pub train: usize,
+    /// S: sinks the engine keeps (passed to the daemon).
+    #[arg(long, default_value_t = 128)]
+    pub sinks: usize,
+    /// W: recent window the engine keeps (passed to the daemon).
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Graph beam width L (passed to the daemon).
+    #[arg(long, default_value_t = 64)]
+    pub search_list: usize,
     /// The kvdex binary to start (default: this one).
     #[arg(long)]
     pub daemon: Option<PathBuf>,
@@ -113,7 +121,7 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(exe: &std::path::Path, kv_bytes: u64) -> Result<Daemon> {
+fn start_daemon(exe: &std::path::Path, kv_bytes: u64, a: &DecodeArgs) -> Result<Daemon> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -124,6 +132,9 @@ fn start_daemon(exe: &std::path::Path, kv_bytes: u64) -> Result<Daemon> {
             "KVDEX_MEMORY__BUDGET_BYTES",
             (kv_bytes * 3 + (1 << 30)).to_string(),
         )
+        .env("KVDEX_DECODE__SINKS", a.sinks.to_string())
+        .env("KVDEX_DECODE__WINDOW", a.window.to_string())
+        .env("KVDEX_DECODE__GRAPH_SEARCH_LIST", a.search_list.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -259,13 +270,12 @@ fn run_context(
     exe: &std::path::Path,
 ) -> Result<()> {
     let (hq, kv, d) = (a.q_heads as usize, a.kv_heads as usize, a.head_dim as usize);
-    let cfg = DecodeConfig::default();
-    let (sinks, window) = (cfg.sinks, cfg.window);
+    let (sinks, window) = (a.sinks, a.window);
     let t = Instant::now();
     let data = Synth::generate(n, kv, d, a.seed);
     let gen_s = t.elapsed().as_secs_f64();
     let kv_bytes = (a.layers as usize * n * kv * d * 2 * 2) as u64;
-    let daemon = start_daemon(exe, kv_bytes)?;
+    let daemon = start_daemon(exe, kv_bytes, a)?;
     let payload: u64 = 64 << 20;
     let (mut h, id, token) = create(&daemon, a, payload)?;
     // Append in blocks that fit the arena: [kv][block][d] K then V.

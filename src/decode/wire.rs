@@ -380,6 +380,7 @@ mod tests {
         let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
         assert!(e.contains("k = 0"), "{e}");
         buf[12..16].copy_from_slice(&0u32.to_le_bytes());
+        buf[20..24].copy_from_slice(&0.9f32.to_le_bytes());
         buf[4..8].copy_from_slice(&ADAPTIVE.to_le_bytes());
         let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
         assert!(e.contains("min_k 0"), "{e}");

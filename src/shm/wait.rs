@@ -34,9 +34,6 @@ impl Default for WaitPolicy {
     }
 }
 
-/// How long [`wait_until`] spins without yielding: a hot round trip completes well within it.
-const PURE_SPIN: Duration = Duration::from_micros(5);
-
 /// Parks on `word` while it still holds `expected`, for at most `timeout`.
 /// Spurious returns are fine: callers re-check their condition.
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
@@ -89,27 +86,18 @@ pub fn wait_until(
         return true;
     }
     if !policy.spin.is_zero() {
+        // A pure spin. (Yielding between checks was measured to be worse on the loaded 2-core
+        // box: a yielded thread can lose its core for milliseconds while the peer answers.)
         let start = Instant::now();
         let mut spins: u32 = 0;
-        let mut yielding = false;
         loop {
-            if yielding {
-                // On a busy machine a pure spin can hold the core the peer needs to run on;
-                // past the first few microseconds, give it up between checks.
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            std::hint::spin_loop();
             if ready() {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if yielding || spins % 64 == 0 {
-                let waited = start.elapsed();
-                if waited >= policy.spin {
-                    break;
-                }
-                yielding = waited >= PURE_SPIN;
+            if spins % 64 == 0 && start.elapsed() >= policy.spin {
+                break;
             }
         }
     }

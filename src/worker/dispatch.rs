@@ -42,11 +42,11 @@ fn check_range(what: &str, offset: u64, len: u64, arena: usize) -> Result<std::o
 
 /// Splits the arena into the request body (read) and the response space (written); they must
 /// not overlap.
-fn split<'a>(
-    arena: &'a mut [u8],
+fn split(
+    arena: &mut [u8],
     input: std::ops::Range<usize>,
     output: std::ops::Range<usize>,
-) -> Result<(&'a [u8], &'a mut [u8])> {
+) -> Result<(&[u8], &mut [u8])> {
     if input.is_empty() {
         return Ok((&[], &mut arena[output]));
     }

@@ -1,10 +1,10 @@
 //! The plain-memory backend, and the CPU gather engine the CUDA backend also uses for host
 //! destinations.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use crate::arena::AllocTracker;
-use crate::copy::{copy_runs_parallel, copy_runs_prefetch};
+use crate::copy::copy_runs_prefetch;
 use crate::dest::{DestStats, Registry};
 use crate::inflight::Use;
 use crate::tickets::Tickets;
@@ -12,10 +12,19 @@ use crate::{
     check_runs, AllocStats, Arena, DestId, DeviceLink, IpcEventHandle, IpcMemHandle, Run, Ticket,
     TransferError,
 };
+use job::Job;
 
-/// Batches under this many bytes are copied on the caller's thread before `gather` returns:
-/// handing them to a pool costs more than the copy.
+/// Batches under this many bytes are always copied on the caller's thread before `gather`
+/// returns: handing them to a pool costs more than the copy. (The floor of
+/// [`HostConfig::parallel_min_bytes`].)
 pub const INLINE_BYTES: u64 = 256 << 10;
+
+/// Machines with at most this many CPUs copy every batch on the caller alone by default.
+/// Measured on a 2-vCPU VM (notes/transfer.md): a second gather thread never beat one, at any
+/// batch from 256 KiB to 32 MiB, even in the least-disturbed samples (one core already reaches
+/// the memory bandwidth there), and when the box is loaded a helper preempted mid-chunk holds the
+/// whole batch back by a scheduler time slice.
+pub const CALLER_ONLY_MAX_CPUS: usize = 2;
 
 /// A host address that may cross threads; the registration contract makes writes through it
 /// sound (see [`DeviceLink::register_host`]).
@@ -34,9 +43,12 @@ unsafe impl Send for HostPtr {}
 // SAFETY: as above.
 unsafe impl Sync for HostPtr {}
 
-/// Runs gathers into host memory: inline for small batches, on a thread pool otherwise.
+/// Runs gathers into host memory: inline for small batches; larger ones are shared between
+/// the caller and the pool (see [`job`]), and complete when the last chunk is copied.
 pub(crate) struct HostEngine {
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// Batches of at least this many bytes are shared with the pool.
+    parallel_min_bytes: u64,
     tickets: Arc<Tickets>,
     /// Run buffers of finished asynchronous gathers, reused so that steady-state submits do
     /// not allocate.
@@ -44,7 +56,7 @@ pub(crate) struct HostEngine {
 }
 
 impl HostEngine {
-    pub(crate) fn new(threads: usize, tickets: Arc<Tickets>) -> Self {
+    pub(crate) fn new(threads: usize, parallel_min_bytes: u64, tickets: Arc<Tickets>) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("kvdex-gather-{i}"))
@@ -58,6 +70,7 @@ impl HostEngine {
         };
         Self {
             pool,
+            parallel_min_bytes: parallel_min_bytes.max(INLINE_BYTES),
             tickets,
             spare: Default::default(),
         }
@@ -75,7 +88,7 @@ impl HostEngine {
     ) -> Result<Ticket, TransferError> {
         let summary = check_runs(runs, src.len() as u64, dst_len)?;
         let pool = match &self.pool {
-            Some(p) if summary.total_bytes >= INLINE_BYTES => p.clone(),
+            Some(p) if summary.total_bytes >= self.parallel_min_bytes => p.clone(),
             _ => {
                 // SAFETY: check_runs bounded every run by both buffers; an arena never aliases
                 // a registered destination (its memory is owned by the arena); the
@@ -85,46 +98,42 @@ impl HostEngine {
                 return self.tickets.submit(true);
             }
         };
-        let ticket = self.tickets.submit(false)?;
-        let mut owned = self
-            .spare
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
-            .unwrap_or_default();
-        owned.clear();
-        owned.extend_from_slice(runs);
-        let src_use = src.begin_use();
-        let src_ptr = HostPtr(src.as_mut_ptr());
-        let (tickets, spare, task_pool) = (self.tickets.clone(), self.spare.clone(), pool.clone());
-        pool.spawn(move || {
-            if summary.disjoint_ascending {
-                // SAFETY: as for the inline copy; destinations are disjoint (checked), so the
-                // pool's threads write different bytes; `src_use` keeps the arena alive.
-                unsafe {
-                    copy_runs_parallel(
-                        &task_pool,
-                        src_ptr.get(),
-                        dst.get(),
-                        &owned,
-                        summary.total_bytes,
-                    )
-                };
-            } else {
-                // SAFETY: as for the inline copy, on one thread: later runs overwrite earlier
-                // ones, as in submission order.
-                unsafe { copy_runs_prefetch(src_ptr.get(), dst.get(), &owned) };
-            }
-            drop(src_use);
+        if !summary.disjoint_ascending {
+            // Overlapping or out-of-order destinations: one thread, in order, so that later
+            // runs overwrite earlier ones as submitted.
+            // SAFETY: as for the inline copy above.
+            unsafe { copy_runs_prefetch(src.as_ptr(), dst.0, runs) };
             drop(dest_use);
-            tickets.complete(ticket);
-            spare
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(owned);
-        });
+            return self.tickets.submit(true);
+        }
+        let ticket = self.tickets.submit(false)?;
+        let job = Job::new(
+            runs,
+            summary.total_bytes,
+            HostPtr(src.as_mut_ptr()),
+            dst,
+            ticket,
+            self.tickets.clone(),
+            (src.begin_use(), dest_use),
+            self.spare.clone(),
+        );
+        // The caller is one worker; wake up to one pool thread per remaining core.
+        let helpers = (pool.current_num_threads().saturating_sub(1))
+            .min(job_chunks_hint(summary.total_bytes).saturating_sub(1));
+        for _ in 0..helpers {
+            let job = job.clone();
+            pool.spawn(move || {
+                job.work();
+            });
+        }
+        job.work();
         Ok(ticket)
     }
+}
+
+/// Pool threads worth waking for a batch of `bytes`: one per chunk at most.
+fn job_chunks_hint(bytes: u64) -> usize {
+    bytes.div_ceil(job::CHUNK_BYTES) as usize
 }
 
 /// Settings of a [`HostLink`].
@@ -136,14 +145,25 @@ pub struct HostConfig {
     pub capacity_bytes: u64,
     /// Back arenas of 2 MiB and more with hugepages when the kernel allows (default: true).
     pub hugepages: bool,
+    /// Batches of at least this many bytes are shared between the caller and the gather
+    /// threads; smaller ones the caller copies alone (never less than [`INLINE_BYTES`]).
+    /// Default: `u64::MAX` (caller alone) on machines with at most [`CALLER_ONLY_MAX_CPUS`]
+    /// CPUs, where extra threads were measured not to pay; [`INLINE_BYTES`] otherwise.
+    pub parallel_min_bytes: u64,
 }
 
 impl Default for HostConfig {
     fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: cpus,
             capacity_bytes: u64::MAX,
             hugepages: true,
+            parallel_min_bytes: if cpus <= CALLER_ONLY_MAX_CPUS {
+                u64::MAX
+            } else {
+                INLINE_BYTES
+            },
         }
     }
 }
@@ -177,7 +197,7 @@ impl HostLink {
             tracker: Arc::new(AllocTracker::with_capacity(cfg.capacity_bytes)),
             hugepages: cfg.hugepages,
             dests: Registry::new(),
-            engine: HostEngine::new(cfg.threads, tickets.clone()),
+            engine: HostEngine::new(cfg.threads, cfg.parallel_min_bytes, tickets.clone()),
             tickets,
         }
     }
@@ -263,5 +283,6 @@ impl Drop for HostLink {
     }
 }
 
+mod job;
 #[cfg(test)]
 mod tests;

@@ -87,7 +87,8 @@ pub trait DeviceLink: Send + Sync {
     ///
     /// # Safety
     /// `ptr .. ptr + len` must stay valid for writes until `unregister(id)` returns (or the
-    /// link is dropped), and nothing else may read or write the bytes a gather writes while
+    /// link is dropped), must not overlap an arena (gathers copy arena -> destination without
+    /// an overlap check), and nothing else may read or write the bytes a gather writes while
     /// that gather is in flight (until `poll` says done or `wait` returns).
     unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<DestId, TransferError>;
 

@@ -87,6 +87,7 @@ fn churn(link: Arc<dyn DeviceLink>) {
 fn a_thousand_sessions_on_the_host_link_leave_nothing_behind() {
     churn(Arc::new(HostLink::with_config(HostConfig {
         threads: 2,
+        parallel_min_bytes: 0,
         ..Default::default()
     })));
 }

@@ -50,9 +50,17 @@ pub fn build(
     }
     // Projection: pivot → the rest of its query's list.
     let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n];
+    // Each list member also takes its rank neighbours in the list as candidates: when one hub
+    // (a sink) is the pivot of most queries, pivot edges alone leave the rest of the graph bare.
+    let w = params.rank_window;
     for l in &lists {
         if let Some((&p, rest)) = l.split_first() {
             cands[p as usize].extend_from_slice(rest);
+        }
+        for (i, &x) in l.iter().enumerate().skip(1) {
+            let lo = i.saturating_sub(w).max(1);
+            let hi = (i + w + 1).min(l.len());
+            cands[x as usize].extend(l[lo..hi].iter().copied());
         }
     }
     let m = params.degree;

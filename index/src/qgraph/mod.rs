@@ -29,12 +29,16 @@ pub struct GraphParams {
     pub train_topk: usize,
     /// Training queries used at most; more are sampled evenly.
     pub max_train_queries: usize,
-    /// L: beam width of a search (raised to k when smaller).
+    /// L: beam width of a search. It may be below k: the result is the k best of every key
+    /// scored on the way, so L sets the effort and k only the size of the answer.
     pub search_list: usize,
     /// Beam width used by the connectivity pass and by insert.
     pub build_list: usize,
     /// Hub keys (most frequent in the training top lists) that every search starts from.
     pub entry_points: usize,
+    /// Each training list member also gets the members within this many ranks of it as
+    /// candidates (0: pivot edges only, as in RoarGraph).
+    pub rank_window: usize,
     /// Occlusion slack α (DiskANN): candidate c is pruned when a kept s has α·d(s,c) < d(p,c).
     pub alpha: f32,
 }
@@ -42,13 +46,14 @@ pub struct GraphParams {
 impl Default for GraphParams {
     fn default() -> Self {
         Self {
-            degree: 32,
+            degree: 30,
             train_topk: 100,
             max_train_queries: 4096,
             search_list: 200,
             build_list: 64,
             entry_points: 4,
             alpha: 1.0,
+            rank_window: 8,
         }
     }
 }
@@ -136,13 +141,10 @@ impl MipsIndex for QueryGuidedGraph {
                 k_clamped: k > n,
             });
         }
-        let l = self.params.search_list.max(k);
         let g = &mut scratch.graph;
-        let scored = search::beam_search(self, keys, query, &self.entries, l, g);
-        for c in g.pool.iter().take(k) {
-            out.ids.push(c.id);
-            out.scores.push(c.score);
-        }
+        let l = self.params.search_list;
+        let scored = search::beam_search_k(self, keys, query, &self.entries, l, k.min(n), g);
+        g.best.drain_into(out);
         Ok(SearchStats {
             scored,
             k_clamped: k > n,

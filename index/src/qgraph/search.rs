@@ -25,6 +25,8 @@ pub struct GraphScratch {
     pub pool: Vec<Cand>,
     ids: Vec<u32>,
     scores: Vec<f32>,
+    /// The k best of every node scored, not only those left in the beam: the result set.
+    pub best: crate::TopK,
 }
 
 impl GraphScratch {
@@ -84,8 +86,36 @@ pub trait Adjacency {
 }
 
 /// Beam search for `query` from `entries` with list size `l`. Leaves the beam (best first) in
-/// `scratch.pool` and returns the number of keys scored.
+/// `scratch.pool`, the `k` best of every key scored in `scratch.best` (so the beam may be
+/// narrower than k), and returns the number of keys scored.
+#[allow(clippy::too_many_arguments)]
+pub fn beam_search_k(
+    graph: &dyn Adjacency,
+    keys: &dyn KeyStore,
+    query: &[f32],
+    entries: &[u32],
+    l: usize,
+    k: usize,
+    scratch: &mut GraphScratch,
+) -> usize {
+    scratch.best.reset(k);
+    search_inner(graph, keys, query, entries, l, scratch)
+}
+
+/// Beam search without a result heap (build-time searches read `scratch.pool`).
 pub fn beam_search(
+    graph: &dyn Adjacency,
+    keys: &dyn KeyStore,
+    query: &[f32],
+    entries: &[u32],
+    l: usize,
+    scratch: &mut GraphScratch,
+) -> usize {
+    scratch.best.reset(0);
+    search_inner(graph, keys, query, entries, l, scratch)
+}
+
+fn search_inner(
     graph: &dyn Adjacency,
     keys: &dyn KeyStore,
     query: &[f32],
@@ -139,6 +169,7 @@ fn score_and_offer(
     let mut first: Option<usize> = None;
     for i in 0..m {
         let (id, s) = (scratch.ids[i], scratch.scores[i]);
+        scratch.best.push(id, s);
         if let Some(at) = scratch.offer(l, id, s) {
             // Later inserts shift earlier positions right, never left of `at`.
             first = Some(first.map_or(at, |f| if at <= f { at } else { f }));

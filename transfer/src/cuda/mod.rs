@@ -147,7 +147,11 @@ impl CudaLink {
             staging: Mutex::new(staging),
             tracker: Arc::new(AllocTracker::default()),
             dests: Registry::new(),
-            host: HostEngine::new(threads, tickets.clone()),
+            host: HostEngine::new(
+                threads,
+                crate::host::HostConfig::default().parallel_min_bytes,
+                tickets.clone(),
+            ),
             tickets,
             pool: Arc::new(pool),
         })

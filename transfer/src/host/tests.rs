@@ -58,8 +58,10 @@ fn arenas_are_counted_and_released() {
 
 #[test]
 fn random_gathers_match_a_reference_copy() {
+    // parallel_min_bytes at its floor so that the pool path is exercised on any machine.
     let link = HostLink::with_config(HostConfig {
         threads: 3,
+        parallel_min_bytes: 0,
         ..Default::default()
     });
     let src = filled_arena(&link, 16 << 20, 1);
@@ -169,6 +171,7 @@ fn bad_input_gets_a_clear_error_and_copies_nothing() {
 fn freeing_waits_for_in_flight_gathers() {
     let link = HostLink::with_config(HostConfig {
         threads: 2,
+        parallel_min_bytes: 0,
         ..Default::default()
     });
     let len = 64 << 20;
@@ -191,4 +194,29 @@ fn freeing_waits_for_in_flight_gathers() {
     assert!(dst == want);
     assert_eq!(link.stats(), AllocStats::default());
     link.wait(t).unwrap();
+}
+
+#[test]
+fn caller_alone_below_the_parallel_threshold_completes_before_returning() {
+    let link = HostLink::with_config(HostConfig {
+        threads: 2,
+        parallel_min_bytes: u64::MAX,
+        ..Default::default()
+    });
+    let src = filled_arena(&link, 8 << 20, 5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    // 4 MiB of 4 KiB..64 KiB runs: large enough that the pool would take part at its floor.
+    let (runs, dst_len) = random_runs(&mut rng, src.len() as u64, 128, 4096);
+    let mut want = vec![0u8; dst_len as usize];
+    reference(arena_bytes(&src), &mut want, &runs);
+    let mut dst = vec![0u8; dst_len as usize];
+    // SAFETY: dst outlives the registration and is read only after unregister returns.
+    let id = unsafe { link.register_host(dst.as_mut_ptr(), dst.len()) }.unwrap();
+    let t = link.gather(&src, &runs, id).unwrap();
+    assert!(
+        link.poll(t).unwrap(),
+        "copied on the caller before gather returned"
+    );
+    link.unregister(id).unwrap();
+    assert!(dst == want);
 }
