@@ -19,8 +19,9 @@ Backends:
   every layer's prefill K/V is appended, the layer is sealed with a sample of the prefill
   queries as the index's training signal (a background build of that index kind per KV head),
   and each decode step appends the step's K/V and asks ``Session.retrieve`` for the partial
-  attention over the tokens it retrieves. The daemon's static tokens are its decode
-  configuration's (128 sinks + 512 window), so the engine must use the same.
+  attention over the tokens it retrieves. The daemon's static tokens are its ``[decode]``
+  configuration's (``sinks``, ``window``; 128 + 512 by default), so the engine must use the same
+  (the example starts its own daemon with the engine's values).
 """
 
 from __future__ import annotations
@@ -152,20 +153,17 @@ class Recency:
         return out, lse, np.full(H, hi - a, np.int64)
 
 
-# The daemon's decode configuration (kvdex::store::DecodeConfig::default): static tokens the
-# engine attends itself; the daemon retrieves from [DAEMON_SINKS, len - DAEMON_WINDOW).
-DAEMON_SINKS, DAEMON_WINDOW = 128, 512
-
-
 class KvdexBackend:
     """Retrieval by the daemon: one session per run (see :meth:`start`), one ``retrieve`` per
     layer and step with ``attend=True``; the engine merges its ``(out, lse)``."""
 
-    def __init__(self, client, kind: str, group: int, scale: float, train_queries: int = 1024) -> None:
+    def __init__(self, client, kind: str, group: int, scale: float, sinks: int, window: int) -> None:
+        """``sinks``/``window``: the daemon's ``[decode]`` static tokens (it retrieves from
+        ``[sinks, len - window)``)."""
         self.client, self.kind = client, kind
+        self.sinks, self.window = sinks, window
         self.name = f"kvdex-{kind}"
         self.group, self.scale = group, float(scale)
-        self.train_queries = train_queries
         self.session = None
         self.have: List[int] = []  # tokens appended per layer
         self.build_secs = 0.0
@@ -198,8 +196,8 @@ class KvdexBackend:
             self.have[layer] = n
         if hi <= lo or budget.k == 0:
             return empty_partial(H, d)
-        if lo != DAEMON_SINKS or n - hi != DAEMON_WINDOW:
-            raise ValueError(f"the daemon retrieves [{DAEMON_SINKS}, len - {DAEMON_WINDOW}); the engine's "
+        if lo != self.sinks or n - hi != self.window:
+            raise ValueError(f"the daemon retrieves [{self.sinks}, len - {self.window}); the engine's "
                              f"static tokens must match (got sinks {lo}, window {n - hi})")
         if budget.p is None:
             r = self.session.retrieve(layer, q, budget.k, scale=self.scale)

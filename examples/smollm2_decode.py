@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -203,7 +204,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG of quality against attended fraction")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
-    ap.add_argument("--url", default=None, help="kvdex daemon for the kvdex-* backends (default: start one)")
+    ap.add_argument("--url", default=None, help="kvdex daemon for the kvdex-* backends (default: start one "
+                    "with [decode] sinks/window = --sinks/--window; a daemon of yours must have the same)")
     ap.add_argument("--train-queries", type=int, default=1024,
                     help="prefill queries per layer sealed as the kvdex index's training signal")
     return ap.parse_args(argv)
@@ -229,7 +231,11 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=Non
     # it exists by then ($KVDEX_BIN overrides).
     daemon = None
     if uses_daemon and a.url is None:
-        daemon = kvdex.Daemon().__enter__()
+        # The daemon's static tokens are the engine's: its [decode] section gets --sinks/--window.
+        conf = os.path.join(tempfile.mkdtemp(prefix="kvdex-example-"), "kvdex.toml")
+        with open(conf, "w") as f:
+            f.write(f"[decode]\nsinks = {a.sinks}\nwindow = {a.window}\n")
+        daemon = kvdex.Daemon(config=conf).__enter__()
         log(f"daemon {daemon.binary} at {daemon.url}")
     try:
         client = kvdex.connect(a.url or daemon.url) if uses_daemon else None
@@ -246,7 +252,7 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
     results = []
     for name in names:
         if name in KVDEX_KINDS:
-            backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale)
+            backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window)
         else:
             backend = BACKENDS[name](model.cfg.group, scale)
         if a.sweep is None:
