@@ -10,6 +10,7 @@
 //! | append | layer u32, tokens u32, k_len u64, K, V          | layer length after the append, u64         |
 //! | search | layer u32, k u32, query f32 `[q_heads][dim]`    | k u32, q_heads u32, ids u32 `[q_heads][k]`, scores f32 `[q_heads][k]` |
 //! | gather | layer u32, kv_head u32, ids u32 `[n]`           | rows u32, row_bytes u32, K rows, V rows    |
+//! | seal, retrieve | the decode path's own codec: [`crate::decode::wire`]      |                            |
 //!
 //! Decoding never trusts a length: every field is read from a bounds-checked slice, and a body
 //! that does not fit its op is an error naming what was wrong. Bodies borrow the buffer they

@@ -33,9 +33,13 @@ pub struct DecodeArgs {
     /// Context lengths in tokens (comma-separated runs one daemon each).
     #[arg(long, value_delimiter = ',', default_value = "131072")]
     pub context: Vec<usize>,
-    /// Real Q/K/V directory (../shared/data layout). Not supported yet: synthetic data only.
+    /// Real Q/K/V directory (../shared/data layout): its shape and benchmark split replace the
+    /// shape flags and --context.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Layer of the data set used with --data.
+    #[arg(long, default_value_t = 17)]
+    pub layer: u32,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -217,11 +221,21 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// Runs the benchmark.
 pub fn run(a: DecodeArgs) -> Result<()> {
-    if a.data.is_some() {
-        return Err(KvdexError::Config(
-            "bench decode --data is not supported yet; it runs on synthetic data".into(),
-        ));
-    }
+    let mut a = a;
+    let real = match &a.data {
+        Some(dir) => {
+            let ds = crate::data::DataSet::open(dir)?;
+            let data = Synth::from_data(&ds, a.layer)?;
+            a.q_heads = ds.meta.q_heads() as u32;
+            a.kv_heads = ds.meta.kv_heads() as u32;
+            a.head_dim = ds.meta.dim as u32;
+            a.layers = 1;
+            a.context = vec![data.n];
+            Some(data)
+        }
+        None => None,
+    };
+    let a = a;
     if a.kv_heads == 0 || a.q_heads % a.kv_heads.max(1) != 0 || a.head_dim == 0 || a.layers == 0 {
         return Err(KvdexError::Config(format!(
             "shape {} q heads / {} kv heads / head_dim {} / {} layers: kv_heads must divide q_heads, all non-zero",
@@ -257,23 +271,32 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "rel_err"
         );
     }
-    for &n in &a.context {
-        run_context(&a, n, &kinds, &exe)?;
+    match real {
+        Some(data) => run_context(&a, data, &kinds, &exe)?,
+        None => {
+            for &n in &a.context {
+                let t = Instant::now();
+                let data = Synth::generate(n, a.kv_heads as usize, a.head_dim as usize, a.seed);
+                eprintln!(
+                    "# context {n}: generated in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
+                run_context(&a, data, &kinds, &exe)?;
+            }
+        }
     }
     Ok(())
 }
 
 fn run_context(
     a: &DecodeArgs,
-    n: usize,
+    data: Synth,
     kinds: &[(String, Option<IndexKind>)],
     exe: &std::path::Path,
 ) -> Result<()> {
     let (hq, kv, d) = (a.q_heads as usize, a.kv_heads as usize, a.head_dim as usize);
     let (sinks, window) = (a.sinks, a.window);
-    let t = Instant::now();
-    let data = Synth::generate(n, kv, d, a.seed);
-    let gen_s = t.elapsed().as_secs_f64();
+    let n = data.n;
     let kv_bytes = (a.layers as usize * n * kv * d * 2 * 2) as u64;
     let daemon = start_daemon(exe, kv_bytes, a)?;
     let payload: u64 = 64 << 20;
@@ -321,7 +344,7 @@ fn run_context(
         scale: None,
     };
     let mut notes = vec![format!(
-        "context {n}: generated in {gen_s:.1}s, appended {} layer(s) in {append_s:.1}s",
+        "context {n}: appended {} layer(s) in {append_s:.1}s",
         a.layers
     )];
     let mut index_bytes = 0u64;

@@ -48,6 +48,8 @@ pub struct Synth {
     topics: Vec<Vec<f32>>,
     topic_of: Vec<u32>,
     mu_q: Vec<Vec<f32>>,
+    /// Real queries `[q_heads][tokens][d]` and their token count, when loaded from a data set.
+    real_q: Option<(Vec<f16>, usize)>,
 }
 
 fn gauss(rng: &mut StdRng) -> f32 {
@@ -107,7 +109,47 @@ impl Synth {
             topics,
             topic_of,
             mu_q,
+            real_q: None,
         }
+    }
+
+    /// A layer of a real data set (../shared/data layout): the context is the benchmark split's
+    /// `[0, context)`, training queries come from the same positions (causal), decode queries
+    /// from `[context, tokens)`.
+    pub fn from_data(ds: &crate::data::DataSet, layer: u32) -> Result<Self> {
+        let l = ds.layer(layer)?;
+        let (n, kv, d) = (ds.meta.context(), ds.meta.kv_heads(), ds.meta.dim);
+        let (mut k, mut v) = (
+            Vec::with_capacity(kv * n * d),
+            Vec::with_capacity(kv * n * d),
+        );
+        for g in 0..kv {
+            k.extend_from_slice(crate::data::Layer::rows(&l.k, g, 0, n));
+            v.extend_from_slice(crate::data::Layer::rows(&l.v, g, 0, n));
+        }
+        Ok(Self {
+            n,
+            kv_heads: kv,
+            head_dim: d,
+            k,
+            v,
+            topics: Vec::new(),
+            topic_of: Vec::new(),
+            mu_q: Vec::new(),
+            real_q: Some((l.q.data, ds.meta.tokens)),
+        })
+    }
+
+    fn real_query(&self, h: usize, pos: usize, out: &mut [f32]) -> bool {
+        let Some((q, t)) = &self.real_q else {
+            return false;
+        };
+        let d = self.head_dim;
+        let at = (h * t + pos.min(t - 1)) * d;
+        out.iter_mut()
+            .zip(&q[at..at + d])
+            .for_each(|(o, x)| *o = x.to_f32());
+        true
     }
 
     /// A query of KV head `g`'s distribution attending to the topic of token `token`.
@@ -131,6 +173,13 @@ impl Synth {
         out: &mut [f32],
     ) {
         let (d, group) = (self.head_dim, q_heads / self.kv_heads);
+        if let Some((_, t)) = &self.real_q {
+            let pos = rng.gen_range(self.n..*t);
+            for h in 0..q_heads {
+                self.real_query(h, pos, &mut out[h * d..(h + 1) * d]);
+            }
+            return;
+        }
         for h in 0..q_heads {
             let tok = rng.gen_range(lo..hi.max(lo + 1));
             self.query(h / group, tok, rng, &mut out[h * d..(h + 1) * d]);
@@ -145,8 +194,11 @@ impl Synth {
         let mut out = vec![0f32; q_heads * n * d];
         for h in 0..q_heads {
             for (i, &p) in positions.iter().enumerate() {
-                let tok = rng.gen_range(0..=p as usize);
                 let at = (h * n + i) * d;
+                if self.real_query(h, p as usize, &mut out[at..at + d]) {
+                    continue;
+                }
+                let tok = rng.gen_range(0..=p as usize);
                 self.query(h / group, tok, &mut rng, &mut out[at..at + d]);
             }
         }

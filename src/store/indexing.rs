@@ -472,3 +472,42 @@ pub fn kind_name(kind: IndexKind) -> &'static str {
         IndexKind::Graph => "graph",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retrievable_range_excludes_sinks_and_window() {
+        let c = DecodeConfig {
+            sinks: 4,
+            window: 8,
+            ..Default::default()
+        };
+        assert_eq!(c.retrievable_end(0), 4);
+        assert_eq!(c.retrievable_end(12), 4);
+        assert_eq!(c.retrievable_end(13), 5);
+        assert_eq!(c.retrievable_end(100), 92);
+    }
+
+    #[test]
+    fn group_training_takes_the_groups_heads_and_shifts_positions() {
+        // 4 query heads, 2 positions, d = 1: value = 10 * head + position index.
+        let vectors: Vec<f32> = (0..4)
+            .flat_map(|h| (0..2).map(move |i| (10 * h + i) as f32))
+            .collect();
+        let positions = [2u32, 7];
+        let t = Some(SealTraining {
+            vectors: &vectors,
+            positions: &positions,
+        });
+        // KV head 1 of 2 reads query heads 2 and 3; position 2 saw only sinks (S = 3).
+        let (v, p) = group_training(t, 1, 2, 4, 1, 3);
+        assert_eq!(v, vec![21.0, 31.0]);
+        assert_eq!(p, vec![4, 4]);
+        assert_eq!(
+            group_training(None, 0, 2, 4, 1, 3),
+            (Vec::new(), Vec::new())
+        );
+    }
+}
