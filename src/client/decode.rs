@@ -54,7 +54,7 @@ impl Retrieved<'_> {
     }
 }
 
-fn cast<'a, T: bytemuck::Pod>(b: &'a [u8]) -> Result<&'a [T]> {
+fn cast<T: bytemuck::Pod>(b: &[u8]) -> Result<&[T]> {
     bytemuck::try_cast_slice(b)
         .map_err(|e| KvdexError::Protocol(format!("retrieve response section misaligned: {e}")))
 }

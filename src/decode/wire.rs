@@ -179,7 +179,7 @@ impl RetrieveHeader {
                 "retrieve request of {need} bytes does not fit the arena"
             ))
         })?;
-        let mut flags = (p.attend as u32) * ATTEND | (p.gather as u32) * GATHER;
+        let mut flags = ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER);
         let (k, min_k, max_k, coverage) = match p.budget {
             Budget::Fixed(k) => (k as u32, 0, 0, 0.0f32),
             Budget::Adaptive(b) => {

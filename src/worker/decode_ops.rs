@@ -116,7 +116,7 @@ impl DecodeOps {
             stride: stride as u32,
             head_dim: d as u32,
             row_bytes: rb as u32,
-            flags: (p.attend as u32) * ATTEND | (p.gather as u32) * GATHER,
+            flags: ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER),
             scored: stats.scored,
             search_us: stats.search_us as f32,
             attend_us: stats.attend_us as f32,
