@@ -15,13 +15,20 @@ Backends:
   can reach at a given budget).
 - ``recency``: no retrieval; the ``k`` tokens just before the window (a larger window of the
   same size).
-- ``kvdex``: through the daemon (wired when the client's search/attend exist; see notes).
+- ``kvdex-graph``, ``kvdex-hnsw``, ``kvdex-flat``: through the daemon (``kvdex.Session``):
+  every layer's prefill K/V is appended, the layer is sealed with a sample of the prefill
+  queries as the index's training signal (a background build of that index kind per KV head),
+  and each decode step appends the step's K/V and asks ``Session.retrieve`` for the partial
+  attention over the tokens it retrieves. The daemon's static tokens are its ``[decode]``
+  configuration's (``sinks``, ``window``; 128 + 512 by default), so the engine must use the same
+  (the example starts its own daemon with the engine's values).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -83,7 +90,7 @@ class ExactTopK:
         self.group, self.scale = group, np.float32(scale)
 
     def retrieve(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
-                 budget: Budget, static_lse: np.ndarray) -> Partial:
+                 budget: Budget, static_lse: np.ndarray, n: int = 0) -> Partial:
         """Partial attention over the selected tokens of ``k[:, lo:hi]`` (``[KV, n, hd]`` caches)."""
         H, d = q.shape
         n = hi - lo
@@ -131,7 +138,7 @@ class Recency:
         self.group, self.scale = group, np.float32(scale)
 
     def retrieve(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
-                 budget: Budget, static_lse: np.ndarray) -> Partial:
+                 budget: Budget, static_lse: np.ndarray, n: int = 0) -> Partial:
         """Partial attention over ``[max(lo, hi - k), hi)``."""
         if budget.p is not None:
             raise ValueError("recency takes a fixed budget (k), not an adaptive one (p)")
@@ -146,4 +153,65 @@ class Recency:
         return out, lse, np.full(H, hi - a, np.int64)
 
 
+class KvdexBackend:
+    """Retrieval by the daemon: one session per run (see :meth:`start`), one ``retrieve`` per
+    layer and step with ``attend=True``; the engine merges its ``(out, lse)``."""
+
+    def __init__(self, client, kind: str, group: int, scale: float, sinks: int, window: int) -> None:
+        """``sinks``/``window``: the daemon's ``[decode]`` static tokens (it retrieves from
+        ``[sinks, len - window)``)."""
+        self.client, self.kind = client, kind
+        self.sinks, self.window = sinks, window
+        self.name = f"kvdex-{kind}"
+        self.group, self.scale = group, float(scale)
+        self.session = None
+        self.have: List[int] = []  # tokens appended per layer
+        self.build_secs = 0.0
+        self.daemon_us: List[float] = []  # search + attend + copy, per retrieve
+
+    def start(self, cfg, kc: np.ndarray, vc: np.ndarray, P: int, queries: Dict[int, np.ndarray],
+              positions: np.ndarray) -> None:
+        """A new session holding the ``P`` prefill tokens of every layer, each layer sealed with
+        its prefill queries ``queries[l] [H, n, hd]`` at ``positions [n]``; waits for the builds."""
+        self.close()
+        self.session = self.client.create_session(layers=cfg.n_layer, q_heads=cfg.n_head, kv_heads=cfg.n_kv,
+                                                  head_dim=cfg.hd, dtype="f16")
+        t0 = time.perf_counter()
+        for l in range(cfg.n_layer):
+            self.session.append(l, kc[l, :, :P].astype(np.float16), vc[l, :, :P].astype(np.float16))
+            self.session.seal(l, self.kind, queries[l], positions)
+        self.client.wait_index(self.session)
+        self.build_secs = time.perf_counter() - t0
+        self.have = [P] * cfg.n_layer
+
+    def retrieve(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, lo: int, hi: int,
+                 budget: Budget, static_lse: np.ndarray, n: int = 0) -> Partial:
+        """Appends the layer's new tokens ``[have, n)``, then the daemon's partial attention."""
+        if self.session is None:
+            raise RuntimeError("KvdexBackend.start() first")
+        H, d = q.shape
+        if n > self.have[layer]:
+            a = self.have[layer]
+            self.session.append(layer, k[:, a:n].astype(np.float16), v[:, a:n].astype(np.float16))
+            self.have[layer] = n
+        if hi <= lo or budget.k == 0:
+            return empty_partial(H, d)
+        if lo != self.sinks or n - hi != self.window:
+            raise ValueError(f"the daemon retrieves [{self.sinks}, len - {self.window}); the engine's "
+                             f"static tokens must match (got sinks {lo}, window {n - hi})")
+        if budget.p is None:
+            r = self.session.retrieve(layer, q, budget.k, scale=self.scale)
+        else:
+            r = self.session.retrieve(layer, q, coverage=budget.p, max_k=min(budget.k, hi - lo), scale=self.scale)
+        self.daemon_us.append(r.search_us + r.attend_us + r.copy_us)
+        return r.out, r.lse, r.k.astype(np.int64)
+
+    def close(self) -> None:
+        """Drops the run's session."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
 BACKENDS = {"exact-topk": ExactTopK, "recency": Recency}
+KVDEX_KINDS = {"kvdex-graph": "graph", "kvdex-hnsw": "hnsw", "kvdex-flat": "flat"}

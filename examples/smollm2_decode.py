@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -36,12 +37,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kvdex  # noqa: E402
-from smollm2_backends import BACKENDS, Budget  # noqa: E402
+from smollm2_backends import BACKENDS, KVDEX_KINDS, Budget, KvdexBackend  # noqa: E402
 from smollm2_model import Model, full_attention, log_softmax  # noqa: E402
 
 DEFAULT_SWEEP = {
     "exact-topk": ["k0", "k32", "k100", "k200", "k400", "p0.9", "p0.95", "p0.99"],
     "recency": ["k100", "k200", "k400", "k800"],
+    "kvdex-graph": ["k32", "k100", "k200", "p0.9", "p0.95", "p0.99"],
+    "kvdex-hnsw": ["k32", "k100", "k200", "p0.9", "p0.95", "p0.99"],
+    "kvdex-flat": ["k100", "p0.95"],
 }
 
 
@@ -71,20 +75,32 @@ class DecodePath:
         vs = np.repeat(v[:, static], self.group, axis=0)
         out_s, lse_s = kvdex.partial_attention(q, ks, vs, float(self.scale))
         t0 = time.perf_counter()
-        out_r, lse_r, count = self.backend.retrieve(l, q, k, v, lo, hi, self.budget, lse_s)
+        out_r, lse_r, count = self.backend.retrieve(l, q, k, v, lo, hi, self.budget, lse_s, n)
         out, _ = kvdex.merge(out_s, lse_s, out_r, lse_r)
         self.retrieve_ms.append((time.perf_counter() - t0) * 1e3)
         self.fractions.append(float((len(static) + count.mean()) / n))
         return out
 
 
-def prepare(model: Model, ids: np.ndarray, P: int, G: int, chunk: int, log) -> Dict[str, np.ndarray]:
-    """Prefill ``P`` tokens, then the full-attention reference over the next ``G``."""
+def prepare(model: Model, ids: np.ndarray, P: int, G: int, chunk: int, log,
+            train_queries: int = 0) -> Dict[str, object]:
+    """Prefill ``P`` tokens, then the full-attention reference over the next ``G``. With
+    ``train_queries``, keeps that many prefill queries per layer (evenly spaced positions,
+    ``[H, n, hd]``): the kvdex index's training signal."""
     c = model.cfg
     kc = np.zeros((c.n_layer, c.n_kv, P + G, c.hd), np.float32)
     vc = np.zeros_like(kc)
+    n_train = min(P, train_queries)
+    positions = np.unique(np.linspace(0, P - 1, n_train).round().astype(np.int64)) if n_train else np.zeros(0, np.int64)
+    train: Dict[int, np.ndarray] = {l: np.zeros((c.n_head, len(positions), c.hd), np.float32) for l in range(c.n_layer)} \
+        if n_train else {}
+
+    def keep(l: int, c0: int, q: np.ndarray) -> None:
+        sel = (positions >= c0) & (positions < c0 + q.shape[1])
+        train[l][:, sel] = q[:, positions[sel] - c0]
+
     t0 = time.perf_counter()
-    model.prefill(ids[:P], kc, vc, chunk=chunk)
+    model.prefill(ids[:P], kc, vc, chunk=chunk, on_queries=keep if n_train else None)
     log(f"prefill {P} tokens: {time.perf_counter() - t0:.1f}s")
     kd, vd = kc.copy(), vc.copy()  # the decode path's caches share the prefill
 
@@ -95,16 +111,25 @@ def prepare(model: Model, ids: np.ndarray, P: int, G: int, chunk: int, log) -> D
     logits = np.stack([model.decode_step(int(ids[P + i]), P + i, kc, vc, full) for i in range(G)])
     full_ms = (time.perf_counter() - t0) * 1e3 / G
     log(f"full attention, {G} tokens: {full_ms:.1f} ms/token")
-    return dict(kd=kd, vd=vd, logits_full=logits.astype(np.float32), full_ms=np.float64(full_ms))
+    return dict(kd=kd, vd=vd, logits_full=logits.astype(np.float32), full_ms=np.float64(full_ms),
+                train=train, train_positions=positions.astype(np.uint32))
 
 
 def evaluate(model: Model, ids: np.ndarray, P: int, G: int, ref: Dict[str, np.ndarray], backend,
              budget: Budget, sinks: int, window: int) -> Dict[str, object]:
     """Runs the decode path for one (backend, budget) and compares it with the reference."""
     path = DecodePath(model, ref["kd"], ref["vd"], backend, budget, sinks, window)
+    extra: Dict[str, object] = {}
+    if isinstance(backend, KvdexBackend):
+        backend.start(model.cfg, ref["kd"], ref["vd"], P, ref["train"], ref["train_positions"])
+        extra = dict(index_build_s=round(backend.build_secs, 2), train_queries=int(len(ref["train_positions"])))
+        backend.daemon_us.clear()
     t0 = time.perf_counter()
     logits = np.stack([model.decode_step(int(ids[P + i]), P + i, ref["kd"], ref["vd"], path) for i in range(G)])
     ms_tok = (time.perf_counter() - t0) * 1e3 / G
+    if isinstance(backend, KvdexBackend):
+        extra["daemon_us_p50"] = round(float(np.median(backend.daemon_us)), 1) if backend.daemon_us else 0.0
+        backend.close()
     lp_full, lp_dec = log_softmax(ref["logits_full"]), log_softmax(logits)
     kl = float((np.exp(lp_full) * (lp_full - lp_dec)).sum(-1).mean())
     top1 = float((lp_full.argmax(-1) == lp_dec.argmax(-1)).mean())
@@ -128,6 +153,7 @@ def evaluate(model: Model, ids: np.ndarray, P: int, G: int, ref: Dict[str, np.nd
         kvdex_ms_per_layer_p50=round(float(np.median(path.retrieve_ms)), 4) if path.retrieve_ms else 0.0,
         model_ms_per_token=round(ms_tok, 2),
         max_logit_abs_diff=float(np.abs(logits - ref["logits_full"]).max()),
+        **extra,
     )
 
 
@@ -139,6 +165,7 @@ def plot(results: Sequence[Dict[str, object]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    results = [r for r in results if "error" not in r]
     for name in sorted({str(r["backend"]) for r in results}):
         rs = sorted((r for r in results if r["backend"] == name), key=lambda r: r["attended_fraction"])
         x = [r["attended_fraction"] for r in rs]
@@ -177,6 +204,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--plot", default=None, help="PNG of quality against attended fraction")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
+    ap.add_argument("--url", default=None, help="kvdex daemon for the kvdex-* backends (default: start one "
+                    "with [decode] sinks/window = --sinks/--window; a daemon of yours must have the same)")
+    ap.add_argument("--train-queries", type=int, default=1024,
+                    help="prefill queries per layer sealed as the kvdex index's training signal")
     return ap.parse_args(argv)
 
 
@@ -184,23 +215,46 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=Non
     """Everything but the table; returns one result per (backend, budget), each also passed to
     ``emit`` as soon as it is measured (long sweeps print as they go)."""
     names = [b.strip() for b in a.backend.split(",") if b.strip()]
+    names = [n for b in names for n in (["kvdex-graph"] if b == "kvdex" else [b])]
     for b in names:
-        if b == "kvdex":
-            raise SystemExit("backend kvdex: this build of the kvdex client has no search/attend yet "
-                             "(see notes/python.md); use exact-topk or recency")
-        if b not in BACKENDS:
-            raise SystemExit(f"unknown backend {b!r}; choose from {sorted(BACKENDS)}")
+        if b not in BACKENDS and b not in KVDEX_KINDS:
+            raise SystemExit(f"unknown backend {b!r}; choose from {sorted(BACKENDS) + sorted(KVDEX_KINDS)}")
+    uses_daemon = any(b in KVDEX_KINDS for b in names)
     model = Model(a.model)
     text = open(a.text, encoding="utf-8", errors="replace").read()
     ids = np.array(model.tokenizer().encode(text).ids, dtype=np.int64)[a.offset:]
     P, G = a.prompt_tokens, a.gen_tokens
     if len(ids) < P + G + 1:
         raise SystemExit(f"{a.text} has {len(ids)} tokens after offset {a.offset}; need P+G+1 = {P + G + 1}")
-    ref = prepare(model, ids, P, G, a.chunk, log)
+    ref = prepare(model, ids, P, G, a.chunk, log, train_queries=a.train_queries if uses_daemon else 0)
+    # The daemon starts after the (long) prefill: kvdex.Daemon() picks target/release/kvdex when
+    # it exists by then ($KVDEX_BIN overrides).
+    daemon = None
+    if uses_daemon and a.url is None:
+        # The daemon's static tokens are the engine's: its [decode] section gets --sinks/--window.
+        conf = os.path.join(tempfile.mkdtemp(prefix="kvdex-example-"), "kvdex.toml")
+        with open(conf, "w") as f:
+            f.write(f"[decode]\nsinks = {a.sinks}\nwindow = {a.window}\n")
+        daemon = kvdex.Daemon(config=conf).__enter__()
+        log(f"daemon {daemon.binary} at {daemon.url}")
+    try:
+        client = kvdex.connect(a.url or daemon.url) if uses_daemon else None
+        return _run(a, model, ids, ref, names, client, log, emit)
+    finally:
+        if daemon is not None:
+            daemon.__exit__(None, None, None)
+
+
+def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, object], names: List[str],
+         client, log, emit) -> List[Dict[str, object]]:
+    P, G = a.prompt_tokens, a.gen_tokens
     scale = 1.0 / np.sqrt(model.cfg.hd)
     results = []
     for name in names:
-        backend = BACKENDS[name](model.cfg.group, scale)
+        if name in KVDEX_KINDS:
+            backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window)
+        else:
+            backend = BACKENDS[name](model.cfg.group, scale)
         if a.sweep is None:
             specs = [a.budget]
         elif a.sweep == "default":
@@ -209,9 +263,22 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=Non
             specs = a.sweep.split(",")
         for spec in specs:
             budget = Budget.parse(spec)
-            if name == "recency" and (budget.p is not None or (budget.k == 0 and "exact-topk" in names)):
-                continue  # recency takes fixed sizes; k0 (static tokens only) is the same for every backend
-            r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
+            if name != "exact-topk" and (budget.k == 0 and "exact-topk" in names):
+                continue  # k0 (static tokens only) is the same for every backend
+            if name == "recency" and budget.p is not None:
+                continue  # recency takes fixed sizes
+            try:
+                r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
+            except kvdex.KvdexError as e:  # one failed setting (the daemon's message) does not end a sweep
+                log(f"{name:10s} {str(budget):12s} FAILED: {type(e).__name__}: {e}")
+                if isinstance(backend, KvdexBackend):
+                    backend.close()
+                r = dict(backend=backend.name, prompt_tokens=P, gen_tokens=G, sinks=a.sinks, window=a.window,
+                         budget=str(budget), error=f"{type(e).__name__}: {e}", text=os.path.basename(a.text))
+                results.append(r)
+                if emit is not None:
+                    emit(r)
+                continue
             r["text"] = os.path.basename(a.text)
             log(f"{name:10s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
                 f"top1 {r['top1_agreement']:.3f}  ppl {r['ppl_kvdex']:.3f} (full {r['ppl_full']:.3f})")
@@ -229,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "kvdex_ms_per_layer_p50", "model_ms_per_token"]
         print("  ".join(f"{c:>14s}" for c in cols))
         for r in results:
-            print("  ".join(f"{str(r[c]):>14s}" for c in cols))
+            print("  ".join(f"{str(r.get(c, r.get('error', '')))[:14]:>14s}" for c in cols))
     if a.plot:
         plot(results, a.plot, f"SmolLM2-135M, {os.path.basename(a.text)}, P={a.prompt_tokens}, "
                               f"G={a.gen_tokens}, S={a.sinks}, W={a.window}")

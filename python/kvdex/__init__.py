@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from . import _native
 from ._native import LocalSession
-from .client import Client, Session, attach, connect
+from .client import Client, Retrieved, Session, attach, connect
 from .daemon import Daemon, find_binary
 from .errors import (
     BadRequestError,
@@ -38,6 +38,7 @@ __all__ = [
     "attach",
     "Client",
     "Session",
+    "Retrieved",
     "Daemon",
     "find_binary",
     "LocalSession",

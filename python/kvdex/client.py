@@ -1,4 +1,4 @@
-"""The client: connect to a daemon, create sessions, append, search, gather.
+"""The client: connect to a daemon, create sessions, append, search, gather, seal, attend.
 
     import kvdex, numpy as np
     with kvdex.Daemon() as d:                       # or a daemon you run: kvdex serve
@@ -8,6 +8,13 @@
             ids, scores = s.search(0, q, 100)       # q: [q_heads, head_dim]
             k_rows, v_rows = s.gather(0, 0, ids[0])
 
+The decode path (one call per layer and step):
+
+            s.seal(0, "graph", queries, positions)  # after the prefill: build the layer's index
+            client.wait_index(s)                    # optional: the build runs in the background
+            out, lse, k = s.attend(0, q, coverage=0.95, max_k=256)   # or k=100 (fixed)
+            out, lse = kvdex.merge(out_static, lse_static, out, lse)  # the engine's part + kvdex's
+
 Every call goes through the Rust client (``kvdex._native``) over the session's shared-memory
 region; HTTP is used only to create and drop the session (its token is handled inside).
 
@@ -15,6 +22,7 @@ Results and copies:
 
 - ``search`` and ``gather`` return new numpy arrays: one copy out of the shared-memory arena,
   because the arena is reused by the next request and a view would change under the caller.
+- ``retrieve`` and ``attend`` return new arrays too (same reason).
 - ``search_into`` writes into arrays the caller owns and reuses: no allocation per call.
 - ``append`` passes a C-contiguous array in the session dtype to shared memory with no extra
   copy; another float dtype (float32 into an f16 session, or float16 into f32) is converted once.
@@ -26,12 +34,51 @@ to float32.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _native
-from .errors import BadRequestError
+from .errors import BadRequestError, DisconnectedError, KvdexError
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """One decode-step retrieve of a layer (new arrays, copied out of the shared-memory arena).
+
+    ``H`` is the session's query heads, ``stride`` the candidates per head the daemon returned
+    (the fixed k, or the adaptive budget's cap, clamped to the retrievable tokens).
+    """
+
+    k: np.ndarray
+    """uint32 ``[H]``: tokens chosen per query head (a prefix of its candidates)."""
+    coverage: np.ndarray
+    """float32 ``[H]``: estimated attention mass covered, static tokens included (adaptive
+    budgets; 0 for a fixed k)."""
+    ids: np.ndarray
+    """uint32 ``[H, stride]``: candidate token ids, best first; head ``h`` uses ``ids[h, :k[h]]``."""
+    scores: np.ndarray
+    """float32 ``[H, stride]``: their raw inner products with the query."""
+    out: Optional[np.ndarray]
+    """float32 ``[H, head_dim]``: partial attention over the chosen tokens (``attend=True``)."""
+    lse: Optional[np.ndarray]
+    """float32 ``[H]``: its log-sum-exp of scaled scores, ``-inf`` when nothing was chosen."""
+    rows: Optional[np.ndarray]
+    """``[H, 2, stride, head_dim]``: K then V rows of the candidates (``gather=True``), in the
+    session dtype (float32 for bf16)."""
+    search_us: float
+    """Daemon microseconds searching."""
+    attend_us: float
+    """Daemon microseconds choosing budgets and attending."""
+    copy_us: float
+    """Daemon microseconds copying results out."""
+    scored: int
+    """Keys the searches scored, all heads."""
 
 
 def as_numpy(x: Any, what: str) -> np.ndarray:
@@ -130,6 +177,72 @@ class Session:
         session dtype (float32 for bf16 sessions)."""
         return self._s.gather(layer, kv_head, [int(i) for i in ids] if not isinstance(ids, list) else ids)
 
+    def seal(self, layer: int, kind: str = "graph", queries: Any = None, positions: Any = None) -> int:
+        """Seals ``layer``'s prefill and starts the daemon's background build of a ``kind`` index
+        per KV head: ``"graph"`` (query-guided), ``"hnsw"`` or ``"flat"``. Tokens appended later
+        are inserted incrementally; until the build is done, retrieves scan exactly.
+
+        Args:
+            queries: ``[q_heads, n, head_dim]`` prefill queries (float32 after conversion), the
+                training signal of the query-guided graph; ``None`` builds from the keys alone.
+            positions: ``[n]`` the token position of each query (the build stays causal).
+
+        Returns:
+            The tokens indexed per KV head.
+
+        Raises:
+            kvdex.BadRequestError: an unknown kind, mismatched shapes, or a request larger than
+            the session's arena.
+        """
+        if (queries is None) != (positions is None):
+            raise BadRequestError("seal: pass both queries and positions (the training signal), or neither")
+        if queries is None:
+            return self._s.seal(layer, kind, None, None)
+        q = np.ascontiguousarray(as_numpy(queries, "queries"), dtype=np.float32)
+        p = np.ascontiguousarray(as_numpy(positions, "positions"))
+        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer) or (p.size and p.min() < 0):
+            raise BadRequestError(f"positions must be a 1-D array of non-negative integers, got "
+                                  f"{p.dtype} {p.shape}")
+        return self._s.seal(layer, kind, q, p.astype(np.uint32))
+
+    def retrieve(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
+                 min_k: int = 1, max_k: Optional[int] = None, attend: bool = True, gather: bool = False,
+                 scale: Optional[float] = None) -> Retrieved:
+        """The decode-step request for ``layer``, all query heads at once.
+
+        The daemon searches the non-static tokens (``sinks .. len - window`` of its decode
+        configuration) through the layer's index (an exact scan before a build, and for tokens
+        not inserted yet), picks the budget, and computes the partial attention and/or copies
+        the chosen K/V rows.
+
+        Args:
+            q: ``[q_heads, head_dim]`` the step's queries (post-RoPE), converted to float32.
+            k: a fixed budget (tokens per head); with ``coverage``, the cap if ``max_k`` is None.
+            coverage: adaptive budget: the fewest tokens covering this fraction of the
+                estimated attention mass (static tokens included), within ``min_k ..= max_k``.
+            attend: compute ``out``/``lse``; gather: copy the candidates' K/V rows.
+            scale: softmax scale; ``None`` is ``1/sqrt(head_dim)``.
+
+        Raises:
+            kvdex.BadRequestError: no budget, a zero budget, bad bounds, a wrong query shape or a
+            non-finite value; kvdex.NotFoundError: an unknown layer.
+        """
+        r: Dict[str, Any] = self._s.retrieve(layer, _query(q), k, coverage, min_k, max_k, attend, gather, scale)
+        return Retrieved(**r)
+
+    def attend(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
+               min_k: int = 1, max_k: Optional[int] = None,
+               scale: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Partial attention over the tokens the daemon retrieves for ``q`` (see :meth:`retrieve`).
+
+        Returns:
+            ``(out float32 [q_heads, head_dim], lse float32 [q_heads], k uint32 [q_heads])``: merge
+            it with the engine's own part over the static tokens with :func:`kvdex.merge`.
+        """
+        r = self.retrieve(layer, q, k, coverage=coverage, min_k=min_k, max_k=max_k, attend=True, scale=scale)
+        assert r.out is not None and r.lse is not None  # attend=True always returns them
+        return r.out, r.lse, r.k
+
     def close(self) -> None:
         """Drops the session on the daemon and detaches. Idempotent."""
         self._s.close()
@@ -156,6 +269,43 @@ class Client:
     def url(self) -> str:
         """The daemon's base URL."""
         return self._c.url
+
+    def stats(self) -> Dict[str, Any]:
+        """The daemon's ``/stats`` JSON: memory, budget, and per session its layers' token counts
+        and index state (``build``: state ``none|building|ready|failed``, heads done, seconds)."""
+        try:
+            with urllib.request.urlopen(self.url + "/stats", timeout=10) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError) as e:
+            raise DisconnectedError(f"GET {self.url}/stats: {e}") from e
+
+    def index_status(self, session: "Session") -> List[Dict[str, Any]]:
+        """Per layer of ``session``: ``{"tokens", "index", "indexed", "build": {...}}`` from /stats."""
+        for s in self.stats().get("per_session", []):
+            if s.get("id") == session.id:
+                return list(s.get("layers", []))
+        raise KvdexError(f"session {session.id} is not listed in {self.url}/stats")
+
+    def wait_index(self, session: "Session", timeout: float = 600.0, poll: float = 0.2) -> List[Dict[str, Any]]:
+        """Waits until every sealed layer of ``session`` has its index built; returns the final
+        :meth:`index_status`.
+
+        Raises:
+            kvdex.KvdexError: a build failed (with the daemon's reason) or ``timeout`` passed.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            layers = self.index_status(session)
+            states = [l["build"]["state"] for l in layers]
+            failed = [(i, l["build"].get("error")) for i, l in enumerate(layers) if l["build"]["state"] == "failed"]
+            if failed:
+                raise KvdexError(f"index build failed: layer {failed[0][0]}: {failed[0][1]}")
+            if "building" not in states:
+                return layers
+            if time.monotonic() > deadline:
+                done = states.count("ready")
+                raise KvdexError(f"index builds not done after {timeout:.0f}s ({done}/{len(states)} layers ready)")
+            time.sleep(poll)
 
     def create_session(self, layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str = "f16",
                        payload_bytes: Optional[int] = None) -> Session:
@@ -187,4 +337,4 @@ def attach(shm_path: str, token: str) -> Session:
     return Session(_native.attach(shm_path, token))
 
 
-__all__ = ["Client", "Session", "connect", "attach", "as_numpy"]
+__all__ = ["Client", "Session", "Retrieved", "connect", "attach", "as_numpy"]

@@ -318,6 +318,76 @@ impl Session {
         })
     }
 
+    /// Seals `layer`'s prefill and starts a background build of a `kind` index ("flat",
+    /// "hnsw" or "graph") per KV head; `queries` float32 `[q_heads, n, head_dim]` with
+    /// `positions` uint32 `[n]` are the training signal (the graph's), or None. Returns the
+    /// tokens indexed per KV head.
+    #[pyo3(signature = (layer, kind, queries = None, positions = None))]
+    fn seal(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        kind: &str,
+        queries: Option<numpy::PyReadonlyArray3<'_, f32>>,
+        positions: Option<numpy::PyReadonlyArray1<'_, u32>>,
+    ) -> PyResult<u64> {
+        let kind = crate::decode::parse_kind(py, kind)?;
+        let (h, d) = (self.shape.q_heads as usize, self.shape.head_dim as usize);
+        let training = match (&queries, &positions) {
+            (None, None) => None,
+            (Some(q), Some(p)) => {
+                let n = p.len();
+                check_shape(py, "queries", q.shape(), &[h, n, d], "q_heads, n, head_dim")?;
+                let qs = q
+                    .as_slice()
+                    .map_err(|_| bad_request(py, "queries must be C-contiguous"))?;
+                let ps = p
+                    .as_slice()
+                    .map_err(|_| bad_request(py, "positions must be C-contiguous"))?;
+                Some((qs, ps))
+            }
+            _ => {
+                return Err(bad_request(
+                    py,
+                    "seal: pass both queries and positions (the training signal), or neither",
+                ))
+            }
+        };
+        self.with(py, |o| crate::decode::seal(py, &mut o.handle, layer, kind, training))
+    }
+
+    /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`; budget `k`
+    /// (fixed) or `coverage` + `max_k` (adaptive, at least `min_k`). Returns a dict of new
+    /// arrays (see `kvdex.Session.retrieve`).
+    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    fn retrieve<'py>(
+        &self,
+        py: Python<'py>,
+        layer: u32,
+        q: PyReadonlyArray2<'py, f32>,
+        k: Option<usize>,
+        coverage: Option<f32>,
+        min_k: usize,
+        max_k: Option<usize>,
+        attend: bool,
+        gather: bool,
+        scale: Option<f32>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let (h, d) = (self.shape.q_heads as usize, self.shape.head_dim as usize);
+        check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
+        let qs = q
+            .as_slice()
+            .map_err(|_| bad_request(py, "q must be C-contiguous"))?;
+        let params = kvdex::store::retrieve::RetrieveParams {
+            budget: crate::decode::budget(py, k, coverage, min_k, max_k)?,
+            attend,
+            gather,
+            scale,
+        };
+        self.with(py, |o| crate::decode::retrieve(py, &mut o.handle, layer, qs, &params))
+    }
+
     /// Times `iters` pings of `payload` bytes in a Rust loop (no Python between calls); returns
     /// each round trip in microseconds. The Rust client's own cost, for `kvdex.bench rtt`.
     fn bench_ping(&self, py: Python<'_>, payload: usize, iters: usize) -> PyResult<Vec<f64>> {

@@ -5,6 +5,7 @@
 //!   Python caller sees the daemon's message in a typed exception.
 //! - [`arrays`]: numpy <-> byte conversions for K/V rows in the session dtype.
 //! - [`client`]: `Client`, `Session` and `attach`, over [`kvdex::client`].
+//! - [`decode`]: `seal` and `retrieve`/`attend` (the decode path) on an attached session.
 //! - [`inproc`]: `InProcessServer`, a real region + worker thread in-process (no daemon).
 //! - [`local`]: `LocalSession`, an in-process [`kvdex::store::Session`] (the daemon's storage
 //!   seam) for tests and for measuring the binding's own overhead without a daemon.
@@ -17,6 +18,7 @@ use pyo3::prelude::*;
 
 mod arrays;
 mod client;
+mod decode;
 mod errors;
 mod inproc;
 mod local;

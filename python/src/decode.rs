@@ -1,0 +1,133 @@
+//! The decode path on an attached session: `seal` (a layer's prefill, with the prefill queries
+//! as the index's training signal) and `retrieve` (search, budget, partial attention, gather),
+//! over [`kvdex::client::SessionHandle::seal`] / [`retrieve`](kvdex::client::SessionHandle::retrieve).
+//!
+//! The Rust client reads a retrieve's results in place from the arena, which the next request
+//! overwrites, so every result here is a new numpy array (one copy out of the arena).
+
+use half::{bf16, f16};
+use kvdex::client::SessionHandle;
+use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_index::attend::BudgetParams;
+use kvdex_index::{IndexKind, KeyDtype};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::{bad_request, to_py};
+
+/// Parses an index kind name ("flat", "hnsw", "graph").
+pub fn parse_kind(py: Python<'_>, kind: &str) -> PyResult<IndexKind> {
+    IndexKind::parse(kind).map_err(|e| bad_request(py, format!("index kind {kind:?}: {e}")))
+}
+
+/// The budget of a retrieve: a fixed `k`, or (with `coverage`) the adaptive one covering that
+/// fraction of the estimated mass within `min_k ..= max_k` (`max_k` defaults to `k`).
+pub fn budget(
+    py: Python<'_>,
+    k: Option<usize>,
+    coverage: Option<f32>,
+    min_k: usize,
+    max_k: Option<usize>,
+) -> PyResult<Budget> {
+    match (coverage, k, max_k) {
+        (None, Some(k), _) => Ok(Budget::Fixed(k)),
+        (None, None, _) => Err(bad_request(
+            py,
+            "retrieve needs a budget: k=N (fixed) or coverage=p with max_k=N (adaptive)",
+        )),
+        (Some(p), k, max_k) => {
+            let max_k = max_k.or(k).ok_or_else(|| {
+                bad_request(py, "an adaptive budget (coverage=p) needs max_k (or k) as its cap")
+            })?;
+            BudgetParams::new(p, min_k, max_k)
+                .map(Budget::Adaptive)
+                .map_err(|e| bad_request(py, format!("adaptive budget: {e}")))
+        }
+    }
+}
+
+/// Seals `layer` and starts its index build; `training` is `(queries [q_heads][n][d], positions [n])`.
+pub fn seal(
+    py: Python<'_>,
+    h: &mut SessionHandle,
+    layer: u32,
+    kind: IndexKind,
+    training: Option<(&[f32], &[u32])>,
+) -> PyResult<u64> {
+    py.detach(|| h.seal(layer, kind, training))
+        .map_err(|e| to_py(py, e))
+}
+
+/// Rows (`[n * d]` elements of `dtype` as bytes) as a float16 (f16 sessions) or float32 array.
+fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let misaligned = |_| bad_request(py, "gathered rows are misaligned");
+    Ok(match dtype {
+        KeyDtype::F16 => {
+            let v: &[f16] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
+            PyArray1::from_slice(py, v).into_any()
+        }
+        KeyDtype::Bf16 => {
+            let v: &[bf16] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
+            let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            PyArray1::from_vec(py, f).into_any()
+        }
+        KeyDtype::F32 => {
+            let v: &[f32] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
+            PyArray1::from_slice(py, v).into_any()
+        }
+    })
+}
+
+/// Runs one retrieve and copies its sections out as a dict of numpy arrays: `k` uint32
+/// `[H]`, `coverage` float32 `[H]`, `ids` uint32 `[H, stride]`, `scores` float32 `[H, stride]`,
+/// `out` float32 `[H, d]` and `lse` float32 `[H]` (None unless `attend`), `rows`
+/// `[H, 2, stride, d]` (K then V; None unless `gather`), and the daemon's `search_us`,
+/// `attend_us`, `copy_us`, `scored`.
+pub fn retrieve<'py>(
+    py: Python<'py>,
+    h: &mut SessionHandle,
+    layer: u32,
+    q: &[f32],
+    params: &RetrieveParams,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dtype = h.shape().dtype;
+    let r = py
+        .detach(move || h.retrieve(layer, q, params))
+        .map_err(|e| to_py(py, e))?;
+    let hd = &r.header;
+    let (hq, stride, d) = (
+        hd.q_heads as usize,
+        hd.stride as usize,
+        hd.head_dim as usize,
+    );
+    let dict = PyDict::new(py);
+    dict.set_item("k", PyArray1::from_slice(py, r.k))?;
+    dict.set_item("coverage", PyArray1::from_slice(py, r.coverage))?;
+    dict.set_item(
+        "ids",
+        PyArray1::from_slice(py, r.ids).reshape([hq, stride])?,
+    )?;
+    dict.set_item(
+        "scores",
+        PyArray1::from_slice(py, r.scores).reshape([hq, stride])?,
+    )?;
+    if params.attend {
+        dict.set_item("out", PyArray1::from_slice(py, r.out).reshape([hq, d])?)?;
+        dict.set_item("lse", PyArray1::from_slice(py, r.lse))?;
+    } else {
+        dict.set_item("out", py.None())?;
+        dict.set_item("lse", py.None())?;
+    }
+    if params.gather {
+        let rows = rows_array(py, dtype, r.rows)?;
+        dict.set_item("rows", rows.call_method1("reshape", ((hq, 2, stride, d),))?)?;
+    } else {
+        dict.set_item("rows", py.None())?;
+    }
+    dict.set_item("search_us", hd.search_us)?;
+    dict.set_item("attend_us", hd.attend_us)?;
+    dict.set_item("copy_us", hd.copy_us)?;
+    dict.set_item("scored", hd.scored)?;
+    Ok(dict)
+}
