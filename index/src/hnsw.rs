@@ -154,6 +154,14 @@ impl MipsIndex for HnswIndex {
         out.ids.extend(found.iter().map(|nb| nb.d_id as u32));
         out.scores.resize(out.ids.len(), 0.0);
         keys.score_ids(query, &out.ids, &mut out.scores);
+        // hnsw_rs ranks on its own f32 copy of the keys; the exact scores from the store can
+        // reorder near-ties, and the trait promises best first, so re-rank through the
+        // scratch's top-k (no allocation once warm).
+        scratch.topk.reset(out.ids.len());
+        for (&id, &sc) in out.ids.iter().zip(&out.scores) {
+            scratch.topk.push(id, sc);
+        }
+        scratch.topk.drain_into(out);
         Ok(SearchStats {
             scored,
             k_clamped: k > n,

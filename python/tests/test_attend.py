@@ -104,13 +104,7 @@ def sealed_session(client: kvdex.Client, data, kind: str) -> kvdex.Session:
     return s
 
 
-GRAPH_SHORT = ("daemon gap (decode/index branches, since the merge of 17:47): a graph search asked for "
-               "every retrievable token returns fewer (275-287 of 360); a budget covering the whole region "
-               "should fall back to an exact scan")
-
-
-@pytest.mark.parametrize("kind", [pytest.param("graph", marks=pytest.mark.xfail(reason=GRAPH_SHORT, strict=False)),
-                                  "hnsw", "flat"])
+@pytest.mark.parametrize("kind", ["graph", "hnsw", "flat"])
 def test_sealed_index_with_full_budget_gives_full_attention(daemon, data, kind) -> None:
     k, v, q = data
     client = kvdex.connect(daemon.url)
@@ -122,12 +116,7 @@ def test_sealed_index_with_full_budget_gives_full_attention(daemon, data, kind) 
         np.testing.assert_allclose(out, full_attention(q, k, v)[0], rtol=1e-4, atol=1e-5)
 
 
-HNSW_UNSORTED = ("daemon bug (decode branch): hnsw hits are not re-sorted by inner product, so the "
-                 "adaptive budget rejects them ('candidate logits are not sorted best first')")
-
-
-@pytest.mark.parametrize("kind", ["graph", pytest.param("hnsw", marks=pytest.mark.xfail(reason=HNSW_UNSORTED,
-                                                                                        strict=False)), "flat"])
+@pytest.mark.parametrize("kind", ["graph", "hnsw", "flat"])
 def test_sealed_index_adaptive_budget(daemon, data, kind) -> None:
     _, _, q = data
     client = kvdex.connect(daemon.url)

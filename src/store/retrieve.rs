@@ -384,13 +384,21 @@ fn search_indexed(
     let d = s.head_dim as usize;
     let full = l.keys(g, s.dtype, d)?;
     let n = index.len().min(end - start);
-    let st = index.search(
-        &view(&full, start, start + n)?,
-        q,
-        stride,
-        &mut hs.search,
-        &mut hs.hits,
-    )?;
+    let indexed = view(&full, start, start + n)?;
+    // A request for (nearly) every indexed token gains nothing from an approximate index, and
+    // a graph beam cannot promise to reach them all: scan exactly instead.
+    let st = if stride >= n {
+        kvdex_index::MipsIndex::search(
+            &FlatIndex::new(n),
+            &indexed,
+            q,
+            stride,
+            &mut hs.search,
+            &mut hs.hits,
+        )?
+    } else {
+        index.search(&indexed, q, stride, &mut hs.search, &mut hs.hits)?
+    };
     hs.scored = st.scored;
     if start + n < end {
         let pend = view(&full, start + n, end)?;
