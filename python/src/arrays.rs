@@ -98,6 +98,31 @@ impl<'py> FloatArray<'py> {
     }
 }
 
+/// A session shape from a binding's arguments; an unknown dtype is refused by name. One place
+/// for what the daemon client, the in-process server and `LocalSession` all accept.
+pub fn shape_from_args(
+    py: Python<'_>,
+    layers: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    dtype: &str,
+) -> PyResult<kvdex::store::Shape> {
+    let dtype = kvdex::store::dtype_serde::parse(dtype).ok_or_else(|| {
+        bad_request(
+            py,
+            format!("unknown dtype {dtype:?}: expected f16, bf16 or f32"),
+        )
+    })?;
+    Ok(kvdex::store::Shape {
+        layers,
+        q_heads,
+        kv_heads,
+        head_dim,
+        dtype,
+    })
+}
+
 /// Checks `shape` equals `want`, naming the argument and the expected layout on mismatch.
 pub fn check_shape(
     py: Python<'_>,

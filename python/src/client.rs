@@ -60,19 +60,7 @@ impl Client {
         dtype: &str,
         payload_bytes: Option<u64>,
     ) -> PyResult<Session> {
-        let dtype = dtype_serde::parse(dtype).ok_or_else(|| {
-            bad_request(
-                py,
-                format!("unknown dtype {dtype:?}: expected f16, bf16 or f32"),
-            )
-        })?;
-        let shape = Shape {
-            layers,
-            q_heads,
-            kv_heads,
-            head_dim,
-            dtype,
-        };
+        let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         shape.validate().map_err(|e| to_py(py, e))?;
         let opts = SessionOptions {
             payload_bytes,
@@ -353,7 +341,9 @@ impl Session {
                 ))
             }
         };
-        self.with(py, |o| crate::decode::seal(py, &mut o.handle, layer, kind, training))
+        self.with(py, |o| {
+            crate::decode::seal(py, &mut o.handle, layer, kind, training)
+        })
     }
 
     /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`; budget `k`
@@ -385,7 +375,9 @@ impl Session {
             gather,
             scale,
         };
-        self.with(py, |o| crate::decode::retrieve(py, &mut o.handle, layer, qs, &params))
+        self.with(py, |o| {
+            crate::decode::retrieve(py, &mut o.handle, layer, qs, &params)
+        })
     }
 
     /// Times `iters` pings of `payload` bytes in a Rust loop (no Python between calls); returns

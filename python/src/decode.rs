@@ -38,7 +38,10 @@ pub fn budget(
         )),
         (Some(p), k, max_k) => {
             let max_k = max_k.or(k).ok_or_else(|| {
-                bad_request(py, "an adaptive budget (coverage=p) needs max_k (or k) as its cap")
+                bad_request(
+                    py,
+                    "an adaptive budget (coverage=p) needs max_k (or k) as its cap",
+                )
             })?;
             BudgetParams::new(p, min_k, max_k)
                 .map(Budget::Adaptive)

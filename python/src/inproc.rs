@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use kvdex::client::format_token;
 use kvdex::shm::Region;
-use kvdex::store::{dtype_serde, Session, Shape};
+use kvdex::store::Session;
 use kvdex::worker::{NoopObserver, Worker};
 use pyo3::prelude::*;
 
-use crate::errors::{bad_request, to_py};
+use crate::errors::to_py;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -49,19 +49,7 @@ impl InProcessServer {
         dtype: &str,
         payload_bytes: u64,
     ) -> PyResult<Self> {
-        let dtype = dtype_serde::parse(dtype).ok_or_else(|| {
-            bad_request(
-                py,
-                format!("unknown dtype {dtype:?}: expected f16, bf16 or f32"),
-            )
-        })?;
-        let shape = Shape {
-            layers,
-            q_heads,
-            kv_heads,
-            head_dim,
-            dtype,
-        };
+        let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         let session = Arc::new(Session::new(shape).map_err(|e| to_py(py, e))?);
         let path = format!(
             "/dev/shm/kvdex-py-{}-{}",

@@ -51,19 +51,7 @@ impl LocalSession {
         head_dim: u32,
         dtype: &str,
     ) -> PyResult<Self> {
-        let dtype = dtype_serde::parse(dtype).ok_or_else(|| {
-            bad_request(
-                py,
-                format!("unknown dtype {dtype:?}: expected f16, bf16 or f32"),
-            )
-        })?;
-        let shape = Shape {
-            layers,
-            q_heads,
-            kv_heads,
-            head_dim,
-            dtype,
-        };
+        let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         let session = Session::new(shape).map_err(|e| to_py(py, e))?;
         Ok(Self {
             session,
