@@ -168,6 +168,7 @@ class KvdexBackend:
         self.have: List[int] = []  # tokens appended per layer
         self.build_secs = 0.0
         self.daemon_us: List[float] = []  # search + attend + copy, per retrieve
+        self.index_timeout = 3600.0  # seconds to wait for the daemon's index builds
 
     def start(self, cfg, kc: np.ndarray, vc: np.ndarray, P: int, queries: Dict[int, np.ndarray],
               positions: np.ndarray) -> None:
@@ -180,7 +181,11 @@ class KvdexBackend:
         for l in range(cfg.n_layer):
             self.session.append(l, kc[l, :, :P].astype(np.float16), vc[l, :, :P].astype(np.float16))
             self.session.seal(l, self.kind, queries[l], positions)
-        self.client.wait_index(self.session)
+        try:
+            self.client.wait_index(self.session, timeout=self.index_timeout)
+        except Exception:
+            self.close()  # do not leave a half-built session behind in the daemon
+            raise
         self.build_secs = time.perf_counter() - t0
         self.have = [P] * cfg.n_layer
 

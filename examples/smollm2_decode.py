@@ -208,6 +208,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "with [decode] sinks/window = --sinks/--window; a daemon of yours must have the same)")
     ap.add_argument("--train-queries", type=int, default=1024,
                     help="prefill queries per layer sealed as the kvdex index's training signal")
+    ap.add_argument("--index-timeout", type=float, default=3600.0,
+                    help="seconds to wait for the daemon's index builds of one run")
     return ap.parse_args(argv)
 
 
@@ -253,6 +255,7 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
     for name in names:
         if name in KVDEX_KINDS:
             backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window)
+            backend.index_timeout = a.index_timeout
         else:
             backend = BACKENDS[name](model.cfg.group, scale)
         if a.sweep is None:
