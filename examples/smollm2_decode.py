@@ -16,6 +16,10 @@ decode path's hidden states, hence its K/V, drift from the reference's, as in re
     python examples/smollm2_decode.py --text FILE --prompt-tokens 2048 --json
     python examples/smollm2_decode.py --text FILE --sweep --plot out/sweep.png --json
 
+By default the decode path is served by a local ``kvdex serve`` three ways, side by side at the
+same adaptive budget (``p0.95:k1024``): the query-guided graph, plain HNSW, and a recency window
+of the same size as the graph's choice (no retrieval).
+
 ``--json`` prints one object per (backend, budget) with the fields of issue 6 (prompt_tokens,
 gen_tokens, sinks, window, budget, attended_fraction, kl_vs_full, top1_agreement, ppl_full,
 ppl_kvdex, ppl_rel_increase, kvdex_ms_per_layer_p50, model_ms_per_token) plus ``backend``,
@@ -196,7 +200,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--offset", type=int, default=0, help="first token of the text to use")
     ap.add_argument("--sinks", type=int, default=128, help="static sink tokens S")
     ap.add_argument("--window", type=int, default=512, help="static recent window W")
-    ap.add_argument("--backend", default="exact-topk,recency", help=f"comma list of {sorted(BACKENDS)}")
+    ap.add_argument("--backend", default="kvdex-graph,kvdex-hnsw,recency",
+                    help=f"comma list of {sorted(BACKENDS) + sorted(KVDEX_KINDS)}; recency runs last and, at an "
+                    "adaptive budget, matches the size a retrieval backend chose")
     ap.add_argument("--budget", default="p0.95:k1024",
                     help="kN = fixed top-N per query head; pX[:kN] = adaptive mass X capped at N")
     ap.add_argument("--sweep", nargs="?", const="default", default=None,
@@ -247,11 +253,19 @@ def run(a: argparse.Namespace, log=lambda s: print(s, file=sys.stderr), emit=Non
             daemon.__exit__(None, None, None)
 
 
+def same_size_k(attended: float, P: int, G: int, sinks: int, window: int) -> int:
+    """The fixed ``k`` whose attended fraction over positions ``P .. P+G-1`` equals ``attended``
+    (a context of ``n`` tokens attends ``(sinks + window + k) / n``)."""
+    inv = float(np.mean(1.0 / np.arange(P + 1, P + G + 1, dtype=np.float64)))
+    return max(0, int(round(attended / inv - (sinks + window))))
+
+
 def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, object], names: List[str],
          client, log, emit) -> List[Dict[str, object]]:
     P, G = a.prompt_tokens, a.gen_tokens
     scale = 1.0 / np.sqrt(model.cfg.hd)
     results = []
+    names = sorted(names, key=lambda n: n == "recency")  # recency last: it matches the others' sizes
     for name in names:
         if name in KVDEX_KINDS:
             backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window)
@@ -268,8 +282,14 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
             budget = Budget.parse(spec)
             if name != "exact-topk" and (budget.k == 0 and "exact-topk" in names):
                 continue  # k0 (static tokens only) is the same for every backend
+            label = str(budget)
             if name == "recency" and budget.p is not None:
-                continue  # recency takes fixed sizes
+                # A recency window of the same size as a retrieval run at this adaptive budget.
+                twin = next((r for r in results if r.get("budget") == str(budget) and "attended_fraction" in r), None)
+                if twin is None:
+                    continue  # nothing to match: recency takes fixed sizes
+                budget = Budget(k=same_size_k(twin["attended_fraction"], P, G, a.sinks, a.window))
+                label = f"{budget} (size of {twin['backend']} {twin['budget']})"
             try:
                 r = evaluate(model, ids, P, G, ref, backend, budget, a.sinks, a.window)
             except kvdex.KvdexError as e:  # one failed setting (the daemon's message) does not end a sweep
@@ -283,6 +303,7 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
                     emit(r)
                 continue
             r["text"] = os.path.basename(a.text)
+            r["budget"] = label
             log(f"{name:10s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
                 f"top1 {r['top1_agreement']:.3f}  ppl {r['ppl_kvdex']:.3f} (full {r['ppl_full']:.3f})")
             results.append(r)

@@ -72,3 +72,12 @@ def test_retrieval_beats_recency_at_the_same_budget(setup) -> None:
                 "top1_agreement", "ppl_full", "ppl_kvdex", "ppl_rel_increase", "kvdex_ms_per_layer_p50",
                 "model_ms_per_token"):
         assert key in topk
+
+
+@pytest.mark.parametrize("k", [0, 42, 256, 1000])
+def test_same_size_k_inverts_the_attended_fraction(k):
+    # The recency row "of the same size" must attend what a retrieval run with k tokens attended.
+    P, G, S, W = 8192, 256, 128, 512
+    n = np.arange(P + 1, P + G + 1)
+    attended = float(np.mean((S + W + k) / n))
+    assert smollm2_decode.same_size_k(attended, P, G, S, W) == k
