@@ -261,6 +261,8 @@ fn serve(
         watch: None,
     };
     let state = &h.attach.0.state;
+    // Whether the last completion had to wake the client from a park.
+    let mut woke_client = false;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return ExitReason::Stopped;
@@ -273,7 +275,7 @@ fn serve(
         let (_, d) = match consumer.try_pop(&sq) {
             Ok(Some(entry)) => entry,
             Ok(None) => {
-                let woke = wait::wait_until(&h.daemon_sleeping.0, config.wait, || {
+                let ready = || {
                     shared.stop.load(Ordering::Relaxed)
                         || sq.has_entries_after(consumer.tail())
                         || match state.load(Ordering::Relaxed) {
@@ -281,7 +283,15 @@ fn serve(
                             attach_state::DETACHED => att.attached,
                             _ => false,
                         }
-                });
+                };
+                // After waking a parked client, spin for its next request only once it shows
+                // it runs (it took the completion); else leave the core to it.
+                let taken = || producer.in_flight(&cq).map_or(true, |n| n == 0);
+                let woke = if std::mem::take(&mut woke_client) {
+                    wait::wait_watching(&h.daemon_sleeping.0, config.wait, taken, ready)
+                } else {
+                    wait::wait_until(&h.daemon_sleeping.0, config.wait, ready)
+                };
                 if !woke && att.watch.as_ref().is_some_and(|w| w.exited()) {
                     return ExitReason::ClientGone;
                 }
@@ -351,7 +361,7 @@ fn serve(
                 Err(e) => return ExitReason::Protocol(e.to_string()),
             }
         }
-        let _ = wait::notify(&h.client_sleeping.0);
+        woke_client = wait::notify(&h.client_sleeping.0);
     }
 }
 
