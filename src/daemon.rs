@@ -15,7 +15,7 @@ use std::future::{Future, IntoFuture};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -196,7 +196,7 @@ async fn reap(registry: Arc<Registry>, mut exits: mpsc::UnboundedReceiver<ExitNo
 }
 
 /// Binds the control plane's Unix socket, replacing a stale socket file (never another file).
-fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     let l = bind_std_unix(path, "http.unix_socket")?;
     l.set_nonblocking(true)?;
     Ok(tokio::net::UnixListener::from_std(l)?)
