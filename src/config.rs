@@ -117,6 +117,8 @@ pub struct SessionsConfig {
     pub max_payload_bytes: u64,
     /// Directory of the shared-memory files.
     pub shm_dir: String,
+    /// Unix socket of the optional socket data path ("" for none).
+    pub data_socket: String,
 }
 
 fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {
@@ -244,6 +246,11 @@ impl Config {
                 ),
             )
         })
+    }
+
+    /// `sessions.data_socket`, if set.
+    pub fn data_socket(&self) -> Option<PathBuf> {
+        (!self.sessions.data_socket.is_empty()).then(|| PathBuf::from(&self.sessions.data_socket))
     }
 
     /// `http.unix_socket`, if set.

@@ -14,7 +14,8 @@ pub mod registry;
 use std::future::{Future, IntoFuture};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,7 +52,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .thread_name("kvdex-http")
         .enable_all()
         .build()?;
-    rt.block_on(serve(config, dataplane::shm(), shutdown_signal()))
+    let data_socket = config.data_socket();
+    let data_plane = match &data_socket {
+        Some(path) => {
+            let hub = crate::worker::socket::SocketHub::new();
+            let listener = bind_std_unix(path, "sessions.data_socket")?;
+            // It serves whoever can connect (a token is still needed): owner only.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            hub.listen(listener)?;
+            tracing::info!(path = %path.display(), "data plane also on a Unix socket");
+            dataplane::shm_and_socket(hub)
+        }
+        None => dataplane::shm(),
+    };
+    let served = rt.block_on(serve(config, data_plane, shutdown_signal()));
+    if let Some(path) = &data_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    served
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -178,23 +196,27 @@ async fn reap(registry: Arc<Registry>, mut exits: mpsc::UnboundedReceiver<ExitNo
 }
 
 /// Binds the control plane's Unix socket, replacing a stale socket file (never another file).
-fn bind_unix(path: &PathBuf) -> Result<tokio::net::UnixListener> {
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    let l = bind_std_unix(path, "http.unix_socket")?;
+    l.set_nonblocking(true)?;
+    Ok(tokio::net::UnixListener::from_std(l)?)
+}
+
+/// Binds the Unix socket of config key `key` at `path`, replacing a stale socket file (never
+/// another file).
+fn bind_std_unix(path: &Path, key: &str) -> Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(KvdexError::Config(format!(
-                "key `http.unix_socket`: {} exists and is not a socket",
+                "key `{key}`: {} exists and is not a socket",
                 path.display()
             )));
         }
         std::fs::remove_file(path)?;
     }
     let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
-        KvdexError::Config(format!(
-            "key `http.unix_socket`: cannot bind {}: {e}",
-            path.display()
-        ))
+        KvdexError::Config(format!("key `{key}`: cannot bind {}: {e}", path.display()))
     })?;
-    l.set_nonblocking(true)?;
-    Ok(tokio::net::UnixListener::from_std(l)?)
+    Ok(l)
 }

@@ -24,7 +24,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode, Status};
@@ -261,6 +261,8 @@ fn serve(
         watch: None,
     };
     let state = &h.attach.0.state;
+    // Whether the last completion had to wake the client from a park.
+    let mut woke_client = false;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return ExitReason::Stopped;
@@ -273,7 +275,7 @@ fn serve(
         let (_, d) = match consumer.try_pop(&sq) {
             Ok(Some(entry)) => entry,
             Ok(None) => {
-                let woke = wait::wait_until(&h.daemon_sleeping.0, config.wait, || {
+                let ready = || {
                     shared.stop.load(Ordering::Relaxed)
                         || sq.has_entries_after(consumer.tail())
                         || match state.load(Ordering::Relaxed) {
@@ -281,7 +283,15 @@ fn serve(
                             attach_state::DETACHED => att.attached,
                             _ => false,
                         }
-                });
+                };
+                // After waking a parked client, spin for its next request only once it shows
+                // it runs (it took the completion); else leave the core to it.
+                let taken = || producer.in_flight(&cq).map_or(true, |n| n == 0);
+                let woke = if std::mem::take(&mut woke_client) {
+                    wait::wait_watching(&h.daemon_sleeping.0, config.wait, taken, ready)
+                } else {
+                    wait::wait_until(&h.daemon_sleeping.0, config.wait, ready)
+                };
                 if !woke && att.watch.as_ref().is_some_and(|w| w.exited()) {
                     return ExitReason::ClientGone;
                 }
@@ -307,19 +317,19 @@ fn serve(
                 return ExitReason::Protocol(msg);
             }
         };
-        let started = Instant::now();
         let result = if att.attached {
             // SAFETY: this thread is the only user of the arena in this process (the Worker
             // handle only touches header atomics); the bytes are untrusted and handled as such.
             let arena = unsafe { region.arena_unchecked() };
-            dispatcher.serve(&d, arena)
+            dispatcher.serve_observed(&d, arena, observer)
         } else {
-            Err(KvdexError::Unauthorized(
+            let e = KvdexError::Unauthorized(
                 "attach with the session token before sending requests".into(),
-            ))
+            );
+            let op = Opcode::from_code(d.code).map_or("invalid", Opcode::name);
+            observer.on_request(op, false, 0.0, d.in_len, 0);
+            Err(e)
         };
-        let op = Opcode::from_code(d.code).map_or("invalid", Opcode::name);
-        let micros = started.elapsed().as_secs_f64() * 1e6;
         let completion = match &result {
             Ok(n) => Descriptor {
                 request_id: d.request_id,
@@ -327,15 +337,11 @@ fn serve(
                 out_len: *n,
                 ..Default::default()
             },
-            Err(e) => error_completion(region, producer.head(), d.request_id, e),
+            Err(e) => {
+                let aux = region.write_error(producer.head(), &e.to_string());
+                dispatch::error_completion(d.request_id, e, aux)
+            }
         };
-        observer.on_request(
-            op,
-            result.is_ok(),
-            micros,
-            d.in_len,
-            completion.out_len * result.is_ok() as u64,
-        );
         loop {
             match producer.try_push(&cq, &completion) {
                 Ok(true) => break,
@@ -355,29 +361,8 @@ fn serve(
                 Err(e) => return ExitReason::Protocol(e.to_string()),
             }
         }
-        let _ = wait::notify(&h.client_sleeping.0);
+        woke_client = wait::notify(&h.client_sleeping.0);
     }
-}
-
-fn error_completion(region: &Region, index: u64, request_id: u64, e: &KvdexError) -> Descriptor {
-    let status = Status::of(e);
-    let aux = region.write_error(index, &e.to_string());
-    let mut c = Descriptor {
-        request_id,
-        code: status as u32,
-        aux,
-        ..Default::default()
-    };
-    if let KvdexError::Budget {
-        asked,
-        left,
-        budget,
-    } = *e
-    {
-        c.reserved = [asked, left];
-        c.out_len = budget;
-    }
-    c
 }
 
 #[cfg(test)]

@@ -1,29 +1,25 @@
-//! `kvdex bench rtt`: round trips through a daemon process over shared memory and over a
-//! Unix-domain socket with the same framing, in the same run.
+//! `kvdex bench rtt`: round trips through `kvdex serve` over shared memory and over its Unix
+//! data socket (the same framing and request path), in the same run.
 //!
-//! The daemon side runs as a separate process, as in real use: this binary re-executes itself
-//! as `kvdex bench rtt --host`, which creates one session, serves its shared-memory region with
-//! a real [`Worker`] and a Unix socket with the same [`crate::worker::dispatch::Dispatcher`]
-//! (so both transports take the same request path), prints where to find them as one JSON line,
-//! and exits when its stdin closes.
+//! The daemon runs as a separate process, as in real use: this binary starts itself as
+//! `kvdex serve` on a free loopback port with `sessions.data_socket` in a private temporary
+//! directory, waits for `/readyz`, creates one session over HTTP, attaches its shared-memory
+//! region and connects to the data socket with the session's token, then SIGTERMs the daemon
+//! at the end. Both transports reach the same session through the daemon's real request path
+//! ([`crate::worker::dispatch::Dispatcher::serve_observed`], metrics included).
 //!
 //! Each request is measured hot (back to back) and cold (1 ms apart, so the waiting side of
 //! either transport has gone to sleep, as between the layers of a decode step).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::client::{format_token, parse_token, Client, SessionHandle};
+use crate::client::{Client, SessionHandle, SessionOptions, SocketSession};
 use crate::error::{KvdexError, Result};
-use crate::proto::{Opcode, Request, Status};
-use crate::shm::layout::PAYLOAD_ALIGN;
-use crate::shm::{Descriptor, Region};
-use crate::store::{Session, Shape};
-use crate::worker::socket::{serve_unix, FRAME_HEADER};
-use crate::worker::{NoopObserver, Worker};
+use crate::proto::Opcode;
+use crate::store::Shape;
 
 /// Arguments of `kvdex bench rtt`.
 #[derive(Debug, clap::Args)]
@@ -37,23 +33,12 @@ pub struct RttArgs {
     /// Measured round trips per case, cold (1 ms apart).
     #[arg(long, default_value_t = 1_000)]
     pub cold_n: usize,
-    /// Internal: run as the daemon-side process of the benchmark.
-    #[arg(long, hide = true)]
-    pub host: bool,
 }
 
 /// Payload arena of the benchmark session (both transports).
 const ARENA_BYTES: u64 = 1 << 20;
 /// Payload sizes measured: a ping, and a search-sized request (32 heads x 64 dims x f32).
 const PAYLOADS: [usize; 2] = [64, 8192];
-
-/// Where the host process serves.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct HostInfo {
-    shm_path: String,
-    token: String,
-    socket_path: String,
-}
 
 /// One line of results (field names are the benchmark's contract).
 #[derive(Debug, serde::Serialize)]
@@ -71,37 +56,35 @@ struct RttRow {
     cold_socket_p99_us: f64,
 }
 
-/// Runs the benchmark (or, with `--host`, its daemon side).
+/// Runs the benchmark against a `kvdex serve` it starts and stops.
 pub fn run(args: RttArgs) -> Result<()> {
-    if args.host {
-        return host();
-    }
-    let exe = std::env::current_exe()?;
-    let mut child = std::process::Command::new(exe)
-        .args(["bench", "rtt", "--host"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let result = (|| {
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| KvdexError::Disconnected("host has no stdout".into()))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let info: HostInfo = serde_json::from_str(&line)
-            .map_err(|e| KvdexError::Disconnected(format!("bench host said {line:?}: {e}")))?;
-        let mut shm = Client::attach(&info.shm_path, &parse_token(&info.token)?)?;
-        let mut sock = SocketClient::connect(&info.socket_path)?;
+    let daemon = BenchDaemon::start()?;
+    let rows = (|| {
+        let client = Client::connect(&daemon.base)?;
+        let shape = Shape {
+            layers: 1,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 64,
+            dtype: kvdex_index::KeyDtype::F16,
+        };
+        let opts = SessionOptions {
+            payload_bytes: Some(ARENA_BYTES),
+            ..Default::default()
+        };
+        let mut shm = client.create_session(shape, opts)?;
+        let mut sock = shm.open_socket()?;
         let mut rows = Vec::new();
         for payload in PAYLOADS {
             rows.push(measure(&mut shm, &mut sock, payload, args.n, args.cold_n)?);
         }
+        drop(sock);
+        shm.drop_session()?;
         Ok::<_, KvdexError>(rows)
     })();
-    drop(child.stdin.take()); // the host exits when its stdin closes
-    let _ = child.wait();
-    let rows = result?;
+    // SIGTERM: the daemon ends its sessions and removes its files.
+    drop(daemon);
+    let rows = rows?;
     if args.json {
         for r in &rows {
             println!(
@@ -117,7 +100,7 @@ pub fn run(args: RttArgs) -> Result<()> {
 
 fn measure(
     shm: &mut SessionHandle,
-    sock: &mut SocketClient,
+    sock: &mut SocketSession,
     payload: usize,
     n: usize,
     cold_n: usize,
@@ -212,103 +195,83 @@ fn print_table(rows: &[RttRow]) {
     println!("(microseconds; hot = back to back, cold = 1 ms apart; p99 x = socket p99 / shm p99)");
 }
 
-/// The daemon side: one session served over shared memory and over a Unix socket.
-fn host() -> Result<()> {
-    let shape = Shape {
-        layers: 1,
-        q_heads: 32,
-        kv_heads: 8,
-        head_dim: 64,
-        dtype: kvdex_index::KeyDtype::F16,
-    };
-    let session = Arc::new(Session::new(shape)?);
-    let pid = std::process::id();
-    let dir = if std::path::Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let shm_path = dir.join(format!("kvdex-bench-{pid}"));
-    let socket_path = std::env::temp_dir().join(format!("kvdex-bench-{pid}.sock"));
-    let mut token = [0u8; 16];
-    rand::Rng::fill(&mut rand::thread_rng(), &mut token[..]);
-    let region = Region::create(&shm_path, ARENA_BYTES)?;
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)?;
-    let worker = Worker::spawn(
-        region,
-        session.clone(),
-        token,
-        Arc::new(NoopObserver),
-        Box::new(|_| {}),
-    )?;
-    let sock_session = session.clone();
-    std::thread::spawn(move || serve_unix(listener, sock_session, ARENA_BYTES as usize));
-    let info = HostInfo {
-        shm_path: shm_path.display().to_string(),
-        token: format_token(&token),
-        socket_path: socket_path.display().to_string(),
-    };
-    println!(
-        "{}",
-        serde_json::to_string(&info).map_err(|e| KvdexError::Data(e.to_string()))?
-    );
-    std::io::stdout().flush()?;
-    // Serve until the benchmark closes our stdin.
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
-    drop(worker);
-    let _ = std::fs::remove_file(&socket_path);
-    Ok(())
+/// `kvdex serve` as a child process: a free port, a data socket in a private directory.
+struct BenchDaemon {
+    child: Child,
+    /// Kept open: the daemon may log to stdout.
+    _stdout: BufReader<ChildStdout>,
+    base: String,
+    dir: PathBuf,
 }
 
-/// The socket baseline's client: one write per request, reads the completion and its body.
-struct SocketClient {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    next_id: u64,
-}
-
-impl SocketClient {
-    fn connect(path: &str) -> Result<Self> {
-        Ok(Self {
-            stream: UnixStream::connect(path)?,
-            buf: vec![0u8; FRAME_HEADER + ARENA_BYTES as usize],
-            next_id: 1,
-        })
-    }
-
-    fn ping(&mut self, data: &[u8]) -> Result<&[u8]> {
-        let req = Request::Ping { data };
-        let n = req.encode(&mut self.buf[FRAME_HEADER..])?;
-        let out_len = ARENA_BYTES - (n as u64).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
-        let d = Descriptor {
-            request_id: self.next_id,
-            code: Opcode::Ping as u32,
-            in_len: n as u64,
-            out_len,
-            ..Default::default()
-        };
-        self.next_id += 1;
-        self.buf[..FRAME_HEADER].copy_from_slice(bytemuck::bytes_of(&d));
-        self.stream.write_all(&self.buf[..FRAME_HEADER + n])?;
-        self.stream.read_exact(&mut self.buf[..FRAME_HEADER])?;
-        let c: Descriptor = bytemuck::pod_read_unaligned(&self.buf[..FRAME_HEADER]);
-        let body = if c.code == Status::Ok as u32 {
-            c.out_len
-        } else {
-            c.aux as u64
-        };
-        let body = usize::try_from(body)
-            .ok()
-            .filter(|&b| b <= ARENA_BYTES as usize)
-            .ok_or_else(|| KvdexError::Protocol(format!("socket reply of {body} bytes")))?;
-        self.stream.read_exact(&mut self.buf[..body])?;
-        if c.code != Status::Ok as u32 {
-            let msg = String::from_utf8_lossy(&self.buf[..body]).into_owned();
-            return Err(Status::from_code(c.code).into_error(&c, msg));
+impl BenchDaemon {
+    /// Starts the daemon and waits until it prints its address and answers `/readyz`.
+    fn start() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("kvdex-bench-rtt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        if std::env::var_os("KVDEX_LOG").is_none() {
+            // Keep the daemon's start-up lines out of the benchmark's output.
+            cmd.env("KVDEX_LOG", "warn");
         }
-        Ok(&self.buf[..body])
+        let mut child = cmd
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("KVDEX_SESSIONS__DATA_SOCKET", dir.join("data.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take();
+        let mut daemon = BenchDaemon {
+            child,
+            _stdout: BufReader::new(
+                stdout
+                    .ok_or_else(|| KvdexError::Disconnected("kvdex serve has no stdout".into()))?,
+            ),
+            base: String::new(),
+            dir,
+        };
+        let mut line = String::new();
+        while daemon.base.is_empty() {
+            line.clear();
+            if daemon._stdout.read_line(&mut line)? == 0 {
+                let status = daemon.child.wait()?;
+                return Err(KvdexError::Disconnected(format!(
+                    "kvdex serve exited ({status}) before printing its address"
+                )));
+            }
+            if let Some(addr) = line.trim().strip_prefix("kvdex listening on ") {
+                daemon.base = addr.to_owned();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        while agent
+            .get(&format!("{}/readyz", daemon.base))
+            .call()
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(KvdexError::Disconnected(format!(
+                    "{} did not become ready in 30 s",
+                    daemon.base
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for BenchDaemon {
+    /// SIGTERM, then wait for the exit, then remove the private directory.
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped (we still own `Child`), so the pid
+        // cannot have been reused.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -14,6 +14,9 @@ pub struct CreatedSession {
     pub shm_path: String,
     /// Bytes of the region's payload arena.
     pub payload_bytes: u64,
+    /// The daemon's Unix data socket, when it has one.
+    #[serde(default)]
+    pub data_socket: Option<String>,
 }
 
 /// The HTTP identity of a session, kept by its handle for `drop_session`.
@@ -23,6 +26,7 @@ pub struct HttpSession {
     pub(super) base_url: String,
     pub(super) id: String,
     pub(super) token: String,
+    pub(super) data_socket: Option<String>,
 }
 
 /// Turns a ureq failure into an error that names the route and the daemon's message.

@@ -22,12 +22,14 @@ pub mod decode;
 pub mod http;
 pub mod merge;
 pub mod session;
+pub mod socket;
 
 use std::time::Duration;
 
 pub use decode::Retrieved;
 pub use http::{format_token, parse_token};
 pub use session::{GatheredRows, SessionHandle};
+pub use socket::SocketSession;
 
 use crate::error::Result;
 use crate::shm::wait::WaitPolicy;
@@ -73,6 +75,7 @@ impl Client {
             base_url: self.base_url.clone(),
             id: created.id,
             token: created.token,
+            data_socket: created.data_socket,
         };
         let mut handle =
             match SessionHandle::attach(std::path::Path::new(&created.shm_path), &token, opts.wait)
@@ -113,5 +116,21 @@ impl SessionHandle {
             Some(h) => h.delete(),
             None => Ok(()),
         }
+    }
+
+    /// A second connection to this session over the daemon's Unix data socket
+    /// (`sessions.data_socket`), presenting the same token. Fails with
+    /// [`crate::KvdexError::NotFound`] when the daemon has no data socket or the handle was not
+    /// made by [`Client::create_session`].
+    pub fn open_socket(&self) -> Result<SocketSession> {
+        let h = self.http.as_ref().ok_or_else(|| {
+            crate::KvdexError::NotFound("a session attached without HTTP has no id".into())
+        })?;
+        let path = h.data_socket.as_deref().ok_or_else(|| {
+            crate::KvdexError::NotFound(
+                "the daemon has no data socket (config key `sessions.data_socket`)".into(),
+            )
+        })?;
+        SocketSession::connect(path, &h.id, &parse_token(&h.token)?)
     }
 }

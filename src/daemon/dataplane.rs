@@ -12,6 +12,7 @@ use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::shm::Region;
 use crate::store::Session;
+use crate::worker::socket::{SocketHub, SocketRegistration};
 use crate::worker::{ExitReason, Observer, Worker};
 
 /// What a data plane needs to serve one session.
@@ -54,17 +55,42 @@ pub trait DataPlane: Send + Sync {
 
 /// The daemon's data plane: a shared-memory region per session, served by one worker thread.
 pub fn shm() -> Box<dyn DataPlane> {
-    Box::new(ShmDataPlane)
+    Box::new(ShmDataPlane { socket: None })
+}
+
+/// [`shm`], and every session also reachable over the Unix data socket `hub` listens on
+/// (`sessions.data_socket`).
+pub fn shm_and_socket(hub: Arc<SocketHub>) -> Box<dyn DataPlane> {
+    Box::new(ShmDataPlane { socket: Some(hub) })
 }
 
 /// Creates the region with [`Region::create`] and serves it with [`Worker::spawn`]; the
-/// returned guard is the [`Worker`], whose drop stops the thread, and with it the region, whose
-/// drop removes the /dev/shm file.
-pub struct ShmDataPlane;
+/// returned guard holds the [`Worker`], whose drop stops the thread, and with it the region,
+/// whose drop removes the /dev/shm file. With a data socket, the guard also holds the session's
+/// [`SocketRegistration`], whose drop closes its socket connections.
+pub struct ShmDataPlane {
+    socket: Option<Arc<SocketHub>>,
+}
+
+/// What [`ShmDataPlane`] hands the registry; fields drop in order (socket first, so that a
+/// socket connection never outlives the shared-memory worker by much).
+struct ShmServing {
+    _socket: Option<SocketRegistration>,
+    _worker: Worker,
+}
 
 impl DataPlane for ShmDataPlane {
     fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
         let region = Region::create(&spec.shm_path, spec.payload_bytes)?;
+        let socket = self.socket.as_ref().map(|hub| {
+            hub.register(
+                &spec.id,
+                spec.token,
+                spec.session.clone(),
+                spec.payload_bytes as usize,
+                spec.metrics.clone(),
+            )
+        });
         let (id, exits) = (spec.id, spec.exits);
         let on_exit = Box::new(move |reason: ExitReason| {
             let label = match reason {
@@ -85,6 +111,9 @@ impl DataPlane for ShmDataPlane {
         });
         let observer: Arc<dyn Observer> = spec.metrics;
         let worker = Worker::spawn(region, spec.session, spec.token, observer, on_exit)?;
-        Ok(Box::new(worker))
+        Ok(Box::new(ShmServing {
+            _socket: socket,
+            _worker: worker,
+        }))
     }
 }

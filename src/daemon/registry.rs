@@ -48,6 +48,9 @@ pub struct Created {
     pub shm_path: PathBuf,
     /// Size of the region's payload arena.
     pub payload_bytes: u64,
+    /// The Unix data socket that also serves the session (`sessions.data_socket`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_socket: Option<PathBuf>,
 }
 
 /// One session's public state, for `GET /v1/sessions/{id}` and `/stats`.
@@ -223,6 +226,7 @@ impl Registry {
             token: hex(&token),
             shm_path,
             payload_bytes,
+            data_socket: self.config.data_socket(),
         })
     }
 

@@ -23,6 +23,10 @@ pub struct WaitPolicy {
     pub spin: Duration,
     /// Longest single park.
     pub park_timeout: Duration,
+    /// After waking a parked peer ([`wait_watching`]): how long to spin before the peer must
+    /// show that it runs. A peer still not running by then is waiting for a core, likely the
+    /// one this spin holds, so the waiter parks and hands it over.
+    pub wake_grace: Duration,
 }
 
 impl Default for WaitPolicy {
@@ -30,6 +34,7 @@ impl Default for WaitPolicy {
         Self {
             spin: Duration::from_micros(50),
             park_timeout: Duration::from_millis(50),
+            wake_grace: Duration::from_micros(20),
         }
     }
 }
@@ -77,9 +82,19 @@ fn futex_wake(word: &AtomicU32) {
 /// Waits until `ready()` is true: spins for `policy.spin`, then parks once on `sleeping` for
 /// at most `policy.park_timeout`. Returns whether `ready()` held at the end (false: timed out,
 /// and the caller should check for stop requests or a dead peer before waiting again).
-pub fn wait_until(
+pub fn wait_until(sleeping: &AtomicU32, policy: WaitPolicy, ready: impl FnMut() -> bool) -> bool {
+    wait_watching(sleeping, policy, || true, ready)
+}
+
+/// [`wait_until`] for a waiter that has just woken its peer ([`notify`] returned true): the
+/// spin goes on past `policy.wake_grace` only if `peer_running()` says the peer has started
+/// (it took the request, or the response). On an idle core the peer runs within a few
+/// microseconds and the answer is caught by the spin, saving this side a futex wake-up of its
+/// own; when every core is busy the peer needs the one this spin holds, so the waiter parks.
+pub fn wait_watching(
     sleeping: &AtomicU32,
     policy: WaitPolicy,
+    mut peer_running: impl FnMut() -> bool,
     mut ready: impl FnMut() -> bool,
 ) -> bool {
     if ready() {
@@ -90,14 +105,24 @@ pub fn wait_until(
         // box: a yielded thread can lose its core for milliseconds while the peer answers.)
         let start = Instant::now();
         let mut spins: u32 = 0;
+        let mut peer_seen = false;
         loop {
             std::hint::spin_loop();
             if ready() {
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() >= policy.spin {
-                break;
+            if spins % 64 == 0 {
+                let spent = start.elapsed();
+                if spent >= policy.spin {
+                    break;
+                }
+                if !peer_seen && spent >= policy.wake_grace {
+                    peer_seen = peer_running();
+                    if !peer_seen {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -114,8 +139,7 @@ pub fn wait_until(
 
 /// Called after publishing something the peer may be waiting for: wakes it only if it parked.
 /// Returns true when it had to wake it (the peer was asleep, so an answer will take a
-/// scheduler wake-up: the caller is better off parking than spinning on the core the peer
-/// needs).
+/// scheduler wake-up: the caller should wait with [`wait_watching`]).
 pub fn notify(sleeping: &AtomicU32) -> bool {
     fence(Ordering::SeqCst);
     if sleeping.load(Ordering::Relaxed) != 0 && sleeping.swap(0, Ordering::AcqRel) != 0 {
@@ -186,6 +210,7 @@ mod tests {
         let policy = WaitPolicy {
             spin: Duration::ZERO,
             park_timeout: Duration::from_secs(10),
+            ..Default::default()
         };
         let (w, f) = (word.clone(), flag.clone());
         let t = std::thread::spawn(move || {
@@ -208,11 +233,34 @@ mod tests {
     }
 
     #[test]
+    fn a_waiter_whose_woken_peer_does_not_run_parks_before_its_spin_ends() {
+        let word = Arc::new(AtomicU32::new(0));
+        let flag = Arc::new(AtomicBool::new(false));
+        // A spin far longer than the test: only the grace check can make it park.
+        let policy = WaitPolicy {
+            spin: Duration::from_secs(3600),
+            park_timeout: Duration::from_secs(10),
+            wake_grace: Duration::ZERO,
+        };
+        let (w, f) = (word.clone(), flag.clone());
+        let t = std::thread::spawn(move || {
+            wait_watching(&w, policy, || false, || f.load(Ordering::Acquire))
+        });
+        while word.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        flag.store(true, Ordering::Release);
+        assert!(notify(&word), "the waiter had announced its park");
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
     fn wait_times_out_and_reports_not_ready() {
         let word = AtomicU32::new(0);
         let policy = WaitPolicy {
             spin: Duration::from_micros(10),
             park_timeout: Duration::from_millis(5),
+            ..Default::default()
         };
         assert!(!wait_until(&word, policy, || false));
         assert!(wait_until(&word, policy, || true));

@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use kvdex_index::{Hits, SearchScratch};
 
+use std::time::Instant;
+
 use crate::error::{KvdexError, Result};
-use crate::proto::{self, Opcode, Request, SearchLayout};
+use crate::proto::{self, Opcode, Request, SearchLayout, Status};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
 use crate::store::Session;
+use crate::worker::Observer;
 
 /// Per-connection state and scratch: everything a request needs, reused across requests so
 /// that serving one does not allocate.
@@ -66,6 +69,29 @@ fn split(
     }
 }
 
+/// The completion reporting `e` for `request_id`, where the transport put `aux` bytes of the
+/// error message. A budget failure carries its numbers (`reserved[0]` asked, `reserved[1]`
+/// left, `out_len` the whole budget), so that every transport's client rebuilds the same
+/// [`KvdexError::Budget`] (see [`Status::into_error`]).
+pub fn error_completion(request_id: u64, e: &KvdexError, aux: u32) -> Descriptor {
+    let mut c = Descriptor {
+        request_id,
+        code: Status::of(e) as u32,
+        aux,
+        ..Default::default()
+    };
+    if let KvdexError::Budget {
+        asked,
+        left,
+        budget,
+    } = *e
+    {
+        c.reserved = [asked, left];
+        c.out_len = budget;
+    }
+    c
+}
+
 fn too_small(op: Opcode, need: usize, have: usize) -> KvdexError {
     KvdexError::BadRequest(format!(
         "{} response needs {need} bytes, the response space has {have}",
@@ -90,6 +116,23 @@ impl Dispatcher {
     /// The session served.
     pub fn session(&self) -> &Arc<Session> {
         &self.session
+    }
+
+    /// [`Dispatcher::serve`], timed and reported to `observer`: the request path every
+    /// transport (shared memory, the Unix data socket) goes through.
+    pub fn serve_observed(
+        &mut self,
+        d: &Descriptor,
+        arena: &mut [u8],
+        observer: &dyn Observer,
+    ) -> Result<u64> {
+        let started = Instant::now();
+        let result = self.serve(d, arena);
+        let op = Opcode::from_code(d.code).map_or("invalid", Opcode::name);
+        let micros = started.elapsed().as_secs_f64() * 1e6;
+        let out = *result.as_ref().unwrap_or(&0);
+        observer.on_request(op, result.is_ok(), micros, d.in_len, out);
+        result
     }
 
     /// Validates `d` against the arena and this connection's state, executes it, and returns

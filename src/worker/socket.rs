@@ -1,52 +1,300 @@
-//! The Unix-socket baseline: the same framing and the same request path as shared memory.
+//! The Unix-socket data path: the same request codec and the same request path as shared
+//! memory, over a stream socket.
 //!
-//! A frame is a 64-byte [`Descriptor`] followed by `in_len` body bytes (the descriptor's
+//! `kvdex serve` offers it when `sessions.data_socket` names a path. A connection starts with a
+//! [`Hello`] frame naming a session and presenting its token; the daemon answers with one
+//! completion (success, or an error code with the message), and, once accepted, serves frames
+//! until the peer closes the connection or the session ends.
+//!
+//! A request frame is a 64-byte [`Descriptor`] followed by `in_len` body bytes (its
 //! `in_offset` is ignored). The reply is a completion descriptor followed by `out_len` response
-//! bytes on success, or `aux` error-message bytes on failure. The server keeps a private arena
-//! per connection and calls the same [`Dispatcher`] as the shared-memory worker, so
-//! `kvdex bench rtt` compares only the transports. It exists for that benchmark; the daemon
-//! may also offer it behind a config flag.
+//! bytes on success, or `aux` error-message bytes on failure. Each connection has a private
+//! arena the size of the session's shared-memory arena, and calls the same
+//! [`Dispatcher::serve_observed`] as the shared-memory worker, so the transports differ only in
+//! how the bytes travel (which is what `kvdex bench rtt` compares).
+//!
+//! A session's connections are tied to its [`SocketRegistration`]: dropping it (the session
+//! was deleted or its client died) shuts them down and waits until their threads have let go of
+//! the session, so its memory is freed when the session ends.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::error::{KvdexError, Result};
-use crate::proto::Status;
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
 use crate::store::Session;
-use crate::worker::dispatch::Dispatcher;
+use crate::worker::dispatch::{error_completion, Dispatcher};
+use crate::worker::Observer;
 
 /// Bytes of a frame header (one descriptor).
 pub const FRAME_HEADER: usize = std::mem::size_of::<Descriptor>();
+/// First word of a [`Hello`]: "KVDXSOCK".
+pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"KVDXSOCK");
+/// Version of the data-socket protocol.
+pub const HELLO_VERSION: u32 = 1;
+/// How long a new connection may take to send its [`Hello`].
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Accepts connections on `listener` forever, one thread per connection, each with an arena of
-/// `arena_bytes`, all serving `session`.
-pub fn serve_unix(listener: UnixListener, session: Arc<Session>, arena_bytes: usize) -> Result<()> {
-    for stream in listener.incoming() {
-        let stream = stream?;
-        let session = session.clone();
-        std::thread::Builder::new()
-            .name("kvdex-socket".into())
-            .spawn(move || {
-                if let Err(e) = serve_connection(stream, session, arena_bytes) {
-                    tracing::debug!(error = %e, "socket connection ended");
-                }
-            })?;
-    }
-    Ok(())
+/// The first frame of a data-socket connection: which session, with which token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Hello {
+    /// [`HELLO_MAGIC`].
+    pub magic: u64,
+    /// [`HELLO_VERSION`].
+    pub version: u32,
+    /// Bytes of `id` used.
+    pub id_len: u32,
+    /// The session token.
+    pub token: [u8; 16],
+    /// The session id (ASCII hex), zero-padded.
+    pub id: [u8; 32],
 }
 
-/// Serves one connection until the peer closes it.
-pub fn serve_connection(
-    mut stream: UnixStream,
+const _: () = assert!(std::mem::size_of::<Hello>() == FRAME_HEADER);
+
+impl Hello {
+    /// The hello for session `id` with `token`.
+    pub fn new(id: &str, token: &[u8; 16]) -> Result<Self> {
+        let mut h = Hello {
+            magic: HELLO_MAGIC,
+            version: HELLO_VERSION,
+            id_len: id.len() as u32,
+            token: *token,
+            id: [0; 32],
+        };
+        h.id.get_mut(..id.len())
+            .ok_or_else(|| {
+                KvdexError::BadRequest(format!("session id {id:?} is longer than 32 bytes"))
+            })?
+            .copy_from_slice(id.as_bytes());
+        Ok(h)
+    }
+
+    /// The session id, after checking magic and version.
+    fn session_id(&self) -> Result<&str> {
+        if self.magic != HELLO_MAGIC || self.version != HELLO_VERSION {
+            return Err(KvdexError::Protocol(format!(
+                "not a kvdex data-socket hello (magic {:#x}, version {}; want {HELLO_MAGIC:#x}, \
+                 {HELLO_VERSION})",
+                self.magic, self.version
+            )));
+        }
+        self.id
+            .get(..self.id_len as usize)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .ok_or_else(|| KvdexError::BadRequest("hello has a malformed session id".into()))
+    }
+}
+
+/// A session reachable over the data socket.
+struct Reachable {
+    token: [u8; 16],
     session: Arc<Session>,
     arena_bytes: usize,
+    observer: Arc<dyn Observer>,
+    /// Set when the session ends; no connection is accepted after.
+    ended: AtomicBool,
+    /// Open connections: a handle to shut each down, and a channel that closes when its
+    /// thread has dropped the session.
+    conns: Mutex<Vec<(UnixStream, mpsc::Receiver<()>)>>,
+}
+
+impl Reachable {
+    fn conns(&self) -> MutexGuard<'_, Vec<(UnixStream, mpsc::Receiver<()>)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The daemon's data socket: which sessions it serves, and the thread accepting connections.
+#[derive(Default)]
+pub struct SocketHub {
+    sessions: Mutex<HashMap<String, Arc<Reachable>>>,
+}
+
+impl std::fmt::Debug for SocketHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketHub")
+            .field("sessions", &self.lock().len())
+            .finish()
+    }
+}
+
+/// Keeps a session reachable over the data socket; dropping it closes the session's
+/// connections and waits until their threads have released the session.
+pub struct SocketRegistration {
+    hub: Arc<SocketHub>,
+    id: String,
+}
+
+impl SocketHub {
+    /// An empty hub.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Reachable>>> {
+        // Inserts and removes are single calls: a poisoned map is still consistent.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes session `id` reachable for holders of `token`, with a per-connection arena of
+    /// `arena_bytes` (the same limit as its shared-memory arena).
+    pub fn register(
+        self: &Arc<Self>,
+        id: &str,
+        token: [u8; 16],
+        session: Arc<Session>,
+        arena_bytes: usize,
+        observer: Arc<dyn Observer>,
+    ) -> SocketRegistration {
+        let r = Arc::new(Reachable {
+            token,
+            session,
+            arena_bytes,
+            observer,
+            ended: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        self.lock().insert(id.to_owned(), r);
+        SocketRegistration {
+            hub: self.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// Accepts connections on `listener` on a thread of its own, one thread per connection.
+    /// The thread lives as long as the process (the daemon removes the socket file at exit).
+    pub fn listen(self: &Arc<Self>, listener: UnixListener) -> Result<()> {
+        let hub = self.clone();
+        std::thread::Builder::new()
+            .name("kvdex-data-socket".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let stream = match stream {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "data socket accept failed");
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    };
+                    let hub = hub.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("kvdex-socket".into())
+                        .spawn(move || {
+                            if let Err(e) = hub.serve_connection(stream) {
+                                tracing::debug!(error = %e, "data socket connection ended");
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot start a data socket thread");
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Judges the connection's hello, then serves it until the peer closes or the session
+    /// ends.
+    fn serve_connection(&self, mut stream: UnixStream) -> Result<()> {
+        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let mut frame = [0u8; FRAME_HEADER];
+        stream.read_exact(&mut frame)?;
+        stream.set_read_timeout(None)?;
+        let hello: Hello = bytemuck::pod_read_unaligned(&frame);
+        let (reach, done) = match self.admit(&hello, &stream) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let msg = e.to_string();
+                let c = error_completion(0, &e, msg.len() as u32);
+                let mut reply = bytemuck::bytes_of(&c).to_vec();
+                reply.extend_from_slice(msg.as_bytes());
+                stream.write_all(&reply)?;
+                return Err(e);
+            }
+        };
+        let accepted = Descriptor {
+            out_len: reach.arena_bytes as u64,
+            ..Default::default()
+        };
+        stream.write_all(bytemuck::bytes_of(&accepted))?;
+        let (session, arena, observer) = (
+            reach.session.clone(),
+            reach.arena_bytes,
+            reach.observer.clone(),
+        );
+        drop(reach);
+        let result = serve_frames(stream, Dispatcher::new(session), arena, &*observer);
+        // The dispatcher (and with it the session) is gone: let a waiting end() go on.
+        drop(done);
+        result
+    }
+
+    /// Checks the token (in constant time) and records the connection with its session.
+    fn admit(
+        &self,
+        hello: &Hello,
+        stream: &UnixStream,
+    ) -> Result<(Arc<Reachable>, mpsc::Sender<()>)> {
+        let id = hello.session_id()?;
+        let reach = self
+            .lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| KvdexError::NotFound(format!("session {id:?}")))?;
+        if !crate::daemon::registry::tokens_equal(&hello.token, &reach.token) {
+            tracing::warn!(%id, "data socket hello with a wrong token refused");
+            return Err(KvdexError::Unauthorized(format!(
+                "wrong token for session {id}"
+            )));
+        }
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut conns = reach.conns();
+        if reach.ended.load(Ordering::Acquire) {
+            return Err(KvdexError::NotFound(format!("session {id:?} has ended")));
+        }
+        conns.push((stream.try_clone()?, done_rx));
+        drop(conns);
+        Ok((reach, done_tx))
+    }
+}
+
+impl Drop for SocketRegistration {
+    fn drop(&mut self) {
+        let Some(reach) = self.hub.lock().remove(&self.id) else {
+            return;
+        };
+        let conns = {
+            let mut conns = reach.conns();
+            reach.ended.store(true, Ordering::Release);
+            std::mem::take(&mut *conns)
+        };
+        for (stream, done) in conns {
+            let _ = stream.shutdown(Shutdown::Both);
+            // Returns once the connection's thread dropped its sender, after the session.
+            let _ = done.recv();
+        }
+    }
+}
+
+/// Serves request frames on `stream` with `dispatcher` until the peer closes it.
+pub fn serve_frames(
+    mut stream: UnixStream,
+    mut dispatcher: Dispatcher,
+    arena_bytes: usize,
+    observer: &dyn Observer,
 ) -> Result<()> {
-    let mut dispatcher = Dispatcher::new(session);
     let mut arena = vec![0u8; arena_bytes];
-    let mut reply = vec![0u8; FRAME_HEADER + arena_bytes];
+    // Grows to the largest reply once; no allocation per request after that.
+    let mut reply = vec![0u8; FRAME_HEADER + 4096];
     let mut header = [0u8; FRAME_HEADER];
     loop {
         match stream.read_exact(&mut header) {
@@ -55,55 +303,60 @@ pub fn serve_connection(
             Err(e) => return Err(e.into()),
         }
         let mut d: Descriptor = bytemuck::pod_read_unaligned(&header);
-        let in_len = usize::try_from(d.in_len)
-            .ok()
-            .filter(|&n| n <= arena_bytes / 2)
-            .ok_or_else(|| {
-                KvdexError::BadRequest(format!(
-                    "frame body of {} bytes exceeds {}",
-                    d.in_len,
-                    arena_bytes / 2
-                ))
-            })?;
+        let Some(in_len) = usize::try_from(d.in_len).ok().filter(|&n| n <= arena_bytes) else {
+            // The body cannot be skipped safely: answer, then end the connection.
+            let e = KvdexError::BadRequest(format!(
+                "frame body of {} bytes exceeds the {arena_bytes}-byte arena",
+                d.in_len
+            ));
+            let msg = e.to_string();
+            let c = error_completion(d.request_id, &e, msg.len() as u32);
+            let _ = stream.write_all(bytemuck::bytes_of(&c));
+            let _ = stream.write_all(msg.as_bytes());
+            return Err(e);
+        };
         stream.read_exact(&mut arena[..in_len])?;
         let out_offset = (in_len as u64).div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
         d.in_offset = 0;
         d.out_offset = out_offset;
-        d.out_len = d.out_len.min(arena_bytes as u64 - out_offset);
-        let (c, body): (Descriptor, &[u8]) = match dispatcher.serve(&d, &mut arena) {
-            Ok(n) => (
-                Descriptor {
-                    request_id: d.request_id,
-                    out_offset,
-                    out_len: n,
-                    ..Default::default()
-                },
-                &arena[out_offset as usize..(out_offset + n) as usize],
-            ),
-            Err(e) => {
-                let msg = e.to_string();
-                let n = msg.len().min(arena_bytes);
-                arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
-                let c = Descriptor {
-                    request_id: d.request_id,
-                    code: Status::of(&e) as u32,
-                    aux: n as u32,
-                    ..Default::default()
-                };
-                (c, &arena[..n])
-            }
-        };
+        d.out_len = d
+            .out_len
+            .min((arena_bytes as u64).saturating_sub(out_offset));
+        let (c, body): (Descriptor, &[u8]) =
+            match dispatcher.serve_observed(&d, &mut arena, observer) {
+                Ok(n) => (
+                    Descriptor {
+                        request_id: d.request_id,
+                        out_offset,
+                        out_len: n,
+                        ..Default::default()
+                    },
+                    &arena[out_offset as usize..(out_offset + n) as usize],
+                ),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let n = msg.len().min(arena_bytes);
+                    arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                    (error_completion(d.request_id, &e, n as u32), &arena[..n])
+                }
+            };
         // One write per reply, as the client sends one write per request.
+        let total = FRAME_HEADER + body.len();
+        if reply.len() < total {
+            reply.resize(total, 0);
+        }
         reply[..FRAME_HEADER].copy_from_slice(bytemuck::bytes_of(&c));
-        reply[FRAME_HEADER..FRAME_HEADER + body.len()].copy_from_slice(body);
-        stream.write_all(&reply[..FRAME_HEADER + body.len()])?;
+        reply[FRAME_HEADER..total].copy_from_slice(body);
+        stream.write_all(&reply[..total])?;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::Status;
     use crate::store::Shape;
+    use crate::worker::NoopObserver;
 
     fn call(s: &mut UnixStream, d: Descriptor, body: &[u8]) -> (Descriptor, Vec<u8>) {
         s.write_all(bytemuck::bytes_of(&d)).unwrap();
@@ -117,8 +370,7 @@ mod tests {
         (c, out)
     }
 
-    #[test]
-    fn socket_frames_use_the_same_request_path() {
+    fn session() -> Arc<Session> {
         let shape = Shape {
             layers: 1,
             q_heads: 1,
@@ -126,9 +378,15 @@ mod tests {
             head_dim: 2,
             dtype: kvdex_index::KeyDtype::F32,
         };
-        let session = Arc::new(Session::new(shape).unwrap());
+        Arc::new(Session::new(shape).unwrap())
+    }
+
+    #[test]
+    fn socket_frames_use_the_same_request_path() {
         let (mut a, b) = UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || serve_connection(b, session, 4096));
+        let server = std::thread::spawn(move || {
+            serve_frames(b, Dispatcher::new(session()), 4096, &NoopObserver)
+        });
         let ping = Descriptor {
             request_id: 1,
             code: 1,
@@ -149,15 +407,72 @@ mod tests {
         );
         assert_eq!(c.code, Status::BadRequest as u32);
         assert!(String::from_utf8_lossy(&out).contains("unknown opcode 42"));
-        // A frame claiming more body than the server's arena ends the connection with an error.
-        a.write_all(bytemuck::bytes_of(&Descriptor {
-            request_id: 3,
-            code: 1,
-            in_len: 1 << 40,
-            ..Default::default()
-        }))
-        .unwrap();
+        // A frame claiming more body than the arena is answered, then the connection ends.
+        let (c, out) = call(
+            &mut a,
+            Descriptor {
+                request_id: 3,
+                code: 1,
+                in_len: 1 << 40,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(c.code, Status::BadRequest as u32);
+        assert!(String::from_utf8_lossy(&out).contains("exceeds the 4096-byte arena"));
         drop(a);
         assert!(server.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn hub_checks_the_token_and_ending_the_session_closes_its_connections() {
+        let hub = SocketHub::new();
+        let token = [9u8; 16];
+        let s = session();
+        let reg = hub.register("abc", token, s.clone(), 4096, Arc::new(NoopObserver));
+        let connect = |hello: Hello| {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let h = hub.clone();
+            let t = std::thread::spawn(move || h.serve_connection(b));
+            a.write_all(bytemuck::bytes_of(&hello)).unwrap();
+            let mut head = [0u8; FRAME_HEADER];
+            a.read_exact(&mut head).unwrap();
+            let c: Descriptor = bytemuck::pod_read_unaligned(&head);
+            let mut msg = vec![0u8; c.aux as usize];
+            a.read_exact(&mut msg).unwrap();
+            (a, c, String::from_utf8(msg).unwrap(), t)
+        };
+        let (_, c, msg, t) = connect(Hello::new("abc", &[8; 16]).unwrap());
+        assert_eq!(c.code, Status::Unauthorized as u32);
+        assert!(msg.contains("wrong token for session abc"), "{msg}");
+        assert!(t.join().unwrap().is_err());
+        let (_, c, msg, _) = connect(Hello::new("nope", &token).unwrap());
+        assert_eq!(
+            (c.code, msg.contains("\"nope\"")),
+            (Status::NotFound as u32, true)
+        );
+        let (mut a, c, _, t) = connect(Hello::new("abc", &token).unwrap());
+        assert_eq!((c.code, c.out_len), (0, 4096));
+        let ping = Descriptor {
+            request_id: 1,
+            code: 1,
+            in_len: 2,
+            out_len: 64,
+            ..Default::default()
+        };
+        assert_eq!(call(&mut a, ping, b"hi").1, b"hi");
+        assert_eq!(
+            Arc::strong_count(&s),
+            3,
+            "the test, the hub, the connection"
+        );
+        drop(reg);
+        assert_eq!(Arc::strong_count(&s), 1, "ending the session released it");
+        assert_eq!(
+            a.read(&mut [0u8; 1]).unwrap(),
+            0,
+            "the connection was closed"
+        );
+        assert!(t.join().unwrap().is_ok());
     }
 }

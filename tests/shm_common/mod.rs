@@ -40,6 +40,7 @@ pub fn test_wait() -> WaitPolicy {
     WaitPolicy {
         spin: Duration::from_micros(20),
         park_timeout: Duration::from_millis(10),
+        ..Default::default()
     }
 }
 
