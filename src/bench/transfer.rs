@@ -235,7 +235,10 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
         for it in 0..args.iters + 2 {
             draw_runs(&mut rng, arena_bytes as u64, block, blocks, &mut runs);
             let g = secs(|| Ok(link.wait(link.gather(&arena, &runs, dst_id)?)?))?;
-            let start = rng.gen_range(0..=(arena_bytes as u64 - batch) / 64) as usize * 64;
+            // Page-aligned, as the gathers' runs of >= 4 KiB are: a source at another offset
+            // within its page than the destination can hit slow paths (store-to-load 4 KiB
+            // aliasing, glibc's `rep movsb` cliff), which would weaken the limit.
+            let start = rng.gen_range(0..=(arena_bytes - batch as usize) / PAGE) * PAGE;
             let whole = &src[start..start + batch as usize];
             let (memcpy, stream, many, other);
             if cuda {
