@@ -82,6 +82,31 @@ fn lib_plain(src: &[u8], dst: &mut [u8], _offs: &[usize], _row: usize) {
     lib(src, dst, false)
 }
 
+/// `nt_loop::<16, 1>` over the `Run` structs (is it the data or the loop?).
+#[target_feature(enable = "avx2")]
+unsafe fn nt_runs(src: &[u8], dst: &mut [u8], _offs: &[usize], _row: usize) {
+    use std::arch::x86_64::*;
+    let s = src.as_ptr();
+    let d = dst.as_mut_ptr();
+    RUNS.with_borrow(|runs| {
+        for (i, r) in runs.iter().enumerate() {
+            if let Some(a) = runs.get(i + 16) {
+                pf(s.wrapping_add(a.src_offset as usize));
+            }
+            let (o, at, row) = (r.src_offset as usize, r.dst_offset as usize, r.len as usize);
+            let mut k = 0;
+            while k < row {
+                let v0 = _mm256_loadu_si256(s.add(o + k).cast());
+                let v1 = _mm256_loadu_si256(s.add(o + k + 32).cast());
+                _mm256_stream_si256(d.add(at + k).cast(), v0);
+                _mm256_stream_si256(d.add(at + k + 32).cast(), v1);
+                k += 64;
+            }
+        }
+    });
+    _mm_sfence();
+}
+
 /// The crate's run loops over `RUNS`, which `main` fills from the offsets before timing.
 fn lib(src: &[u8], dst: &mut [u8], stream: bool) {
     RUNS.with_borrow_mut(|runs| {
@@ -173,6 +198,9 @@ fn main() {
         ("nt16x2", |s, d, o, r| unsafe {
             nt_loop::<16, 2>(s, d, o, r)
         }),
+        ("lib2", lib_stream),
+        ("ntruns", |s, d, o, r| unsafe { nt_runs(s, d, o, r) }),
+        ("naive2", naive),
     ];
 
     let pick: Vec<String> = std::env::var("V")

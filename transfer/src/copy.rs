@@ -13,9 +13,6 @@ use simd::{copy_avx2, copy_stream_avx2};
 /// miss plus a page walk. Measured on random 256-byte rows from a 1 GiB arena
 /// (`examples/row_probe.rs`, notes/transfer.md): 16 beat 4 and 8, and 32 was no better.
 const PREFETCH_AHEAD: usize = 16;
-/// Runs at most this long get their first lines prefetched; longer runs are streamed well by
-/// the hardware prefetcher, and one more prefetch would buy nothing.
-const PREFETCH_MAX_BYTES: u64 = 512;
 /// Bytes one parallel task copies: big enough to amortise a task, small enough to balance.
 const PAR_TASK_BYTES: u64 = 512 << 10;
 /// A run longer than this is itself split across threads.
@@ -87,14 +84,13 @@ unsafe fn copy_runs_with(
 ) {
     for (i, r) in runs.iter().enumerate() {
         if let Some(ahead) = runs.get(i + PREFETCH_AHEAD) {
-            if ahead.len <= PREFETCH_MAX_BYTES {
-                // wrapping_add: the address is only a hint and is never dereferenced here.
-                // Only the row's first line: the hardware's adjacent-line and stream prefetchers
-                // bring the rest once that miss (and its page walk) is under way, and one
-                // prefetch per row leaves the miss buffers to more rows (measured: 1 line per
-                // row at least as fast as every line).
-                prefetch_read(src.wrapping_add(ahead.src_offset as usize));
-            }
+            // Only the run's first line: the hardware's adjacent-line and stream prefetchers
+            // bring the rest once that miss (and its page walk) is under way, and one prefetch
+            // per row leaves the miss buffers to more rows (measured: 1 line per row at least
+            // as fast as every line). Unconditional: for long runs one prefetch costs nothing,
+            // and the row loop stays short.
+            // wrapping_add: the address is only a hint and is never dereferenced here.
+            prefetch_read(src.wrapping_add(ahead.src_offset as usize));
         }
         // SAFETY: bounds and disjointness are the caller's contract above.
         unsafe {
