@@ -11,7 +11,8 @@ use simd::{copy_avx2, copy_stream_avx2};
 
 /// How many runs ahead the small-run loop prefetches: enough rows in flight to cover a DRAM
 /// miss plus a page walk. Measured on random 256-byte rows from a 1 GiB arena
-/// (`examples/row_probe.rs`, notes/transfer.md): 16 beat 4 and 8, and 32 was no better.
+/// (`examples/row_probe.rs`, notes/transfer.md): 16 was best or tied in paired rounds against
+/// 4, 8 and 32 (the differences are near the noise of the loaded VM it was measured on).
 const PREFETCH_AHEAD: usize = 16;
 /// Bytes one parallel task copies: big enough to amortise a task, small enough to balance.
 const PAR_TASK_BYTES: u64 = 512 << 10;
