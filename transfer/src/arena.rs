@@ -284,6 +284,8 @@ mod tests {
         let a = Arena::hugepage(len, t.clone()).unwrap();
         assert_eq!(a.as_ptr() as usize % ARENA_ALIGN, 0);
         assert_ne!(a.backing(), Backing::Heap);
+        // Whole 2 MiB pages, so that transparent hugepages can back all of it.
+        assert_eq!(a.as_ptr() as usize % crate::mmap::HUGE_PAGE, 0);
         // SAFETY: the arena owns len bytes and nothing else touches them in this test.
         let bytes = unsafe { std::slice::from_raw_parts_mut(a.as_mut_ptr(), len) };
         assert!(bytes.iter().all(|&b| b == 0));

@@ -9,12 +9,11 @@ mod simd;
 #[cfg(target_arch = "x86_64")]
 use simd::{copy_avx2, copy_stream_avx2};
 
-/// How many runs ahead the small-run loop prefetches. Eight 256-byte rows in flight cover a
-/// DRAM miss (~90 ns) at the ~3 ns per row a cached copy takes.
-const PREFETCH_AHEAD: usize = 8;
-/// Runs at most this long get their first lines prefetched; longer runs are streamed well by
-/// the hardware prefetcher, and one more prefetch would buy nothing.
-const PREFETCH_MAX_BYTES: u64 = 512;
+/// How many runs ahead the small-run loop prefetches: enough rows in flight to cover a DRAM
+/// miss plus a page walk. Measured on random 256-byte rows from a 1 GiB arena
+/// (`examples/row_probe.rs`, notes/transfer.md): 16 was best or tied in paired rounds against
+/// 4, 8 and 32 (the differences are near the noise of the loaded VM it was measured on).
+const PREFETCH_AHEAD: usize = 16;
 /// Bytes one parallel task copies: big enough to amortise a task, small enough to balance.
 const PAR_TASK_BYTES: u64 = 512 << 10;
 /// A run longer than this is itself split across threads.
@@ -86,15 +85,13 @@ unsafe fn copy_runs_with(
 ) {
     for (i, r) in runs.iter().enumerate() {
         if let Some(ahead) = runs.get(i + PREFETCH_AHEAD) {
-            if ahead.len <= PREFETCH_MAX_BYTES {
-                // wrapping_add: the address is only a hint and is never dereferenced here.
-                let base = src.wrapping_add(ahead.src_offset as usize);
-                let mut line = 0;
-                while line < ahead.len {
-                    prefetch_read(base.wrapping_add(line as usize));
-                    line += 64;
-                }
-            }
+            // Only the run's first line: the hardware's adjacent-line and stream prefetchers
+            // bring the rest once that miss (and its page walk) is under way, and one prefetch
+            // per row leaves the miss buffers to more rows (measured: 1 line per row at least
+            // as fast as every line). Unconditional: for long runs one prefetch costs nothing,
+            // and the row loop stays short.
+            // wrapping_add: the address is only a hint and is never dereferenced here.
+            prefetch_read(src.wrapping_add(ahead.src_offset as usize));
         }
         // SAFETY: bounds and disjointness are the caller's contract above.
         unsafe {

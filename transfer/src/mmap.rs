@@ -30,14 +30,10 @@ pub(crate) fn map_anonymous(len: usize) -> Result<(NonNull<u8>, Backing), Transf
             return Ok((p, Backing::HugeTlb));
         }
     }
-    // SAFETY: as above.
-    let raw = unsafe { libc::mmap(std::ptr::null_mut(), rounded, prot, flags, -1, 0) };
-    if raw == libc::MAP_FAILED {
-        return Err(TransferError::Alloc {
-            bytes: len,
-            reason: std::io::Error::last_os_error().to_string(),
-        });
-    }
+    let raw = map_aligned(rounded, prot, flags).ok_or_else(|| TransferError::Alloc {
+        bytes: len,
+        reason: std::io::Error::last_os_error().to_string(),
+    })?;
     let Some(ptr) = NonNull::new(raw.cast::<u8>()) else {
         return Err(TransferError::Alloc {
             bytes: len,
@@ -54,6 +50,33 @@ pub(crate) fn map_anonymous(len: usize) -> Result<(NonNull<u8>, Backing), Transf
             Backing::Mmap
         },
     ))
+}
+
+/// Maps `rounded` bytes (a multiple of [`HUGE_PAGE`]) starting on a [`HUGE_PAGE`] boundary,
+/// so that transparent hugepages can back all of it: the kernel only puts a 2 MiB page on an
+/// aligned 2 MiB stretch, and a plain `mmap` is only page-aligned (a 4 MiB arena would get one
+/// hugepage, not two). Maps `HUGE_PAGE` more, then unmaps the unaligned head and the tail, so
+/// exactly `[start, start + rounded)` stays mapped. `None` when `mmap` fails (see `errno`).
+fn map_aligned(rounded: usize, prot: i32, flags: i32) -> Option<*mut libc::c_void> {
+    let over = rounded.checked_add(HUGE_PAGE)?;
+    // SAFETY: an anonymous mapping at a kernel-chosen address touches no existing memory.
+    let raw = unsafe { libc::mmap(std::ptr::null_mut(), over, prot, flags, -1, 0) };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let head = (raw as usize).next_multiple_of(HUGE_PAGE) - raw as usize;
+    let tail = over - head - rounded;
+    // SAFETY: `[raw, raw + head)` and `[raw + head + rounded, raw + over)` lie inside the
+    // mapping just made and nothing uses them; munmap of a zero length is skipped.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap(raw.cast::<u8>().add(head + rounded).cast(), tail);
+        }
+        Some(raw.cast::<u8>().add(head).cast())
+    }
 }
 
 /// Unmaps what [`map_anonymous`] mapped.
