@@ -60,7 +60,14 @@ pub fn build(
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            prune(keys, &|i| norms[i as usize], p as u32, &c, m, params.alpha)
+            prune(
+                keys,
+                &|i| norms[i as usize],
+                p as u32,
+                &c,
+                m,
+                (params.alpha, params.fill_degree),
+            )
         })
         .collect();
     // Reverse edges while the target has room.
@@ -235,13 +242,15 @@ fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
 /// Step 3, occlusion pruning (RoarGraph Alg. 2 / DiskANN RobustPrune): candidates in order of
 /// L2 distance to the pivot p; c is kept unless a kept s is closer to c than p is (scaled by α).
 /// `norm(id)` gives a key's squared norm (a table at build time, computed on demand at insert).
+/// When fewer than `fill` (of `(alpha, fill)`) survive, the nearest occluded ones are added back
+/// up to `fill` (see [`super::GraphParams::fill_degree`]).
 pub(crate) fn prune(
     keys: &dyn KeyStore,
     norm: &dyn Fn(u32) -> f32,
     p: u32,
     cands: &[u32],
     m: usize,
-    alpha: f32,
+    (alpha, fill): (f32, usize),
 ) -> Vec<u32> {
     if cands.is_empty() {
         return Vec::new();
@@ -264,6 +273,7 @@ pub(crate) fn prune(
     let mut kept: Vec<u32> = Vec::with_capacity(m);
     let mut kept_norm: Vec<f32> = Vec::with_capacity(m);
     let mut kept_ip = vec![0.0f32; m];
+    let mut occluded_ids: Vec<u32> = Vec::new();
     for &(dist_pc, c, nc) in &by_dist {
         if kept.len() >= m {
             break;
@@ -278,7 +288,15 @@ pub(crate) fn prune(
         if !occluded {
             kept.push(c);
             kept_norm.push(nc);
+        } else {
+            occluded_ids.push(c);
         }
+    }
+    let fill = fill.min(m);
+    if kept.len() < fill {
+        // Nearest first: `occluded_ids` is in distance order.
+        let room = fill - kept.len();
+        kept.extend(occluded_ids.into_iter().take(room));
     }
     kept
 }
@@ -341,4 +359,25 @@ pub(super) fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
         }
     }
     (0..n as u32).filter(|&i| !seen[i as usize]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prune;
+    use crate::keys::KeyRows;
+    use crate::KeySlice;
+
+    /// Keys on a line: every farther candidate is occluded by the nearest one, so strict pruning
+    /// keeps one edge and the fill gives back the nearest occluded ones, in distance order.
+    #[test]
+    fn prune_fills_with_nearest_occluded_candidates() {
+        let v: Vec<f32> = (0..6).flat_map(|i| [i as f32, 0.0]).collect();
+        let keys = KeySlice::new(KeyRows::F32(&v), 2).unwrap();
+        let norm = |i: u32| (i * i) as f32;
+        let cands = [5u32, 3, 1, 4, 2];
+        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 0)), vec![1]);
+        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
+        // The fill never exceeds the degree cap.
+        assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
+    }
 }
