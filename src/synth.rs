@@ -58,7 +58,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
             crate::data::TEST_QUERIES, a.layers
         )));
     }
-    if !(a.rope_theta > 1.0) {
+    if a.rope_theta.is_nan() || a.rope_theta <= 1.0 {
         return Err(KvdexError::Config(format!(
             "--rope-theta must be above 1, got {}",
             a.rope_theta

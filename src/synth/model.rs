@@ -141,8 +141,7 @@ impl Model {
                 zipf_cdf.partition_point(|&c| c < u).min(VOCAB - 1)
             };
             let jump = rng.gen::<f32>() < 0.002;
-            for (j, t) in topic.iter_mut().enumerate() {
-                let _ = j;
+            for t in topic.iter_mut() {
                 *t = if jump {
                     normal(&mut rng)
                 } else {
@@ -260,8 +259,8 @@ impl Model {
             return;
         }
         let s = (0.08 * normal(rng)).exp();
-        for i in 0..self.d {
-            out[i] = h.r[i] + self.key_noise * normal(rng);
+        for (o, r) in out.iter_mut().zip(&h.r) {
+            *o = r + self.key_noise * normal(rng);
         }
         let x = &self.latent[p * RANK..(p + 1) * RANK];
         self.content(g, x, out, s);
@@ -289,8 +288,8 @@ impl Model {
         let kv = &self.heads[g];
         let qh = &kv.q[h % self.q_per_kv];
         let s = (0.08 * normal(rng)).exp();
-        for i in 0..self.d {
-            out[i] = qh.recency * kv.r[i] + self.key_noise * normal(rng);
+        for (o, r) in out.iter_mut().zip(&kv.r) {
+            *o = qh.recency * r + self.key_noise * normal(rng);
         }
         let x = &self.latent[target.min(self.positions - 1) * RANK..][..RANK];
         let mut mixed = [0.0f32; RANK];
@@ -310,5 +309,65 @@ impl Model {
     /// A fresh RNG derived from the model's seed and a stream id (for reproducible streams).
     pub fn rng(&self, stream: u64) -> StdRng {
         StdRng::seed_from_u64(self.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// RoPE keeps norms, and a rotated pair's inner product depends only on t - p.
+    #[test]
+    fn rope_scores_depend_on_relative_position() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (q0, k0): (Vec<f32>, Vec<f32>) = (
+            (0..64).map(|_| normal(&mut rng)).collect(),
+            (0..64).map(|_| normal(&mut rng)).collect(),
+        );
+        let at = |v: &[f32], pos| {
+            let mut w = v.to_vec();
+            rope(&mut w, pos, 1e5);
+            w
+        };
+        let (a, b) = (
+            dot(&at(&q0, 900), &at(&k0, 100)),
+            dot(&at(&q0, 1800), &at(&k0, 1000)),
+        );
+        assert!((a - b).abs() < 1e-3 * a.abs().max(1.0), "{a} vs {b}");
+        let n0 = dot(&q0, &q0);
+        assert!((dot(&at(&q0, 12345), &at(&q0, 12345)) - n0).abs() < 1e-3 * n0);
+    }
+
+    /// Queries sit away from the keys (negative cosine of the means), as real ones do, and the
+    /// model is deterministic in its seed.
+    #[test]
+    fn queries_are_out_of_distribution_and_seeded() {
+        // As benches/peers/calib.py measures it: mean key of the context, mean of the last
+        // queries.
+        let (n, d) = (1000, 64);
+        let m = Model::new(n, 1, 2, d, 1e5, 3);
+        let mut rng = m.rng(1);
+        let (mut mk, mut mq, mut row) = (vec![0.0f32; d], vec![0.0f32; d], vec![0.0f32; d]);
+        for p in 1..n {
+            m.key(0, p, &mut rng, &mut row);
+            mk.iter_mut().zip(&row).for_each(|(a, x)| *a += x);
+        }
+        for p in n - 200..n {
+            let t = m.target(0, p, None, &mut rng);
+            assert!(t < p);
+            m.query(0, p, t, &mut rng, &mut row);
+            mq.iter_mut().zip(&row).for_each(|(a, x)| *a += x);
+        }
+        let cos = dot(&mq, &mk) / (dot(&mq, &mq) * dot(&mk, &mk)).sqrt();
+        assert!(cos < -0.2, "cos(mean q, mean k) = {cos}");
+        let (mut r1, mut r2) = (m.rng(5), Model::new(n, 1, 2, d, 1e5, 3).rng(5));
+        let (mut a, mut b) = (vec![0.0f32; d], vec![0.0f32; d]);
+        m.key(0, 17, &mut r1, &mut a);
+        Model::new(n, 1, 2, d, 1e5, 3).key(0, 17, &mut r2, &mut b);
+        assert_eq!(a, b);
     }
 }
