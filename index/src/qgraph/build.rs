@@ -53,6 +53,11 @@ pub fn build(
     }
     let cands = candidates(&lists, n, params.rank_window);
     let m = params.degree;
+    let entries_per_key = lists.iter().map(Vec::len).sum::<usize>() as f32 / n.max(1) as f32;
+    let params = &GraphParams {
+        alpha: density_alpha(params, entries_per_key),
+        ..params.clone()
+    };
     let mut adj: Vec<Vec<u32>> = cands
         .into_par_iter()
         .enumerate()
@@ -103,6 +108,13 @@ pub fn build(
         g.remember_queries(keys, &sample)?;
     }
     Ok(g)
+}
+
+/// The occlusion slack for `e` training list entries per key (see
+/// [`GraphParams::sparse_alpha`]): `alpha` at e >= 32, `sparse_alpha` at e <= 4, log-linear between.
+pub(super) fn density_alpha(params: &GraphParams, e: f32) -> f32 {
+    let t = ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0);
+    params.alpha + (params.sparse_alpha - params.alpha) * t
 }
 
 /// Projection (steps 2-3's input): each list's pivot (its best key) takes the rest of the list
@@ -379,5 +391,15 @@ mod tests {
         assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
         // The fill never exceeds the degree cap.
         assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
+    }
+
+    #[test]
+    fn density_alpha_moves_from_alpha_to_sparse_alpha() {
+        let p = crate::GraphParams::default();
+        assert_eq!(super::density_alpha(&p, 50.0), p.alpha);
+        assert_eq!(super::density_alpha(&p, 3.0), p.sparse_alpha);
+        let mid = super::density_alpha(&p, 11.3);
+        assert!(mid > p.alpha && mid < p.sparse_alpha, "{mid}");
+        assert_eq!(super::density_alpha(&p, 0.0), p.sparse_alpha);
     }
 }

@@ -46,6 +46,12 @@ pub struct GraphParams {
     pub rank_window: usize,
     /// Occlusion slack α (DiskANN): candidate c is pruned when a kept s has α·d(s,c) < d(p,c).
     pub alpha: f32,
+    /// α used instead of `alpha` when the training lists are sparse: with `e` list entries per
+    /// key, α moves from `alpha` (e >= 32) to `sparse_alpha` (e <= 4) on a log scale. Long
+    /// contexts with a bounded training sample have few entries per key, so strict pruning
+    /// leaves nodes too few edges to navigate (128K synthetic: 0.912 -> 0.939 recall at ~2%
+    /// scored); short ones (the real 8K set, ~50 entries per key) keep `alpha`.
+    pub sparse_alpha: f32,
     /// A node whose occlusion pruning kept fewer edges than this gets its nearest pruned
     /// candidates back up to this many (HNSW's "keep pruned connections"). When keys far
     /// outnumber the training lists (long contexts), most nodes have few candidates and strict
@@ -73,6 +79,7 @@ impl Default for GraphParams {
             alpha: 1.0,
             rank_window: 8,
             fill_degree: 0,
+            sparse_alpha: 1.5,
             kept_queries: 256,
             insert_queries: 4,
         }
