@@ -539,7 +539,7 @@ mod tests {
             entries: 4,
             alpha: 1.0,
             fill_degree: 0,
-            sparse_alpha: 1.5,
+            sparse_alpha: 1.0,
             window: 8,
             insert_frac: None,
             insert_queries: 0,

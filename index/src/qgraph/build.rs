@@ -395,7 +395,10 @@ mod tests {
 
     #[test]
     fn density_alpha_moves_from_alpha_to_sparse_alpha() {
-        let p = crate::GraphParams::default();
+        let p = crate::GraphParams {
+            sparse_alpha: 1.5,
+            ..crate::GraphParams::default()
+        };
         assert_eq!(super::density_alpha(&p, 50.0), p.alpha);
         assert_eq!(super::density_alpha(&p, 3.0), p.sparse_alpha);
         let mid = super::density_alpha(&p, 11.3);

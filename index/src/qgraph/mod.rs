@@ -50,7 +50,9 @@ pub struct GraphParams {
     /// key, α moves from `alpha` (e >= 32) to `sparse_alpha` (e <= 4) on a log scale. Long
     /// contexts with a bounded training sample have few entries per key, so strict pruning
     /// leaves nodes too few edges to navigate (128K synthetic: 0.912 -> 0.939 recall at ~2%
-    /// scored); short ones (the real 8K set, ~50 entries per key) keep `alpha`.
+    /// scored); short ones (the real 8K set, ~50 entries per key) keep `alpha`. Default 1.0
+    /// (off): with 1.5 the decode bench at 128K lost mass recall (0.96 -> 0.86 at k ~ 24), so it
+    /// stays opt-in until that is understood (notes/index.md, Session 2).
     pub sparse_alpha: f32,
     /// A node whose occlusion pruning kept fewer edges than this gets its nearest pruned
     /// candidates back up to this many (HNSW's "keep pruned connections"). When keys far
@@ -79,7 +81,7 @@ impl Default for GraphParams {
             alpha: 1.0,
             rank_window: 8,
             fill_degree: 0,
-            sparse_alpha: 1.5,
+            sparse_alpha: 1.0,
             kept_queries: 256,
             insert_queries: 4,
         }
