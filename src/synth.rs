@@ -1,24 +1,18 @@
 //! `kvdex gen-synth`: synthetic Q/K/V that are out of distribution the way real ones are.
 //!
-//! The model, per layer and KV head (dims split like partial RoPE: the first half rotates with
-//! position, the second half does not):
-//! - topics: `C` random centres; the text drifts between them (a sticky Markov chain), and each
-//!   key is its topic's centre plus noise, scaled by a log-normal norm (heavy tails);
-//! - a key mean `mu_k`, and a query mean `mu_q` at a negative cosine (about -0.5) to it, both in
-//!   the unrotated half, as measured on real heads;
-//! - each query looks for the topic of an earlier position (recent-biased) through a head-specific
-//!   mixing, plus noise and a log-normal norm;
-//! - position 0 is a sink: a large key along the queries' mean, so it takes a large share of the
-//!   attention mass, as in real later layers;
-//! - RoPE (θ = 10000) rotates the first half of q and k by position.
+//! The generative model (RoPE, recency, anisotropic low-rank content, a query offset, sinks,
+//! mild norm tails) is [`model`]; its difficulty was calibrated against real SmolLM2 vectors with
+//! `benches/peers/calib.py` and the peer script (notes/index.md, "Session 2"). Each layer is an
+//! independent draw of the model, so a data set spans easy and hard heads as real layers do.
 //!
-//! Output: `K_L0.npy`, `V_L0.npy` (`[kv_heads, T, dim]`), `Q_L0.npy` (`[q_heads, T, dim]`), f16,
-//! and a `meta.json` that [`crate::data::DataSet::open`] reads.
+//! Output per layer l: `K_L{l}.npy`, `V_L{l}.npy` (`[kv_heads, T, dim]`), `Q_L{l}.npy`
+//! (`[q_heads, T, dim]`), f16, and a `meta.json` that [`crate::data::DataSet::open`] reads.
+
+pub mod model;
 
 use crate::data::write_npy_f16;
 use crate::error::{KvdexError, Result};
 use half::f16;
-use rand::{Rng, SeedableRng};
 
 /// Arguments of `kvdex gen-synth`.
 #[derive(Debug, clap::Args)]
@@ -35,6 +29,12 @@ pub struct SynthArgs {
     /// Head dimension (even).
     #[arg(long, default_value_t = 64)]
     pub dim: usize,
+    /// Layers, each an independent draw of the model.
+    #[arg(long, default_value_t = 4)]
+    pub layers: u32,
+    /// RoPE base θ (SmolLM2 uses 1e5, Llama 3 5e5).
+    #[arg(long, default_value_t = 100000.0)]
+    pub rope_theta: f64,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -43,113 +43,38 @@ pub struct SynthArgs {
     pub out: std::path::PathBuf,
 }
 
-/// Standard normal sample (Box-Muller).
-fn normal(rng: &mut impl Rng) -> f32 {
-    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
-fn gauss_vec(rng: &mut impl Rng, n: usize, s: f32) -> Vec<f32> {
-    (0..n).map(|_| normal(rng) * s).collect()
-}
-
-/// Rotates the first half of `v` (pairs i, i + half/2) by position `pos` (RoPE, θ = 10000).
-fn rope(v: &mut [f32], pos: usize) {
-    let half = v.len() / 2;
-    let pairs = half / 2;
-    for i in 0..pairs {
-        let theta = pos as f32 * 10000f32.powf(-(2.0 * i as f32) / half as f32);
-        let (s, c) = theta.sin_cos();
-        let (a, b) = (v[i], v[i + pairs]);
-        v[i] = a * c - b * s;
-        v[i + pairs] = a * s + b * c;
-    }
-}
-
-/// Writes a synthetic data set.
+/// Writes a synthetic data set: one model per layer (each head draws its own strengths).
 pub fn run(a: SynthArgs) -> Result<()> {
     let (t, h, g, d) = (a.tokens, a.q_heads, a.kv_heads, a.dim);
-    if t <= crate::data::TEST_QUERIES || g == 0 || h % g != 0 || d < 4 || d % 4 != 0 {
+    if t <= crate::data::TEST_QUERIES
+        || g == 0
+        || h % g != 0
+        || d < 4
+        || d % 2 != 0
+        || a.layers == 0
+    {
         return Err(KvdexError::Config(format!(
-            "need tokens > {}, kv-heads dividing q-heads, dim a multiple of 4 (got T={t}, H={h}, G={g}, D={d})",
-            crate::data::TEST_QUERIES
+            "need tokens > {}, kv-heads dividing q-heads, an even dim >= 4 and layers >= 1 (got T={t}, H={h}, G={g}, D={d}, layers={})",
+            crate::data::TEST_QUERIES, a.layers
+        )));
+    }
+    if a.rope_theta.is_nan() || a.rope_theta <= 1.0 {
+        return Err(KvdexError::Config(format!(
+            "--rope-theta must be above 1, got {}",
+            a.rope_theta
         )));
     }
     std::fs::create_dir_all(&a.out)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
-    let topics = 64;
-    let half = d / 2;
-    let mut k_all = vec![f16::ZERO; g * t * d];
-    let mut v_all = vec![f16::ZERO; g * t * d];
-    let mut q_all = vec![f16::ZERO; h * t * d];
-    // The text's topic at each position: sticky, shared by all heads.
-    let mut topic = vec![0usize; t];
-    for p in 1..t {
-        topic[p] = if rng.gen::<f32>() < 0.97 {
-            topic[p - 1]
-        } else {
-            rng.gen_range(0..topics)
-        };
+    for layer in 0..a.layers {
+        write_layer(&a, layer)?;
     }
-    for kv in 0..g {
-        let centres: Vec<Vec<f32>> = (0..topics).map(|_| gauss_vec(&mut rng, d, 1.0)).collect();
-        let mut mu_k = vec![0.0f32; d];
-        let mut mu_q = vec![0.0f32; d];
-        let dir_k = gauss_vec(&mut rng, d - half, 1.0);
-        let other = gauss_vec(&mut rng, d - half, 1.0);
-        for i in 0..d - half {
-            mu_k[half + i] = 1.5 * dir_k[i];
-            mu_q[half + i] = 1.5 * (-0.6 * dir_k[i] + 0.8 * other[i]);
-        }
-        for p in 0..t {
-            let norm = (0.35 * normal(&mut rng)).exp();
-            let c = &centres[topic[p]];
-            let mut k: Vec<f32> = (0..d)
-                .map(|i| mu_k[i] + norm * (c[i] + 0.6 * normal(&mut rng)))
-                .collect();
-            if p == 0 {
-                k = mu_q.iter().map(|x| 0.55 * x).collect();
-            }
-            rope(&mut k, p);
-            let v = gauss_vec(&mut rng, d, 1.0);
-            for i in 0..d {
-                k_all[(kv * t + p) * d + i] = f16::from_f32(k[i]);
-                v_all[(kv * t + p) * d + i] = f16::from_f32(v[i]);
-            }
-        }
-        for head in (0..h).filter(|x| x / (h / g) == kv) {
-            // Head-specific view: a random rotation-like mix of the topic centres.
-            let mix = gauss_vec(&mut rng, d, 0.35);
-            for p in 0..t {
-                // Look back a heavy-tailed distance: mostly recent, sometimes far.
-                let back = ((rng.gen::<f32>().powi(3)) * p as f32) as usize;
-                let target = topic[p - back.min(p)];
-                let norm = (0.5 * normal(&mut rng)).exp();
-                let c = &centres[target];
-                let mut q: Vec<f32> = (0..d)
-                    .map(|i| {
-                        mu_q[i]
-                            + norm * (1.3 * c[i] + mix[i] * c[(i + 1) % d] + 0.7 * normal(&mut rng))
-                    })
-                    .collect();
-                rope(&mut q, p);
-                for i in 0..d {
-                    q_all[(head * t + p) * d + i] = f16::from_f32(q[i]);
-                }
-            }
-        }
-    }
-    write_npy_f16(&a.out.join("K_L0.npy"), &[g, t, d], &k_all)?;
-    write_npy_f16(&a.out.join("V_L0.npy"), &[g, t, d], &v_all)?;
-    write_npy_f16(&a.out.join("Q_L0.npy"), &[h, t, d], &q_all)?;
     let meta = serde_json::json!({
         "model": "kvdex gen-synth",
-        "cfg": {"n_head": h, "n_kv": g, "hd": d, "rope_dim": half},
+        "cfg": {"n_head": h, "n_kv": g, "hd": d, "rope_dim": d, "theta": a.rope_theta},
         "T": t,
-        "layers": [0],
+        "layers": (0..a.layers).collect::<Vec<_>>(),
         "kv_head_of_q_head": (0..h).map(|x| x / (h / g)).collect::<Vec<_>>(),
-        "layout": "first half RoPE-rotated (theta 1e4), second half unrotated; logit=q.k/sqrt(head_dim)",
+        "layout": "HF rotate_half RoPE layout, post-RoPE, unscaled; logit=q.k/sqrt(head_dim)",
         "dtype": "float16",
         "seed": a.seed,
         "files": {"K_L{l}.npy": "[n_kv, T, hd]", "V_L{l}.npy": "[n_kv, T, hd]", "Q_L{l}.npy": "[n_head, T, hd]"},
@@ -157,5 +82,39 @@ pub fn run(a: SynthArgs) -> Result<()> {
     });
     let txt = serde_json::to_string_pretty(&meta).map_err(|e| KvdexError::Data(e.to_string()))?;
     std::fs::write(a.out.join("meta.json"), txt)?;
+    Ok(())
+}
+
+/// Generates and writes one layer: keys and values of every position, and each query head's
+/// queries with its sticky look-back targets.
+fn write_layer(a: &SynthArgs, layer: u32) -> Result<()> {
+    let (t, h, g, d) = (a.tokens, a.q_heads, a.kv_heads, a.dim);
+    let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(layer as u64);
+    let m = model::Model::new(t, g, h / g, d, a.rope_theta, seed);
+    let mut rng = m.rng(1);
+    let mut row = vec![0.0f32; d];
+    let mut k_all = Vec::with_capacity(g * t * d);
+    let mut v_all = Vec::with_capacity(g * t * d);
+    for kv in 0..g {
+        for p in 0..t {
+            m.key(kv, p, &mut rng, &mut row);
+            k_all.extend(row.iter().map(|&x| f16::from_f32(x)));
+            m.value(&mut rng, &mut row);
+            v_all.extend(row.iter().map(|&x| f16::from_f32(x)));
+        }
+    }
+    let mut q_all = Vec::with_capacity(h * t * d);
+    for head in 0..h {
+        let mut target = None;
+        for p in 0..t {
+            let tg = m.target(head, p, target, &mut rng);
+            target = Some(tg);
+            m.query(head, p, tg, &mut rng, &mut row);
+            q_all.extend(row.iter().map(|&x| f16::from_f32(x)));
+        }
+    }
+    write_npy_f16(&a.out.join(format!("K_L{layer}.npy")), &[g, t, d], &k_all)?;
+    write_npy_f16(&a.out.join(format!("V_L{layer}.npy")), &[g, t, d], &v_all)?;
+    write_npy_f16(&a.out.join(format!("Q_L{layer}.npy")), &[h, t, d], &q_all)?;
     Ok(())
 }

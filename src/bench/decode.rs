@@ -276,7 +276,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         None => {
             for &n in &a.context {
                 let t = Instant::now();
-                let data = Synth::generate(n, a.kv_heads as usize, a.head_dim as usize, a.seed);
+                let data = Synth::generate(
+                    n,
+                    a.q_heads as usize,
+                    a.kv_heads as usize,
+                    a.head_dim as usize,
+                    a.seed,
+                );
                 eprintln!(
                     "# context {n}: generated in {:.1}s",
                     t.elapsed().as_secs_f64()

@@ -1,13 +1,11 @@
 //! Data and ground truth of `kvdex bench decode`.
 //!
 //! # Synthetic out-of-distribution data
-//! Per KV head: keys `k_i = mu_k + a·s_i·u_{t(i)} + noise`, where token i belongs to topic
-//! `t(i)` (64 tokens per topic on average, unit direction `u_t`), `s_i ~ U(0.5, 1.5)` grades
-//! the tokens of a topic, and `mu_k` is a large shared offset. A query of head h attends to one
-//! topic: `q = mu_q + b·u_t + noise` with `mu_q` pointing away from `mu_k` (negative cosine, as
-//! on the real SmolLM2 data), so queries and keys are out of distribution for each other while
-//! the attention is peaked (most mass on a few tens of tokens). Prefill (training) queries at
-//! position p pick a topic of a token before p (causal); decode queries pick any topic.
+//! The model of `kvdex gen-synth` ([`crate::synth::model`]: RoPE with θ = 5e5 as in Llama 3,
+//! recency, anisotropic low-rank content, query and key means at a negative cosine, a sink),
+//! calibrated against real SmolLM2 vectors (notes/index.md). Keys and values are generated for
+//! the context; a prefill (training) query at position p looks back at an earlier position
+//! (causal); a decode query sits at position n and looks back anywhere in the context.
 //!
 //! # Ground truth
 //! [`Truth`] computes, per query head, exact attention over the whole context with the index
@@ -22,16 +20,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{KvdexError, Result};
 
-/// Tokens per topic, on average.
-const TOPIC_TOKENS: usize = 64;
-/// Topic component of a key.
-const KEY_TOPIC: f32 = 6.0;
-/// Per-dimension noise of a key.
-const KEY_NOISE: f32 = 0.5;
-/// Topic component of a query.
-const QUERY_TOPIC: f32 = 24.0;
-/// Per-dimension noise of a query.
-const QUERY_NOISE: f32 = 0.3;
+/// RoPE base of the synthetic data (Llama 3's).
+const ROPE_THETA: f64 = 500_000.0;
 
 /// A synthetic context: `[kv_heads][n][head_dim]` K and V in f16, plus what queries need.
 pub struct Synth {
@@ -45,60 +35,31 @@ pub struct Synth {
     pub k: Vec<f16>,
     /// `[kv][n][d]` values.
     pub v: Vec<f16>,
-    topics: Vec<Vec<f32>>,
-    topic_of: Vec<u32>,
-    mu_q: Vec<Vec<f32>>,
+    model: Option<crate::synth::model::Model>,
     /// Real queries `[q_heads][tokens][d]` and their token count, when loaded from a data set.
     real_q: Option<(Vec<f16>, usize)>,
 }
 
-fn gauss(rng: &mut StdRng) -> f32 {
-    // Box-Muller; rand_distr is not a dependency.
-    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
-fn unit(rng: &mut StdRng, d: usize) -> Vec<f32> {
-    let v: Vec<f32> = (0..d).map(|_| gauss(rng)).collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-    v.into_iter().map(|x| x / n).collect()
-}
-
 impl Synth {
-    /// Generates `n` tokens for `kv_heads` heads of `head_dim` (deterministic in `seed`).
-    pub fn generate(n: usize, kv_heads: usize, head_dim: usize, seed: u64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
+    /// Generates `n` tokens for `kv_heads` groups of `q_heads / kv_heads` query heads of
+    /// `head_dim` (deterministic in `seed`).
+    pub fn generate(n: usize, q_heads: usize, kv_heads: usize, head_dim: usize, seed: u64) -> Self {
         let d = head_dim;
-        let n_topics = (n / TOPIC_TOKENS).max(1);
-        let topic_of: Vec<u32> = (0..n).map(|_| rng.gen_range(0..n_topics as u32)).collect();
-        let mut topics = Vec::with_capacity(kv_heads);
-        let mut mu_q = Vec::with_capacity(kv_heads);
+        let group = (q_heads / kv_heads.max(1)).max(1);
+        let model = crate::synth::model::Model::new(n + 1, kv_heads, group, d, ROPE_THETA, seed);
+        let mut rng = model.rng(1);
         let (mut k, mut v) = (
             Vec::with_capacity(kv_heads * n * d),
             Vec::with_capacity(kv_heads * n * d),
         );
-        for _ in 0..kv_heads {
-            let mu_k: Vec<f32> = unit(&mut rng, d).into_iter().map(|x| 8.0 * x).collect();
-            let side = unit(&mut rng, d);
-            mu_q.push(
-                mu_k.iter()
-                    .zip(&side)
-                    .map(|(m, s)| -0.5 * m + 3.0 * s)
-                    .collect(),
-            );
-            let t: Vec<f32> = (0..n_topics).flat_map(|_| unit(&mut rng, d)).collect();
-            for i in 0..n {
-                let s = rng.gen_range(0.5f32..1.5);
-                let u = &t[topic_of[i] as usize * d..(topic_of[i] as usize + 1) * d];
-                for j in 0..d {
-                    k.push(f16::from_f32(
-                        mu_k[j] + KEY_TOPIC * s * u[j] + KEY_NOISE * gauss(&mut rng),
-                    ));
-                    v.push(f16::from_f32(gauss(&mut rng)));
-                }
+        let mut row = vec![0.0f32; d];
+        for g in 0..kv_heads {
+            for p in 0..n {
+                model.key(g, p, &mut rng, &mut row);
+                k.extend(row.iter().map(|&x| f16::from_f32(x)));
+                model.value(&mut rng, &mut row);
+                v.extend(row.iter().map(|&x| f16::from_f32(x)));
             }
-            topics.push(t);
         }
         Self {
             n,
@@ -106,9 +67,7 @@ impl Synth {
             head_dim,
             k,
             v,
-            topics,
-            topic_of,
-            mu_q,
+            model: Some(model),
             real_q: None,
         }
     }
@@ -133,9 +92,7 @@ impl Synth {
             head_dim: d,
             k,
             v,
-            topics: Vec::new(),
-            topic_of: Vec::new(),
-            mu_q: Vec::new(),
+            model: None,
             real_q: Some((l.q.data, ds.meta.tokens)),
         })
     }
@@ -152,18 +109,17 @@ impl Synth {
         true
     }
 
-    /// A query of KV head `g`'s distribution attending to the topic of token `token`.
-    pub fn query(&self, g: usize, token: usize, rng: &mut StdRng, out: &mut [f32]) {
-        let d = self.head_dim;
-        let t = self.topic_of[token.min(self.n - 1)] as usize;
-        let u = &self.topics[g][t * d..(t + 1) * d];
-        for j in 0..d {
-            out[j] = self.mu_q[g][j] + QUERY_TOPIC * u[j] + QUERY_NOISE * gauss(rng);
+    /// The synthetic query of head `h` at position `pos` (looking back at a drawn position).
+    fn synth_query(&self, h: usize, pos: usize, rng: &mut StdRng, out: &mut [f32]) {
+        if let Some(m) = &self.model {
+            let target = m.target(h, pos, None, rng);
+            m.query(h, pos, target, rng, out);
         }
     }
 
-    /// `[q_heads][head_dim]` decode queries: each head attends to the topic of a random
-    /// non-static token.
+    /// `[q_heads][head_dim]` decode queries at position n: each head looks back at a drawn
+    /// position of the context (`lo..hi`, the non-static range, is kept for the real data's
+    /// signature and unused by the model, whose queries may also look at static tokens).
     pub fn decode_queries(
         &self,
         q_heads: usize,
@@ -180,17 +136,17 @@ impl Synth {
             }
             return;
         }
+        let _ = (lo, hi, group);
         for h in 0..q_heads {
-            let tok = rng.gen_range(lo..hi.max(lo + 1));
-            self.query(h / group, tok, rng, &mut out[h * d..(h + 1) * d]);
+            self.synth_query(h, self.n, rng, &mut out[h * d..(h + 1) * d]);
         }
     }
 
-    /// Training queries `[q_heads][positions.len()][d]`: the query at position p picks the
-    /// topic of a token before p.
+    /// Training queries `[q_heads][positions.len()][d]`: the query at position p looks back at
+    /// a position before p.
     pub fn training(&self, q_heads: usize, positions: &[u32], seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let (d, group, n) = (self.head_dim, q_heads / self.kv_heads, positions.len());
+        let (d, n) = (self.head_dim, positions.len());
         let mut out = vec![0f32; q_heads * n * d];
         for h in 0..q_heads {
             for (i, &p) in positions.iter().enumerate() {
@@ -198,8 +154,7 @@ impl Synth {
                 if self.real_query(h, p as usize, &mut out[at..at + d]) {
                     continue;
                 }
-                let tok = rng.gen_range(0..=p as usize);
-                self.query(h / group, tok, &mut rng, &mut out[at..at + d]);
+                self.synth_query(h, p as usize, &mut rng, &mut out[at..at + d]);
             }
         }
         out

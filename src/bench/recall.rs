@@ -65,6 +65,13 @@ pub struct RecallArgs {
     /// Graph: hub entry points.
     #[arg(long, default_value_t = GraphParams::default().entry_points)]
     pub entries: usize,
+    /// Graph: nodes left with fewer edges by pruning get their nearest pruned candidates back
+    /// up to this many.
+    #[arg(long, default_value_t = GraphParams::default().fill_degree)]
+    pub fill_degree: usize,
+    /// Graph: occlusion slack when the training lists are sparse (few entries per key).
+    #[arg(long, default_value_t = GraphParams::default().sparse_alpha)]
+    pub sparse_alpha: f32,
     /// Graph: occlusion slack alpha.
     #[arg(long, default_value_t = GraphParams::default().alpha)]
     pub alpha: f32,
@@ -206,6 +213,8 @@ fn graph_params(a: &RecallArgs) -> GraphParams {
         search_list: a.list,
         entry_points: a.entries,
         alpha: a.alpha,
+        fill_degree: a.fill_degree,
+        sparse_alpha: a.sparse_alpha,
         rank_window: a.window,
         kept_queries: a.kept_queries,
         recent_train_queries: a.recent_train,
@@ -415,7 +424,7 @@ fn params_json(
         }
         _ => serde_json::json!({
             "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries, "recent_train": gp.recent_train_queries,
-            "entries": gp.entry_points, "alpha": gp.alpha, "window": gp.rank_window, "per": a.graph_per,
+            "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "window": gp.rank_window, "per": a.graph_per,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
             "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
         }),
@@ -529,6 +538,8 @@ mod tests {
             list: 10,
             entries: 4,
             alpha: 1.0,
+            fill_degree: 0,
+            sparse_alpha: 1.0,
             window: 8,
             insert_frac: None,
             insert_queries: 0,

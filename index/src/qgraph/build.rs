@@ -53,6 +53,11 @@ pub fn build(
     }
     let cands = candidates(&lists, n, params.rank_window);
     let m = params.degree;
+    let entries_per_key = lists.iter().map(Vec::len).sum::<usize>() as f32 / n.max(1) as f32;
+    let params = &GraphParams {
+        alpha: density_alpha(params, entries_per_key),
+        ..params.clone()
+    };
     let mut adj: Vec<Vec<u32>> = cands
         .into_par_iter()
         .enumerate()
@@ -60,7 +65,14 @@ pub fn build(
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            prune(keys, &|i| norms[i as usize], p as u32, &c, m, params.alpha)
+            prune(
+                keys,
+                &|i| norms[i as usize],
+                p as u32,
+                &c,
+                m,
+                (params.alpha, params.fill_degree),
+            )
         })
         .collect();
     // Reverse edges while the target has room.
@@ -96,6 +108,13 @@ pub fn build(
         g.remember_queries(keys, &sample)?;
     }
     Ok(g)
+}
+
+/// The occlusion slack for `e` training list entries per key (see
+/// [`GraphParams::sparse_alpha`]): `alpha` at e >= 32, `sparse_alpha` at e <= 4, log-linear between.
+pub(super) fn density_alpha(params: &GraphParams, e: f32) -> f32 {
+    let t = ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0);
+    params.alpha + (params.sparse_alpha - params.alpha) * t
 }
 
 /// Projection (steps 2-3's input): each list's pivot (its best key) takes the rest of the list
@@ -235,13 +254,15 @@ fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
 /// Step 3, occlusion pruning (RoarGraph Alg. 2 / DiskANN RobustPrune): candidates in order of
 /// L2 distance to the pivot p; c is kept unless a kept s is closer to c than p is (scaled by α).
 /// `norm(id)` gives a key's squared norm (a table at build time, computed on demand at insert).
+/// When fewer than `fill` (of `(alpha, fill)`) survive, the nearest occluded ones are added back
+/// up to `fill` (see [`super::GraphParams::fill_degree`]).
 pub(crate) fn prune(
     keys: &dyn KeyStore,
     norm: &dyn Fn(u32) -> f32,
     p: u32,
     cands: &[u32],
     m: usize,
-    alpha: f32,
+    (alpha, fill): (f32, usize),
 ) -> Vec<u32> {
     if cands.is_empty() {
         return Vec::new();
@@ -264,6 +285,7 @@ pub(crate) fn prune(
     let mut kept: Vec<u32> = Vec::with_capacity(m);
     let mut kept_norm: Vec<f32> = Vec::with_capacity(m);
     let mut kept_ip = vec![0.0f32; m];
+    let mut occluded_ids: Vec<u32> = Vec::new();
     for &(dist_pc, c, nc) in &by_dist {
         if kept.len() >= m {
             break;
@@ -278,7 +300,15 @@ pub(crate) fn prune(
         if !occluded {
             kept.push(c);
             kept_norm.push(nc);
+        } else {
+            occluded_ids.push(c);
         }
+    }
+    let fill = fill.min(m);
+    if kept.len() < fill {
+        // Nearest first: `occluded_ids` is in distance order.
+        let room = fill - kept.len();
+        kept.extend(occluded_ids.into_iter().take(room));
     }
     kept
 }
@@ -341,4 +371,38 @@ pub(super) fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
         }
     }
     (0..n as u32).filter(|&i| !seen[i as usize]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prune;
+    use crate::keys::KeyRows;
+    use crate::KeySlice;
+
+    /// Keys on a line: every farther candidate is occluded by the nearest one, so strict pruning
+    /// keeps one edge and the fill gives back the nearest occluded ones, in distance order.
+    #[test]
+    fn prune_fills_with_nearest_occluded_candidates() {
+        let v: Vec<f32> = (0..6).flat_map(|i| [i as f32, 0.0]).collect();
+        let keys = KeySlice::new(KeyRows::F32(&v), 2).unwrap();
+        let norm = |i: u32| (i * i) as f32;
+        let cands = [5u32, 3, 1, 4, 2];
+        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 0)), vec![1]);
+        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
+        // The fill never exceeds the degree cap.
+        assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
+    }
+
+    #[test]
+    fn density_alpha_moves_from_alpha_to_sparse_alpha() {
+        let p = crate::GraphParams {
+            sparse_alpha: 1.5,
+            ..crate::GraphParams::default()
+        };
+        assert_eq!(super::density_alpha(&p, 50.0), p.alpha);
+        assert_eq!(super::density_alpha(&p, 3.0), p.sparse_alpha);
+        let mid = super::density_alpha(&p, 11.3);
+        assert!(mid > p.alpha && mid < p.sparse_alpha, "{mid}");
+        assert_eq!(super::density_alpha(&p, 0.0), p.sparse_alpha);
+    }
 }

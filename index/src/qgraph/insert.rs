@@ -180,7 +180,7 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
         r.iter().map(|x| x * x).sum::<f32>()
     };
     let cands = candidates(lists, n, g.params.rank_window);
-    let (m, alpha) = (g.params.degree, g.params.alpha);
+    let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
     let updates: Vec<(u32, Vec<u32>)> = cands
         .into_par_iter()
@@ -191,7 +191,7 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            (p as u32, prune(keys, &norm, p as u32, &c, m, alpha))
+            (p as u32, prune(keys, &norm, p as u32, &c, m, (alpha, fill)))
         })
         .collect();
     for (p, a) in &updates {
@@ -287,7 +287,14 @@ fn link_unlinked(
         takers.sort_unstable();
         takers.dedup();
         // Step 4: u's out-edges, edges into u, reverse edges.
-        let kept = prune(keys, &norm, uid, &cands, m, g.params.alpha);
+        let kept = prune(
+            keys,
+            &norm,
+            uid,
+            &cands,
+            m,
+            (g.params.alpha, g.params.fill_degree),
+        );
         g.set_neighbours(u, &kept);
         let mut into_u = false;
         for &c in &takers {
@@ -320,7 +327,14 @@ fn take_candidate(
     }
     let mut pool: Vec<u32> = g.neighbours(c).to_vec();
     pool.push(u);
-    let kept = prune(keys, norm, c, &pool, g.params.degree, g.params.alpha);
+    let kept = prune(
+        keys,
+        norm,
+        c,
+        &pool,
+        g.params.degree,
+        (g.params.alpha, g.params.fill_degree),
+    );
     g.set_neighbours(c as usize, &kept);
     kept.contains(&u)
 }
