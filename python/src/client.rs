@@ -346,6 +346,36 @@ impl Session {
         })
     }
 
+    /// Seals `layer` with the engine's own neighbour lists as the training signal: list `i`
+    /// belongs to query head `heads[i]` and holds `lens[i]` absolute token ids (best first),
+    /// taken in order from `ids` (all uint32, 1-D). Returns the tokens indexed per KV head.
+    fn seal_neighbours(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        kind: &str,
+        heads: numpy::PyReadonlyArray1<'_, u32>,
+        lens: numpy::PyReadonlyArray1<'_, u32>,
+        ids: numpy::PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<u64> {
+        let kind = crate::decode::parse_kind(py, kind)?;
+        let slice = |what: &str, a: &numpy::PyReadonlyArray1<'_, u32>| {
+            a.as_slice()
+                .map(<[u32]>::to_vec)
+                .map_err(|_| bad_request(py, format!("{what} must be C-contiguous")))
+        };
+        let (heads, lens, ids) = (
+            slice("heads", &heads)?,
+            slice("lens", &lens)?,
+            slice("ids", &ids)?,
+        );
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.seal_neighbours(layer, kind, &heads, &lens, &ids))
+                .map_err(|e| to_py(py, e))
+        })
+    }
+
     /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`; budget `k`
     /// (fixed) or `coverage` + `max_k` (adaptive, at least `min_k`). Returns a dict of new
     /// arrays (see `kvdex.Session.retrieve`).

@@ -5,7 +5,8 @@ use kvdex_index::IndexKind;
 
 use super::SessionHandle;
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER, SIGNAL_NEIGHBOURS,
+    SIGNAL_QUERIES,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
@@ -75,8 +76,42 @@ impl SessionHandle {
             layer,
             kind,
             n: p.len() as u32,
+            signal: SIGNAL_QUERIES,
         };
-        let n = h.encode(p, q, self.arena_mut())?;
+        let n = h.encode(&[p], q, self.arena_mut())?;
+        self.seal_call(n)
+    }
+
+    /// Seals `layer`'s prefill with neighbour lists the engine computed itself (the exact top
+    /// keys of its prefill queries, which its attention already scored): list `i` belongs to
+    /// query head `heads[i]`, holds `lens[i]` absolute token ids, best first, taken in order
+    /// from `ids`. Static ids are ignored. Returns the tokens indexed per KV head.
+    pub fn seal_neighbours(
+        &mut self,
+        layer: u32,
+        kind: IndexKind,
+        heads: &[u32],
+        lens: &[u32],
+        ids: &[u32],
+    ) -> Result<u64> {
+        if heads.len() != lens.len() {
+            return Err(KvdexError::BadRequest(format!(
+                "seal_neighbours: {} query heads but {} lengths",
+                heads.len(),
+                lens.len()
+            )));
+        }
+        let h = SealHeader {
+            layer,
+            kind,
+            n: heads.len() as u32,
+            signal: SIGNAL_NEIGHBOURS,
+        };
+        let n = h.encode(&[heads, lens, ids], &[], self.arena_mut())?;
+        self.seal_call(n)
+    }
+
+    fn seal_call(&mut self, n: usize) -> Result<u64> {
         let r = self.call_raw(Opcode::Seal, n as u64)?;
         let b = &self.arena_mut()[r];
         let v: [u8; 8] = b.try_into().map_err(|_| {

@@ -26,7 +26,7 @@ use kvdex_transfer::DeviceLink;
 
 pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
-pub use indexing::{BuildStatus, DecodeConfig, SealTraining};
+pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
 use layer::{arena_bytes, LayerKv};
 
 use crate::error::{KvdexError, Result};

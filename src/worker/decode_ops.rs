@@ -3,12 +3,12 @@
 use std::sync::Arc;
 
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader, ATTEND, GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
 use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch};
-use crate::store::{SealTraining, Session};
+use crate::store::{SealNeighbours, SealTraining, Session};
 
 /// Per-connection buffers of the decode ops, reused across requests.
 #[derive(Default)]
@@ -42,20 +42,37 @@ impl DecodeOps {
     }
 
     fn seal(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
-        let (h, positions, queries) = SealHeader::decode(body)?;
+        let (h, parts) = SealHeader::decode(body)?;
         let dst = out.get_mut(..8).ok_or_else(|| {
             KvdexError::BadRequest("seal response needs 8 bytes of response space".into())
         })?;
         // Copied out of shared memory: the build runs long after this request completes.
-        let mut pos = vec![0u32; positions.len() / 4];
-        proto::read_u32s(positions, &mut pos);
-        let mut vectors = vec![0f32; queries.len() / 4];
-        proto::read_f32s(queries, &mut vectors);
-        let training = (h.n > 0).then_some(SealTraining {
-            vectors: &vectors,
-            positions: &pos,
-        });
-        session.seal(h.layer, h.kind, training)?;
+        let words = |b: &[u8]| {
+            let mut w = vec![0u32; b.len() / 4];
+            proto::read_u32s(b, &mut w);
+            w
+        };
+        match parts {
+            SealBody::Queries { positions, queries } => {
+                let pos = words(positions);
+                let mut vectors = vec![0f32; queries.len() / 4];
+                proto::read_f32s(queries, &mut vectors);
+                let training = (h.n > 0).then_some(SealTraining {
+                    vectors: &vectors,
+                    positions: &pos,
+                });
+                session.seal(h.layer, h.kind, training)?;
+            }
+            SealBody::Neighbours { heads, lens, ids } => {
+                let (heads, lens, ids) = (words(heads), words(lens), words(ids));
+                let lists = SealNeighbours {
+                    heads: &heads,
+                    lens: &lens,
+                    ids: &ids,
+                };
+                session.seal_with_neighbours(h.layer, h.kind, lists)?;
+            }
+        }
         let st = session.build_status(h.layer)?;
         dst.copy_from_slice(&(st.sealed_tokens as u64).to_le_bytes());
         Ok(8)
