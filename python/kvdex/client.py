@@ -141,18 +141,32 @@ class Session:
         """Echoes ``data`` through the daemon: a round trip that does no work."""
         return self._s.ping(data)
 
-    def append(self, layer: int, k: Any, v: Any) -> int:
+    def append(self, layer: int, k: Any, v: Any = None) -> int:
         """Appends tokens to ``layer``; returns the layer's token count afterwards.
 
         Args:
-            k, v: ``[kv_heads, tokens, head_dim]``, float16 or float32.
+            k, v: ``[kv_heads, tokens, head_dim]``, float16 or float32. A Slim session
+                (``create_session(..., slim=True)``) stores K alone: pass ``v=None``.
 
         Raises:
             kvdex.BadRequestError: wrong dtype or shape; kvdex.NotFoundError: unknown layer;
             kvdex.BudgetError: the daemon's memory budget is exhausted;
             kvdex.DisconnectedError: the session is closed or the daemon is gone.
         """
-        return self._s.append(layer, _kv(k, "k"), _kv(v, "v"))
+        return self._s.append(layer, _kv(k, "k"), None if v is None else _kv(v, "v"))
+
+    def set_wkv(self, layer: int, w_kv: Any) -> None:
+        """Slim sessions: uploads ``layer``'s ``W_KV``, float32 ``[D, D]`` with
+        ``D = kv_heads * head_dim`` and ``V = K @ W_KV`` (K concatenated across heads, pre-RoPE
+        or with the session's ``slim_rope``). Sent over shared memory in chunks; required
+        before the layer's first append, fixed afterwards.
+
+        Raises:
+            kvdex.BadRequestError: not a Slim session, a wrong shape, a non-finite value, or a
+            layer that already holds tokens; kvdex.NotFoundError: an unknown layer.
+        """
+        w = np.ascontiguousarray(as_numpy(w_kv, "w_kv"), dtype=np.float32)
+        self._s.set_wkv(layer, w)
 
     def search(self, layer: int, q: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``k`` keys of ``layer`` by inner product, per query head.
@@ -353,19 +367,27 @@ class Client:
             time.sleep(poll)
 
     def create_session(self, layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str = "f16",
-                       payload_bytes: Optional[int] = None) -> Session:
+                       payload_bytes: Optional[int] = None, *, slim: bool = False,
+                       slim_rope: Optional[Tuple[float, int]] = None) -> Session:
         """Creates a session and attaches its shared-memory region.
 
         Args:
             dtype: storage dtype of K and V: ``"f16"``, ``"bf16"`` or ``"f32"``.
             payload_bytes: the region's payload arena (the largest request + response one call
                 carries); the daemon's configured default when ``None``.
+            slim: Slim mode (MHA models only, ``q_heads == kv_heads``): the daemon stores K
+                alone and recomputes ``V = K @ W_KV`` for the rows a retrieve selects, halving
+                the KV memory. Upload each layer's matrix with :meth:`Session.set_wkv` before
+                appending to it; ``/stats`` reports the bytes saved.
+            slim_rope: ``(theta, rope_dim)`` when the stored keys are post-RoPE (undone before
+                ``K @ W_KV``).
 
         Raises:
-            kvdex.BadRequestError: a bad shape or dtype, with the daemon's message;
-            kvdex.BudgetError: no room for another session.
+            kvdex.BadRequestError: a bad shape or dtype, or ``slim`` for a GQA shape, with the
+            daemon's message; kvdex.BudgetError: no room for another session.
         """
-        return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes))
+        return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
+                                              slim, slim_rope))
 
 
 def connect(url: str) -> Client:

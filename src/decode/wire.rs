@@ -5,6 +5,8 @@
 //! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
 //! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, 0 u32, query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
 //!
+//! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
+//!
 //! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
 //! `min_k..=max_k`; otherwise exactly `k`). A scale of 0 means `1/sqrt(head_dim)`.
 
@@ -190,6 +192,71 @@ impl SealHeader {
             at += 4 * w.len();
         }
         out[at..].copy_from_slice(bytemuck::cast_slice(floats));
+        Ok(need)
+    }
+}
+
+/// Bytes of the set_wkv request header.
+pub const SET_WKV_HEADER: usize = 16;
+
+/// A decoded set_wkv header; the f32 rows are the bytes after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetWkvHeader {
+    /// Layer whose `W_KV` is uploaded.
+    pub layer: u32,
+    /// First row of this chunk.
+    pub row_start: u32,
+    /// Rows in this chunk.
+    pub rows: u32,
+}
+
+impl SetWkvHeader {
+    /// Decodes the header and returns the rows' bytes (exactly `rows` rows of `dim` f32).
+    pub fn decode(body: &[u8], dim: usize) -> Result<(Self, &[u8])> {
+        let (Some(layer), Some(row_start), Some(rows)) =
+            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "set_wkv body is {} bytes, needs at least {SET_WKV_HEADER}",
+                body.len()
+            )));
+        };
+        let data = body.get(SET_WKV_HEADER..).unwrap_or(&[]);
+        let want = (rows as usize)
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(4));
+        if want != Some(data.len()) {
+            return Err(KvdexError::BadRequest(format!(
+                "set_wkv says {rows} rows of D = {dim} floats, but {} bytes follow",
+                data.len()
+            )));
+        }
+        Ok((
+            Self {
+                layer,
+                row_start,
+                rows,
+            },
+            data,
+        ))
+    }
+
+    /// Writes the header (with `rows` = `data.len() / dim`) and `data` into `out`; returns the
+    /// length.
+    pub fn encode(&self, data: &[f32], out: &mut [u8]) -> Result<usize> {
+        let need = SET_WKV_HEADER + 4 * data.len();
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "set_wkv request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        for (i, w) in [self.layer, self.row_start, self.rows, 0]
+            .iter()
+            .enumerate()
+        {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[SET_WKV_HEADER..].copy_from_slice(bytemuck::cast_slice(data));
         Ok(need)
     }
 }
@@ -496,6 +563,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("kind 7"));
+    }
+
+    #[test]
+    fn set_wkv_header_round_trips_and_checks_the_row_count() {
+        let h = SetWkvHeader {
+            layer: 2,
+            row_start: 4,
+            rows: 2,
+        };
+        let mut buf = vec![0u8; 64];
+        let n = h.encode(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &mut buf).unwrap();
+        let (back, data) = SetWkvHeader::decode(&buf[..n], 3).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(data)[5], 6.0);
+        let e = SetWkvHeader::decode(&buf[..n], 4).unwrap_err().to_string();
+        assert!(e.contains("2 rows of D = 4 floats, but 24 bytes"), "{e}");
+        assert!(SetWkvHeader::decode(&buf[..8], 3).is_err());
+        assert!(h.encode(&[0.0; 20], &mut buf).is_err());
     }
 
     #[test]

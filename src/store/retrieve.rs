@@ -17,8 +17,9 @@
 use std::time::Instant;
 
 use kvdex_index::attend::{
-    attend_head, choose_k, default_scale, estimate_tail_lse, systematic_sample, AttendScratch,
-    BudgetParams,
+    attend_head, attend_head_dense_values, choose_k, default_scale, estimate_tail_lse,
+    reconstruct_values_from, systematic_sample, AttendScratch, BudgetParams, RopeSpec, SlimScratch,
+    WKv,
 };
 use kvdex_index::keys::KeyRows;
 use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch, TopK};
@@ -26,6 +27,7 @@ use rayon::prelude::*;
 
 use super::indexing::{view, HeadIndex};
 use super::layer::LayerKv;
+use super::slim::{encode_rows, LayerKeys};
 use super::{poisoned, Session};
 use crate::error::{KvdexError, Result};
 
@@ -96,6 +98,9 @@ struct HeadScratch {
     sample: Vec<u32>,
     logits: Vec<f32>,
     out: Vec<f32>,
+    /// Slim mode: the chosen rows' recomputed values, `[k][head_dim]` f32.
+    values: Vec<f32>,
+    slim: SlimScratch,
     lse: f32,
     k: usize,
     coverage: f32,
@@ -192,6 +197,8 @@ impl Session {
         check_out(&out, hq, d, stride, rb, params)?;
         let cfg = &self.store.decode;
         let li = self.index_of(layer)?;
+        let wkv = self.wkv(layer)?;
+        let rope = self.slim.as_ref().and_then(|sl| sl.rope);
         let l = self.layer(layer)?.read().map_err(poisoned)?;
         let (start, end) = (cfg.sinks, cfg.retrievable_end(l.len));
         if end - start < stride {
@@ -269,6 +276,17 @@ impl Session {
         }
         let t1 = Instant::now();
         // 2-3. Budget and attention per head.
+        let layer_keys = LayerKeys {
+            layer: &l,
+            dtype: s.dtype,
+            head_dim: d,
+            kv_heads: s.kv_heads as usize,
+        };
+        let slim = wkv.as_deref().map(|w| Slim {
+            wkv: w,
+            rope: rope.as_ref(),
+            keys: &layer_keys,
+        });
         let work = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
             let g = h / group;
             let keys = l.keys(g, s.dtype, d)?;
@@ -277,6 +295,7 @@ impl Session {
             budget_and_attend(
                 &keys,
                 &values,
+                slim.as_ref().map(|sl| (sl, g)),
                 qh,
                 scale,
                 params,
@@ -319,7 +338,12 @@ impl Session {
                     let ko = base + i * rb;
                     let vo = base + (stride + i) * rb;
                     out.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
-                    out.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                    if slim.is_some() {
+                        let v = &hs.values[i * d..(i + 1) * d];
+                        encode_rows(v, s.dtype, &mut out.rows[vo..vo + rb]);
+                    } else {
+                        out.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                    }
                 }
             }
         }
@@ -424,11 +448,21 @@ fn search_indexed(
     Ok(())
 }
 
-/// Steps 2 and 3 for one head: choose k, then attend over the first k candidates.
+/// Slim mode's inputs to a retrieve: values are recomputed as `K·W_KV` for the chosen rows.
+struct Slim<'a> {
+    wkv: &'a WKv,
+    rope: Option<&'a RopeSpec>,
+    keys: &'a LayerKeys<'a>,
+}
+
+/// Steps 2 and 3 for one head: choose k, then attend over the first k candidates. With
+/// `slim = Some((slim, kv_head))` the chosen rows' values are recomputed first (into
+/// `hs.values`, which a gather then copies out).
 #[allow(clippy::too_many_arguments)]
 fn budget_and_attend(
     keys: &KeySlice<'_>,
     values: &KeySlice<'_>,
+    slim: Option<(&Slim<'_>, usize)>,
     q: &[f32],
     scale: f32,
     params: &RetrieveParams,
@@ -475,17 +509,35 @@ fn budget_and_attend(
             hs.coverage = c.estimated_coverage;
         }
     }
+    if let Some((sl, g)) = slim.filter(|_| params.attend || params.gather) {
+        let d = q.len();
+        hs.values.resize(hs.k * d, 0.0);
+        reconstruct_values_from(
+            sl.keys,
+            sl.wkv,
+            sl.rope,
+            &hs.hits.ids[..hs.k],
+            g,
+            &mut hs.slim,
+            &mut hs.values,
+        )?;
+    }
     if params.attend {
         hs.out.resize(q.len(), 0.0);
-        hs.lse = attend_head(
-            keys,
-            values,
-            q,
-            &hs.hits.ids[..hs.k],
-            scale,
-            &mut hs.attend,
-            &mut hs.out,
-        )?;
+        let ids = &hs.hits.ids[..hs.k];
+        hs.lse = if slim.is_some() {
+            attend_head_dense_values(
+                keys,
+                KeyRows::F32(&hs.values),
+                q,
+                ids,
+                scale,
+                &mut hs.attend,
+                &mut hs.out,
+            )?
+        } else {
+            attend_head(keys, values, q, ids, scale, &mut hs.attend, &mut hs.out)?
+        };
     }
     Ok(())
 }

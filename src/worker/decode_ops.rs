@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader, ATTEND, GATHER,
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader, SetWkvHeader, ATTEND,
+    GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
@@ -34,6 +35,7 @@ impl DecodeOps {
         match op {
             Opcode::Seal => Self::seal(session, body, out),
             Opcode::Retrieve => self.retrieve(session, body, out),
+            Opcode::SetWkv => self.set_wkv(session, body, out),
             other => Err(KvdexError::BadRequest(format!(
                 "{} is not a decode-path op",
                 other.name()
@@ -75,6 +77,22 @@ impl DecodeOps {
         }
         let st = session.build_status(h.layer)?;
         dst.copy_from_slice(&(st.sealed_tokens as u64).to_le_bytes());
+        Ok(8)
+    }
+
+    fn set_wkv(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let s = session.shape();
+        let dim = s.kv_heads as usize * s.head_dim as usize;
+        let (h, data) = SetWkvHeader::decode(body, dim)?;
+        let dst = out.get_mut(..8).ok_or_else(|| {
+            KvdexError::BadRequest("set_wkv response needs 8 bytes of response space".into())
+        })?;
+        // Copied out of shared memory before the store checks and keeps it.
+        self.query.clear();
+        self.query.resize(data.len() / 4, 0.0);
+        proto::read_f32s(data, &mut self.query);
+        let got = session.set_wkv(h.layer, h.row_start as usize, &self.query)?;
+        dst.copy_from_slice(&(got as u64).to_le_bytes());
         Ok(8)
     }
 

@@ -109,7 +109,7 @@ impl Dispatcher {
         let input = check_range("in", d.in_offset, d.in_len, arena.len())?;
         let output = check_range("out", d.out_offset, d.out_len, arena.len())?;
         let (body, out) = split(arena, input, output)?;
-        if matches!(op, Opcode::Seal | Opcode::Retrieve) {
+        if matches!(op, Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv) {
             return self
                 .decode
                 .serve(&self.session, op, body, out)
