@@ -148,6 +148,8 @@ fn check_merge_is_exact(
         scale: None,
     };
     let r = dc.h.retrieve(0, q, &params).unwrap();
+    // The rows were copied by the link's gather into the registered payload arena.
+    assert_eq!(dc.session.link().dest_stats().destinations, 1);
     assert_eq!(
         r.header.stride as usize,
         n - S - W,

@@ -368,7 +368,8 @@ pub struct RetrieveLayout {
     pub out: std::ops::Range<usize>,
     /// `[q_heads]` f32 log-sum-exp (empty unless attend).
     pub lse: std::ops::Range<usize>,
-    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather).
+    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather), starting at a
+    /// multiple of 64 bytes.
     pub rows: std::ops::Range<usize>,
 }
 
@@ -383,11 +384,13 @@ impl RetrieveLayout {
         gather: bool,
     ) -> Option<Self> {
         let mut at = RESPONSE_HEADER;
-        let mut take = |n: usize| -> Option<std::ops::Range<usize>> {
-            let r = at..at.checked_add(n)?;
+        let mut take_aligned = |align: usize, n: usize| -> Option<std::ops::Range<usize>> {
+            let start = at.checked_next_multiple_of(align)?;
+            let r = start..start.checked_add(n)?;
             at = r.end;
             Some(r)
         };
+        let mut take = |n: usize| take_aligned(1, n);
         let hs = q_heads.checked_mul(stride)?;
         Some(Self {
             k: take(4 * q_heads)?,
@@ -400,11 +403,16 @@ impl RetrieveLayout {
                 0
             })?,
             lse: take(if attend { 4 * q_heads } else { 0 })?,
-            rows: take(if gather {
-                hs.checked_mul(2)?.checked_mul(row_bytes)?
-            } else {
-                0
-            })?,
+            // Rows start on a cache line (the response space starts on one), so that each row
+            // copy meets the transfer crate's run alignment whatever the head count.
+            rows: take_aligned(
+                64,
+                if gather {
+                    hs.checked_mul(2)?.checked_mul(row_bytes)?
+                } else {
+                    0
+                },
+            )?,
         })
     }
 

@@ -145,6 +145,12 @@ impl LayerKv {
         }
     }
 
+    /// The K arena and (unless Slim) the V arena of `kv_head`: the sources of a
+    /// [`DeviceLink::gather`].
+    pub(super) fn arenas(&self, kv_head: usize) -> Option<(&Arena, Option<&Arena>)> {
+        self.heads.get(kv_head).map(|h| (&h.k, h.v.as_ref()))
+    }
+
     /// K rows of `kv_head` as a key store for the indices.
     pub(super) fn keys(
         &self,

@@ -278,6 +278,12 @@ impl Session {
         })
     }
 
+    /// The link this session's arenas come from: a retrieve's gather copies through it, so a
+    /// destination must be registered with this link.
+    pub fn link(&self) -> &Arc<dyn DeviceLink> {
+        &self.store.link
+    }
+
     /// The store's decode-path settings (static tokens, budgets).
     pub fn decode_config(&self) -> &DecodeConfig {
         &self.store.decode

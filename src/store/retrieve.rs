@@ -23,6 +23,7 @@ use kvdex_index::attend::{
 };
 use kvdex_index::keys::KeyRows;
 use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch, TopK};
+use kvdex_transfer::{DestId, DeviceLink, Run, Ticket, RUN_ALIGN};
 use rayon::prelude::*;
 
 use super::indexing::{view, HeadIndex};
@@ -70,6 +71,19 @@ pub struct RetrieveOut<'a> {
     pub lse: &'a mut [f32],
     /// `[q_heads][2][stride][row_bytes]`: K rows then V rows of the chosen ids (when asked).
     pub rows: &'a mut [u8],
+    /// `rows` as a destination registered with the session's link ([`Session::link`]), so
+    /// that the gather goes through [`DeviceLink::gather`] (the CUDA backend's path too);
+    /// `None` copies with the CPU.
+    pub rows_dest: Option<RowsDest>,
+}
+
+/// Where `rows` lies in a registered destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowsDest {
+    /// The destination (registered with the session's link).
+    pub id: DestId,
+    /// Byte offset of `rows[0]` in it.
+    pub offset: u64,
 }
 
 /// Server-side timings and counters of one retrieve.
@@ -114,6 +128,8 @@ pub struct RetrieveScratch {
     heads: Vec<HeadScratch>,
     group: Vec<Hits>,
     flat: SearchScratch,
+    runs: Vec<Run>,
+    tickets: Vec<Ticket>,
 }
 
 impl RetrieveScratch {
@@ -329,23 +345,20 @@ impl Session {
                 out.out[h * d..(h + 1) * d].copy_from_slice(&hs.out[..d]);
                 out.lse[h] = hs.lse;
             }
-            if params.gather {
-                let g = h / group;
-                let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
-                let base = h * 2 * stride * rb;
-                for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
-                    let src = id as usize * rb..(id as usize + 1) * rb;
-                    let ko = base + i * rb;
-                    let vo = base + (stride + i) * rb;
-                    out.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
-                    if slim.is_some() {
-                        let v = &hs.values[i * d..(i + 1) * d];
-                        encode_rows(v, s.dtype, &mut out.rows[vo..vo + rb]);
-                    } else {
-                        out.rows[vo..vo + rb].copy_from_slice(&vb[src]);
-                    }
-                }
-            }
+        }
+        if params.gather {
+            let rows = RowsOut {
+                rows: out.rows,
+                dest: out.rows_dest,
+                stride,
+                rb,
+                d,
+                dtype: s.dtype,
+                slim: slim.is_some(),
+            };
+            let link = self.store.link.as_ref();
+            let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
+            copy_rows(&l, link, heads, group, rows, runs, tickets)?;
         }
         let t3 = Instant::now();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
@@ -356,6 +369,109 @@ impl Session {
             attend_us: us(t1, t2),
             copy_us: us(t2, t3),
         })
+    }
+}
+
+/// Where step 4 writes the chosen rows.
+struct RowsOut<'a> {
+    rows: &'a mut [u8],
+    dest: Option<RowsDest>,
+    stride: usize,
+    rb: usize,
+    d: usize,
+    dtype: KeyDtype,
+    slim: bool,
+}
+
+/// Step 4's row copy: head `h`'s K rows go to `rows[h][0][..k]`, its V rows to
+/// `rows[h][1][..k]`. Through [`DeviceLink::gather`] (one batch of runs per KV head and plane,
+/// all submitted before any is waited on) when the rows have a registered destination and
+/// every run meets [`RUN_ALIGN`]; with the CPU otherwise. Slim V rows (recomputed, in
+/// `hs.values`) are always written by the CPU.
+fn copy_rows(
+    l: &LayerKv,
+    link: &dyn DeviceLink,
+    heads: &[HeadScratch],
+    group: usize,
+    o: RowsOut<'_>,
+    runs: &mut Vec<Run>,
+    tickets: &mut Vec<Ticket>,
+) -> Result<()> {
+    let (stride, rb) = (o.stride, o.rb);
+    let align = RUN_ALIGN as usize;
+    let dest = o
+        .dest
+        .filter(|dst| rb % align == 0 && dst.offset % RUN_ALIGN == 0);
+    if o.slim {
+        for (h, hs) in heads.iter().enumerate() {
+            let base = h * 2 * stride * rb;
+            for i in 0..hs.k {
+                let vo = base + (stride + i) * rb;
+                let v = &hs.values[i * o.d..(i + 1) * o.d];
+                encode_rows(v, o.dtype, &mut o.rows[vo..vo + rb]);
+            }
+        }
+    }
+    let Some(dest) = dest else {
+        for (h, hs) in heads.iter().enumerate() {
+            let g = h / group;
+            let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
+            let base = h * 2 * stride * rb;
+            for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
+                let src = id as usize * rb..(id as usize + 1) * rb;
+                let ko = base + i * rb;
+                o.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
+                if !o.slim {
+                    let vo = base + (stride + i) * rb;
+                    o.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                }
+            }
+        }
+        return Ok(());
+    };
+    tickets.clear();
+    let kv_heads = heads.len() / group.max(1);
+    let mut failed = None;
+    for g in 0..kv_heads {
+        let Some((k_arena, v_arena)) = l.arenas(g) else {
+            continue;
+        };
+        let planes = [(k_arena, 0usize)]
+            .into_iter()
+            .chain(v_arena.filter(|_| !o.slim).map(|v| (v, stride)));
+        for (arena, plane_off) in planes {
+            runs.clear();
+            for h in g * group..(g + 1) * group {
+                let hs = &heads[h];
+                let base = (h * 2 * stride + plane_off) * rb;
+                runs.extend(hs.hits.ids[..hs.k].iter().enumerate().map(|(i, &id)| Run {
+                    src_offset: (id as usize * rb) as u64,
+                    dst_offset: dest.offset + (base + i * rb) as u64,
+                    len: rb as u64,
+                }));
+            }
+            if runs.is_empty() {
+                continue;
+            }
+            match link.gather(arena, runs, dest.id) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    // Every submitted gather is waited on, even after a failure: the response bytes must not
+    // be handed back while a copy still writes them.
+    for t in tickets.drain(..) {
+        if let Err(e) = link.wait(t) {
+            failed.get_or_insert(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(KvdexError::Protocol(format!("retrieve gather: {e}"))),
+        None => Ok(()),
     }
 }
 
