@@ -441,8 +441,8 @@ fn copy_rows(
             .chain(v_arena.filter(|_| !o.slim).map(|v| (v, stride)));
         for (arena, plane_off) in planes {
             runs.clear();
-            for h in g * group..(g + 1) * group {
-                let hs = &heads[h];
+            let first = g * group;
+            for (h, hs) in heads.iter().enumerate().skip(first).take(group) {
                 let base = (h * 2 * stride + plane_off) * rb;
                 runs.extend(hs.hits.ids[..hs.k].iter().enumerate().map(|(i, &id)| Run {
                     src_offset: (id as usize * rb) as u64,
