@@ -178,6 +178,8 @@ pub struct Stats {
     pub link_arenas: u64,
     /// Bytes those arenas hold.
     pub link_bytes: u64,
+    /// Bytes Slim sessions save: V not stored, less their W_KV matrices (0 without any).
+    pub slim_saved_bytes: i64,
     /// Per session: shape, memory, per-layer tokens and index state.
     pub per_session: Vec<SessionInfo>,
 }
@@ -197,6 +199,10 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
         link: store.link().name(),
         link_arenas: link.arenas,
         link_bytes: link.bytes,
+        slim_saved_bytes: per_session
+            .iter()
+            .filter_map(|s| s.slim.map(|m| m.net_saved_bytes))
+            .sum(),
         per_session,
     })
 }

@@ -10,7 +10,7 @@
 //! | append | layer u32, tokens u32, k_len u64, K, V          | layer length after the append, u64         |
 //! | search | layer u32, k u32, query f32 `[q_heads][dim]`    | k u32, q_heads u32, ids u32 `[q_heads][k]`, scores f32 `[q_heads][k]` |
 //! | gather | layer u32, kv_head u32, ids u32 `[n]`           | rows u32, row_bytes u32, K rows, V rows    |
-//! | seal, retrieve | the decode path's own codec: [`crate::decode::wire`]      |                            |
+//! | seal, retrieve, set_wkv | the decode path's own codec: [`crate::decode::wire`] |                   |
 //!
 //! Decoding never trusts a length: every field is read from a bounds-checked slice, and a body
 //! that does not fit its op is an error naming what was wrong. Bodies borrow the buffer they
@@ -41,17 +41,20 @@ pub enum Opcode {
     /// The decode-step request: ids, scores, partial attention and gathered rows for every
     /// query head of a layer (body: [`crate::decode::wire`]).
     Retrieve = 6,
+    /// Upload rows of a Slim session's per-layer `W_KV` (body: [`crate::decode::wire`]).
+    SetWkv = 7,
 }
 
 impl Opcode {
     /// Every opcode, for tests and metrics.
-    pub const ALL: [Opcode; 6] = [
+    pub const ALL: [Opcode; 7] = [
         Opcode::Ping,
         Opcode::Append,
         Opcode::Search,
         Opcode::Gather,
         Opcode::Seal,
         Opcode::Retrieve,
+        Opcode::SetWkv,
     ];
 
     /// The opcode with wire value `code`, if any.
@@ -68,6 +71,7 @@ impl Opcode {
             Opcode::Gather => "gather",
             Opcode::Seal => "seal",
             Opcode::Retrieve => "retrieve",
+            Opcode::SetWkv => "set_wkv",
         }
     }
 }
@@ -389,7 +393,7 @@ impl<'a> Request<'a> {
                     ids,
                 })
             }
-            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
+            Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv => Err(decoded_elsewhere(op)),
         }
     }
 }
@@ -522,7 +526,7 @@ impl<'a> Response<'a> {
                     v: &body[8 + n..],
                 })
             }
-            Opcode::Seal | Opcode::Retrieve => Err(decoded_elsewhere(op)),
+            Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv => Err(decoded_elsewhere(op)),
         }
     }
 }
@@ -666,7 +670,7 @@ mod tests {
             .to_string();
         assert!(e.contains("not a multiple of 4"), "{e}");
         assert!(Response::decode(Opcode::Append, &[0; 9]).is_err());
-        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(7).is_none());
+        assert!(Opcode::from_code(0).is_none() && Opcode::from_code(8).is_none());
         for op in Opcode::ALL {
             assert_eq!(Opcode::from_code(op as u32), Some(op));
         }

@@ -141,18 +141,32 @@ class Session:
         """Echoes ``data`` through the daemon: a round trip that does no work."""
         return self._s.ping(data)
 
-    def append(self, layer: int, k: Any, v: Any) -> int:
+    def append(self, layer: int, k: Any, v: Any = None) -> int:
         """Appends tokens to ``layer``; returns the layer's token count afterwards.
 
         Args:
-            k, v: ``[kv_heads, tokens, head_dim]``, float16 or float32.
+            k, v: ``[kv_heads, tokens, head_dim]``, float16 or float32. A Slim session
+                (``create_session(..., slim=True)``) stores K alone: pass ``v=None``.
 
         Raises:
             kvdex.BadRequestError: wrong dtype or shape; kvdex.NotFoundError: unknown layer;
             kvdex.BudgetError: the daemon's memory budget is exhausted;
             kvdex.DisconnectedError: the session is closed or the daemon is gone.
         """
-        return self._s.append(layer, _kv(k, "k"), _kv(v, "v"))
+        return self._s.append(layer, _kv(k, "k"), None if v is None else _kv(v, "v"))
+
+    def set_wkv(self, layer: int, w_kv: Any) -> None:
+        """Slim sessions: uploads ``layer``'s ``W_KV``, float32 ``[D, D]`` with
+        ``D = kv_heads * head_dim`` and ``V = K @ W_KV`` (K concatenated across heads, pre-RoPE
+        or with the session's ``slim_rope``). Sent over shared memory in chunks; required
+        before the layer's first append, fixed afterwards.
+
+        Raises:
+            kvdex.BadRequestError: not a Slim session, a wrong shape, a non-finite value, or a
+            layer that already holds tokens; kvdex.NotFoundError: an unknown layer.
+        """
+        w = np.ascontiguousarray(as_numpy(w_kv, "w_kv"), dtype=np.float32)
+        self._s.set_wkv(layer, w)
 
     def search(self, layer: int, q: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``k`` keys of ``layer`` by inner product, per query head.
@@ -177,7 +191,8 @@ class Session:
         session dtype (float32 for bf16 sessions)."""
         return self._s.gather(layer, kv_head, [int(i) for i in ids] if not isinstance(ids, list) else ids)
 
-    def seal(self, layer: int, kind: str = "graph", queries: Any = None, positions: Any = None) -> int:
+    def seal(self, layer: int, kind: str = "graph", queries: Any = None, positions: Any = None, *,
+             neighbours: Any = None) -> int:
         """Seals ``layer``'s prefill and starts the daemon's background build of a ``kind`` index
         per KV head: ``"graph"`` (query-guided), ``"hnsw"`` or ``"flat"``. Tokens appended later
         are inserted incrementally; until the build is done, retrieves scan exactly.
@@ -186,6 +201,12 @@ class Session:
             queries: ``[q_heads, n, head_dim]`` prefill queries (float32 after conversion), the
                 training signal of the query-guided graph; ``None`` builds from the keys alone.
             positions: ``[n]`` the token position of each query (the build stays causal).
+            neighbours: instead of queries, the neighbour lists the engine computed itself
+                during prefill (its attention already scored every key, so kvdex skips its own
+                exact top-k search, the expensive part of a graph build). Either an integer
+                array ``[q_heads, n, m]`` (the top-``m`` token ids of ``n`` queries per query
+                head), or a sequence of ``(query_head, ids)`` pairs with ids best first.
+                Ids are absolute token positions; static ones (sinks, window) are ignored.
 
         Returns:
             The tokens indexed per KV head.
@@ -194,6 +215,11 @@ class Session:
             kvdex.BadRequestError: an unknown kind, mismatched shapes, or a request larger than
             the session's arena.
         """
+        if neighbours is not None:
+            if queries is not None or positions is not None:
+                raise BadRequestError("seal: pass either neighbours or queries/positions, not both")
+            heads, lens, ids = _neighbour_lists(neighbours, self.q_heads)
+            return self._s.seal_neighbours(layer, kind, heads, lens, ids)
         if (queries is None) != (positions is None):
             raise BadRequestError("seal: pass both queries and positions (the training signal), or neither")
         if queries is None:
@@ -259,6 +285,39 @@ class Session:
                 f"kv_heads={self.kv_heads} head_dim={self.head_dim} dtype={self.dtype}>")
 
 
+def _neighbour_lists(neighbours: Any, q_heads: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flattens neighbour lists into ``(heads, lens, ids)`` uint32 arrays for the wire."""
+    def ids_of(a: Any, what: str) -> np.ndarray:
+        x = np.asarray(a)
+        if not np.issubdtype(x.dtype, np.integer) or (x.size and x.min() < 0):
+            raise BadRequestError(f"{what} must hold non-negative integer token ids, got {x.dtype}")
+        return x.astype(np.uint32)
+
+    if isinstance(neighbours, np.ndarray) or hasattr(neighbours, "__array__"):
+        arr = ids_of(neighbours, "neighbours")
+        if arr.ndim != 3 or arr.shape[0] != q_heads:
+            raise BadRequestError(f"neighbours array must be [q_heads={q_heads}, n, m], got {arr.shape}")
+        h, n, m = arr.shape
+        heads = np.repeat(np.arange(h, dtype=np.uint32), n)
+        lens = np.full(h * n, m, dtype=np.uint32)
+        return heads, lens, np.ascontiguousarray(arr.reshape(-1))
+    heads_l, lens_l, parts = [], [], []
+    for i, pair in enumerate(neighbours):
+        try:
+            head, ids = pair
+        except (TypeError, ValueError):
+            raise BadRequestError(f"neighbours[{i}] must be a (query_head, ids) pair") from None
+        x = ids_of(ids, f"neighbours[{i}] ids").reshape(-1)
+        heads_l.append(int(head))
+        lens_l.append(x.size)
+        parts.append(x)
+    if any(h < 0 for h in heads_l):
+        raise BadRequestError("neighbours: query heads must be non-negative")
+    ids_all = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    return (np.asarray(heads_l, dtype=np.uint32), np.asarray(lens_l, dtype=np.uint32),
+            np.ascontiguousarray(ids_all, dtype=np.uint32))
+
+
 class Client:
     """A connection to a daemon's control plane (see :func:`connect`)."""
 
@@ -308,19 +367,27 @@ class Client:
             time.sleep(poll)
 
     def create_session(self, layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str = "f16",
-                       payload_bytes: Optional[int] = None) -> Session:
+                       payload_bytes: Optional[int] = None, *, slim: bool = False,
+                       slim_rope: Optional[Tuple[float, int]] = None) -> Session:
         """Creates a session and attaches its shared-memory region.
 
         Args:
             dtype: storage dtype of K and V: ``"f16"``, ``"bf16"`` or ``"f32"``.
             payload_bytes: the region's payload arena (the largest request + response one call
                 carries); the daemon's configured default when ``None``.
+            slim: Slim mode (MHA models only, ``q_heads == kv_heads``): the daemon stores K
+                alone and recomputes ``V = K @ W_KV`` for the rows a retrieve selects, halving
+                the KV memory. Upload each layer's matrix with :meth:`Session.set_wkv` before
+                appending to it; ``/stats`` reports the bytes saved.
+            slim_rope: ``(theta, rope_dim)`` when the stored keys are post-RoPE (undone before
+                ``K @ W_KV``).
 
         Raises:
-            kvdex.BadRequestError: a bad shape or dtype, with the daemon's message;
-            kvdex.BudgetError: no room for another session.
+            kvdex.BadRequestError: a bad shape or dtype, or ``slim`` for a GQA shape, with the
+            daemon's message; kvdex.BudgetError: no room for another session.
         """
-        return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes))
+        return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
+                                              slim, slim_rope))
 
 
 def connect(url: str) -> Client:

@@ -48,7 +48,9 @@ impl Client {
     }
 
     /// Creates a session (HTTP POST) and attaches its shared-memory region.
-    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None))]
+    /// `slim`: store K alone (MHA only), with `slim_rope = (theta, rope_dim)` when the keys
+    /// are stored post-RoPE.
+    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None, slim = false, slim_rope = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn create_session(
         &self,
@@ -59,11 +61,21 @@ impl Client {
         head_dim: u32,
         dtype: &str,
         payload_bytes: Option<u64>,
+        slim: bool,
+        slim_rope: Option<(f64, usize)>,
     ) -> PyResult<Session> {
         let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         shape.validate().map_err(|e| to_py(py, e))?;
+        if slim_rope.is_some() && !slim {
+            return Err(bad_request(py, "slim_rope is given but slim is not True"));
+        }
+        let slim = slim.then(|| kvdex::store::SlimSpec {
+            rope: slim_rope
+                .map(|(theta, rope_dim)| kvdex_index::attend::RopeSpec { theta, rope_dim }),
+        });
         let opts = SessionOptions {
             payload_bytes,
+            slim,
             ..Default::default()
         };
         let handle = py
@@ -174,32 +186,60 @@ impl Session {
     }
 
     /// Appends K and V, each `[kv_heads, tokens, head_dim]` float16/float32; returns the length.
+    /// A Slim session stores K alone: `v` may be None.
+    #[pyo3(signature = (layer, k, v = None))]
     fn append(
         &self,
         py: Python<'_>,
         layer: u32,
         k: &Bound<'_, PyAny>,
-        v: &Bound<'_, PyAny>,
+        v: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let s = self.shape;
-        let (ka, va) = (
-            FloatArray::extract(py, "k", k)?,
-            FloatArray::extract(py, "v", v)?,
-        );
+        let ka = FloatArray::extract(py, "k", k)?;
         let tokens = ka.shape().get(1).copied().unwrap_or(0);
         let want = [s.kv_heads as usize, tokens, s.head_dim as usize];
         check_shape(py, "k", ka.shape(), &want, "kv_heads, tokens, head_dim")?;
-        check_shape(py, "v", va.shape(), &want, "kv_heads, tokens, head_dim")?;
+        let va = v.map(|v| FloatArray::extract(py, "v", v)).transpose()?;
+        let vb = match &va {
+            Some(va) => {
+                check_shape(py, "v", va.shape(), &want, "kv_heads, tokens, head_dim")?;
+                va.bytes_as(py, "v", s.dtype)?
+            }
+            None => std::borrow::Cow::Borrowed(&[][..]),
+        };
         let tokens =
             u32::try_from(tokens).map_err(|_| bad_request(py, "too many tokens in one append"))?;
-        let (kb, vb) = (
-            ka.bytes_as(py, "k", s.dtype)?,
-            va.bytes_as(py, "v", s.dtype)?,
-        );
+        let kb = ka.bytes_as(py, "k", s.dtype)?;
         self.with(py, |o| {
             let h = &mut o.handle;
             py.detach(|| h.append(layer, tokens, &kb, &vb))
                 .map_err(|e| to_py(py, e))
+        })
+    }
+
+    /// Uploads `layer`'s W_KV to a Slim session: float32 `[D, D]`, `D = kv_heads * head_dim`,
+    /// with `V = K @ W_KV`. Required before the layer's first append.
+    fn set_wkv(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        w: numpy::PyReadonlyArray2<'_, f32>,
+    ) -> PyResult<()> {
+        let dim = self.shape.kv_heads as usize * self.shape.head_dim as usize;
+        check_shape(
+            py,
+            "w_kv",
+            w.shape(),
+            &[dim, dim],
+            "D, D (D = kv_heads * head_dim)",
+        )?;
+        let ws = w
+            .as_slice()
+            .map_err(|_| bad_request(py, "w_kv must be C-contiguous"))?;
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.set_wkv(layer, ws)).map_err(|e| to_py(py, e))
         })
     }
 
@@ -343,6 +383,36 @@ impl Session {
         };
         self.with(py, |o| {
             crate::decode::seal(py, &mut o.handle, layer, kind, training)
+        })
+    }
+
+    /// Seals `layer` with the engine's own neighbour lists as the training signal: list `i`
+    /// belongs to query head `heads[i]` and holds `lens[i]` absolute token ids (best first),
+    /// taken in order from `ids` (all uint32, 1-D). Returns the tokens indexed per KV head.
+    fn seal_neighbours(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        kind: &str,
+        heads: numpy::PyReadonlyArray1<'_, u32>,
+        lens: numpy::PyReadonlyArray1<'_, u32>,
+        ids: numpy::PyReadonlyArray1<'_, u32>,
+    ) -> PyResult<u64> {
+        let kind = crate::decode::parse_kind(py, kind)?;
+        let slice = |what: &str, a: &numpy::PyReadonlyArray1<'_, u32>| {
+            a.as_slice()
+                .map(<[u32]>::to_vec)
+                .map_err(|_| bad_request(py, format!("{what} must be C-contiguous")))
+        };
+        let (heads, lens, ids) = (
+            slice("heads", &heads)?,
+            slice("lens", &lens)?,
+            slice("ids", &ids)?,
+        );
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.seal_neighbours(layer, kind, &heads, &lens, &ids))
+                .map_err(|e| to_py(py, e))
         })
     }
 

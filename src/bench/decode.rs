@@ -91,6 +91,13 @@ pub struct DecodeArgs {
     /// Seed of the synthetic data and queries.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Also copy the chosen K/V rows into the response (gather), timed as copy_ms.
+    #[arg(long)]
+    pub gather: bool,
+    /// Sessions served at once: the timed one plus N-1 others with the same context, each
+    /// driven by its own client thread issuing retrieves back to back while the timed one runs.
+    #[arg(long, default_value_t = 1)]
+    pub sessions: usize,
 }
 
 /// One method's figures (the JSON fields, exactly).
@@ -307,34 +314,15 @@ fn run_context(
     let daemon = start_daemon(exe, kv_bytes, a)?;
     let payload: u64 = 64 << 20;
     let (mut h, id, token) = create(&daemon, a, payload)?;
-    // Append in blocks that fit the arena: [kv][block][d] K then V.
-    let block = ((payload as usize / 2) / (2 * kv * d * 2)).min(n).max(1);
     let t = Instant::now();
-    let (mut kb, mut vb) = (
-        Vec::with_capacity(kv * block * d),
-        Vec::with_capacity(kv * block * d),
-    );
-    for layer in 0..a.layers {
-        let mut start = 0;
-        while start < n {
-            let len = block.min(n - start);
-            kb.clear();
-            vb.clear();
-            for g in 0..kv {
-                let r = (g * n + start) * d..(g * n + start + len) * d;
-                kb.extend_from_slice(&data.k[r.clone()]);
-                vb.extend_from_slice(&data.v[r]);
-            }
-            h.append(
-                layer,
-                len as u32,
-                bytemuck::cast_slice(&kb),
-                bytemuck::cast_slice(&vb),
-            )?;
-            start += len;
-        }
-    }
+    append_all(a, &mut h, &data, payload)?;
     let append_s = t.elapsed().as_secs_f64();
+    let mut others = Vec::new();
+    for _ in 1..a.sessions.max(1) {
+        let (mut o, oid, otoken) = create(&daemon, a, payload)?;
+        append_all(a, &mut o, &data, payload)?;
+        others.push((o, oid, otoken));
+    }
     let positions: Vec<u32> = (0..a.train)
         .map(|i| ((i as f64 + 0.5) * n as f64 / a.train as f64) as u32)
         .collect();
@@ -346,7 +334,7 @@ fn run_context(
     let params = RetrieveParams {
         budget,
         attend: true,
-        gather: false,
+        gather: a.gather,
         scale: None,
     };
     let mut notes = vec![format!(
@@ -359,9 +347,16 @@ fn run_context(
             let t = Instant::now();
             for layer in 0..a.layers {
                 h.seal(layer, *kind, Some((&training, &positions)))?;
+                for (o, _, _) in &mut others {
+                    o.seal(layer, *kind, Some((&training, &positions)))?;
+                }
+            }
+            let all = std::iter::once((&id, &token)).chain(others.iter().map(|(_, i, t)| (i, t)));
+            let mut info = Vec::new();
+            for (sid, stoken) in all {
+                info.extend(layers_info(&daemon, sid, stoken)?);
             }
             loop {
-                let info = layers_info(&daemon, &id, &token)?;
                 let state =
                     |l: &serde_json::Value| l["build"]["state"].as_str().unwrap_or("?").to_owned();
                 if let Some(f) = info.iter().find(|l| state(l) == "failed") {
@@ -377,6 +372,12 @@ fn run_context(
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(200));
+                info.clear();
+                for (sid, stoken) in
+                    std::iter::once((&id, &token)).chain(others.iter().map(|(_, i, t)| (i, t)))
+                {
+                    info.extend(layers_info(&daemon, sid, stoken)?);
+                }
             }
             notes.push(format!(
                 "{name}: built {} layer(s) in {:.1}s, index {:.1} MiB",
@@ -385,7 +386,44 @@ fn run_context(
                 index_bytes as f64 / (1 << 20) as f64
             ));
         }
-        let row = decode_steps(a, n, name, &mut h, &data, &params, (sinks, window))?;
+        // The other sessions' clients retrieve back to back while the timed one runs.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let n_others = others.len();
+        let row = std::thread::scope(|sc| {
+            let busy: Vec<_> = others
+                .iter_mut()
+                .enumerate()
+                .map(|(i, (o, _, _))| {
+                    let (stop, data, params) = (&stop, &data, &params);
+                    sc.spawn(move || -> Result<u64> {
+                        let mut rng = StdRng::seed_from_u64(a.seed.wrapping_add(100 + i as u64));
+                        let mut q = vec![0f32; hq * d];
+                        let end = n.saturating_sub(window).max(sinks);
+                        let mut done = 0u64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            data.decode_queries(hq, sinks, end, &mut rng, &mut q);
+                            for layer in 0..a.layers {
+                                o.retrieve(layer, &q, params)?;
+                            }
+                            done += 1;
+                        }
+                        Ok(done)
+                    })
+                })
+                .collect();
+            let row = decode_steps(a, n, name, &mut h, &data, &params, (sinks, window));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let mut steps = 0;
+            for b in busy {
+                steps += b
+                    .join()
+                    .map_err(|_| KvdexError::Protocol("a client thread panicked".into()))??;
+            }
+            if n_others > 0 {
+                eprintln!("# {name}: {n_others} other session(s) ran {steps} steps meanwhile");
+            }
+            row
+        })?;
         if a.json {
             println!(
                 "{}",
@@ -412,6 +450,38 @@ fn run_context(
         eprintln!("# {n}");
     }
     drop(h);
+    Ok(())
+}
+
+/// Appends the whole context to every layer, in blocks that fit the arena: `[kv][block][d]`
+/// K then V.
+fn append_all(a: &DecodeArgs, h: &mut SessionHandle, data: &Synth, payload: u64) -> Result<()> {
+    let (kv, d, n) = (a.kv_heads as usize, a.head_dim as usize, data.n);
+    let block = ((payload as usize / 2) / (2 * kv * d * 2)).min(n).max(1);
+    let (mut kb, mut vb) = (
+        Vec::with_capacity(kv * block * d),
+        Vec::with_capacity(kv * block * d),
+    );
+    for layer in 0..a.layers {
+        let mut start = 0;
+        while start < n {
+            let len = block.min(n - start);
+            kb.clear();
+            vb.clear();
+            for g in 0..kv {
+                let r = (g * n + start) * d..(g * n + start + len) * d;
+                kb.extend_from_slice(&data.k[r.clone()]);
+                vb.extend_from_slice(&data.v[r]);
+            }
+            h.append(
+                layer,
+                len as u32,
+                bytemuck::cast_slice(&kb),
+                bytemuck::cast_slice(&vb),
+            )?;
+            start += len;
+        }
+    }
     Ok(())
 }
 

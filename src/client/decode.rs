@@ -5,7 +5,8 @@ use kvdex_index::IndexKind;
 
 use super::SessionHandle;
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, SetWkvHeader, ATTEND, GATHER,
+    SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
@@ -75,8 +76,78 @@ impl SessionHandle {
             layer,
             kind,
             n: p.len() as u32,
+            signal: SIGNAL_QUERIES,
         };
-        let n = h.encode(p, q, self.arena_mut())?;
+        let n = h.encode(&[p], q, self.arena_mut())?;
+        self.seal_call(n)
+    }
+
+    /// Seals `layer`'s prefill with neighbour lists the engine computed itself (the exact top
+    /// keys of its prefill queries, which its attention already scored): list `i` belongs to
+    /// query head `heads[i]`, holds `lens[i]` absolute token ids, best first, taken in order
+    /// from `ids`. Static ids are ignored. Returns the tokens indexed per KV head.
+    pub fn seal_neighbours(
+        &mut self,
+        layer: u32,
+        kind: IndexKind,
+        heads: &[u32],
+        lens: &[u32],
+        ids: &[u32],
+    ) -> Result<u64> {
+        if heads.len() != lens.len() {
+            return Err(KvdexError::BadRequest(format!(
+                "seal_neighbours: {} query heads but {} lengths",
+                heads.len(),
+                lens.len()
+            )));
+        }
+        let h = SealHeader {
+            layer,
+            kind,
+            n: heads.len() as u32,
+            signal: SIGNAL_NEIGHBOURS,
+        };
+        let n = h.encode(&[heads, lens, ids], &[], self.arena_mut())?;
+        self.seal_call(n)
+    }
+
+    /// Uploads `layer`'s `W_KV` to a Slim session: `w` is the row-major `D × D` f32 matrix
+    /// (`D = kv_heads · head_dim`) with `V = K · W_KV` (see [`crate::store::slim`]). Sent over
+    /// the shared-memory region in as many row chunks as the arena needs. Must be done before
+    /// the layer's first append.
+    pub fn set_wkv(&mut self, layer: u32, w: &[f32]) -> Result<()> {
+        let s = *self.shape();
+        let dim = s.kv_heads as usize * s.head_dim as usize;
+        if w.len() != dim * dim {
+            return Err(KvdexError::BadRequest(format!(
+                "set_wkv: W_KV holds {} floats; D = kv_heads x head_dim = {dim} needs {}",
+                w.len(),
+                dim * dim
+            )));
+        }
+        // Whole rows per chunk, leaving room for the 8-byte response after the request.
+        let room = (self.arena_len() as usize).saturating_sub(SET_WKV_HEADER + 256);
+        let per = (room / (4 * dim)).clamp(1, dim);
+        for (c, rows) in w.chunks(per * dim).enumerate() {
+            let h = SetWkvHeader {
+                layer,
+                row_start: (c * per) as u32,
+                rows: (rows.len() / dim) as u32,
+            };
+            let n = h.encode(rows, self.arena_mut())?;
+            let r = self.call_raw(Opcode::SetWkv, n as u64)?;
+            let b = &self.arena_mut()[r];
+            if b.len() != 8 {
+                return Err(KvdexError::Protocol(format!(
+                    "set_wkv response is {} bytes, not 8",
+                    b.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_call(&mut self, n: usize) -> Result<u64> {
         let r = self.call_raw(Opcode::Seal, n as u64)?;
         let b = &self.arena_mut()[r];
         let v: [u8; 8] = b.try_into().map_err(|_| {

@@ -56,6 +56,7 @@ pub(super) fn create(
     base_url: &str,
     shape: &Shape,
     payload_bytes: Option<u64>,
+    slim: Option<&crate::store::SlimSpec>,
 ) -> Result<CreatedSession> {
     let route = format!("{base_url}/v1/sessions");
     let mut body = serde_json::json!({
@@ -67,6 +68,12 @@ pub(super) fn create(
     });
     if let Some(p) = payload_bytes {
         body["payload_bytes"] = p.into();
+    }
+    if let Some(slim) = slim {
+        body["slim"] = true.into();
+        if let Some(r) = slim.rope {
+            body["slim_rope"] = serde_json::json!({ "theta": r.theta, "rope_dim": r.rope_dim });
+        }
     }
     let resp = agent
         .post(&route)

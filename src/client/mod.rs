@@ -42,6 +42,9 @@ pub struct SessionOptions {
     pub payload_bytes: Option<u64>,
     /// How the client waits for completions (spin, then park).
     pub wait: WaitPolicy,
+    /// Slim mode (MHA only): the daemon stores K alone; upload each layer's W_KV with
+    /// [`SessionHandle::set_wkv`] before appending to it.
+    pub slim: Option<crate::store::SlimSpec>,
 }
 
 /// A connection to a daemon's control plane.
@@ -68,7 +71,13 @@ impl Client {
 
     /// Creates a session of `shape` over HTTP, then maps and attaches its region.
     pub fn create_session(&self, shape: Shape, opts: SessionOptions) -> Result<SessionHandle> {
-        let created = http::create(&self.agent, &self.base_url, &shape, opts.payload_bytes)?;
+        let created = http::create(
+            &self.agent,
+            &self.base_url,
+            &shape,
+            opts.payload_bytes,
+            opts.slim.as_ref(),
+        )?;
         let token = parse_token(&created.token)?;
         let http = http::HttpSession {
             agent: self.agent.clone(),

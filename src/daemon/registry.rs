@@ -14,7 +14,8 @@ use super::dataplane::{DataPlane, DataPlaneSpec, ExitNotice, Serving};
 use crate::config::{Config, MIN_PAYLOAD_BYTES};
 use crate::error::{KvdexError, Result};
 use crate::metrics::Metrics;
-use crate::store::{dtype_serde, LayerStats, Session, Shape, Store};
+use crate::store::{dtype_serde, LayerStats, Session, Shape, SlimSpec, SlimStats, Store};
+use kvdex_index::attend::RopeSpec;
 
 /// Bytes of a session token: 128 bits from the OS RNG.
 pub const TOKEN_BYTES: usize = 16;
@@ -35,6 +36,23 @@ pub struct CreateRequest {
     pub dtype: String,
     /// Payload arena of the shared-memory region; the config's default when absent.
     pub payload_bytes: Option<u64>,
+    /// Slim mode (MHA only): store K alone, recompute V = K·W_KV; each layer's W_KV is then
+    /// uploaded over the region (`set_wkv`) before its first append.
+    #[serde(default)]
+    pub slim: bool,
+    /// RoPE of the keys a Slim session stores, undone before K·W_KV (absent: pre-RoPE keys).
+    #[serde(default)]
+    pub slim_rope: Option<SlimRope>,
+}
+
+/// `"slim_rope": {"theta": 100000.0, "rope_dim": 64}` of `POST /v1/sessions`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlimRope {
+    /// RoPE base.
+    pub theta: f64,
+    /// Rotated dimensions per head.
+    pub rope_dim: usize,
 }
 
 /// Reply to `POST /v1/sessions`: everything the client needs to attach.
@@ -72,6 +90,9 @@ pub struct SessionInfo {
     pub age_secs: f64,
     /// Per layer: tokens, capacity, index kind and index progress.
     pub layers: Vec<LayerStats>,
+    /// Slim mode's memory account (absent for a K+V session).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slim: Option<SlimStats>,
 }
 
 /// A live session.
@@ -179,7 +200,18 @@ impl Registry {
                 limits.max_payload_bytes
             )));
         }
-        let session = Arc::new(self.store.session(shape)?);
+        if req.slim_rope.is_some() && !req.slim {
+            return Err(KvdexError::BadRequest(
+                "slim_rope is given but slim is not true".into(),
+            ));
+        }
+        let slim = req.slim.then(|| SlimSpec {
+            rope: req.slim_rope.map(|r| RopeSpec {
+                theta: r.theta,
+                rope_dim: r.rope_dim,
+            }),
+        });
+        let session = Arc::new(self.store.session_with(shape, slim)?);
         let mut id_bytes = [0u8; 8];
         let mut token = [0u8; TOKEN_BYTES];
         OsRng
@@ -267,6 +299,7 @@ impl Registry {
             reserved_bytes: e.session.reserved_bytes(),
             age_secs: e.created.elapsed().as_secs_f64(),
             layers: e.session.layer_stats(),
+            slim: e.session.slim_stats(),
         }
     }
 

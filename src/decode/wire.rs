@@ -2,8 +2,10 @@
 //!
 //! | op       | request body | response body |
 //! |----------|--------------|---------------|
-//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, 0 u32, positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]` | tokens indexed per KV head, u64 |
+//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
 //! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, 0 u32, query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
+//!
+//! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
 //!
 //! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
 //! `min_k..=max_k`; otherwise exactly `k`). A scale of 0 means `1/sqrt(head_dim)`.
@@ -45,23 +47,79 @@ pub fn kind_code(kind: IndexKind) -> u32 {
     }
 }
 
-/// A decoded seal header; the positions and queries are the bytes after it.
+/// Seal signal code: sampled prefill queries with their positions.
+pub const SIGNAL_QUERIES: u32 = 0;
+/// Seal signal code: neighbour lists the engine computed.
+pub const SIGNAL_NEIGHBOURS: u32 = 1;
+
+/// A decoded seal header; the training signal is the bytes after it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SealHeader {
     /// Layer to seal.
     pub layer: u32,
     /// Index kind.
     pub kind: IndexKind,
-    /// Training positions that follow (0: key-only build).
+    /// Training positions (queries) or lists (neighbours) that follow (0: key-only build).
     pub n: u32,
+    /// [`SIGNAL_QUERIES`] or [`SIGNAL_NEIGHBOURS`].
+    pub signal: u32,
+}
+
+/// The training signal of a seal body, still as little-endian bytes of shared memory (the
+/// worker copies them out before use).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SealBody<'a> {
+    /// `positions` u32 `[n]`, `queries` f32 `[q_heads][n][head_dim]`.
+    Queries {
+        /// Positions bytes.
+        positions: &'a [u8],
+        /// Query bytes.
+        queries: &'a [u8],
+    },
+    /// `heads` u32 `[n]`, `lens` u32 `[n]`, `ids` u32 `[sum lens]`.
+    Neighbours {
+        /// Query head of each list.
+        heads: &'a [u8],
+        /// Length of each list.
+        lens: &'a [u8],
+        /// Every list's token ids.
+        ids: &'a [u8],
+    },
+}
+
+/// Splits `n` u32 words off the front of `rest`, or says how short it is.
+fn take_words<'a>(rest: &'a [u8], n: u32, what: &str) -> Result<(&'a [u8], &'a [u8])> {
+    let bytes = (n as usize)
+        .checked_mul(4)
+        .filter(|&b| b <= rest.len())
+        .ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "seal says {n} {what}, but only {} bytes follow",
+                rest.len()
+            ))
+        })?;
+    Ok(rest.split_at(bytes))
+}
+
+fn whole_words<'a>(b: &'a [u8], what: &str) -> Result<&'a [u8]> {
+    if b.len() % 4 != 0 {
+        return Err(KvdexError::BadRequest(format!(
+            "seal {what} are {} bytes, not a multiple of 4",
+            b.len()
+        )));
+    }
+    Ok(b)
 }
 
 impl SealHeader {
-    /// Decodes the header and splits the body into positions and queries bytes.
-    pub fn decode(body: &[u8]) -> Result<(Self, &[u8], &[u8])> {
-        let (Some(layer), Some(kind), Some(n)) =
-            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8))
-        else {
+    /// Decodes the header and splits the body into its training signal's parts.
+    pub fn decode(body: &[u8]) -> Result<(Self, SealBody<'_>)> {
+        let (Some(layer), Some(kind), Some(n), Some(signal)) = (
+            u32_at(body, 0),
+            u32_at(body, 4),
+            u32_at(body, 8),
+            u32_at(body, 12),
+        ) else {
             return Err(KvdexError::BadRequest(format!(
                 "seal body is {} bytes, needs at least {SEAL_HEADER}",
                 body.len()
@@ -78,40 +136,127 @@ impl SealHeader {
             }
         };
         let rest = body.get(SEAL_HEADER..).unwrap_or(&[]);
-        let pos_bytes = (n as usize)
-            .checked_mul(4)
-            .filter(|&b| b <= rest.len())
-            .ok_or_else(|| {
-                KvdexError::BadRequest(format!(
-                    "seal says {n} training positions, but only {} bytes follow",
-                    rest.len()
-                ))
-            })?;
-        let (positions, queries) = rest.split_at(pos_bytes);
-        if queries.len() % 4 != 0 {
-            return Err(KvdexError::BadRequest(format!(
-                "seal queries are {} bytes, not a multiple of 4",
-                queries.len()
-            )));
-        }
-        Ok((Self { layer, kind, n }, positions, queries))
+        let parts = match signal {
+            SIGNAL_QUERIES => {
+                let (positions, queries) = take_words(rest, n, "training positions")?;
+                SealBody::Queries {
+                    positions,
+                    queries: whole_words(queries, "queries")?,
+                }
+            }
+            SIGNAL_NEIGHBOURS => {
+                let (heads, rest) = take_words(rest, n, "neighbour lists")?;
+                let (lens, ids) = take_words(rest, n, "neighbour list lengths")?;
+                SealBody::Neighbours {
+                    heads,
+                    lens,
+                    ids: whole_words(ids, "neighbour ids")?,
+                }
+            }
+            other => {
+                return Err(KvdexError::BadRequest(format!(
+                    "seal training signal {other} is unknown (0 queries, 1 neighbour lists)"
+                )))
+            }
+        };
+        Ok((
+            Self {
+                layer,
+                kind,
+                n,
+                signal,
+            },
+            parts,
+        ))
     }
 
-    /// Writes the header followed by `positions` and `queries` into `out`; returns the length.
-    pub fn encode(&self, positions: &[u32], queries: &[f32], out: &mut [u8]) -> Result<usize> {
-        let need = SEAL_HEADER + 4 * positions.len() + 4 * queries.len();
+    /// Writes the header (with `n` and `signal` taken from the arguments) followed by the
+    /// u32 sections and the f32 section into `out`; returns the length. Queries:
+    /// `words = [positions]`, `floats = queries`; neighbours: `words = [heads, lens, ids]`.
+    pub fn encode(&self, words: &[&[u32]], floats: &[f32], out: &mut [u8]) -> Result<usize> {
+        let wlen: usize = words.iter().map(|w| w.len()).sum();
+        let need = SEAL_HEADER + 4 * wlen + 4 * floats.len();
         let out = out.get_mut(..need).ok_or_else(|| {
             KvdexError::BadRequest(format!(
                 "seal request of {need} bytes does not fit the arena"
             ))
         })?;
-        let head = [self.layer, kind_code(self.kind), positions.len() as u32, 0];
+        let n = words.first().map_or(0, |w| w.len()) as u32;
+        let head = [self.layer, kind_code(self.kind), n, self.signal];
         for (i, w) in head.iter().enumerate() {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
-        let (p, q) = out[SEAL_HEADER..].split_at_mut(4 * positions.len());
-        p.copy_from_slice(bytemuck::cast_slice(positions));
-        q.copy_from_slice(bytemuck::cast_slice(queries));
+        let mut at = SEAL_HEADER;
+        for w in words {
+            out[at..at + 4 * w.len()].copy_from_slice(bytemuck::cast_slice(w));
+            at += 4 * w.len();
+        }
+        out[at..].copy_from_slice(bytemuck::cast_slice(floats));
+        Ok(need)
+    }
+}
+
+/// Bytes of the set_wkv request header.
+pub const SET_WKV_HEADER: usize = 16;
+
+/// A decoded set_wkv header; the f32 rows are the bytes after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetWkvHeader {
+    /// Layer whose `W_KV` is uploaded.
+    pub layer: u32,
+    /// First row of this chunk.
+    pub row_start: u32,
+    /// Rows in this chunk.
+    pub rows: u32,
+}
+
+impl SetWkvHeader {
+    /// Decodes the header and returns the rows' bytes (exactly `rows` rows of `dim` f32).
+    pub fn decode(body: &[u8], dim: usize) -> Result<(Self, &[u8])> {
+        let (Some(layer), Some(row_start), Some(rows)) =
+            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "set_wkv body is {} bytes, needs at least {SET_WKV_HEADER}",
+                body.len()
+            )));
+        };
+        let data = body.get(SET_WKV_HEADER..).unwrap_or(&[]);
+        let want = (rows as usize)
+            .checked_mul(dim)
+            .and_then(|n| n.checked_mul(4));
+        if want != Some(data.len()) {
+            return Err(KvdexError::BadRequest(format!(
+                "set_wkv says {rows} rows of D = {dim} floats, but {} bytes follow",
+                data.len()
+            )));
+        }
+        Ok((
+            Self {
+                layer,
+                row_start,
+                rows,
+            },
+            data,
+        ))
+    }
+
+    /// Writes the header (with `rows` = `data.len() / dim`) and `data` into `out`; returns the
+    /// length.
+    pub fn encode(&self, data: &[f32], out: &mut [u8]) -> Result<usize> {
+        let need = SET_WKV_HEADER + 4 * data.len();
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "set_wkv request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        for (i, w) in [self.layer, self.row_start, self.rows, 0]
+            .iter()
+            .enumerate()
+        {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[SET_WKV_HEADER..].copy_from_slice(bytemuck::cast_slice(data));
         Ok(need)
     }
 }
@@ -223,7 +368,8 @@ pub struct RetrieveLayout {
     pub out: std::ops::Range<usize>,
     /// `[q_heads]` f32 log-sum-exp (empty unless attend).
     pub lse: std::ops::Range<usize>,
-    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather).
+    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather), starting at a
+    /// multiple of 64 bytes.
     pub rows: std::ops::Range<usize>,
 }
 
@@ -238,11 +384,13 @@ impl RetrieveLayout {
         gather: bool,
     ) -> Option<Self> {
         let mut at = RESPONSE_HEADER;
-        let mut take = |n: usize| -> Option<std::ops::Range<usize>> {
-            let r = at..at.checked_add(n)?;
+        let mut take_aligned = |align: usize, n: usize| -> Option<std::ops::Range<usize>> {
+            let start = at.checked_next_multiple_of(align)?;
+            let r = start..start.checked_add(n)?;
             at = r.end;
             Some(r)
         };
+        let mut take = |n: usize| take_aligned(1, n);
         let hs = q_heads.checked_mul(stride)?;
         Some(Self {
             k: take(4 * q_heads)?,
@@ -255,11 +403,16 @@ impl RetrieveLayout {
                 0
             })?,
             lse: take(if attend { 4 * q_heads } else { 0 })?,
-            rows: take(if gather {
-                hs.checked_mul(2)?.checked_mul(row_bytes)?
-            } else {
-                0
-            })?,
+            // Rows start on a cache line (the response space starts on one), so that each row
+            // copy meets the transfer crate's run alignment whatever the head count.
+            rows: take_aligned(
+                64,
+                if gather {
+                    hs.checked_mul(2)?.checked_mul(row_bytes)?
+                } else {
+                    0
+                },
+            )?,
         })
     }
 
@@ -398,12 +551,16 @@ mod tests {
             layer: 1,
             kind: IndexKind::Graph,
             n: 2,
+            signal: SIGNAL_QUERIES,
         };
         let mut buf = vec![0u8; 64];
-        let n = h.encode(&[5, 9], &[0.5; 4], &mut buf).unwrap();
-        let (back, p, q) = SealHeader::decode(&buf[..n]).unwrap();
+        let n = h.encode(&[&[5, 9]], &[0.5; 4], &mut buf).unwrap();
+        let (back, body) = SealHeader::decode(&buf[..n]).unwrap();
         assert_eq!(back, h);
-        assert_eq!((p.len(), q.len()), (8, 16));
+        let SealBody::Queries { positions, queries } = body else {
+            panic!("queries expected: {body:?}")
+        };
+        assert_eq!((positions.len(), queries.len()), (8, 16));
         buf[8..12].copy_from_slice(&100u32.to_le_bytes());
         assert!(SealHeader::decode(&buf[..n])
             .unwrap_err()
@@ -414,6 +571,58 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("kind 7"));
+    }
+
+    #[test]
+    fn set_wkv_header_round_trips_and_checks_the_row_count() {
+        let h = SetWkvHeader {
+            layer: 2,
+            row_start: 4,
+            rows: 2,
+        };
+        let mut buf = vec![0u8; 64];
+        let n = h.encode(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &mut buf).unwrap();
+        let (back, data) = SetWkvHeader::decode(&buf[..n], 3).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(data)[5], 6.0);
+        let e = SetWkvHeader::decode(&buf[..n], 4).unwrap_err().to_string();
+        assert!(e.contains("2 rows of D = 4 floats, but 24 bytes"), "{e}");
+        assert!(SetWkvHeader::decode(&buf[..8], 3).is_err());
+        assert!(h.encode(&[0.0; 20], &mut buf).is_err());
+    }
+
+    #[test]
+    fn seal_neighbour_lists_round_trip_and_check_lengths() {
+        let h = SealHeader {
+            layer: 0,
+            kind: IndexKind::Graph,
+            n: 2,
+            signal: SIGNAL_NEIGHBOURS,
+        };
+        let mut buf = vec![0u8; 64];
+        let n = h
+            .encode(&[&[0, 3], &[2, 1], &[10, 11, 12]], &[], &mut buf)
+            .unwrap();
+        let (back, body) = SealHeader::decode(&buf[..n]).unwrap();
+        assert_eq!(back, h);
+        let SealBody::Neighbours { heads, lens, ids } = body else {
+            panic!("neighbours expected: {body:?}")
+        };
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(heads), &[0, 3]);
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(lens), &[2, 1]);
+        assert_eq!(bytemuck::cast_slice::<u8, u32>(ids), &[10, 11, 12]);
+        // The lengths section cut short, an unknown signal, a ragged id section.
+        let e = SealHeader::decode(&buf[..SEAL_HEADER + 12]).unwrap_err();
+        assert!(e.to_string().contains("neighbour list lengths"), "{e}");
+        assert!(SealHeader::decode(&buf[..n - 2])
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of 4"));
+        buf[12..16].copy_from_slice(&9u32.to_le_bytes());
+        assert!(SealHeader::decode(&buf[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("signal 9"));
     }
 
     #[test]

@@ -257,3 +257,47 @@ fn health_readiness_and_metrics() {
     );
     drop(s.rt);
 }
+
+#[test]
+fn slim_sessions_are_mha_only_and_report_their_savings() {
+    let s = server(4);
+    let url = format!("{}/v1/sessions", s.base);
+    // GQA shape (4 query heads, 2 KV heads): refused, by name.
+    let mut gqa = shape();
+    gqa["slim"] = json!(true);
+    let (st, e) = call(ureq::post(&url), Some(gqa));
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("MHA"), "{e}");
+    // slim_rope without slim, and a bad rope.
+    let mut mha = json!({"layers": 1, "q_heads": 2, "kv_heads": 2, "head_dim": 8, "dtype": "f16"});
+    mha["slim_rope"] = json!({"theta": 10000.0, "rope_dim": 8});
+    let (st, e) = call(ureq::post(&url), Some(mha.clone()));
+    assert_eq!(st, 400);
+    assert!(
+        e["error"].as_str().unwrap().contains("slim is not true"),
+        "{e}"
+    );
+    mha["slim"] = json!(true);
+    mha["slim_rope"] = json!({"theta": 10000.0, "rope_dim": 7});
+    let (st, e) = call(ureq::post(&url), Some(mha.clone()));
+    assert_eq!(st, 400);
+    assert!(e["error"].as_str().unwrap().contains("rope_dim 7"), "{e}");
+    // MHA: created; GET and /stats carry the Slim account.
+    mha["slim_rope"] = json!({"theta": 10000.0, "rope_dim": 8});
+    let (st, created) = call(ureq::post(&url), Some(mha));
+    assert_eq!(st, 201, "{created}");
+    let (id, token) = (
+        created["id"].as_str().unwrap(),
+        created["token"].as_str().unwrap(),
+    );
+    let (st, info) = call(
+        ureq::get(&format!("{url}/{id}")).set("Authorization", &format!("Bearer {token}")),
+        None,
+    );
+    assert_eq!(st, 200);
+    assert_eq!(info["slim"]["v_bytes_saved"], json!(0));
+    assert_eq!(info["slim"]["layers_ready"], json!(0));
+    let (_, stats) = call(ureq::get(&format!("{}/stats", s.base)), None);
+    assert_eq!(stats["slim_saved_bytes"], json!(0));
+    assert!(stats["per_session"][0]["slim"].is_object());
+}

@@ -22,7 +22,7 @@
 //!    for an insert and never misses a token.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Instant;
 
 use half::{bf16, f16};
@@ -79,7 +79,7 @@ impl DecodeConfig {
 pub(super) struct BuildPool(OnceLock<std::result::Result<rayon::ThreadPool, String>>);
 
 impl BuildPool {
-    fn get(&self, threads: usize) -> Result<&rayon::ThreadPool> {
+    pub(super) fn get(&self, threads: usize) -> Result<&rayon::ThreadPool> {
         self.0
             .get_or_init(|| {
                 rayon::ThreadPoolBuilder::new()
@@ -238,6 +238,109 @@ pub(super) fn view<'a>(keys: &KeySlice<'a>, start: usize, end: usize) -> Result<
     Ok(KeySlice::new(rows, d)?)
 }
 
+/// Neighbour lists the engine computed itself (on the GPU, from the prefill attention it
+/// already has): list `i` belongs to query head `heads[i]` and holds `lens[i]` token ids, best
+/// first, taken in order from `ids`. Ids are absolute token positions, like retrieve's; static
+/// ones (sinks, window) are dropped, since the index never holds them.
+#[derive(Clone, Copy, Debug)]
+pub struct SealNeighbours<'a> {
+    /// Query head of each list.
+    pub heads: &'a [u32],
+    /// Length of each list.
+    pub lens: &'a [u32],
+    /// All lists' ids, concatenated.
+    pub ids: &'a [u32],
+}
+
+/// What one KV head's build is trained on.
+enum HeadTraining {
+    /// Sampled queries `[n][head_dim]` and their positions relative to the first non-static
+    /// token (empty: a key-only build).
+    Queries(Vec<f32>, Vec<u32>),
+    /// Neighbour lists in index ids (token - sinks).
+    Neighbours(Vec<Vec<u32>>),
+}
+
+impl HeadTraining {
+    fn signal(&self) -> TrainingSignal<'_> {
+        match self {
+            Self::Queries(_, p) if p.is_empty() => TrainingSignal::None,
+            Self::Queries(vectors, positions) => TrainingSignal::Queries { vectors, positions },
+            Self::Neighbours(lists) if lists.is_empty() => TrainingSignal::None,
+            Self::Neighbours(lists) => TrainingSignal::Neighbours(lists),
+        }
+    }
+}
+
+/// A queued build of one layer. It holds its session weakly: dropping the session mid-build
+/// frees the session's memory at once, and the job stops at the next KV head (or before it
+/// starts), dropping its private copy of the keys.
+struct BuildJob {
+    session: Weak<Session>,
+    cfg: Arc<DecodeConfig>,
+    head_dim: usize,
+    layer: u32,
+    kind: IndexKind,
+}
+
+impl BuildJob {
+    fn run(self, copies: Vec<OwnedKeys>, training: Vec<HeadTraining>) {
+        let layer = self.layer;
+        for (g, (keys, train)) in copies.iter().zip(&training).enumerate() {
+            if self.session.strong_count() == 0 {
+                tracing::debug!(layer, "session dropped: index build abandoned");
+                return;
+            }
+            let built = keys.slice(self.head_dim).and_then(|k| {
+                Ok(build_index(
+                    self.kind,
+                    &k,
+                    &train.signal(),
+                    &self.cfg.params,
+                )?)
+            });
+            // Held only to install the result, never while building.
+            let Some(session) = self.session.upgrade() else {
+                return;
+            };
+            let Ok(li) = session.index_of(layer) else {
+                return;
+            };
+            match built {
+                Ok(index) => {
+                    if let Ok(mut h) = li.heads[g].write() {
+                        *h = HeadIndex::Ready(index);
+                    }
+                    li.update(|st, _| st.heads_done += 1);
+                }
+                Err(e) => {
+                    tracing::warn!(layer, kv_head = g, error = %e, "index build failed");
+                    li.update(|st, t| {
+                        st.state = "failed";
+                        st.error = Some(format!("kv head {g}: {e}"));
+                        st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                        *t = None;
+                    });
+                    return;
+                }
+            }
+        }
+        drop(copies);
+        let Some(session) = self.session.upgrade() else {
+            return;
+        };
+        let Ok(li) = session.index_of(layer) else {
+            return;
+        };
+        li.update(|st, t| {
+            st.state = "ready";
+            st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            *t = None;
+        });
+        session.insert_pending(layer);
+    }
+}
+
 impl Session {
     /// Seals `layer`'s prefill: queues a background build of a `kind` index per KV head over
     /// the non-static tokens stored now, trained on `training` (None: a key-only build).
@@ -253,8 +356,6 @@ impl Session {
     ) -> Result<()> {
         let s = self.shape;
         let (d, hq) = (s.head_dim as usize, s.q_heads as usize);
-        let cfg = self.store.decode.clone();
-        let li = self.index_of(layer)?;
         if let Some(t) = training {
             let n = t.positions.len();
             if t.vectors.len() != hq * n * d {
@@ -271,8 +372,94 @@ impl Session {
                 )));
             }
         }
+        let (group, sinks) = (s.group() as usize, self.store.decode.sinks);
+        self.seal_with(layer, kind, |_, _| {
+            Ok((0..s.kv_heads as usize)
+                .map(|g| {
+                    let (v, p) = group_training(training, g, group, hq, d, sinks);
+                    HeadTraining::Queries(v, p)
+                })
+                .collect())
+        })
+    }
+
+    /// [`Session::seal`] with the engine's own neighbour lists as the training signal (the
+    /// exact query-to-key top lists, which the engine's prefill attention already computed):
+    /// kvdex skips its own exact search, the expensive step of a graph build. Lists of a GQA
+    /// group train their KV head's index. Errors: a query head or list length out of range,
+    /// lengths that do not add up to the ids given, or an id beyond the layer's tokens.
+    pub fn seal_with_neighbours(
+        self: &Arc<Self>,
+        layer: u32,
+        kind: IndexKind,
+        lists: SealNeighbours<'_>,
+    ) -> Result<()> {
+        let s = self.shape;
+        if lists.heads.len() != lists.lens.len() {
+            return Err(KvdexError::BadRequest(format!(
+                "seal neighbour lists: {} query heads but {} lengths",
+                lists.heads.len(),
+                lists.lens.len()
+            )));
+        }
+        let total: u64 = lists.lens.iter().map(|&n| n as u64).sum();
+        if total != lists.ids.len() as u64 {
+            return Err(KvdexError::BadRequest(format!(
+                "seal neighbour list lengths add up to {total} ids, {} were sent",
+                lists.ids.len()
+            )));
+        }
+        if let Some((i, &h)) = lists
+            .heads
+            .iter()
+            .enumerate()
+            .find(|(_, &h)| h >= s.q_heads)
+        {
+            return Err(KvdexError::BadRequest(format!(
+                "seal neighbour list {i} names query head {h}; the session has {}",
+                s.q_heads
+            )));
+        }
+        let group = s.group() as usize;
+        self.seal_with(layer, kind, |start, (end, len)| {
+            let mut per_head: Vec<Vec<Vec<u32>>> = vec![Vec::new(); s.kv_heads as usize];
+            let mut at = 0usize;
+            for (i, (&h, &n)) in lists.heads.iter().zip(lists.lens).enumerate() {
+                let ids = &lists.ids[at..at + n as usize];
+                at += n as usize;
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= len) {
+                    return Err(KvdexError::BadRequest(format!(
+                        "seal neighbour list {i} names token {bad}; layer {layer} has {len} tokens"
+                    )));
+                }
+                let kept: Vec<u32> = ids
+                    .iter()
+                    .filter(|&&id| (start..end).contains(&(id as usize)))
+                    .map(|&id| id - start as u32)
+                    .collect();
+                if !kept.is_empty() {
+                    per_head[h as usize / group].push(kept);
+                }
+            }
+            Ok(per_head.into_iter().map(HeadTraining::Neighbours).collect())
+        })
+    }
+
+    /// The common part of a seal: checks the layer, marks it building, copies its non-static
+    /// keys out, and queues the job. `training(start, (end, len))` makes each KV head's
+    /// training from the retrievable range `start..end` of a layer of `len` tokens.
+    fn seal_with(
+        self: &Arc<Self>,
+        layer: u32,
+        kind: IndexKind,
+        training: impl FnOnce(usize, (usize, usize)) -> Result<Vec<HeadTraining>>,
+    ) -> Result<()> {
+        let s = self.shape;
+        let d = s.head_dim as usize;
+        let cfg = self.store.decode.clone();
+        let li = self.index_of(layer)?;
         let pool = self.store.pool.get(cfg.build_threads)?;
-        let copies = {
+        let (copies, training) = {
             let l = self.layer(layer)?.read().map_err(poisoned)?;
             let end = cfg.retrievable_end(l.len);
             if end <= cfg.sinks {
@@ -282,6 +469,7 @@ impl Session {
                     l.len, cfg.sinks, cfg.window
                 )));
             }
+            let training = training(cfg.sinks, (end, l.len))?;
             let mut started = false;
             li.update(|st, t| {
                 if st.state != "building" {
@@ -302,64 +490,20 @@ impl Session {
                      previous index or scan exactly until it is done)"
                 )));
             }
-            (0..s.kv_heads as usize)
+            let copies = (0..s.kv_heads as usize)
                 .map(|g| Ok(OwnedKeys::copy_of(&l.keys(g, s.dtype, d)?, cfg.sinks..end)))
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            (copies, training)
         };
-        let group = s.group() as usize;
-        let training: Vec<(Vec<f32>, Vec<u32>)> = (0..s.kv_heads as usize)
-            .map(|g| group_training(training, g, group, hq, d, cfg.sinks))
-            .collect();
-        let session = Arc::clone(self);
-        pool.spawn(move || session.run_build(layer, kind, copies, training));
+        let job = BuildJob {
+            session: Arc::downgrade(self),
+            cfg,
+            head_dim: d,
+            layer,
+            kind,
+        };
+        pool.spawn(move || job.run(copies, training));
         Ok(())
-    }
-
-    fn run_build(
-        self: Arc<Self>,
-        layer: u32,
-        kind: IndexKind,
-        copies: Vec<OwnedKeys>,
-        training: Vec<(Vec<f32>, Vec<u32>)>,
-    ) {
-        let Ok(li) = self.index_of(layer) else { return };
-        let d = self.shape.head_dim as usize;
-        let params = &self.store.decode.params;
-        for (g, (keys, (vectors, positions))) in copies.iter().zip(&training).enumerate() {
-            let signal = if positions.is_empty() {
-                TrainingSignal::None
-            } else {
-                TrainingSignal::Queries { vectors, positions }
-            };
-            let built = keys
-                .slice(d)
-                .and_then(|k| Ok(build_index(kind, &k, &signal, params)?));
-            match built {
-                Ok(index) => {
-                    if let Ok(mut h) = li.heads[g].write() {
-                        *h = HeadIndex::Ready(index);
-                    }
-                    li.update(|st, _| st.heads_done += 1);
-                }
-                Err(e) => {
-                    tracing::warn!(layer, kv_head = g, error = %e, "index build failed");
-                    li.update(|st, t| {
-                        st.state = "failed";
-                        st.error = Some(format!("kv head {g}: {e}"));
-                        st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                        *t = None;
-                    });
-                    return;
-                }
-            }
-        }
-        li.update(|st, t| {
-            st.state = "ready";
-            st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            *t = None;
-        });
-        drop(copies);
-        self.insert_pending(layer);
     }
 
     /// The build status of `layer`.
@@ -387,8 +531,13 @@ impl Session {
         }
         match self.store.pool.get(cfg.build_threads) {
             Ok(pool) => {
-                let session = Arc::clone(self);
-                pool.spawn(move || session.insert_pending(layer));
+                // Weak, like a build: a queued insert does not keep a dropped session alive.
+                let session = Arc::downgrade(self);
+                pool.spawn(move || {
+                    if let Some(session) = session.upgrade() {
+                        session.insert_pending(layer);
+                    }
+                });
             }
             Err(_) => li.inserting.store(false, Ordering::Release),
         }

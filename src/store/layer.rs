@@ -16,10 +16,10 @@ pub(super) fn arena_bytes(tokens: usize, row_bytes: usize) -> usize {
     (tokens * row_bytes).div_ceil(64) * 64
 }
 
-/// K and V storage of one KV head.
+/// K and V storage of one KV head (no V in Slim mode: it is recomputed from K).
 struct HeadKv {
     k: Arena,
-    v: Arena,
+    v: Option<Arena>,
 }
 
 /// One layer of a session.
@@ -33,17 +33,25 @@ pub(super) struct LayerKv {
     /// Per query head: the index searches go through. Flat (exact) today; the attention-aware
     /// graph of the index crate replaces an entry once built, over the same KV-head storage.
     pub(super) indices: Vec<Box<dyn MipsIndexMut>>,
+    /// Arenas per KV head: 2 (K and V), or 1 in Slim mode (K only).
+    planes: usize,
 }
 
 impl LayerKv {
-    /// An empty layer whose query heads search through `indices`.
-    pub(super) fn new(indices: Vec<Box<dyn MipsIndexMut>>) -> Self {
+    /// An empty layer whose query heads search through `indices`; `slim` stores K alone.
+    pub(super) fn new(indices: Vec<Box<dyn MipsIndexMut>>, slim: bool) -> Self {
         Self {
             heads: Vec::new(),
             len: 0,
             cap: 0,
             indices,
+            planes: if slim { 1 } else { 2 },
         }
+    }
+
+    /// Arenas per KV head: 2 (K and V), or 1 in Slim mode.
+    pub(super) fn planes(&self) -> usize {
+        self.planes
     }
 
     /// Bytes held by this layer's arenas (what the budget is charged).
@@ -51,7 +59,7 @@ impl LayerKv {
         if self.cap == 0 {
             0
         } else {
-            2 * kv_heads * arena_bytes(self.cap, row_bytes)
+            self.planes * kv_heads * arena_bytes(self.cap, row_bytes)
         }
     }
 
@@ -69,12 +77,20 @@ impl LayerKv {
         for _ in 0..kv_heads {
             fresh.push(HeadKv {
                 k: link.alloc_arena(bytes)?,
-                v: link.alloc_arena(bytes)?,
+                v: if self.planes == 2 {
+                    Some(link.alloc_arena(bytes)?)
+                } else {
+                    None
+                },
             });
         }
         let used = self.len * row_bytes;
         for (new, old) in fresh.iter_mut().zip(&self.heads) {
-            for (dst, src) in [(&new.k, &old.k), (&new.v, &old.v)] {
+            let pairs = [
+                (Some(&new.k), Some(&old.k)),
+                (new.v.as_ref(), old.v.as_ref()),
+            ];
+            for (dst, src) in pairs.into_iter().filter_map(|(d, s)| Some((d?, s?))) {
                 // SAFETY: both arenas hold at least `used` bytes (old: len <= cap rows; new:
                 // new_cap >= len rows); they are distinct allocations; `&mut self` means no reader
                 // holds the layer while it is copied.
@@ -88,14 +104,15 @@ impl LayerKv {
 
     /// Writes `tokens` rows per KV head after the current ones and publishes them.
     /// `k`, `v` are `[kv_heads][tokens][row_bytes]`; the caller checked their lengths and that
-    /// `len + tokens <= cap`.
+    /// `len + tokens <= cap`. In Slim mode `v` is not read.
     pub(super) fn write_rows(&mut self, tokens: usize, row_bytes: usize, k: &[u8], v: &[u8]) {
         let per_head = tokens * row_bytes;
         let offset = self.len * row_bytes;
         debug_assert!(self.len + tokens <= self.cap);
         for (h, head) in self.heads.iter().enumerate() {
             let src = h * per_head..(h + 1) * per_head;
-            for (dst, src) in [(&head.k, &k[src.clone()]), (&head.v, &v[src])] {
+            let v_part = head.v.as_ref().map(|a| (a, &v[src.clone()]));
+            for (dst, src) in std::iter::once((&head.k, &k[src])).chain(v_part) {
                 assert!(
                     offset + per_head <= dst.len(),
                     "append past the arena's capacity"
@@ -119,9 +136,19 @@ impl LayerKv {
         stored(self.heads.get(kv_head).map(|h| &h.k), self.len * row_bytes)
     }
 
-    /// The stored V bytes of `kv_head` (`len * row_bytes`).
+    /// The stored V bytes of `kv_head` (`len * row_bytes`; empty in Slim mode).
     pub(super) fn v_bytes(&self, kv_head: usize, row_bytes: usize) -> &[u8] {
-        stored(self.heads.get(kv_head).map(|h| &h.v), self.len * row_bytes)
+        match self.heads.get(kv_head).and_then(|h| h.v.as_ref()) {
+            Some(v) => stored(Some(v), self.len * row_bytes),
+            // Empty, but aligned like the arenas, so that it still casts to rows.
+            None => &self.k_bytes(kv_head, row_bytes)[..0],
+        }
+    }
+
+    /// The K arena and (unless Slim) the V arena of `kv_head`: the sources of a
+    /// [`DeviceLink::gather`].
+    pub(super) fn arenas(&self, kv_head: usize) -> Option<(&Arena, Option<&Arena>)> {
+        self.heads.get(kv_head).map(|h| (&h.k, h.v.as_ref()))
     }
 
     /// K rows of `kv_head` as a key store for the indices.
@@ -188,7 +215,7 @@ mod tests {
     #[test]
     fn grow_keeps_rows_and_alignment_and_frees_old_arenas() {
         let link = HostLink::new();
-        let mut l = LayerKv::new(Vec::new());
+        let mut l = LayerKv::new(Vec::new(), false);
         l.grow(&link, 2, 8, 2).unwrap();
         let k: Vec<u8> = (0..32).collect();
         let v: Vec<u8> = (100..132).collect();
@@ -208,5 +235,19 @@ mod tests {
         assert_eq!(l.held_bytes(2, 8), 4 * 64);
         drop(l);
         assert_eq!(link.stats().bytes, 0);
+    }
+
+    #[test]
+    fn slim_layers_hold_k_only() {
+        let link = HostLink::new();
+        let mut l = LayerKv::new(Vec::new(), true);
+        l.grow(&link, 2, 16, 2).unwrap();
+        assert_eq!(link.stats().arenas, 2, "one arena per KV head");
+        let k: Vec<u8> = (0..64).collect();
+        l.write_rows(2, 16, &k, &[]);
+        l.grow(&link, 2, 16, 4).unwrap();
+        assert_eq!(l.k_bytes(1, 16), &k[32..]);
+        assert!(l.v_bytes(1, 16).is_empty());
+        assert_eq!(l.held_bytes(2, 16), 2 * 64);
     }
 }

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod indexing;
 mod layer;
 pub mod retrieve;
+pub mod slim;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -26,8 +27,9 @@ use kvdex_transfer::DeviceLink;
 
 pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
-pub use indexing::{BuildStatus, DecodeConfig, SealTraining};
+pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
 use layer::{arena_bytes, LayerKv};
+pub use slim::{SlimSpec, SlimStats};
 
 use crate::error::{KvdexError, Result};
 
@@ -181,13 +183,22 @@ impl Store {
 
     /// A new empty session of `shape`.
     pub fn session(&self, shape: Shape) -> Result<Session> {
+        self.session_with(shape, None)
+    }
+
+    /// A new empty session of `shape`, in Slim mode (K only, V recomputed from `W_KV`) when
+    /// `slim` is given. Errors: a bad shape, or Slim mode asked for a GQA shape.
+    pub fn session_with(&self, shape: Shape, slim: Option<SlimSpec>) -> Result<Session> {
         shape.validate()?;
+        if let Some(spec) = &slim {
+            spec.validate(&shape)?;
+        }
         let layers = (0..shape.layers)
             .map(|_| {
                 let indices = (0..shape.q_heads)
                     .map(|_| Box::new(FlatIndex::new(0)) as Box<dyn MipsIndexMut>)
                     .collect();
-                RwLock::new(LayerKv::new(indices))
+                RwLock::new(LayerKv::new(indices, slim.is_some()))
             })
             .collect();
         Ok(Session {
@@ -198,6 +209,7 @@ impl Store {
                 .collect(),
             store: self.clone(),
             held: AtomicU64::new(0),
+            slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
         })
     }
 
@@ -239,6 +251,8 @@ pub struct Session {
     store: Store,
     /// Bytes reserved from the budget for this session's arenas; released on drop.
     held: AtomicU64,
+    /// Slim mode: per-layer `W_KV` (None: K and V stored).
+    slim: Option<slim::SlimState>,
 }
 
 impl Session {
@@ -264,6 +278,12 @@ impl Session {
         })
     }
 
+    /// The link this session's arenas come from: a retrieve's gather copies through it, so a
+    /// destination must be registered with this link.
+    pub fn link(&self) -> &Arc<dyn DeviceLink> {
+        &self.store.link
+    }
+
     /// The store's decode-path settings (static tokens, budgets).
     pub fn decode_config(&self) -> &DecodeConfig {
         &self.store.decode
@@ -275,7 +295,8 @@ impl Session {
     }
 
     /// Appends `tokens` tokens to `layer`. `k` and `v` are `[kv_heads][tokens][head_dim]` in the
-    /// session dtype. Returns the layer's new token count.
+    /// session dtype. Returns the layer's new token count. A Slim session stores K alone: `v`
+    /// may be empty (or full-size, and is then ignored), and the layer's `W_KV` must be set.
     ///
     /// Fails with [`KvdexError::Budget`] when the growth the append needs does not fit in the
     /// global budget; the session keeps what it had.
@@ -284,7 +305,10 @@ impl Session {
         let rb = s.row_bytes();
         let kvh = s.kv_heads as usize;
         let want = tokens.saturating_mul(rb * kvh);
-        if k.len() != want || v.len() != want {
+        // A Slim layer without W_KV is refused here, before anything is stored.
+        let slim = self.wkv(layer)?.is_some();
+        let v_ok = v.len() == want || (slim && v.is_empty());
+        if k.len() != want || !v_ok {
             return Err(KvdexError::BadRequest(format!(
                 "append of {tokens} tokens needs {want} bytes each of K and V, got {} and {}",
                 k.len(),
@@ -312,7 +336,8 @@ impl Session {
     fn grow(&self, l: &mut LayerKv, need: usize) -> Result<()> {
         let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
         let held = l.held_bytes(kvh, rb) as u64;
-        let bytes_at = |cap: usize| (2 * kvh * arena_bytes(cap, rb)) as u64;
+        let planes = l.planes();
+        let bytes_at = |cap: usize| (planes * kvh * arena_bytes(cap, rb)) as u64;
         let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
         let budget = &self.store.budget;
         let cap = if budget.try_reserve(bytes_at(roomy) - held).is_ok() {
@@ -414,17 +439,42 @@ impl Session {
         for (i, &id) in ids.iter().enumerate() {
             let r = id as usize * rb..(id as usize + 1) * rb;
             ko[i * rb..(i + 1) * rb].copy_from_slice(&kb[r.clone()]);
-            vo[i * rb..(i + 1) * rb].copy_from_slice(&vb[r]);
+            if !vb.is_empty() {
+                vo[i * rb..(i + 1) * rb].copy_from_slice(&vb[r]);
+            }
+        }
+        if let Some(w) = self.wkv(layer)? {
+            // Slim: V = K·W_KV for the selected rows.
+            let d = s.head_dim as usize;
+            let mut values = vec![0f32; ids.len() * d];
+            let keys = slim::LayerKeys {
+                layer: &l,
+                dtype: s.dtype,
+                head_dim: d,
+                kv_heads: s.kv_heads as usize,
+            };
+            kvdex_index::attend::reconstruct_values_from(
+                &keys,
+                &w,
+                self.slim.as_ref().and_then(|sl| sl.rope.as_ref()),
+                ids,
+                kv_head as usize,
+                &mut Default::default(),
+                &mut values,
+            )?;
+            slim::encode_rows(&values, s.dtype, vo);
         }
         Ok(need)
     }
 
-    /// Bytes of K and V stored (tokens appended, not capacity).
+    /// Bytes of K and V stored (tokens appended, not capacity); K alone in Slim mode.
     pub fn resident_bytes(&self) -> u64 {
         self.layers
             .iter()
             .filter_map(|l| l.read().ok())
-            .map(|l| (2 * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64)
+            .map(|l| {
+                (l.planes() * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64
+            })
             .sum()
     }
 

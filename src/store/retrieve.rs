@@ -17,15 +17,18 @@
 use std::time::Instant;
 
 use kvdex_index::attend::{
-    attend_head, choose_k, default_scale, estimate_tail_lse, systematic_sample, AttendScratch,
-    BudgetParams,
+    attend_head, attend_head_dense_values, choose_k, default_scale, estimate_tail_lse,
+    reconstruct_values_from, systematic_sample, AttendScratch, BudgetParams, RopeSpec, SlimScratch,
+    WKv,
 };
 use kvdex_index::keys::KeyRows;
 use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch, TopK};
+use kvdex_transfer::{DestId, DeviceLink, Run, Ticket, RUN_ALIGN};
 use rayon::prelude::*;
 
 use super::indexing::{view, HeadIndex};
 use super::layer::LayerKv;
+use super::slim::{encode_rows, LayerKeys};
 use super::{poisoned, Session};
 use crate::error::{KvdexError, Result};
 
@@ -68,6 +71,19 @@ pub struct RetrieveOut<'a> {
     pub lse: &'a mut [f32],
     /// `[q_heads][2][stride][row_bytes]`: K rows then V rows of the chosen ids (when asked).
     pub rows: &'a mut [u8],
+    /// `rows` as a destination registered with the session's link ([`Session::link`]), so
+    /// that the gather goes through [`DeviceLink::gather`] (the CUDA backend's path too);
+    /// `None` copies with the CPU.
+    pub rows_dest: Option<RowsDest>,
+}
+
+/// Where `rows` lies in a registered destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowsDest {
+    /// The destination (registered with the session's link).
+    pub id: DestId,
+    /// Byte offset of `rows[0]` in it.
+    pub offset: u64,
 }
 
 /// Server-side timings and counters of one retrieve.
@@ -96,6 +112,9 @@ struct HeadScratch {
     sample: Vec<u32>,
     logits: Vec<f32>,
     out: Vec<f32>,
+    /// Slim mode: the chosen rows' recomputed values, `[k][head_dim]` f32.
+    values: Vec<f32>,
+    slim: SlimScratch,
     lse: f32,
     k: usize,
     coverage: f32,
@@ -109,6 +128,8 @@ pub struct RetrieveScratch {
     heads: Vec<HeadScratch>,
     group: Vec<Hits>,
     flat: SearchScratch,
+    runs: Vec<Run>,
+    tickets: Vec<Ticket>,
 }
 
 impl RetrieveScratch {
@@ -192,6 +213,8 @@ impl Session {
         check_out(&out, hq, d, stride, rb, params)?;
         let cfg = &self.store.decode;
         let li = self.index_of(layer)?;
+        let wkv = self.wkv(layer)?;
+        let rope = self.slim.as_ref().and_then(|sl| sl.rope);
         let l = self.layer(layer)?.read().map_err(poisoned)?;
         let (start, end) = (cfg.sinks, cfg.retrievable_end(l.len));
         if end - start < stride {
@@ -269,6 +292,17 @@ impl Session {
         }
         let t1 = Instant::now();
         // 2-3. Budget and attention per head.
+        let layer_keys = LayerKeys {
+            layer: &l,
+            dtype: s.dtype,
+            head_dim: d,
+            kv_heads: s.kv_heads as usize,
+        };
+        let slim = wkv.as_deref().map(|w| Slim {
+            wkv: w,
+            rope: rope.as_ref(),
+            keys: &layer_keys,
+        });
         let work = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
             let g = h / group;
             let keys = l.keys(g, s.dtype, d)?;
@@ -277,6 +311,7 @@ impl Session {
             budget_and_attend(
                 &keys,
                 &values,
+                slim.as_ref().map(|sl| (sl, g)),
                 qh,
                 scale,
                 params,
@@ -310,18 +345,20 @@ impl Session {
                 out.out[h * d..(h + 1) * d].copy_from_slice(&hs.out[..d]);
                 out.lse[h] = hs.lse;
             }
-            if params.gather {
-                let g = h / group;
-                let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
-                let base = h * 2 * stride * rb;
-                for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
-                    let src = id as usize * rb..(id as usize + 1) * rb;
-                    let ko = base + i * rb;
-                    let vo = base + (stride + i) * rb;
-                    out.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
-                    out.rows[vo..vo + rb].copy_from_slice(&vb[src]);
-                }
-            }
+        }
+        if params.gather {
+            let rows = RowsOut {
+                rows: out.rows,
+                dest: out.rows_dest,
+                stride,
+                rb,
+                d,
+                dtype: s.dtype,
+                slim: slim.is_some(),
+            };
+            let link = self.store.link.as_ref();
+            let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
+            copy_rows(&l, link, heads, group, rows, runs, tickets)?;
         }
         let t3 = Instant::now();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
@@ -332,6 +369,109 @@ impl Session {
             attend_us: us(t1, t2),
             copy_us: us(t2, t3),
         })
+    }
+}
+
+/// Where step 4 writes the chosen rows.
+struct RowsOut<'a> {
+    rows: &'a mut [u8],
+    dest: Option<RowsDest>,
+    stride: usize,
+    rb: usize,
+    d: usize,
+    dtype: KeyDtype,
+    slim: bool,
+}
+
+/// Step 4's row copy: head `h`'s K rows go to `rows[h][0][..k]`, its V rows to
+/// `rows[h][1][..k]`. Through [`DeviceLink::gather`] (one batch of runs per KV head and plane,
+/// all submitted before any is waited on) when the rows have a registered destination and
+/// every run meets [`RUN_ALIGN`]; with the CPU otherwise. Slim V rows (recomputed, in
+/// `hs.values`) are always written by the CPU.
+fn copy_rows(
+    l: &LayerKv,
+    link: &dyn DeviceLink,
+    heads: &[HeadScratch],
+    group: usize,
+    o: RowsOut<'_>,
+    runs: &mut Vec<Run>,
+    tickets: &mut Vec<Ticket>,
+) -> Result<()> {
+    let (stride, rb) = (o.stride, o.rb);
+    let align = RUN_ALIGN as usize;
+    let dest = o
+        .dest
+        .filter(|dst| rb % align == 0 && dst.offset % RUN_ALIGN == 0);
+    if o.slim {
+        for (h, hs) in heads.iter().enumerate() {
+            let base = h * 2 * stride * rb;
+            for i in 0..hs.k {
+                let vo = base + (stride + i) * rb;
+                let v = &hs.values[i * o.d..(i + 1) * o.d];
+                encode_rows(v, o.dtype, &mut o.rows[vo..vo + rb]);
+            }
+        }
+    }
+    let Some(dest) = dest else {
+        for (h, hs) in heads.iter().enumerate() {
+            let g = h / group;
+            let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
+            let base = h * 2 * stride * rb;
+            for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
+                let src = id as usize * rb..(id as usize + 1) * rb;
+                let ko = base + i * rb;
+                o.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
+                if !o.slim {
+                    let vo = base + (stride + i) * rb;
+                    o.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                }
+            }
+        }
+        return Ok(());
+    };
+    tickets.clear();
+    let kv_heads = heads.len() / group.max(1);
+    let mut failed = None;
+    for g in 0..kv_heads {
+        let Some((k_arena, v_arena)) = l.arenas(g) else {
+            continue;
+        };
+        let planes = [(k_arena, 0usize)]
+            .into_iter()
+            .chain(v_arena.filter(|_| !o.slim).map(|v| (v, stride)));
+        for (arena, plane_off) in planes {
+            runs.clear();
+            let first = g * group;
+            for (h, hs) in heads.iter().enumerate().skip(first).take(group) {
+                let base = (h * 2 * stride + plane_off) * rb;
+                runs.extend(hs.hits.ids[..hs.k].iter().enumerate().map(|(i, &id)| Run {
+                    src_offset: (id as usize * rb) as u64,
+                    dst_offset: dest.offset + (base + i * rb) as u64,
+                    len: rb as u64,
+                }));
+            }
+            if runs.is_empty() {
+                continue;
+            }
+            match link.gather(arena, runs, dest.id) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    // Every submitted gather is waited on, even after a failure: the response bytes must not
+    // be handed back while a copy still writes them.
+    for t in tickets.drain(..) {
+        if let Err(e) = link.wait(t) {
+            failed.get_or_insert(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(KvdexError::Protocol(format!("retrieve gather: {e}"))),
+        None => Ok(()),
     }
 }
 
@@ -424,11 +564,21 @@ fn search_indexed(
     Ok(())
 }
 
-/// Steps 2 and 3 for one head: choose k, then attend over the first k candidates.
+/// Slim mode's inputs to a retrieve: values are recomputed as `K·W_KV` for the chosen rows.
+struct Slim<'a> {
+    wkv: &'a WKv,
+    rope: Option<&'a RopeSpec>,
+    keys: &'a LayerKeys<'a>,
+}
+
+/// Steps 2 and 3 for one head: choose k, then attend over the first k candidates. With
+/// `slim = Some((slim, kv_head))` the chosen rows' values are recomputed first (into
+/// `hs.values`, which a gather then copies out).
 #[allow(clippy::too_many_arguments)]
 fn budget_and_attend(
     keys: &KeySlice<'_>,
     values: &KeySlice<'_>,
+    slim: Option<(&Slim<'_>, usize)>,
     q: &[f32],
     scale: f32,
     params: &RetrieveParams,
@@ -475,17 +625,35 @@ fn budget_and_attend(
             hs.coverage = c.estimated_coverage;
         }
     }
+    if let Some((sl, g)) = slim.filter(|_| params.attend || params.gather) {
+        let d = q.len();
+        hs.values.resize(hs.k * d, 0.0);
+        reconstruct_values_from(
+            sl.keys,
+            sl.wkv,
+            sl.rope,
+            &hs.hits.ids[..hs.k],
+            g,
+            &mut hs.slim,
+            &mut hs.values,
+        )?;
+    }
     if params.attend {
         hs.out.resize(q.len(), 0.0);
-        hs.lse = attend_head(
-            keys,
-            values,
-            q,
-            &hs.hits.ids[..hs.k],
-            scale,
-            &mut hs.attend,
-            &mut hs.out,
-        )?;
+        let ids = &hs.hits.ids[..hs.k];
+        hs.lse = if slim.is_some() {
+            attend_head_dense_values(
+                keys,
+                KeyRows::F32(&hs.values),
+                q,
+                ids,
+                scale,
+                &mut hs.attend,
+                &mut hs.out,
+            )?
+        } else {
+            attend_head(keys, values, q, ids, scale, &mut hs.attend, &mut hs.out)?
+        };
     }
     Ok(())
 }

@@ -180,3 +180,58 @@ fn bad_appends_and_gathers_are_refused() {
         .to_string()
         .contains("kv_head 9"));
 }
+
+#[test]
+fn dropping_a_session_mid_build_frees_its_memory_at_once() {
+    let link = Arc::new(HostLink::new());
+    let store =
+        Store::new(link.clone(), Arc::new(Budget::new(1 << 30)), 64).with_decode(DecodeConfig {
+            sinks: 4,
+            window: 8,
+            build_threads: 1,
+            ..Default::default()
+        });
+    // Hold the only build thread, so that the build is queued behind it: the session is
+    // deterministically mid-build when it is dropped.
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let (started, running) = std::sync::mpsc::channel::<()>();
+    let pool = store.pool.get(1).unwrap();
+    pool.spawn(move || {
+        let _ = started.send(());
+        let _ = blocked.recv();
+    });
+    running.recv().unwrap();
+    let s = Arc::new(f32_session(&store, 1));
+    let n = 300;
+    let k = rows(2 * n * 8, 3);
+    s.append(0, n, bytemuck::cast_slice(&k), bytemuck::cast_slice(&k))
+        .unwrap();
+    let positions: Vec<u32> = (0..n as u32).step_by(10).collect();
+    let q = rows(4 * positions.len() * 8, 9);
+    s.seal(
+        0,
+        kvdex_index::IndexKind::Graph,
+        Some(SealTraining {
+            vectors: &q,
+            positions: &positions,
+        }),
+    )
+    .unwrap();
+    assert_eq!(s.build_status(0).unwrap().state, "building");
+    assert!(store.budget().used() > 0 && link.stats().bytes > 0);
+    // What /stats reports (budget_used_bytes, link_bytes) drops to zero with the session,
+    // while its build job is still queued.
+    drop(s);
+    assert_eq!(store.budget().used(), 0);
+    assert_eq!(link.stats().bytes, 0);
+    assert_eq!(link.stats().arenas, 0);
+    // The job then runs, finds the session gone and returns; the pool serves the next job.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    pool.spawn(move || {
+        let _ = done.send(());
+    });
+    release.send(()).unwrap();
+    finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap();
+}

@@ -3,18 +3,42 @@
 use std::sync::Arc;
 
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, ATTEND, GATHER,
+    ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader, SetWkvHeader, ATTEND,
+    GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
-use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch};
-use crate::store::{SealTraining, Session};
+use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest};
+use crate::store::{SealNeighbours, SealTraining, Session};
+use kvdex_transfer::{DestId, DeviceLink};
 
 /// Per-connection buffers of the decode ops, reused across requests.
 #[derive(Default)]
 pub struct DecodeOps {
     query: Vec<f32>,
     scratch: RetrieveScratch,
+    dest: Option<ArenaDest>,
+}
+
+/// The connection's payload arena, registered with the session's link as a host gather
+/// destination: a retrieve's gathered rows are copied there by [`DeviceLink::gather`].
+struct ArenaDest {
+    link: Arc<dyn DeviceLink>,
+    id: DestId,
+    /// Address and length of the registered bytes (an address, not a pointer: never
+    /// dereferenced here, only compared).
+    base: usize,
+    len: usize,
+}
+
+impl Drop for ArenaDest {
+    fn drop(&mut self) {
+        // Waits out any gather still writing the arena (none: every retrieve waits for its
+        // own), then forgets it.
+        if let Err(e) = self.link.unregister(self.id) {
+            tracing::debug!(error = %e, "unregistering the payload arena");
+        }
+    }
 }
 
 fn cast_mut<'a, T: bytemuck::Pod>(what: &str, b: &'a mut [u8]) -> Result<&'a mut [T]> {
@@ -23,6 +47,39 @@ fn cast_mut<'a, T: bytemuck::Pod>(what: &str, b: &'a mut [u8]) -> Result<&'a mut
 }
 
 impl DecodeOps {
+    /// Registers `arena` (the region's whole payload arena) with `session`'s link as the
+    /// destination of retrieve gathers, once; again only if the arena moved. A link that
+    /// refuses leaves gathers on the CPU copy.
+    pub fn bind_arena(&mut self, session: &Session, arena: &mut [u8]) {
+        let (base, len) = (arena.as_mut_ptr() as usize, arena.len());
+        if self
+            .dest
+            .as_ref()
+            .is_some_and(|d| d.base == base && d.len == len)
+        {
+            return;
+        }
+        self.dest = None;
+        let link = session.link().clone();
+        // SAFETY: the arena is the region's payload mapping, which stays mapped until the
+        // worker thread that owns this DecodeOps (through its Dispatcher) has exited: the
+        // registration is dropped, and unregistered, before the mapping goes. It is shared
+        // memory, never one of the link's arenas, so no gather source overlaps it. Gathers into
+        // it run only inside `retrieve`, which waits for each before returning, and the worker
+        // neither reads nor writes the response rows meanwhile.
+        match unsafe { link.register_host(arena.as_mut_ptr(), len) } {
+            Ok(id) => {
+                self.dest = Some(ArenaDest {
+                    link,
+                    id,
+                    base,
+                    len,
+                })
+            }
+            Err(e) => tracing::debug!(error = %e, "payload arena not registered: CPU gathers"),
+        }
+    }
+
     /// Executes a `seal` or `retrieve` body; returns the response bytes written into `out`.
     pub fn serve(
         &mut self,
@@ -34,6 +91,7 @@ impl DecodeOps {
         match op {
             Opcode::Seal => Self::seal(session, body, out),
             Opcode::Retrieve => self.retrieve(session, body, out),
+            Opcode::SetWkv => self.set_wkv(session, body, out),
             other => Err(KvdexError::BadRequest(format!(
                 "{} is not a decode-path op",
                 other.name()
@@ -42,22 +100,55 @@ impl DecodeOps {
     }
 
     fn seal(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
-        let (h, positions, queries) = SealHeader::decode(body)?;
+        let (h, parts) = SealHeader::decode(body)?;
         let dst = out.get_mut(..8).ok_or_else(|| {
             KvdexError::BadRequest("seal response needs 8 bytes of response space".into())
         })?;
         // Copied out of shared memory: the build runs long after this request completes.
-        let mut pos = vec![0u32; positions.len() / 4];
-        proto::read_u32s(positions, &mut pos);
-        let mut vectors = vec![0f32; queries.len() / 4];
-        proto::read_f32s(queries, &mut vectors);
-        let training = (h.n > 0).then_some(SealTraining {
-            vectors: &vectors,
-            positions: &pos,
-        });
-        session.seal(h.layer, h.kind, training)?;
+        let words = |b: &[u8]| {
+            let mut w = vec![0u32; b.len() / 4];
+            proto::read_u32s(b, &mut w);
+            w
+        };
+        match parts {
+            SealBody::Queries { positions, queries } => {
+                let pos = words(positions);
+                let mut vectors = vec![0f32; queries.len() / 4];
+                proto::read_f32s(queries, &mut vectors);
+                let training = (h.n > 0).then_some(SealTraining {
+                    vectors: &vectors,
+                    positions: &pos,
+                });
+                session.seal(h.layer, h.kind, training)?;
+            }
+            SealBody::Neighbours { heads, lens, ids } => {
+                let (heads, lens, ids) = (words(heads), words(lens), words(ids));
+                let lists = SealNeighbours {
+                    heads: &heads,
+                    lens: &lens,
+                    ids: &ids,
+                };
+                session.seal_with_neighbours(h.layer, h.kind, lists)?;
+            }
+        }
         let st = session.build_status(h.layer)?;
         dst.copy_from_slice(&(st.sealed_tokens as u64).to_le_bytes());
+        Ok(8)
+    }
+
+    fn set_wkv(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let s = session.shape();
+        let dim = s.kv_heads as usize * s.head_dim as usize;
+        let (h, data) = SetWkvHeader::decode(body, dim)?;
+        let dst = out.get_mut(..8).ok_or_else(|| {
+            KvdexError::BadRequest("set_wkv response needs 8 bytes of response space".into())
+        })?;
+        // Copied out of shared memory before the store checks and keeps it.
+        self.query.clear();
+        self.query.resize(data.len() / 4, 0.0);
+        proto::read_f32s(data, &mut self.query);
+        let got = session.set_wkv(h.layer, h.row_start as usize, &self.query)?;
+        dst.copy_from_slice(&(got as u64).to_le_bytes());
         Ok(8)
     }
 
@@ -95,7 +186,9 @@ impl DecodeOps {
         let (ids, rest) = rest.split_at_mut(layout.ids.len());
         let (scores, rest) = rest.split_at_mut(layout.scores.len());
         let (o, rest) = rest.split_at_mut(layout.out.len());
-        let (lse, rows) = rest.split_at_mut(layout.lse.len());
+        let (lse, rest) = rest.split_at_mut(layout.lse.len());
+        // The rows section starts on a cache line: skip the padding before it.
+        let rows = &mut rest[layout.rows.start - layout.lse.end..];
         let stats = session.retrieve(
             h.layer,
             &self.query,
@@ -108,6 +201,13 @@ impl DecodeOps {
                 scores: cast_mut("scores", scores)?,
                 out: cast_mut("out", o)?,
                 lse: cast_mut("lse", lse)?,
+                rows_dest: self.dest.as_ref().and_then(|dst| {
+                    let at = (rows.as_ptr() as usize).checked_sub(dst.base)?;
+                    (at + rows.len() <= dst.len).then_some(RowsDest {
+                        id: dst.id,
+                        offset: at as u64,
+                    })
+                }),
                 rows,
             },
         )?;

@@ -151,8 +151,11 @@ impl Dispatcher {
             .ok_or_else(|| KvdexError::BadRequest(format!("unknown opcode {}", d.code)))?;
         let input = check_range("in", d.in_offset, d.in_len, arena.len())?;
         let output = check_range("out", d.out_offset, d.out_len, arena.len())?;
+        if op == Opcode::Retrieve {
+            self.decode.bind_arena(&self.session, arena);
+        }
         let (body, out) = split(arena, input, output)?;
-        if matches!(op, Opcode::Seal | Opcode::Retrieve) {
+        if matches!(op, Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv) {
             return self
                 .decode
                 .serve(&self.session, op, body, out)

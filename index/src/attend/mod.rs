@@ -23,7 +23,7 @@ pub use budget::{choose_k, estimate_tail_lse, systematic_sample, BudgetChoice, B
 pub use partial::{
     attend_head, attend_head_dense_values, attend_layer, AttendScratch, LayerShape, Selection,
 };
-pub use slim::{reconstruct_values, RopeSpec, SlimScratch, WKv};
+pub use slim::{reconstruct_values, reconstruct_values_from, HeadKeys, RopeSpec, SlimScratch, WKv};
 
 use crate::keys::{KeyRows, KeySlice};
 use crate::KeyStore;

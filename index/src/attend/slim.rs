@@ -53,6 +53,11 @@ impl WKv {
         })
     }
 
+    /// `(kv_heads, head_dim)` this matrix was made for.
+    pub fn heads_and_dim(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
+    }
+
     /// Bytes held (what Slim mode spends per layer to save the V cache).
     pub fn memory_bytes(&self) -> usize {
         self.w.len() * 4
@@ -94,6 +99,39 @@ fn undo_rope(row: &mut [f32], pos: u32, inv_freq: &[f64]) {
     }
 }
 
+/// The keys of every KV head of one layer, as Slim mode reads them: a token's value row
+/// depends on its key rows across all heads. A session implements this over its own storage
+/// (no per-request list of stores to build); a slice of key stores implements it too.
+pub trait HeadKeys: Sync {
+    /// KV heads.
+    fn heads(&self) -> usize;
+    /// Elements per head row.
+    fn dim(&self) -> usize;
+    /// Tokens stored (least over the heads).
+    fn rows(&self) -> usize;
+    /// Writes key row `id` of KV head `head` as f32 into `out` (`dim()` values). Callers keep
+    /// `head < heads()` and `id < rows()`.
+    fn row_f32(&self, head: usize, id: u32, out: &mut [f32]);
+}
+
+/// One key store per KV head, as [`HeadKeys`].
+struct Stores<'a, 'b>(&'a [&'b dyn KeyStore]);
+
+impl HeadKeys for Stores<'_, '_> {
+    fn heads(&self) -> usize {
+        self.0.len()
+    }
+    fn dim(&self) -> usize {
+        self.0.first().map_or(0, |k| k.dim())
+    }
+    fn rows(&self) -> usize {
+        self.0.iter().map(|k| k.len()).min().unwrap_or(0)
+    }
+    fn row_f32(&self, head: usize, id: u32, out: &mut [f32]) {
+        self.0[head].row_f32(id, out);
+    }
+}
+
 /// Recomputes V of KV head `head` for the tokens `ids`: `out` receives `ids.len()` rows of
 /// `head_dim` f32 (selection order), ready for
 /// [`attend_head_dense_values`](super::partial::attend_head_dense_values).
@@ -108,18 +146,37 @@ pub fn reconstruct_values(
     scratch: &mut SlimScratch,
     out: &mut [f32],
 ) -> Result<(), IndexError> {
+    if let Some(bad) = keys.iter().find(|k| k.dim() != w_kv.head_dim) {
+        return Err(IndexError::DimMismatch {
+            expected: w_kv.head_dim,
+            got: bad.dim(),
+        });
+    }
+    reconstruct_values_from(&Stores(keys), w_kv, rope, ids, head, scratch, out)
+}
+
+/// [`reconstruct_values`] over any [`HeadKeys`].
+pub fn reconstruct_values_from(
+    keys: &dyn HeadKeys,
+    w_kv: &WKv,
+    rope: Option<&RopeSpec>,
+    ids: &[u32],
+    head: usize,
+    scratch: &mut SlimScratch,
+    out: &mut [f32],
+) -> Result<(), IndexError> {
     let (hk, hd) = (w_kv.kv_heads, w_kv.head_dim);
     let d = hk * hd;
-    if keys.len() != hk || head >= hk {
+    if keys.heads() != hk || head >= hk {
         return Err(IndexError::BadShape(format!(
             "{} key stores and head {head} for a W_KV of {hk} KV heads",
-            keys.len()
+            keys.heads()
         )));
     }
-    if let Some(bad) = keys.iter().find(|k| k.dim() != hd) {
+    if keys.dim() != hd {
         return Err(IndexError::DimMismatch {
             expected: hd,
-            got: bad.dim(),
+            got: keys.dim(),
         });
     }
     if out.len() != ids.len() * hd {
@@ -130,7 +187,7 @@ pub fn reconstruct_values(
             ids.len() * hd
         )));
     }
-    let rows = keys.iter().map(|k| k.len()).min().unwrap_or(0);
+    let rows = keys.rows();
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= rows) {
         return Err(IndexError::InvalidArgument(format!(
             "token id {bad} is outside the {rows} stored keys"
@@ -153,9 +210,9 @@ pub fn reconstruct_values(
     let level = Level::detect();
     let cols = head * hd..(head + 1) * hd;
     for (&id, v) in ids.iter().zip(out.chunks_exact_mut(hd)) {
-        for (g, k) in keys.iter().enumerate() {
+        for g in 0..hk {
             let part = &mut scratch.k_full[g * hd..(g + 1) * hd];
-            k.row_f32(id, part);
+            keys.row_f32(g, id, part);
             if !scratch.inv_freq.is_empty() {
                 undo_rope(part, id, &scratch.inv_freq);
             }
