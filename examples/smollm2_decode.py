@@ -17,7 +17,7 @@ decode path's hidden states, hence its K/V, drift from the reference's, as in re
     python examples/smollm2_decode.py --text FILE --sweep --plot out/sweep.png --json
 
 By default the decode path is served by a local ``kvdex serve`` three ways, side by side at the
-same adaptive budget (``p0.95:k1024``): the query-guided graph, plain HNSW, and a recency window
+same adaptive budget (``p0.98:k1024``): the query-guided graph, plain HNSW, and a recency window
 of the same size as the graph's choice (no retrieval).
 
 ``--json`` prints one object per (backend, budget) with the fields of issue 6 (prompt_tokens,
@@ -203,7 +203,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--backend", default="kvdex-graph,kvdex-hnsw,recency",
                     help=f"comma list of {sorted(BACKENDS) + sorted(KVDEX_KINDS)}; recency runs last and, at an "
                     "adaptive budget, matches the size a retrieval backend chose")
-    ap.add_argument("--budget", default="p0.95:k1024",
+    ap.add_argument("--budget", default="p0.98:k1024",
                     help="kN = fixed top-N per query head; pX[:kN] = adaptive mass X capped at N")
     ap.add_argument("--sweep", nargs="?", const="default", default=None,
                     help="comma list of budgets for every backend (no value: a default list per backend)")
