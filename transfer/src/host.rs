@@ -19,12 +19,15 @@ use job::Job;
 /// [`HostConfig::parallel_min_bytes`].)
 pub const INLINE_BYTES: u64 = 256 << 10;
 
-/// Machines with at most this many CPUs copy every batch on the caller alone by default.
-/// Measured on a 2-vCPU VM (notes/transfer.md): a second gather thread never beat one, at any
-/// batch from 256 KiB to 32 MiB, even in the least-disturbed samples (one core already reaches
-/// the memory bandwidth there), and when the box is loaded a helper preempted mid-chunk holds the
-/// whole batch back by a scheduler time slice.
-pub const CALLER_ONLY_MAX_CPUS: usize = 2;
+/// Machines with at most this many CPUs share only batches of [`SMALL_MACHINE_PARALLEL_BYTES`]
+/// and more with the pool. Measured on the 2-vCPU dev VM (notes/transfer.md, BENCHMARKS.md):
+/// when the box is quiet, two threads take runs of 64 KiB and more from 80-90% to 93-119% of the
+/// all-threads contiguous limit; when it is loaded, a helper preempted mid-chunk can hold a batch
+/// back by a time slice. Two cores spent on a large gather is what an idle sidecar should do.
+pub const SMALL_MACHINE_MAX_CPUS: usize = 2;
+
+/// The sharing threshold on machines with at most [`SMALL_MACHINE_MAX_CPUS`] CPUs.
+pub const SMALL_MACHINE_PARALLEL_BYTES: u64 = 1 << 20;
 
 /// A host address that may cross threads; the registration contract makes writes through it
 /// sound (see [`DeviceLink::register_host`]).
@@ -155,8 +158,8 @@ pub struct HostConfig {
     pub hugepages: bool,
     /// Batches of at least this many bytes are shared between the caller and the gather
     /// threads; smaller ones the caller copies alone (never less than [`INLINE_BYTES`]).
-    /// Default: `u64::MAX` (caller alone) on machines with at most [`CALLER_ONLY_MAX_CPUS`]
-    /// CPUs, where extra threads were measured not to pay; [`INLINE_BYTES`] otherwise.
+    /// Default: [`SMALL_MACHINE_PARALLEL_BYTES`] on machines with at most
+    /// [`SMALL_MACHINE_MAX_CPUS`] CPUs; [`INLINE_BYTES`] otherwise.
     pub parallel_min_bytes: u64,
 }
 
@@ -167,8 +170,8 @@ impl Default for HostConfig {
             threads: cpus,
             capacity_bytes: u64::MAX,
             hugepages: true,
-            parallel_min_bytes: if cpus <= CALLER_ONLY_MAX_CPUS {
-                u64::MAX
+            parallel_min_bytes: if cpus <= SMALL_MACHINE_MAX_CPUS {
+                SMALL_MACHINE_PARALLEL_BYTES
             } else {
                 INLINE_BYTES
             },
