@@ -143,3 +143,27 @@ impl SessionHandle {
         SocketSession::connect(path, &h.id, &parse_token(&h.token)?)
     }
 }
+
+/// Copies a search response's `k × q_heads` ids and scores (little-endian bytes in the arena or
+/// frame) into the caller's buffers; both transports decode search results with it. Returns `k`.
+/// Buffers too small for the result are a clear error, not a partial copy.
+pub(crate) fn copy_search_hits(
+    k: u32,
+    q_heads: u32,
+    id_bytes: &[u8],
+    score_bytes: &[u8],
+    ids: &mut [u32],
+    scores: &mut [f32],
+) -> Result<usize> {
+    let n = (k as usize) * (q_heads as usize);
+    if ids.len() < n || scores.len() < n {
+        return Err(crate::error::KvdexError::BadRequest(format!(
+            "search result has {n} entries; output buffers hold {} ids and {} scores",
+            ids.len(),
+            scores.len()
+        )));
+    }
+    crate::proto::read_u32s(id_bytes, &mut ids[..n]);
+    crate::proto::read_f32s(score_bytes, &mut scores[..n]);
+    Ok(k as usize)
+}

@@ -404,19 +404,7 @@ impl SessionHandle {
                 q_heads,
                 ids: id_bytes,
                 scores: score_bytes,
-            } => {
-                let n = (k as usize) * (q_heads as usize);
-                if ids.len() < n || scores.len() < n {
-                    return Err(KvdexError::BadRequest(format!(
-                        "search result has {n} entries; output buffers hold {} ids and {} scores",
-                        ids.len(),
-                        scores.len()
-                    )));
-                }
-                proto::read_u32s(id_bytes, &mut ids[..n]);
-                proto::read_f32s(score_bytes, &mut scores[..n]);
-                Ok(k as usize)
-            }
+            } => super::copy_search_hits(k, q_heads, id_bytes, score_bytes, ids, scores),
             other => Err(KvdexError::Protocol(format!(
                 "unexpected response {:?}",
                 other.opcode()

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::error::{KvdexError, Result};
-use crate::proto::{self, Opcode, Request, Response, Status};
+use crate::proto::{Opcode, Request, Response, Status};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
 use crate::worker::socket::{Hello, FRAME_HEADER};
@@ -143,19 +143,7 @@ impl SocketSession {
                 q_heads,
                 ids: id_bytes,
                 scores: score_bytes,
-            } => {
-                let n = (k as usize) * (q_heads as usize);
-                if ids.len() < n || scores.len() < n {
-                    return Err(KvdexError::BadRequest(format!(
-                        "search result has {n} entries; output buffers hold {} ids and {} scores",
-                        ids.len(),
-                        scores.len()
-                    )));
-                }
-                proto::read_u32s(id_bytes, &mut ids[..n]);
-                proto::read_f32s(score_bytes, &mut scores[..n]);
-                Ok(k as usize)
-            }
+            } => super::copy_search_hits(k, q_heads, id_bytes, score_bytes, ids, scores),
             other => Err(unexpected(other.opcode())),
         }
     }
