@@ -161,6 +161,20 @@ fn lib(src: &[u8], dst: &mut [u8], stream: bool) {
     });
 }
 
+/// `nt_loop` behind the CPU check its `#[target_feature]` needs.
+fn nt<const D: usize, const L: usize>(src: &[u8], dst: &mut [u8], offs: &[usize], row: usize) {
+    assert!(is_x86_feature_detected!("avx2"), "row_probe needs AVX2");
+    // SAFETY: AVX2 was detected just above; the loop bounds every access by the slices.
+    unsafe { nt_loop::<D, L>(src, dst, offs, row) }
+}
+
+/// `nt_runs` behind the CPU check its `#[target_feature]` needs.
+fn nt_runs_checked(src: &[u8], dst: &mut [u8], offs: &[usize], row: usize) {
+    assert!(is_x86_feature_detected!("avx2"), "row_probe needs AVX2");
+    // SAFETY: AVX2 was detected just above; the loop bounds every access by the slices.
+    unsafe { nt_runs(src, dst, offs, row) }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
@@ -218,29 +232,19 @@ fn main() {
         ("pf16x1", |s, d, o, r| pf_loop::<16>(s, d, o, r, 1)),
         ("pf32x1", |s, d, o, r| pf_loop::<32>(s, d, o, r, 1)),
         ("pf16x2", |s, d, o, r| pf_loop::<16>(s, d, o, r, 2)),
-        ("nt8x4", |s, d, o, r| unsafe { nt_loop::<8, 4>(s, d, o, r) }),
-        ("nt16x4", |s, d, o, r| unsafe {
-            nt_loop::<16, 4>(s, d, o, r)
-        }),
-        ("nt32x4", |s, d, o, r| unsafe {
-            nt_loop::<32, 4>(s, d, o, r)
-        }),
-        ("nt8x1", |s, d, o, r| unsafe { nt_loop::<8, 1>(s, d, o, r) }),
-        ("nt16x1", |s, d, o, r| unsafe {
-            nt_loop::<16, 1>(s, d, o, r)
-        }),
-        ("nt32x1", |s, d, o, r| unsafe {
-            nt_loop::<32, 1>(s, d, o, r)
-        }),
-        ("nt4x1", |s, d, o, r| unsafe { nt_loop::<4, 1>(s, d, o, r) }),
-        ("nt8x2", |s, d, o, r| unsafe { nt_loop::<8, 2>(s, d, o, r) }),
-        ("nt0", |s, d, o, r| unsafe { nt_loop::<0, 0>(s, d, o, r) }),
-        ("nt16x2", |s, d, o, r| unsafe {
-            nt_loop::<16, 2>(s, d, o, r)
-        }),
+        ("nt8x4", nt::<8, 4>),
+        ("nt16x4", nt::<16, 4>),
+        ("nt32x4", nt::<32, 4>),
+        ("nt8x1", nt::<8, 1>),
+        ("nt16x1", nt::<16, 1>),
+        ("nt32x1", nt::<32, 1>),
+        ("nt4x1", nt::<4, 1>),
+        ("nt8x2", nt::<8, 2>),
+        ("nt0", nt::<0, 0>),
+        ("nt16x2", nt::<16, 2>),
         ("lib2", lib_stream),
         ("bucket", bucketed),
-        ("ntruns", |s, d, o, r| unsafe { nt_runs(s, d, o, r) }),
+        ("ntruns", nt_runs_checked),
         ("naive2", naive),
     ];
 
