@@ -167,3 +167,9 @@ pub(crate) fn copy_search_hits(
     crate::proto::read_f32s(score_bytes, &mut scores[..n]);
     Ok(k as usize)
 }
+
+/// The error for a response whose opcode does not answer the request sent: the peer speaks
+/// another protocol revision or the ring was corrupted. Shared by both transports.
+pub(crate) fn unexpected(op: crate::proto::Opcode) -> crate::error::KvdexError {
+    crate::error::KvdexError::Protocol(format!("unexpected response {op:?}"))
+}

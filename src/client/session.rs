@@ -351,10 +351,7 @@ impl SessionHandle {
         let r = self.call(Opcode::Ping, &Request::Ping { data })?;
         match self.response(Opcode::Ping, r)? {
             Response::Ping { data } => Ok(data),
-            other => Err(KvdexError::Protocol(format!(
-                "unexpected response {:?}",
-                other.opcode()
-            ))),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -372,10 +369,7 @@ impl SessionHandle {
         )?;
         match self.response(Opcode::Append, r)? {
             Response::Append { tokens } => Ok(tokens),
-            other => Err(KvdexError::Protocol(format!(
-                "unexpected response {:?}",
-                other.opcode()
-            ))),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -405,10 +399,7 @@ impl SessionHandle {
                 ids: id_bytes,
                 scores: score_bytes,
             } => super::copy_search_hits(k, q_heads, id_bytes, score_bytes, ids, scores),
-            other => Err(KvdexError::Protocol(format!(
-                "unexpected response {:?}",
-                other.opcode()
-            ))),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -431,10 +422,7 @@ impl SessionHandle {
                 v,
                 row_bytes: row_bytes as usize,
             }),
-            other => Err(KvdexError::Protocol(format!(
-                "unexpected response {:?}",
-                other.opcode()
-            ))),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 

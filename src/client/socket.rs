@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use crate::error::{KvdexError, Result};
-use crate::proto::{Opcode, Request, Response, Status};
+use crate::proto::{Request, Response, Status};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
 use crate::worker::socket::{Hello, FRAME_HEADER};
@@ -110,7 +110,7 @@ impl SocketSession {
     pub fn ping(&mut self, data: &[u8]) -> Result<&[u8]> {
         match self.call(&Request::Ping { data })? {
             Response::Ping { data } => Ok(data),
-            other => Err(unexpected(other.opcode())),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -123,7 +123,7 @@ impl SocketSession {
             v,
         })? {
             Response::Append { tokens } => Ok(tokens),
-            other => Err(unexpected(other.opcode())),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -144,7 +144,7 @@ impl SocketSession {
                 ids: id_bytes,
                 scores: score_bytes,
             } => super::copy_search_hits(k, q_heads, id_bytes, score_bytes, ids, scores),
-            other => Err(unexpected(other.opcode())),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
 
@@ -169,11 +169,7 @@ impl SocketSession {
                 v,
                 row_bytes: row_bytes as usize,
             }),
-            other => Err(unexpected(other.opcode())),
+            other => Err(super::unexpected(other.opcode())),
         }
     }
-}
-
-fn unexpected(op: Opcode) -> KvdexError {
-    KvdexError::Protocol(format!("unexpected response {op:?}"))
 }
