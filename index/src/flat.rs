@@ -164,12 +164,7 @@ impl MipsIndex for FlatIndex {
         scratch: &mut SearchScratch,
         out: &mut Hits,
     ) -> Result<SearchStats, IndexError> {
-        if query.len() != keys.dim() {
-            return Err(IndexError::DimMismatch {
-                expected: keys.dim(),
-                got: query.len(),
-            });
-        }
+        crate::keys::check_query_dim(keys, query)?;
         self.search_group(keys, query, k, scratch, std::slice::from_mut(out))
     }
 

@@ -24,6 +24,18 @@ impl KeyDtype {
     }
 }
 
+/// Refuses a query whose length is not the keys' dimension, before any kernel reads it: every
+/// search and attention entry point checks this first.
+pub(crate) fn check_query_dim(keys: &dyn KeyStore, query: &[f32]) -> Result<(), crate::IndexError> {
+    if query.len() != keys.dim() {
+        return Err(crate::IndexError::DimMismatch {
+            expected: keys.dim(),
+            got: query.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Read access to `len()` key rows of `dim()` elements, stored elsewhere.
 ///
 /// The daemon's KV store implements it over its arenas; benchmarks over loaded arrays.

@@ -152,12 +152,7 @@ pub fn estimate_tail_lse(
     threshold: f32,
     scratch: &mut AttendScratch,
 ) -> Result<f32, IndexError> {
-    if query.len() != keys.dim() {
-        return Err(IndexError::DimMismatch {
-            expected: keys.dim(),
-            got: query.len(),
-        });
-    }
+    crate::keys::check_query_dim(keys, query)?;
     if let Some(&bad) = sample_ids.iter().find(|&&id| id as usize >= keys.len()) {
         return Err(IndexError::InvalidArgument(format!(
             "sample id {bad} is outside the {} stored keys",

@@ -103,12 +103,7 @@ fn check_head_inputs(
     value_dim: usize,
     out_len: usize,
 ) -> Result<(), IndexError> {
-    if query.len() != keys.dim() {
-        return Err(IndexError::DimMismatch {
-            expected: keys.dim(),
-            got: query.len(),
-        });
-    }
+    crate::keys::check_query_dim(keys, query)?;
     if out_len != value_dim {
         return Err(IndexError::DimMismatch {
             expected: value_dim,

@@ -158,12 +158,7 @@ impl MipsIndex for QueryGuidedGraph {
         scratch: &mut SearchScratch,
         out: &mut Hits,
     ) -> Result<SearchStats, IndexError> {
-        if query.len() != keys.dim() {
-            return Err(IndexError::DimMismatch {
-                expected: keys.dim(),
-                got: query.len(),
-            });
-        }
+        crate::keys::check_query_dim(keys, query)?;
         check_finite("query", query)?;
         out.clear();
         let n = self.len().min(keys.len());
