@@ -9,7 +9,8 @@
 //! ([`crate::worker::dispatch::Dispatcher::serve_observed`], metrics included).
 //!
 //! Each request is measured hot (back to back) and cold (1 ms apart, so the waiting side of
-//! either transport has gone to sleep, as between the layers of a decode step).
+//! either transport has gone to sleep, as between the layers of a decode step). Cold requests
+//! alternate between the transports, so both tails come from the same seconds of machine time.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -30,8 +31,8 @@ pub struct RttArgs {
     /// Measured round trips per case, hot (back to back).
     #[arg(long, default_value_t = 20_000)]
     pub n: usize,
-    /// Measured round trips per case, cold (1 ms apart).
-    #[arg(long, default_value_t = 1_000)]
+    /// Measured round trips per case, cold (1 ms apart; shm and socket interleaved).
+    #[arg(long, default_value_t = 3_000)]
     pub cold_n: usize,
 }
 
@@ -111,29 +112,25 @@ fn measure(
         return Err(KvdexError::Protocol("ping echo mismatch".into()));
     }
     let warm = (n / 10).max(100);
-    let mut times = vec![0f64; n.max(cold_n)];
-    let mut run = |f: &mut dyn FnMut() -> Result<()>,
-                   count: usize,
-                   gap: Option<Duration>|
-     -> Result<(f64, f64)> {
+    let mut times = vec![0f64; n];
+    let mut run = |f: &mut dyn FnMut() -> Result<()>, count: usize| -> Result<(f64, f64)> {
         for _ in 0..warm.min(count.max(10)) {
             f()?;
         }
         for t in times[..count].iter_mut() {
-            if let Some(g) = gap {
-                std::thread::sleep(g);
-            }
             let start = Instant::now();
             f()?;
             *t = start.elapsed().as_secs_f64() * 1e6;
         }
         Ok(percentiles(&mut times[..count]))
     };
-    let gap = Some(Duration::from_millis(1));
-    let (shm_p50, shm_p99) = run(&mut || shm.ping(&data).map(|_| ()), n, None)?;
-    let (sock_p50, sock_p99) = run(&mut || sock.ping(&data).map(|_| ()), n, None)?;
-    let (cshm_p50, cshm_p99) = run(&mut || shm.ping(&data).map(|_| ()), cold_n, gap)?;
-    let (csock_p50, csock_p99) = run(&mut || sock.ping(&data).map(|_| ()), cold_n, gap)?;
+    let (shm_p50, shm_p99) = run(&mut || shm.ping(&data).map(|_| ()), n)?;
+    let (sock_p50, sock_p99) = run(&mut || sock.ping(&data).map(|_| ()), n)?;
+    let ((cshm_p50, cshm_p99), (csock_p50, csock_p99)) = cold_pairs(
+        &mut || shm.ping(&data).map(|_| ()),
+        &mut || sock.ping(&data).map(|_| ()),
+        cold_n,
+    )?;
     Ok(RttRow {
         op: Opcode::Ping.name(),
         payload_bytes: payload,
@@ -147,6 +144,33 @@ fn measure(
         cold_socket_p50_us: csock_p50,
         cold_socket_p99_us: csock_p99,
     })
+}
+
+/// Cold round trips of both transports, interleaved: shm, 1 ms, socket, 1 ms, shm, ... so that
+/// both see the same machine over the same seconds (a burst of other work, a frequency change)
+/// and their tails are compared fairly. Returns ((shm p50, p99), (socket p50, p99)).
+fn cold_pairs(
+    shm: &mut dyn FnMut() -> Result<()>,
+    sock: &mut dyn FnMut() -> Result<()>,
+    count: usize,
+) -> Result<((f64, f64), (f64, f64))> {
+    let gap = Duration::from_millis(1);
+    for _ in 0..10 {
+        shm()?;
+        sock()?;
+    }
+    let (mut a, mut b) = (vec![0f64; count], vec![0f64; count]);
+    let timed = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        std::thread::sleep(gap);
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64() * 1e6)
+    };
+    for (ta, tb) in a.iter_mut().zip(b.iter_mut()) {
+        *ta = timed(shm)?;
+        *tb = timed(sock)?;
+    }
+    Ok((percentiles(&mut a), percentiles(&mut b)))
 }
 
 /// (p50, p99) of `v`, rounded to 0.01 us.
