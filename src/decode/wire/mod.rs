@@ -1,0 +1,59 @@
+//! Bodies of the decode-path requests (little-endian, like [`crate::proto`]).
+//!
+//! | op       | request body | response body |
+//! |----------|--------------|---------------|
+//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
+//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, 0 u32, query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
+//!
+//! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
+//!
+//! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
+//! `min_k..=max_k`; otherwise exactly `k`). A scale of 0 means `1/sqrt(head_dim)`.
+
+use kvdex_index::IndexKind;
+
+/// Retrieve flag: compute the partial attention `(out, lse)`.
+pub const ATTEND: u32 = 1;
+/// Retrieve flag: copy the chosen K/V rows into the response.
+pub const GATHER: u32 = 2;
+/// Retrieve flag: adaptive budget.
+pub const ADAPTIVE: u32 = 4;
+
+/// Bytes of the seal request header.
+pub const SEAL_HEADER: usize = 16;
+/// Bytes of the retrieve request header.
+pub const RETRIEVE_HEADER: usize = 32;
+/// Bytes of the retrieve response header.
+pub const RESPONSE_HEADER: usize = 48;
+/// Bytes of the set_wkv request header.
+pub const SET_WKV_HEADER: usize = 16;
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn f32_at(b: &[u8], at: usize) -> Option<f32> {
+    u32_at(b, at).map(f32::from_bits)
+}
+
+/// The wire code of an index kind.
+pub fn kind_code(kind: IndexKind) -> u32 {
+    match kind {
+        IndexKind::Flat => 0,
+        IndexKind::Hnsw => 1,
+        IndexKind::Graph => 2,
+    }
+}
+
+/// Seal signal code: sampled prefill queries with their positions.
+pub const SIGNAL_QUERIES: u32 = 0;
+/// Seal signal code: neighbour lists the engine computed.
+pub const SIGNAL_NEIGHBOURS: u32 = 1;
+
+mod retrieve;
+mod seal;
+#[cfg(test)]
+mod tests;
+
+pub use retrieve::{ResponseHeader, RetrieveHeader, RetrieveLayout};
+pub use seal::{SealBody, SealHeader, SetWkvHeader};

@@ -1,0 +1,251 @@
+//! Retrieve bodies: the per-layer decode request and its response layout.
+
+use kvdex_index::attend::BudgetParams;
+
+use super::{f32_at, u32_at, ADAPTIVE, ATTEND, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER};
+use crate::error::{KvdexError, Result};
+use crate::store::retrieve::{Budget, RetrieveParams};
+
+/// A decoded retrieve header; the query is the bytes after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetrieveHeader {
+    /// Layer.
+    pub layer: u32,
+    /// What to compute.
+    pub params: RetrieveParams,
+}
+
+impl RetrieveHeader {
+    /// Decodes the header (validating the budget) and returns the query bytes.
+    pub fn decode(body: &[u8]) -> Result<(Self, &[u8])> {
+        let field = |at| u32_at(body, at);
+        let (Some(layer), Some(flags), Some(k), Some(min_k), Some(max_k)) =
+            (field(0), field(4), field(8), field(12), field(16))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve body is {} bytes, needs at least {RETRIEVE_HEADER}",
+                body.len()
+            )));
+        };
+        let (Some(coverage), Some(scale)) = (f32_at(body, 20), f32_at(body, 24)) else {
+            return Err(KvdexError::BadRequest("retrieve body too short".into()));
+        };
+        if flags & !(ATTEND | GATHER | ADAPTIVE) != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve flags {flags:#x} are unknown"
+            )));
+        }
+        let budget = if flags & ADAPTIVE != 0 {
+            Budget::Adaptive(BudgetParams::new(coverage, min_k as usize, max_k as usize)?)
+        } else if k == 0 {
+            return Err(KvdexError::BadRequest(
+                "budget k = 0: ask for at least one token".into(),
+            ));
+        } else {
+            Budget::Fixed(k as usize)
+        };
+        let query = body.get(RETRIEVE_HEADER..).unwrap_or(&[]);
+        if query.len() % 4 != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve query is {} bytes, not a multiple of 4",
+                query.len()
+            )));
+        }
+        let params = RetrieveParams {
+            budget,
+            attend: flags & ATTEND != 0,
+            gather: flags & GATHER != 0,
+            scale: (scale != 0.0).then_some(scale),
+        };
+        Ok((Self { layer, params }, query))
+    }
+
+    /// Writes the header and `query` into `out`; returns the length.
+    pub fn encode(&self, query: &[f32], out: &mut [u8]) -> Result<usize> {
+        let p = &self.params;
+        let need = RETRIEVE_HEADER + 4 * query.len();
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "retrieve request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        let mut flags = ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER);
+        let (k, min_k, max_k, coverage) = match p.budget {
+            Budget::Fixed(k) => (k as u32, 0, 0, 0.0f32),
+            Budget::Adaptive(b) => {
+                flags |= ADAPTIVE;
+                (0, b.min_k as u32, b.max_k as u32, b.coverage)
+            }
+        };
+        let scale = p.scale.unwrap_or(0.0);
+        let head = [
+            self.layer,
+            flags,
+            k,
+            min_k,
+            max_k,
+            coverage.to_bits(),
+            scale.to_bits(),
+            0,
+        ];
+        for (i, w) in head.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[RETRIEVE_HEADER..].copy_from_slice(bytemuck::cast_slice(query));
+        Ok(need)
+    }
+}
+
+/// Byte ranges of a retrieve response, computed identically by the worker (to write) and the
+/// client (to read). Every section is a whole number of 4-byte words, so with the arena's
+/// 8-byte alignment each casts in place to `u32`/`f32`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetrieveLayout {
+    /// `[q_heads]` u32 chosen k.
+    pub k: std::ops::Range<usize>,
+    /// `[q_heads]` f32 estimated coverage.
+    pub coverage: std::ops::Range<usize>,
+    /// `[q_heads][stride]` u32 ids.
+    pub ids: std::ops::Range<usize>,
+    /// `[q_heads][stride]` f32 scores.
+    pub scores: std::ops::Range<usize>,
+    /// `[q_heads][head_dim]` f32 partial attention (empty unless attend).
+    pub out: std::ops::Range<usize>,
+    /// `[q_heads]` f32 log-sum-exp (empty unless attend).
+    pub lse: std::ops::Range<usize>,
+    /// `[q_heads][2][stride][row_bytes]` K then V rows (empty unless gather), starting at a
+    /// multiple of 64 bytes.
+    pub rows: std::ops::Range<usize>,
+}
+
+impl RetrieveLayout {
+    /// The layout for a shape and stride; `None` on overflow.
+    pub fn new(
+        q_heads: usize,
+        stride: usize,
+        head_dim: usize,
+        row_bytes: usize,
+        attend: bool,
+        gather: bool,
+    ) -> Option<Self> {
+        let mut at = RESPONSE_HEADER;
+        let mut take_aligned = |align: usize, n: usize| -> Option<std::ops::Range<usize>> {
+            let start = at.checked_next_multiple_of(align)?;
+            let r = start..start.checked_add(n)?;
+            at = r.end;
+            Some(r)
+        };
+        let mut take = |n: usize| take_aligned(1, n);
+        let hs = q_heads.checked_mul(stride)?;
+        Some(Self {
+            k: take(4 * q_heads)?,
+            coverage: take(4 * q_heads)?,
+            ids: take(hs.checked_mul(4)?)?,
+            scores: take(hs.checked_mul(4)?)?,
+            out: take(if attend {
+                q_heads.checked_mul(head_dim)?.checked_mul(4)?
+            } else {
+                0
+            })?,
+            lse: take(if attend { 4 * q_heads } else { 0 })?,
+            // Rows start on a cache line (the response space starts on one), so that each row
+            // copy meets the transfer crate's run alignment whatever the head count.
+            rows: take_aligned(
+                64,
+                if gather {
+                    hs.checked_mul(2)?.checked_mul(row_bytes)?
+                } else {
+                    0
+                },
+            )?,
+        })
+    }
+
+    /// Total response bytes.
+    pub fn len(&self) -> usize {
+        self.rows.end
+    }
+
+    /// Never empty (the header is always there).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The retrieve response header.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResponseHeader {
+    /// Query heads.
+    pub q_heads: u32,
+    /// Candidates per head.
+    pub stride: u32,
+    /// Head dim.
+    pub head_dim: u32,
+    /// Bytes per gathered row.
+    pub row_bytes: u32,
+    /// The request's flags.
+    pub flags: u32,
+    /// Keys scored by the searches.
+    pub scored: u64,
+    /// Daemon microseconds searching.
+    pub search_us: f32,
+    /// Daemon microseconds on budgets and attention.
+    pub attend_us: f32,
+    /// Daemon microseconds copying out.
+    pub copy_us: f32,
+}
+
+impl ResponseHeader {
+    /// Writes the header into the first [`RESPONSE_HEADER`] bytes of `out`.
+    pub fn encode(&self, out: &mut [u8]) -> Result<()> {
+        let out = out.get_mut(..RESPONSE_HEADER).ok_or_else(|| {
+            KvdexError::BadRequest("retrieve response space is smaller than its header".into())
+        })?;
+        let words = [
+            self.q_heads,
+            self.stride,
+            self.head_dim,
+            self.row_bytes,
+            self.flags,
+            0,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        out[24..32].copy_from_slice(&self.scored.to_le_bytes());
+        for (i, f) in [self.search_us, self.attend_us, self.copy_us, 0.0]
+            .iter()
+            .enumerate()
+        {
+            out[32 + i * 4..36 + i * 4].copy_from_slice(&f.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Reads the header.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let bad = || {
+            KvdexError::Protocol(format!(
+                "retrieve response of {} bytes has no header",
+                b.len()
+            ))
+        };
+        let w = |i: usize| u32_at(b, i * 4).ok_or_else(bad);
+        Ok(Self {
+            q_heads: w(0)?,
+            stride: w(1)?,
+            head_dim: w(2)?,
+            row_bytes: w(3)?,
+            flags: w(4)?,
+            scored: u64::from_le_bytes(
+                b.get(24..32)
+                    .ok_or_else(bad)?
+                    .try_into()
+                    .map_err(|_| bad())?,
+            ),
+            search_us: f32_at(b, 32).ok_or_else(bad)?,
+            attend_us: f32_at(b, 36).ok_or_else(bad)?,
+            copy_us: f32_at(b, 40).ok_or_else(bad)?,
+        })
+    }
+}
