@@ -5,6 +5,7 @@
 //!   [`KeySlice`], a view over contiguous key rows (f32, f16 or bf16).
 //! - [`topk`]: caller-owned top-k selection and result buffers.
 //! - [`simd`]: inner-product kernels (scalar, AVX2, AVX-512) picked once at run time.
+//! - [`prefetch`]: software prefetch hints for the scattered row reads of graph search.
 //! - [`flat`]: the exact scan, the baseline every other index is measured against.
 //! - [`hnsw`]: the hnsw_rs baseline with the MIPS → L2 reduction.
 //! - [`qgraph`]: the query-guided graph (RoarGraph / RetrievalAttention), the product.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod flat;
 pub mod hnsw;
 pub mod keys;
+pub mod prefetch;
 pub mod qgraph;
 pub mod simd;
 pub mod topk;
@@ -60,7 +62,7 @@ pub struct SearchScratch {
     pub topk: TopK,
     /// Per-worker state of a parallel flat scan (see [`flat`]).
     pub flat: Vec<flat::FlatPart>,
-    /// Graph search state: visited stamps and the beam (see [`qgraph`]).
+    /// Graph search state: the visited set and the beam (see [`qgraph`]).
     pub graph: qgraph::GraphScratch,
 }
 
