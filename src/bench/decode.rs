@@ -323,9 +323,7 @@ fn run_context(
         append_all(a, &mut o, &data, payload)?;
         others.push((o, oid, otoken));
     }
-    let positions: Vec<u32> = (0..a.train)
-        .map(|i| ((i as f64 + 0.5) * n as f64 / a.train as f64) as u32)
-        .collect();
+    let positions = super::decode_data::train_positions(n, a.train);
     let training = data.training(hq, &positions, a.seed ^ 0x5eed);
     let budget = match a.fixed_k {
         Some(k) => Budget::Fixed(k),

@@ -33,7 +33,19 @@ pub fn build(
         )));
     }
     let n = keys.len();
-    let lists = training_lists(keys, training, params)?;
+    let (lists, entries_per_key) = training_lists(keys, training, params)?;
+    // Sparse training lists (long contexts): laxer settings, decided once from the density
+    // at the base Nq and kept in the graph's params for insert.
+    let params = &GraphParams {
+        alpha: density_alpha(params, entries_per_key),
+        rank_window: sparse_lerp(
+            params.rank_window,
+            params.sparse_rank_window,
+            entries_per_key,
+        ),
+        train_topk: sparse_lerp(params.train_topk, params.sparse_train_topk, entries_per_key),
+        ..params.clone()
+    };
     let norms = key_norms(keys);
     // Hub keys: most frequent in the training top lists (DESIGN.md, "hub entry points").
     let mut freq = vec![0u32; n];
@@ -53,11 +65,6 @@ pub fn build(
     }
     let cands = candidates(&lists, n, params.rank_window);
     let m = params.degree;
-    let entries_per_key = lists.iter().map(Vec::len).sum::<usize>() as f32 / n.max(1) as f32;
-    let params = &GraphParams {
-        alpha: density_alpha(params, entries_per_key),
-        ..params.clone()
-    };
     let mut adj: Vec<Vec<u32>> = cands
         .into_par_iter()
         .enumerate()
@@ -110,11 +117,23 @@ pub fn build(
     Ok(g)
 }
 
+/// How sparse `e` training list entries per key are: 0 at e >= 32, 1 at e <= 4, log-linear
+/// between.
+fn sparseness(e: f32) -> f32 {
+    ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0)
+}
+
 /// The occlusion slack for `e` training list entries per key (see
 /// [`GraphParams::sparse_alpha`]): `alpha` at e >= 32, `sparse_alpha` at e <= 4, log-linear between.
 pub(super) fn density_alpha(params: &GraphParams, e: f32) -> f32 {
-    let t = ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0);
-    params.alpha + (params.sparse_alpha - params.alpha) * t
+    params.alpha + (params.sparse_alpha - params.alpha) * sparseness(e)
+}
+
+/// `dense` at e >= 32 list entries per key, `sparse` at e <= 4, log-linear between (see
+/// [`GraphParams::sparse_train_topk`]).
+pub(super) fn sparse_lerp(dense: usize, sparse: usize, e: f32) -> usize {
+    let t = sparseness(e) as f64;
+    (dense as f64 + (sparse as f64 - dense as f64) * t).round() as usize
 }
 
 /// Projection (steps 2-3's input): each list's pivot (its best key) takes the rest of the list
@@ -164,16 +183,19 @@ impl QueryGuidedGraph {
     }
 }
 
-/// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists.
+/// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists, and
+/// the density they give at the base Nq (list entries per key, `training queries x
+/// train_topk / keys` for queries, the supplied entries per key for lists). Queries get
+/// lists of the density-adjusted Nq (see [`GraphParams::sparse_train_topk`]).
 pub(super) fn training_lists(
     keys: &dyn KeyStore,
     training: &TrainingSignal<'_>,
     params: &GraphParams,
-) -> Result<Vec<Vec<u32>>, IndexError> {
+) -> Result<(Vec<Vec<u32>>, f32), IndexError> {
     let n = keys.len();
     let d = keys.dim();
     match *training {
-        TrainingSignal::None => Ok(Vec::new()),
+        TrainingSignal::None => Ok((Vec::new(), 0.0)),
         TrainingSignal::Neighbours(lists) => {
             for l in lists {
                 if let Some(&bad) = l.iter().find(|&&id| id as usize >= n) {
@@ -182,7 +204,8 @@ pub(super) fn training_lists(
                     )));
                 }
             }
-            Ok(lists.to_vec())
+            let entries = lists.iter().map(Vec::len).sum::<usize>();
+            Ok((lists.to_vec(), entries as f32 / n.max(1) as f32))
         }
         TrainingSignal::Queries { vectors, positions } => {
             if d == 0 || vectors.len() != positions.len() * d {
@@ -194,6 +217,8 @@ pub(super) fn training_lists(
             }
             check_finite("training query", vectors)?;
             let picks = sample_queries(positions, params);
+            let density = (picks.len() * params.train_topk) as f32 / n.max(1) as f32;
+            let topk = sparse_lerp(params.train_topk, params.sparse_train_topk, density);
             let flat = FlatIndex::new(n);
             let lists = picks
                 .par_iter()
@@ -203,8 +228,7 @@ pub(super) fn training_lists(
                         let q = &vectors[qi * d..(qi + 1) * d];
                         let visible = (positions[qi] as usize + 1).min(n);
                         let outs = std::slice::from_mut(hits);
-                        match flat.search_prefix(keys, q, params.train_topk, visible, scratch, outs)
-                        {
+                        match flat.search_prefix(keys, q, topk, visible, scratch, outs) {
                             Ok(_) => hits.ids.clone(),
                             Err(_) => Vec::new(),
                         }
@@ -212,7 +236,7 @@ pub(super) fn training_lists(
                 )
                 .filter(|l: &Vec<u32>| !l.is_empty())
                 .collect();
-            Ok(lists)
+            Ok((lists, density))
         }
     }
 }
@@ -391,6 +415,18 @@ mod tests {
         assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
         // The fill never exceeds the degree cap.
         assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
+    }
+
+    /// Nq and the rank window move from their dense to their sparse values as the training
+    /// lists thin out, and stay put on dense data (the real 8K set has ~52 entries per key).
+    #[test]
+    fn sparse_settings_follow_the_list_density() {
+        assert_eq!(super::sparse_lerp(100, 200, 52.0), 100);
+        assert_eq!(super::sparse_lerp(100, 200, 32.0), 100);
+        assert_eq!(super::sparse_lerp(100, 200, 4.0), 200);
+        assert_eq!(super::sparse_lerp(100, 200, 0.4), 200);
+        let mid = super::sparse_lerp(8, 16, 11.3);
+        assert!(mid > 8 && mid < 16, "{mid}");
     }
 
     #[test]

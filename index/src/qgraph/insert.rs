@@ -142,7 +142,9 @@ pub fn insert_with_queries(
     };
     let mut params = g.params.clone();
     params.max_train_queries = positions.len().max(1);
-    let lists = training_lists(keys, &signal, &params)?;
+    // The build's Nq (already density-adjusted), whatever this batch's own density.
+    params.sparse_train_topk = params.train_topk;
+    let (lists, _) = training_lists(keys, &signal, &params)?;
     merge_lists(g, keys, &lists);
     link_unlinked(g, keys, old)?;
     connect(g, keys);
