@@ -184,11 +184,11 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
     let cands = candidates(lists, n, g.params.rank_window);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
-    let updates: Vec<(u32, Vec<u32>)> = cands
+    let updates: Vec<(u32, Vec<u32>)> = (0..n)
         .into_par_iter()
-        .enumerate()
-        .filter(|(_, c)| !c.is_empty())
-        .map(|(p, mut c)| {
+        .filter(|&p| !cands.of(p).is_empty())
+        .map(|p| {
+            let mut c = cands.of(p).to_vec();
             c.extend_from_slice(snap.neighbours(p as u32));
             c.sort_unstable();
             c.dedup();
