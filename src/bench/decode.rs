@@ -243,7 +243,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         None => None,
     };
     let a = a;
-    if a.kv_heads == 0 || a.q_heads % a.kv_heads.max(1) != 0 || a.head_dim == 0 || a.layers == 0 {
+    if a.kv_heads == 0
+        || !a.q_heads.is_multiple_of(a.kv_heads.max(1))
+        || a.head_dim == 0
+        || a.layers == 0
+    {
         return Err(KvdexError::Config(format!(
             "shape {} q heads / {} kv heads / head_dim {} / {} layers: kv_heads must divide q_heads, all non-zero",
             a.q_heads, a.kv_heads, a.head_dim, a.layers

@@ -89,7 +89,7 @@ impl QueryGuidedGraph {
         queries: &[f32],
     ) -> Result<(), IndexError> {
         let d = keys.dim();
-        if d == 0 || queries.len() % d != 0 {
+        if d == 0 || !queries.len().is_multiple_of(d) {
             return Err(IndexError::BadShape(format!(
                 "{} query floats is not a multiple of dim {d}",
                 queries.len()
