@@ -243,7 +243,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         None => None,
     };
     let a = a;
-    if a.kv_heads == 0 || a.q_heads % a.kv_heads.max(1) != 0 || a.head_dim == 0 || a.layers == 0 {
+    if a.kv_heads == 0
+        || !a.q_heads.is_multiple_of(a.kv_heads.max(1))
+        || a.head_dim == 0
+        || a.layers == 0
+    {
         return Err(KvdexError::Config(format!(
             "shape {} q heads / {} kv heads / head_dim {} / {} layers: kv_heads must divide q_heads, all non-zero",
             a.q_heads, a.kv_heads, a.head_dim, a.layers
@@ -323,9 +327,7 @@ fn run_context(
         append_all(a, &mut o, &data, payload)?;
         others.push((o, oid, otoken));
     }
-    let positions: Vec<u32> = (0..a.train)
-        .map(|i| ((i as f64 + 0.5) * n as f64 / a.train as f64) as u32)
-        .collect();
+    let positions = super::decode_data::train_positions(n, a.train);
     let training = data.training(hq, &positions, a.seed ^ 0x5eed);
     let budget = match a.fixed_k {
         Some(k) => Budget::Fixed(k),

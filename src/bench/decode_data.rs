@@ -160,6 +160,58 @@ impl Synth {
         out
     }
 
+    /// The decode benchmark's training and test queries, split per KV head for `kvdex bench
+    /// recall --synth-context`: `train` prefill positions per query head spread evenly over the
+    /// context (as `kvdex bench decode --train` sends them; positions made relative to the
+    /// first non-static token, those inside the sinks dropped, as the daemon does) and `tests`
+    /// decode queries per query head (the decode bench's steps, same seeds). Returns per KV
+    /// head: per query head of its group, `[tests][d]` test queries and (`[m][d]` training
+    /// queries, positions).
+    #[allow(clippy::type_complexity)]
+    pub fn recall_sets(
+        &self,
+        q_heads: usize,
+        (sinks, window): (usize, usize),
+        train: usize,
+        tests: usize,
+        seed: u64,
+    ) -> Vec<(Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<u32>)>)> {
+        let (n, d) = (self.n, self.head_dim);
+        let group = (q_heads / self.kv_heads.max(1)).max(1);
+        let positions = train_positions(n, train);
+        let vectors = self.training(q_heads, &positions, seed ^ 0x5eed);
+        let end = n.saturating_sub(window).max(sinks);
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(7));
+        let mut per_head: Vec<Vec<f32>> = vec![Vec::with_capacity(tests * d); q_heads];
+        let mut q = vec![0f32; q_heads * d];
+        for _ in 0..tests {
+            self.decode_queries(q_heads, sinks, end, &mut rng, &mut q);
+            for (h, t) in per_head.iter_mut().enumerate() {
+                t.extend_from_slice(&q[h * d..(h + 1) * d]);
+            }
+        }
+        let m = positions.len();
+        (0..self.kv_heads)
+            .map(|g| {
+                let heads = g * group..(g + 1) * group;
+                let tests = heads.clone().map(|h| per_head[h].clone()).collect();
+                let train = heads
+                    .map(|h| {
+                        let (mut v, mut p) = (Vec::new(), Vec::new());
+                        for (i, &at) in positions.iter().enumerate() {
+                            if (at as usize) >= sinks {
+                                v.extend_from_slice(&vectors[(h * m + i) * d..(h * m + i + 1) * d]);
+                                p.push(at - sinks as u32);
+                            }
+                        }
+                        (v, p)
+                    })
+                    .collect();
+                (tests, train)
+            })
+            .collect()
+    }
+
     /// Keys or values of KV head `g` as a store.
     pub fn rows(&self, values: bool, g: usize) -> Result<KeySlice<'_>> {
         let len = self.n * self.head_dim;
@@ -167,6 +219,14 @@ impl Synth {
         KeySlice::new(KeyRows::F16(&src[g * len..(g + 1) * len]), self.head_dim)
             .map_err(KvdexError::from)
     }
+}
+
+/// The prefill positions `kvdex bench decode` sends for training: `train` of them, spread
+/// evenly over a context of `n` tokens.
+pub fn train_positions(n: usize, train: usize) -> Vec<u32> {
+    (0..train)
+        .map(|i| ((i as f64 + 0.5) * n as f64 / train as f64) as u32)
+        .collect()
 }
 
 /// Per-head exact figures of one decode step.

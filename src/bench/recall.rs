@@ -23,9 +23,29 @@ use std::time::Instant;
 /// Arguments of `kvdex bench recall`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RecallArgs {
-    /// Data set directory (../shared/data layout).
-    #[arg(long)]
-    pub data: std::path::PathBuf,
+    /// Data set directory (../shared/data layout). Without it, `--synth-context` is required.
+    #[arg(long, required_unless_present = "synth_context")]
+    pub data: Option<std::path::PathBuf>,
+    /// Instead of --data: the synthetic data of `kvdex bench decode` at this many tokens, with
+    /// its training (`--synth-train` evenly spread prefill positions per query head) and its
+    /// decode queries (`--synth-tests` per query head, each a fresh look back from the end),
+    /// over the non-static tokens (sinks 128, window 512). Measures the graph the daemon
+    /// builds, with many more test queries and no daemon.
+    #[arg(long, conflicts_with = "data")]
+    pub synth_context: Option<usize>,
+    /// Synthetic shape "q_heads,kv_heads,head_dim" (the decode bench's default).
+    #[arg(long, default_value = "8,2,128")]
+    pub synth_shape: String,
+    /// Synthetic: prefill positions sampled per query head for training (the decode bench's
+    /// --train).
+    #[arg(long, default_value_t = 2048)]
+    pub synth_train: usize,
+    /// Synthetic: decode queries per query head.
+    #[arg(long, default_value_t = 64)]
+    pub synth_tests: usize,
+    /// Synthetic: seed (the decode bench's default).
+    #[arg(long, default_value_t = 42)]
+    pub synth_seed: u64,
     /// Methods, comma separated: flat, hnsw, graph.
     #[arg(long, default_value = "graph")]
     pub index: String,
@@ -59,6 +79,9 @@ pub struct RecallArgs {
     /// Graph: of the training queries, the latest this many are always used.
     #[arg(long, default_value_t = GraphParams::default().recent_train_queries)]
     pub recent_train: usize,
+    /// Graph: these beam widths L (comma separated) instead of --list or --sweep's.
+    #[arg(long, value_delimiter = ',')]
+    pub lists: Option<Vec<usize>>,
     /// Graph: beam width L when not sweeping.
     #[arg(long, default_value_t = GraphParams::default().search_list)]
     pub list: usize,
@@ -72,6 +95,12 @@ pub struct RecallArgs {
     /// Graph: occlusion slack when the training lists are sparse (few entries per key).
     #[arg(long, default_value_t = GraphParams::default().sparse_alpha)]
     pub sparse_alpha: f32,
+    /// Graph: Nq when the training lists are sparse (few entries per key).
+    #[arg(long, default_value_t = GraphParams::default().sparse_train_topk)]
+    pub sparse_train_topk: usize,
+    /// Graph: rank window when the training lists are sparse.
+    #[arg(long, default_value_t = GraphParams::default().sparse_rank_window)]
+    pub sparse_window: usize,
     /// Graph: occlusion slack alpha.
     #[arg(long, default_value_t = GraphParams::default().alpha)]
     pub alpha: f32,
@@ -215,6 +244,8 @@ fn graph_params(a: &RecallArgs) -> GraphParams {
         alpha: a.alpha,
         fill_degree: a.fill_degree,
         sparse_alpha: a.sparse_alpha,
+        sparse_train_topk: a.sparse_train_topk,
+        sparse_rank_window: a.sparse_window,
         rank_window: a.window,
         kept_queries: a.kept_queries,
         recent_train_queries: a.recent_train,
@@ -232,15 +263,27 @@ fn settings(method: &str, a: &RecallArgs) -> Vec<usize> {
             .map(|f| (a.k as f64 * f) as usize)
             .collect(),
         ("hnsw", false) => vec![a.ef],
+        (_, _) if a.lists.is_some() => a.lists.clone().unwrap_or_default(),
         (_, true) => vec![4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256],
         (_, false) => vec![a.list],
     }
 }
 
+/// One graph's worth of data: a KV head's keys, and per query head of its group the test
+/// queries and the training queries with their (causal) positions.
+pub struct Group<'a> {
+    /// Progress label.
+    pub label: String,
+    /// `[n][dim]` keys.
+    pub keys: &'a [f16],
+    /// Per query head: `[tests][dim]` test queries.
+    pub tests: Vec<Vec<f32>>,
+    /// Per query head: `[n][dim]` training queries and their positions.
+    pub train: Vec<(Vec<f32>, Vec<u32>)>,
+}
+
 /// Runs the benchmark.
 pub fn run(a: RecallArgs) -> Result<()> {
-    let ds = DataSet::open(&a.data)?;
-    let meta = ds.meta.clone();
     let methods: Vec<String> = a.index.split(',').map(|s| s.trim().to_string()).collect();
     for m in &methods {
         if !["flat", "hnsw", "graph"].contains(&m.as_str()) {
@@ -255,17 +298,6 @@ pub fn run(a: RecallArgs) -> Result<()> {
             a.graph_per
         )));
     }
-    let layers: Vec<u32> = match &a.layers {
-        Some(s) => s
-            .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse::<u32>()
-                    .map_err(|_| KvdexError::Config(format!("bad layer {x:?}")))
-            })
-            .collect::<Result<_>>()?,
-        None => meta.layers.clone(),
-    };
     let gp = graph_params(&a);
     let hp = HnswParams {
         m: a.m,
@@ -295,118 +327,245 @@ pub fn run(a: RecallArgs) -> Result<()> {
         })
         .collect();
     let tty = std::io::stderr().is_terminal();
-    let ctx = meta.context();
-    let d = meta.dim;
-    for &l in &layers {
-        let layer = ds.layer(l)?;
-        let kv_heads = a.kv_heads.unwrap_or(meta.kv_heads()).min(meta.kv_heads());
-        for g in 0..kv_heads {
-            if tty {
-                eprint!("\rlayer {l} kv head {g}/{kv_heads} ...        ");
-            }
-            let keys_f16 = Layer::rows(&layer.k, g, 0, ctx);
-            let keys = KeySlice::new(KeyRows::F16(keys_f16), d)?;
-            let heads: Vec<usize> = (0..meta.q_heads())
-                .filter(|&h| meta.kv_head_of_q_head[h] == g)
-                .collect();
-            let mut scratch = SearchScratch::new();
-            let mut tests: Vec<Vec<(Vec<f32>, Truth)>> = Vec::new();
-            for &h in &heads {
-                let qs = to_f32(Layer::rows(&layer.q, h, ctx, meta.tokens));
-                let mut t = Vec::new();
-                for q in qs.chunks_exact(d) {
-                    t.push((q.to_vec(), truth(&keys, q, a.k, &mut scratch)?));
-                }
-                tests.push(t);
-            }
-            let train: Vec<Vec<f32>> = heads
-                .iter()
-                .map(|&h| to_f32(Layer::rows(&layer.q, h, 0, ctx)))
-                .collect();
-            for (vi, m) in variants.iter().enumerate() {
-                let kv_bytes = ctx * d * 2 * 2;
-                for agg in aggs[vi].iter_mut() {
-                    agg.kv_bytes += kv_bytes;
-                }
-                match m.as_str() {
-                    "flat" => {
-                        let idx = FlatIndex::new(ctx);
-                        for t in &tests {
-                            evaluate(&idx, &keys, t, a.k, &mut aggs[vi][0])?;
-                        }
-                    }
-                    "hnsw" => {
-                        let t0 = Instant::now();
-                        let mut idx = HnswIndex::build(&keys, &hp)?;
-                        let bs = t0.elapsed().as_secs_f64();
-                        for (si, ef) in settings("hnsw", &a).into_iter().enumerate() {
-                            idx.set_ef_search(ef);
-                            let agg = &mut aggs[vi][si];
-                            agg.build_s += bs;
-                            agg.memory_bytes += idx.memory_bytes();
-                            for t in &tests {
-                                evaluate(&idx, &keys, t, a.k, agg)?;
-                            }
-                        }
-                    }
-                    _ => {
-                        let cut = match m.as_str() {
-                            "graph+insert" => {
-                                ((1.0 - a.insert_frac.unwrap_or(0.0)) * ctx as f64) as usize
-                            }
-                            _ => ctx,
-                        };
-                        let groups: Vec<Vec<usize>> = if a.graph_per == "kv" {
-                            vec![(0..heads.len()).collect()]
-                        } else {
-                            (0..heads.len()).map(|i| vec![i]).collect()
-                        };
-                        for grp in groups {
-                            let mut vecs = Vec::new();
-                            let mut pos = Vec::new();
-                            for &i in &grp {
-                                vecs.extend_from_slice(&train[i][..cut * d]);
-                                pos.extend(0..cut as u32);
-                            }
-                            let signal = TrainingSignal::Queries {
-                                vectors: &vecs,
-                                positions: &pos,
-                            };
-                            let t0 = Instant::now();
-                            let part = KeySlice::new(KeyRows::F16(&keys_f16[..cut * d]), d)?;
-                            let mut idx = build_graph(&part, &signal, &gp)?;
-                            if cut < ctx {
-                                let mut fresh = Vec::new();
-                                let per = a.insert_queries.div_ceil(grp.len().max(1));
-                                let span = ctx - cut;
-                                for &i in &grp {
-                                    for j in 0..per.min(span) {
-                                        let p = cut + j * span / per.min(span);
-                                        fresh.extend_from_slice(&train[i][p * d..(p + 1) * d]);
-                                    }
-                                }
-                                idx.insert_with_queries(&keys, &fresh)?;
-                            }
-                            let bs = t0.elapsed().as_secs_f64();
-                            for (si, lst) in settings("graph", &a).into_iter().enumerate() {
-                                idx.set_search_list(lst);
-                                let agg = &mut aggs[vi][si];
-                                agg.build_s += bs;
-                                agg.memory_bytes += idx.memory_bytes();
-                                for &i in &grp {
-                                    evaluate(&idx, &keys, &tests[i], a.k, agg)?;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+    let mut each = |g: Group<'_>, d: usize| -> Result<()> {
+        if tty {
+            eprint!("\r{} ...        ", g.label);
+        }
+        run_group(&a, &g, d, (&variants, &mut aggs), (&gp, &hp))
+    };
+    match (&a.data, a.synth_context) {
+        (Some(dir), _) => data_groups(&a, dir, &mut each)?,
+        (None, Some(n)) => synth_groups(&a, n, &mut each)?,
+        (None, None) => {
+            return Err(KvdexError::Config(
+                "bench recall needs --data DIR or --synth-context N".into(),
+            ))
         }
     }
     if tty {
         eprintln!();
     }
     print_results(&aggs, a.json);
+    Ok(())
+}
+
+/// The groups of a data set directory: every (layer, KV head), with the benchmark split.
+fn data_groups(
+    a: &RecallArgs,
+    dir: &std::path::Path,
+    each: &mut dyn FnMut(Group<'_>, usize) -> Result<()>,
+) -> Result<()> {
+    let ds = DataSet::open(dir)?;
+    let meta = ds.meta.clone();
+    let layers: Vec<u32> = match &a.layers {
+        Some(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .map_err(|_| KvdexError::Config(format!("bad layer {x:?}")))
+            })
+            .collect::<Result<_>>()?,
+        None => meta.layers.clone(),
+    };
+    let (ctx, d) = (meta.context(), meta.dim);
+    for &l in &layers {
+        let layer = ds.layer(l)?;
+        let kv_heads = a.kv_heads.unwrap_or(meta.kv_heads()).min(meta.kv_heads());
+        for g in 0..kv_heads {
+            let heads: Vec<usize> = (0..meta.q_heads())
+                .filter(|&h| meta.kv_head_of_q_head[h] == g)
+                .collect();
+            let group = Group {
+                label: format!("layer {l} kv head {g}/{kv_heads}"),
+                keys: Layer::rows(&layer.k, g, 0, ctx),
+                tests: heads
+                    .iter()
+                    .map(|&h| to_f32(Layer::rows(&layer.q, h, ctx, meta.tokens)))
+                    .collect(),
+                train: heads
+                    .iter()
+                    .map(|&h| {
+                        let v = to_f32(Layer::rows(&layer.q, h, 0, ctx));
+                        (v, (0..ctx as u32).collect())
+                    })
+                    .collect(),
+            };
+            each(group, d)?;
+        }
+    }
+    Ok(())
+}
+
+/// The groups of `kvdex bench decode`'s synthetic data at `n` tokens (one per KV head).
+fn synth_groups(
+    a: &RecallArgs,
+    n: usize,
+    each: &mut dyn FnMut(Group<'_>, usize) -> Result<()>,
+) -> Result<()> {
+    let shape: Vec<usize> = a
+        .synth_shape
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| KvdexError::Config(format!("bad --synth-shape {:?}", a.synth_shape)))?;
+    let [hq, kv, d] = shape[..] else {
+        return Err(KvdexError::Config(format!(
+            "--synth-shape needs q_heads,kv_heads,head_dim, got {:?}",
+            a.synth_shape
+        )));
+    };
+    let (sinks, window) = (128, 512);
+    if kv == 0 || hq % kv != 0 || d < 4 || d % 2 != 0 || n <= sinks + window + 1 {
+        return Err(KvdexError::Config(format!(
+            "--synth-shape {hq},{kv},{d} / --synth-context {n}: kv heads must divide q heads, \
+             an even dim >= 4, more than {} tokens",
+            sinks + window + 1
+        )));
+    }
+    let data = super::decode_data::Synth::generate(n, hq, kv, d, a.synth_seed);
+    let sets = data.recall_sets(
+        hq,
+        (sinks, window),
+        a.synth_train,
+        a.synth_tests,
+        a.synth_seed,
+    );
+    let end = n - window;
+    let used = a.kv_heads.unwrap_or(kv).min(kv);
+    for (g, (tests, train)) in sets.into_iter().enumerate().take(used) {
+        let group = Group {
+            label: format!("synthetic {n} kv head {g}/{kv}"),
+            keys: &data.k[(g * n + sinks) * d..(g * n + end) * d],
+            tests,
+            train,
+        };
+        each(group, d)?;
+    }
+    Ok(())
+}
+
+/// Builds and evaluates every variant on one group.
+fn run_group(
+    a: &RecallArgs,
+    group: &Group<'_>,
+    d: usize,
+    (variants, aggs): (&[String], &mut [Vec<Agg>]),
+    (gp, hp): (&GraphParams, &HnswParams),
+) -> Result<()> {
+    let keys_f16 = group.keys;
+    let keys = KeySlice::new(KeyRows::F16(keys_f16), d)?;
+    let ctx = keys_f16.len() / d;
+    let mut scratch = SearchScratch::new();
+    let mut tests: Vec<Vec<(Vec<f32>, Truth)>> = Vec::new();
+    for qs in &group.tests {
+        let mut t = Vec::new();
+        for q in qs.chunks_exact(d) {
+            t.push((q.to_vec(), truth(&keys, q, a.k, &mut scratch)?));
+        }
+        tests.push(t);
+    }
+    let train = &group.train;
+    for (vi, m) in variants.iter().enumerate() {
+        let kv_bytes = ctx * d * 2 * 2;
+        for agg in aggs[vi].iter_mut() {
+            agg.kv_bytes += kv_bytes;
+        }
+        match m.as_str() {
+            "flat" => {
+                let idx = FlatIndex::new(ctx);
+                for t in &tests {
+                    evaluate(&idx, &keys, t, a.k, &mut aggs[vi][0])?;
+                }
+            }
+            "hnsw" => {
+                let t0 = Instant::now();
+                let mut idx = HnswIndex::build(&keys, hp)?;
+                let bs = t0.elapsed().as_secs_f64();
+                for (si, ef) in settings("hnsw", a).into_iter().enumerate() {
+                    idx.set_ef_search(ef);
+                    let agg = &mut aggs[vi][si];
+                    agg.build_s += bs;
+                    agg.memory_bytes += idx.memory_bytes();
+                    for t in &tests {
+                        evaluate(&idx, &keys, t, a.k, agg)?;
+                    }
+                }
+            }
+            _ => {
+                let cut = match m.as_str() {
+                    "graph+insert" => ((1.0 - a.insert_frac.unwrap_or(0.0)) * ctx as f64) as usize,
+                    _ => ctx,
+                };
+                let groups: Vec<Vec<usize>> = if a.graph_per == "kv" {
+                    vec![(0..train.len()).collect()]
+                } else {
+                    (0..train.len()).map(|i| vec![i]).collect()
+                };
+                for grp in groups {
+                    let mut vecs = Vec::new();
+                    let mut pos = Vec::new();
+                    for &i in &grp {
+                        let (v, p) = &train[i];
+                        for (j, &at) in p.iter().enumerate() {
+                            if (at as usize) < cut {
+                                vecs.extend_from_slice(&v[j * d..(j + 1) * d]);
+                                pos.push(at);
+                            }
+                        }
+                    }
+                    let signal = TrainingSignal::Queries {
+                        vectors: &vecs,
+                        positions: &pos,
+                    };
+                    let t0 = Instant::now();
+                    let part = KeySlice::new(KeyRows::F16(&keys_f16[..cut * d]), d)?;
+                    let mut idx = build_graph(&part, &signal, gp)?;
+                    if cut < ctx {
+                        let mut fresh = Vec::new();
+                        let per = a.insert_queries.div_ceil(grp.len().max(1));
+                        for &i in &grp {
+                            let (v, p) = &train[i];
+                            let later: Vec<usize> =
+                                (0..p.len()).filter(|&j| p[j] as usize >= cut).collect();
+                            let take = per.min(later.len());
+                            for j in 0..take {
+                                let at = later[j * later.len() / take];
+                                fresh.extend_from_slice(&v[at * d..(at + 1) * d]);
+                            }
+                        }
+                        idx.insert_with_queries(&keys, &fresh)?;
+                    }
+                    let bs = t0.elapsed().as_secs_f64();
+                    if std::env::var_os("KVDEX_RECALL_DEBUG").is_some() {
+                        let (mut sum, mut cnt) = (0usize, 0usize);
+                        for &i in &grp {
+                            for (_, t) in &tests[i] {
+                                for &id in &t.top {
+                                    sum += idx.neighbours_of(id).len();
+                                    cnt += 1;
+                                }
+                            }
+                        }
+                        eprintln!(
+                            "# graph: mean out-degree {:.1}, of the test queries' true top keys {:.1}",
+                            idx.mean_degree(),
+                            sum as f64 / cnt.max(1) as f64
+                        );
+                    }
+                    for (si, lst) in settings("graph", a).into_iter().enumerate() {
+                        idx.set_search_list(lst);
+                        let agg = &mut aggs[vi][si];
+                        agg.build_s += bs;
+                        agg.memory_bytes += idx.memory_bytes();
+                        for &i in &grp {
+                            evaluate(&idx, &keys, &tests[i], a.k, agg)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -424,7 +583,7 @@ fn params_json(
         }
         _ => serde_json::json!({
             "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries, "recent_train": gp.recent_train_queries,
-            "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "window": gp.rank_window, "per": a.graph_per,
+            "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "sparse_nq": gp.sparse_train_topk, "sparse_window": gp.sparse_rank_window, "window": gp.rank_window, "per": a.graph_per,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
             "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
         }),
@@ -523,7 +682,12 @@ mod tests {
     #[test]
     fn missing_directory_is_a_clear_error() {
         let a = RecallArgs {
-            data: "/nonexistent/kvdex".into(),
+            data: Some("/nonexistent/kvdex".into()),
+            synth_context: None,
+            synth_shape: "8,2,128".into(),
+            synth_train: 2048,
+            synth_tests: 64,
+            synth_seed: 42,
             index: "flat".into(),
             k: 10,
             sweep: false,
@@ -536,10 +700,13 @@ mod tests {
             max_train: 100,
             recent_train: 1024,
             list: 10,
+            lists: None,
             entries: 4,
             alpha: 1.0,
             fill_degree: 0,
             sparse_alpha: 1.0,
+            sparse_train_topk: 200,
+            sparse_window: 16,
             window: 8,
             insert_frac: None,
             insert_queries: 0,

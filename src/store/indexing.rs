@@ -286,7 +286,9 @@ struct BuildJob {
 impl BuildJob {
     fn run(self, copies: Vec<OwnedKeys>, training: Vec<HeadTraining>) {
         let layer = self.layer;
-        for (g, (keys, train)) in copies.iter().zip(&training).enumerate() {
+        // Each head's private key copy is dropped once its index is built, so a long build
+        // holds one head's copy at a time after the first.
+        for (g, (keys, train)) in copies.into_iter().zip(training).enumerate() {
             if self.session.strong_count() == 0 {
                 tracing::debug!(layer, "session dropped: index build abandoned");
                 return;
@@ -299,6 +301,7 @@ impl BuildJob {
                     &self.cfg.params,
                 )?)
             });
+            drop(keys);
             // Held only to install the result, never while building.
             let Some(session) = self.session.upgrade() else {
                 return;
@@ -325,7 +328,6 @@ impl BuildJob {
                 }
             }
         }
-        drop(copies);
         let Some(session) = self.session.upgrade() else {
             return;
         };

@@ -33,7 +33,19 @@ pub fn build(
         )));
     }
     let n = keys.len();
-    let lists = training_lists(keys, training, params)?;
+    let (lists, entries_per_key) = training_lists(keys, training, params)?;
+    // Sparse training lists (long contexts): laxer settings, decided once from the density
+    // at the base Nq and kept in the graph's params for insert.
+    let params = &GraphParams {
+        alpha: density_alpha(params, entries_per_key),
+        rank_window: sparse_lerp(
+            params.rank_window,
+            params.sparse_rank_window,
+            entries_per_key,
+        ),
+        train_topk: sparse_lerp(params.train_topk, params.sparse_train_topk, entries_per_key),
+        ..params.clone()
+    };
     let norms = key_norms(keys);
     // Hub keys: most frequent in the training top lists (DESIGN.md, "hub entry points").
     let mut freq = vec![0u32; n];
@@ -53,37 +65,8 @@ pub fn build(
     }
     let cands = candidates(&lists, n, params.rank_window);
     let m = params.degree;
-    let entries_per_key = lists.iter().map(Vec::len).sum::<usize>() as f32 / n.max(1) as f32;
-    let params = &GraphParams {
-        alpha: density_alpha(params, entries_per_key),
-        ..params.clone()
-    };
-    let mut adj: Vec<Vec<u32>> = cands
-        .into_par_iter()
-        .enumerate()
-        .map(|(p, mut c)| {
-            c.sort_unstable();
-            c.dedup();
-            c.retain(|&x| x as usize != p);
-            prune(
-                keys,
-                &|i| norms[i as usize],
-                p as u32,
-                &c,
-                m,
-                (params.alpha, params.fill_degree),
-            )
-        })
-        .collect();
-    // Reverse edges while the target has room.
-    for p in 0..n {
-        for i in 0..adj[p].len() {
-            let c = adj[p][i] as usize;
-            if adj[c].len() < m && !adj[c].contains(&(p as u32)) {
-                adj[c].push(p as u32);
-            }
-        }
-    }
+    // Pruned edges go straight into the fixed slots: no vector per key (at 1M keys those were
+    // hundreds of MB of small allocations that the allocator kept after the build).
     let mut g = QueryGuidedGraph {
         params: params.clone(),
         edges: vec![0; n * m],
@@ -91,8 +74,36 @@ pub fn build(
         entries,
         memory: Default::default(),
     };
-    for (i, a) in adj.iter().enumerate() {
-        g.set_neighbours(i, a);
+    g.edges
+        .par_chunks_mut(m)
+        .zip(g.deg.par_iter_mut())
+        .enumerate()
+        .for_each_init(Vec::new, |c, (p, (slot, deg))| {
+            c.clear();
+            c.extend_from_slice(cands.of(p));
+            c.sort_unstable();
+            c.dedup();
+            c.retain(|&x| x as usize != p);
+            let kept = prune(
+                keys,
+                &|i| norms[i as usize],
+                p as u32,
+                c,
+                m,
+                (params.alpha, params.fill_degree),
+            );
+            let d = kept.len().min(m);
+            slot[..d].copy_from_slice(&kept[..d]);
+            *deg = d as u8;
+        });
+    drop(cands);
+    // Reverse edges while the target has room (each node's own edges as they stand when it
+    // is reached, reverse ones from earlier nodes included).
+    for p in 0..n {
+        for i in 0..g.deg[p] as usize {
+            let c = g.edges[p * m + i];
+            g.link(c, p as u32, false);
+        }
     }
     connect(&mut g, keys);
     if let TrainingSignal::Queries { vectors, .. } = *training {
@@ -110,29 +121,70 @@ pub fn build(
     Ok(g)
 }
 
+/// How sparse `e` training list entries per key are: 0 at e >= 32, 1 at e <= 4, log-linear
+/// between.
+fn sparseness(e: f32) -> f32 {
+    ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0)
+}
+
 /// The occlusion slack for `e` training list entries per key (see
 /// [`GraphParams::sparse_alpha`]): `alpha` at e >= 32, `sparse_alpha` at e <= 4, log-linear between.
 pub(super) fn density_alpha(params: &GraphParams, e: f32) -> f32 {
-    let t = ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0);
-    params.alpha + (params.sparse_alpha - params.alpha) * t
+    params.alpha + (params.sparse_alpha - params.alpha) * sparseness(e)
+}
+
+/// `dense` at e >= 32 list entries per key, `sparse` at e <= 4, log-linear between (see
+/// [`GraphParams::sparse_train_topk`]).
+pub(super) fn sparse_lerp(dense: usize, sparse: usize, e: f32) -> usize {
+    let t = sparseness(e) as f64;
+    (dense as f64 + (sparse as f64 - dense as f64) * t).round() as usize
+}
+
+/// Every node's candidates in one flat array: node p's are `ids[start[p]..start[p + 1]]`.
+/// One allocation instead of a vector per key, which the allocator returns to the system when
+/// it is dropped.
+pub(super) struct Candidates {
+    start: Vec<usize>,
+    ids: Vec<u32>,
+}
+
+impl Candidates {
+    /// Node `p`'s candidates, in the order the lists gave them (with repeats).
+    pub(super) fn of(&self, p: usize) -> &[u32] {
+        &self.ids[self.start[p]..self.start[p + 1]]
+    }
 }
 
 /// Projection (steps 2-3's input): each list's pivot (its best key) takes the rest of the list
 /// as candidates, and each member also takes its rank neighbours within `w`: when one hub (a
 /// sink) is the pivot of most queries, pivot edges alone leave the rest of the graph bare.
-pub(super) fn candidates(lists: &[Vec<u32>], n: usize, w: usize) -> Vec<Vec<u32>> {
-    let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n];
-    for l in lists {
-        if let Some((&p, rest)) = l.split_first() {
-            cands[p as usize].extend_from_slice(rest);
+pub(super) fn candidates(lists: &[Vec<u32>], n: usize, w: usize) -> Candidates {
+    // Two passes over the lists: count, then place (the same order as pushing per node).
+    let each = |f: &mut dyn FnMut(u32, &[u32])| {
+        for l in lists {
+            if let Some((&p, rest)) = l.split_first() {
+                f(p, rest);
+            }
+            for (i, &x) in l.iter().enumerate().skip(1) {
+                let lo = i.saturating_sub(w).max(1);
+                let hi = (i + w + 1).min(l.len());
+                f(x, &l[lo..hi]);
+            }
         }
-        for (i, &x) in l.iter().enumerate().skip(1) {
-            let lo = i.saturating_sub(w).max(1);
-            let hi = (i + w + 1).min(l.len());
-            cands[x as usize].extend(l[lo..hi].iter().copied());
-        }
+    };
+    let mut start = vec![0usize; n + 1];
+    each(&mut |p, c| start[p as usize + 1] += c.len());
+    for i in 0..n {
+        start[i + 1] += start[i];
     }
-    cands
+    let mut ids = vec![0u32; start[n]];
+    let mut at = start.clone();
+    each(&mut |p, c| {
+        let a = &mut at[p as usize];
+        ids[*a..*a + c.len()].copy_from_slice(c);
+        *a += c.len();
+    });
+    Candidates { start, ids }
 }
 
 impl QueryGuidedGraph {
@@ -164,16 +216,19 @@ impl QueryGuidedGraph {
     }
 }
 
-/// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists.
+/// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists, and
+/// the density they give at the base Nq (list entries per key, `training queries x
+/// train_topk / keys` for queries, the supplied entries per key for lists). Queries get
+/// lists of the density-adjusted Nq (see [`GraphParams::sparse_train_topk`]).
 pub(super) fn training_lists(
     keys: &dyn KeyStore,
     training: &TrainingSignal<'_>,
     params: &GraphParams,
-) -> Result<Vec<Vec<u32>>, IndexError> {
+) -> Result<(Vec<Vec<u32>>, f32), IndexError> {
     let n = keys.len();
     let d = keys.dim();
     match *training {
-        TrainingSignal::None => Ok(Vec::new()),
+        TrainingSignal::None => Ok((Vec::new(), 0.0)),
         TrainingSignal::Neighbours(lists) => {
             for l in lists {
                 if let Some(&bad) = l.iter().find(|&&id| id as usize >= n) {
@@ -182,7 +237,8 @@ pub(super) fn training_lists(
                     )));
                 }
             }
-            Ok(lists.to_vec())
+            let entries = lists.iter().map(Vec::len).sum::<usize>();
+            Ok((lists.to_vec(), entries as f32 / n.max(1) as f32))
         }
         TrainingSignal::Queries { vectors, positions } => {
             if d == 0 || vectors.len() != positions.len() * d {
@@ -194,6 +250,8 @@ pub(super) fn training_lists(
             }
             check_finite("training query", vectors)?;
             let picks = sample_queries(positions, params);
+            let density = (picks.len() * params.train_topk) as f32 / n.max(1) as f32;
+            let topk = sparse_lerp(params.train_topk, params.sparse_train_topk, density);
             let flat = FlatIndex::new(n);
             let lists = picks
                 .par_iter()
@@ -203,8 +261,7 @@ pub(super) fn training_lists(
                         let q = &vectors[qi * d..(qi + 1) * d];
                         let visible = (positions[qi] as usize + 1).min(n);
                         let outs = std::slice::from_mut(hits);
-                        match flat.search_prefix(keys, q, params.train_topk, visible, scratch, outs)
-                        {
+                        match flat.search_prefix(keys, q, topk, visible, scratch, outs) {
                             Ok(_) => hits.ids.clone(),
                             Err(_) => Vec::new(),
                         }
@@ -212,7 +269,7 @@ pub(super) fn training_lists(
                 )
                 .filter(|l: &Vec<u32>| !l.is_empty())
                 .collect();
-            Ok(lists)
+            Ok((lists, density))
         }
     }
 }
@@ -323,22 +380,33 @@ pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
         if unreached.is_empty() {
             return;
         }
-        let found: Vec<Vec<u32>> = {
+        // The found lists in one flat array (`width` slots per unreached key) rather than a
+        // vector each: at 1M keys there are hundreds of thousands of them.
+        let width = g.params.build_list.max(1);
+        let mut found = vec![0u32; unreached.len() * width];
+        let mut lens = vec![0usize; unreached.len()];
+        {
             let snap: &QueryGuidedGraph = g;
-            unreached
-                .par_iter()
-                .map_init(
+            found
+                .par_chunks_mut(width)
+                .zip(lens.par_iter_mut())
+                .zip(unreached.par_iter())
+                .for_each_init(
                     || (GraphScratch::default(), vec![0.0f32; d]),
-                    |(s, row), &u| {
+                    |(s, row), ((slot, len), &u)| {
                         keys.row_f32(u, row);
-                        beam_search(snap, keys, row, &snap.entries, snap.params.build_list, s);
-                        s.pool.iter().map(|c| c.id).filter(|&id| id != u).collect()
+                        beam_search(snap, keys, row, &snap.entries, width, s);
+                        let ids = s.pool.iter().map(|c| c.id).filter(|&id| id != u);
+                        for (dst, id) in slot.iter_mut().zip(ids) {
+                            *dst = id;
+                            *len += 1;
+                        }
                     },
-                )
-                .collect()
-        };
+                );
+        }
         let half = (g.params.degree / 2).max(1);
-        for (&u, f) in unreached.iter().zip(&found) {
+        for (i, &u) in unreached.iter().enumerate() {
+            let f = &found[i * width..i * width + lens[i]];
             let Some(&best) = f.first() else { continue };
             let linked = f.iter().any(|&r| g.link(r, u, false));
             if !linked {
@@ -391,6 +459,18 @@ mod tests {
         assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
         // The fill never exceeds the degree cap.
         assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
+    }
+
+    /// Nq and the rank window move from their dense to their sparse values as the training
+    /// lists thin out, and stay put on dense data (the real 8K set has ~52 entries per key).
+    #[test]
+    fn sparse_settings_follow_the_list_density() {
+        assert_eq!(super::sparse_lerp(100, 200, 52.0), 100);
+        assert_eq!(super::sparse_lerp(100, 200, 32.0), 100);
+        assert_eq!(super::sparse_lerp(100, 200, 4.0), 200);
+        assert_eq!(super::sparse_lerp(100, 200, 0.4), 200);
+        let mid = super::sparse_lerp(8, 16, 11.3);
+        assert!(mid > 8 && mid < 16, "{mid}");
     }
 
     #[test]

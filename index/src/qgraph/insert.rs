@@ -89,7 +89,7 @@ impl QueryGuidedGraph {
         queries: &[f32],
     ) -> Result<(), IndexError> {
         let d = keys.dim();
-        if d == 0 || queries.len() % d != 0 {
+        if d == 0 || !queries.len().is_multiple_of(d) {
             return Err(IndexError::BadShape(format!(
                 "{} query floats is not a multiple of dim {d}",
                 queries.len()
@@ -142,7 +142,9 @@ pub fn insert_with_queries(
     };
     let mut params = g.params.clone();
     params.max_train_queries = positions.len().max(1);
-    let lists = training_lists(keys, &signal, &params)?;
+    // The build's Nq (already density-adjusted), whatever this batch's own density.
+    params.sparse_train_topk = params.train_topk;
+    let (lists, _) = training_lists(keys, &signal, &params)?;
     merge_lists(g, keys, &lists);
     link_unlinked(g, keys, old)?;
     connect(g, keys);
@@ -182,11 +184,11 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
     let cands = candidates(lists, n, g.params.rank_window);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
-    let updates: Vec<(u32, Vec<u32>)> = cands
+    let updates: Vec<(u32, Vec<u32>)> = (0..n)
         .into_par_iter()
-        .enumerate()
-        .filter(|(_, c)| !c.is_empty())
-        .map(|(p, mut c)| {
+        .filter(|&p| !cands.of(p).is_empty())
+        .map(|p| {
+            let mut c = cands.of(p).to_vec();
             c.extend_from_slice(snap.neighbours(p as u32));
             c.sort_unstable();
             c.dedup();

@@ -61,6 +61,19 @@ pub struct GraphParams {
     /// 8K data it cost 0.01 recall at 10% scored, on 128K synthetic it gained 0.01-0.02
     /// (notes/index.md, Session 2).
     pub fill_degree: usize,
+    /// Nq used instead of `train_topk` when the training lists are sparse: with `e =
+    /// training queries x train_topk / keys` list entries per key, Nq moves from `train_topk`
+    /// (e >= 32) to this (e <= 4) on a log scale, like `sparse_alpha`. Long contexts with a
+    /// bounded training sample leave most keys in no list, so nodes have few candidates; a
+    /// longer list per query costs the exact scan nothing extra (the scan dominates, the
+    /// selection is a heap) and gives every listed key more co-relevant candidates. Measured
+    /// on the decode bench's data at 256K (`bench recall --synth-context`): together with
+    /// `sparse_rank_window` 16, mass recall@64 0.827 -> 0.870 at L 128 (notes/scale.md). The
+    /// real 8K set (e ~ 52) keeps `train_topk`.
+    pub sparse_train_topk: usize,
+    /// `rank_window` used when the training lists are sparse (same rule as
+    /// `sparse_train_topk`).
+    pub sparse_rank_window: usize,
     /// Training (and later decode) queries remembered, in f16, to guide incremental insert.
     pub kept_queries: usize,
     /// Insert links a new key through at most this many remembered queries whose top lists it
@@ -82,6 +95,8 @@ impl Default for GraphParams {
             rank_window: 8,
             fill_degree: 0,
             sparse_alpha: 1.0,
+            sparse_train_topk: 200,
+            sparse_rank_window: 16,
             kept_queries: 256,
             insert_queries: 4,
         }
