@@ -23,6 +23,42 @@ pub struct HeadBeam {
     cursor: usize,
 }
 
+/// A bitset of node ids that a search clears by unsetting only the bits it set.
+#[derive(Debug, Default, Clone)]
+pub struct NodeSet {
+    bits: Vec<u64>,
+    set: Vec<u32>,
+}
+
+impl NodeSet {
+    /// Empties the set and sizes it for `n` nodes.
+    fn begin(&mut self, n: usize) {
+        for &id in &self.set {
+            if let Some(w) = self.bits.get_mut(id as usize / 64) {
+                *w &= !(1u64 << (id % 64));
+            }
+        }
+        self.set.clear();
+        if self.bits.len() < n.div_ceil(64) {
+            self.bits.resize(n.div_ceil(64), 0);
+        }
+    }
+
+    /// Adds `id`; returns true when it was not in the set.
+    #[inline]
+    fn insert(&mut self, id: u32) -> bool {
+        let bit = 1u64 << (id % 64);
+        match self.bits.get_mut(id as usize / 64) {
+            Some(w) if *w & bit == 0 => {
+                *w |= bit;
+                self.set.push(id);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Joint beam search of `queries` (`heads x dim`, row-major) from `entries` with list size `l`
 /// per head. Leaves each head's k best in `scratch.heads[h].best` and returns the number of
 /// keys scored (rows read; each is scored against every head). With one head it walks exactly
@@ -40,6 +76,7 @@ pub fn group_search_k(
     let heads = queries.len() / d;
     let n = graph.nodes().min(keys.len());
     scratch.begin(n);
+    scratch.expanded.begin(n);
     let l = l.max(1);
     if scratch.heads.len() < heads {
         scratch.heads.resize_with(heads, HeadBeam::default);
@@ -70,6 +107,10 @@ pub fn group_search_k(
             hb.pool[at].expanded = true;
             hb.cursor = at;
             let node = hb.pool[at].id;
+            // A node another head expanded has only visited neighbours: skip its edge list.
+            if !scratch.expanded.insert(node) {
+                continue;
+            }
             scratch.ids.clear();
             for &nb in graph.neighbours(node) {
                 if (nb as usize) < n && scratch.visit(nb) {

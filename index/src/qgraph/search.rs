@@ -33,6 +33,8 @@ pub struct GraphScratch {
     pub best: crate::TopK,
     /// Per-query-head beams of a joint GQA-group search (see [`super::group`]).
     pub(super) heads: Vec<super::group::HeadBeam>,
+    /// Nodes some head of a joint search expanded (see [`super::group`]).
+    pub(super) expanded: super::group::NodeSet,
 }
 
 impl GraphScratch {
