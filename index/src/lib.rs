@@ -93,6 +93,29 @@ pub trait MipsIndex: Send + Sync {
         out: &mut Hits,
     ) -> Result<SearchStats, IndexError>;
 
+    /// Searches for several queries that share these keys at once (the query heads of one GQA
+    /// group, `queries` holding `outs.len()` rows of `keys.dim()` floats); `outs[h]` gets query
+    /// h's `k` best, best first. Indices that can share work between the queries override it
+    /// (the graph reads each row once for the whole group); the default runs [`MipsIndex::search`]
+    /// per query. The returned `scored` counts each key once per row read.
+    fn search_group(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+        k: usize,
+        scratch: &mut SearchScratch,
+        outs: &mut [Hits],
+    ) -> Result<SearchStats, IndexError> {
+        let d = check_group_shape(keys, queries, outs.len())?;
+        let mut total = SearchStats::default();
+        for (q, out) in queries.chunks_exact(d.max(1)).zip(outs.iter_mut()) {
+            let st = self.search(keys, q, k, scratch, out)?;
+            total.scored += st.scored;
+            total.k_clamped |= st.k_clamped;
+        }
+        Ok(total)
+    }
+
     /// Number of keys indexed.
     fn len(&self) -> usize;
 
@@ -103,6 +126,23 @@ pub trait MipsIndex: Send + Sync {
 
     /// Bytes of memory the index itself holds (not counting the keys).
     fn memory_bytes(&self) -> usize;
+}
+
+/// Checks that `queries` holds `heads` finite rows of `keys.dim()` floats; returns the dim.
+pub(crate) fn check_group_shape(
+    keys: &dyn KeyStore,
+    queries: &[f32],
+    heads: usize,
+) -> Result<usize, IndexError> {
+    let d = keys.dim();
+    if queries.len() != heads * d {
+        return Err(IndexError::BadShape(format!(
+            "{} query floats for {heads} heads of dim {d}",
+            queries.len()
+        )));
+    }
+    error::check_finite("query", queries)?;
+    Ok(d)
 }
 
 /// The write side: indices that accept keys appended after the build.

@@ -13,6 +13,7 @@
 //! graph costs `M * 4 + 1` bytes per key.
 
 pub mod build;
+pub mod group;
 pub mod insert;
 pub mod search;
 
@@ -191,6 +192,26 @@ impl MipsIndex for QueryGuidedGraph {
             scored,
             k_clamped: k > n,
         })
+    }
+
+    fn search_group(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+        k: usize,
+        scratch: &mut SearchScratch,
+        outs: &mut [Hits],
+    ) -> Result<SearchStats, IndexError> {
+        group::search_group(
+            self,
+            keys,
+            queries,
+            k,
+            &self.entries,
+            self.params.search_list,
+            scratch,
+            outs,
+        )
     }
 
     fn len(&self) -> usize {

@@ -27,16 +27,20 @@ pub struct GraphScratch {
     marked: Vec<u32>,
     /// The beam, best first, at most L long.
     pub pool: Vec<Cand>,
-    ids: Vec<u32>,
-    scores: Vec<f32>,
+    pub(super) ids: Vec<u32>,
+    pub(super) scores: Vec<f32>,
     /// The k best of every node scored, not only those left in the beam: the result set.
     pub best: crate::TopK,
+    /// Per-query-head beams of a joint GQA-group search (see [`super::group`]).
+    pub(super) heads: Vec<super::group::HeadBeam>,
+    /// Nodes some head of a joint search expanded (see [`super::group`]).
+    pub(super) expanded: super::group::NodeSet,
 }
 
 impl GraphScratch {
     /// Starts a new search over `n` nodes: O(nodes visited by the last search), except when the
     /// set must grow.
-    fn begin(&mut self, n: usize) {
+    pub(super) fn begin(&mut self, n: usize) {
         let words = n.div_ceil(64);
         if self.marked.len() > self.visited.len() / 8 {
             self.visited.fill(0);
@@ -56,7 +60,7 @@ impl GraphScratch {
 
     /// Marks `id` visited; returns true when it was not visited before in this search.
     #[inline]
-    fn visit(&mut self, id: u32) -> bool {
+    pub(super) fn visit(&mut self, id: u32) -> bool {
         let bit = 1u64 << (id % 64);
         match self.visited.get_mut(id as usize / 64) {
             Some(w) if *w & bit == 0 => {
@@ -71,23 +75,29 @@ impl GraphScratch {
     /// Offers a scored node to a beam of width `l`.
     #[inline]
     fn offer(&mut self, l: usize, id: u32, score: f32) -> Option<usize> {
-        if self.pool.len() >= l && self.pool.last().is_some_and(|c| c.score >= score) {
-            return None;
-        }
-        let at = self.pool.partition_point(|c| c.score >= score);
-        if self.pool.len() >= l {
-            self.pool.pop();
-        }
-        self.pool.insert(
-            at,
-            Cand {
-                score,
-                id,
-                expanded: false,
-            },
-        );
-        Some(at)
+        offer(&mut self.pool, l, id, score)
     }
+}
+
+/// Offers a scored node to `pool`, a beam of width `l` kept best first; returns where it went.
+#[inline]
+pub(super) fn offer(pool: &mut Vec<Cand>, l: usize, id: u32, score: f32) -> Option<usize> {
+    if pool.len() >= l && pool.last().is_some_and(|c| c.score >= score) {
+        return None;
+    }
+    let at = pool.partition_point(|c| c.score >= score);
+    if pool.len() >= l {
+        pool.pop();
+    }
+    pool.insert(
+        at,
+        Cand {
+            score,
+            id,
+            expanded: false,
+        },
+    );
+    Some(at)
 }
 
 /// The adjacency a search walks: `neighbours(id)` lists id's out-edges.
