@@ -168,6 +168,19 @@ impl MipsIndex for FlatIndex {
         self.search_group(keys, query, k, scratch, std::slice::from_mut(out))
     }
 
+    /// The GQA-batched scan ([`FlatIndex::search_group`]): keys read once for the group.
+    fn search_group(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+        k: usize,
+        scratch: &mut SearchScratch,
+        outs: &mut [Hits],
+    ) -> Result<SearchStats, IndexError> {
+        crate::check_group_shape(keys, queries, outs.len())?;
+        FlatIndex::search_group(self, keys, queries, k, scratch, outs)
+    }
+
     fn len(&self) -> usize {
         self.len
     }

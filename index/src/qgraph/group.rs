@@ -199,31 +199,9 @@ mod tests {
     use super::*;
     use crate::keys::{KeyRows, KeySlice};
     use crate::qgraph::search::beam_search_k;
+    use crate::qgraph::search::tests::Ring;
     use crate::{build_index, Hits, IndexKind, IndexParams, SearchScratch};
     use rand::{Rng, SeedableRng};
-
-    /// Node i links to i±1, i±5 and i±23 (mod n).
-    struct Ring(Vec<Vec<u32>>);
-
-    impl Ring {
-        fn new(n: usize) -> Self {
-            let m = |i: usize, o: isize| ((i as isize + o).rem_euclid(n as isize)) as u32;
-            Ring(
-                (0..n)
-                    .map(|i| [1, -1, 5, -5, 23, -23].iter().map(|&o| m(i, o)).collect())
-                    .collect(),
-            )
-        }
-    }
-
-    impl Adjacency for Ring {
-        fn nodes(&self) -> usize {
-            self.0.len()
-        }
-        fn neighbours(&self, id: u32) -> &[u32] {
-            &self.0[id as usize]
-        }
-    }
 
     fn random(rng: &mut impl Rng, len: usize) -> Vec<f32> {
         (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect()

@@ -213,16 +213,17 @@ fn score_and_offer(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::keys::{KeyRows, KeySlice};
     use rand::{Rng, SeedableRng};
 
     /// Node i links to i±1, i±7 and i±31 (mod n): connected, with short and long edges.
-    struct Ring(Vec<Vec<u32>>);
+    /// (The group search's tests use it too.)
+    pub(in crate::qgraph) struct Ring(Vec<Vec<u32>>);
 
     impl Ring {
-        fn new(n: usize) -> Self {
+        pub(in crate::qgraph) fn new(n: usize) -> Self {
             let m = |i: usize, o: isize| ((i as isize + o).rem_euclid(n as isize)) as u32;
             Ring(
                 (0..n)
