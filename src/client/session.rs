@@ -55,12 +55,20 @@ pub struct GatheredRows<'a> {
 /// load 10). So the client spins with [`wait::wait_watching`] (the worker must take the request
 /// within `wake_grace`) and remembers whether the worker showed up: after a late worker it
 /// parks at once, and probes again every [`AfterWake::REPROBE`] cold requests.
+///
+/// That memory applies to cold requests only. A worker found parked although this client's
+/// previous request completed less than a spin ago did not go idle: it parked because the
+/// client itself came back late once (a wake-up it had to wait for, or a lost core). Parking
+/// at once then would make every next request pay two wake-ups in series, a chain that lasts
+/// as long as the traffic does; a full spin catches the completion and ends it.
 #[derive(Clone, Copy, Debug, Default)]
 struct AfterWake {
     /// The worker came late last time: park at once.
     park: bool,
     /// Cold requests since the last probe while parking.
     since_probe: u32,
+    /// When the previous request's completion arrived.
+    last_done: Option<Instant>,
 }
 
 impl AfterWake {
@@ -83,6 +91,12 @@ impl AfterWake {
     /// The outcome of a spin: whether the worker was late.
     fn record(&mut self, late: bool) {
         self.park = late;
+    }
+
+    /// True when the previous completion arrived less than `spin` ago: the client is sending
+    /// back to back, so a parked worker is a broken hot streak, not an idle one.
+    fn streaming(&self, spin: Duration) -> bool {
+        self.last_done.is_some_and(|t| t.elapsed() < spin)
     }
 }
 
@@ -293,6 +307,9 @@ impl SessionHandle {
                         t
                     };
                     let ready = match std::mem::take(&mut woke) {
+                        true if self.after_wake.streaming(self.wait.spin) => {
+                            wait::wait_until(&h.client_sleeping.0, self.wait, done)
+                        }
                         true if self.after_wake.spin() => {
                             let r =
                                 wait::wait_watching(&h.client_sleeping.0, self.wait, taken, done);
@@ -315,6 +332,7 @@ impl SessionHandle {
             }
         };
         let (index, c) = c;
+        self.after_wake.last_done = Some(Instant::now());
         if c.code != Status::Ok as u32 {
             let mut buf = [0u8; ERR_BYTES];
             let n = self.region.read_error(index, c.aux, &mut buf);
@@ -459,5 +477,24 @@ mod tests {
             a.spin() && a.spin(),
             "a punctual worker brings the spin back"
         );
+    }
+
+    #[test]
+    fn a_client_sending_back_to_back_is_streaming_until_a_spin_has_passed() {
+        use std::time::{Duration, Instant};
+        let mut a = AfterWake::default();
+        let spin = Duration::from_millis(50);
+        assert!(
+            !a.streaming(spin),
+            "no completion yet: a cold first request"
+        );
+        a.record(true);
+        a.last_done = Some(Instant::now());
+        assert!(
+            a.streaming(spin),
+            "right after a completion, even after a late worker"
+        );
+        a.last_done = Instant::now().checked_sub(2 * spin);
+        assert!(!a.streaming(spin), "a gap longer than the spin is cold");
     }
 }
