@@ -308,7 +308,7 @@ impl SessionHandle {
                     };
                     let ready = match std::mem::take(&mut woke) {
                         true if self.after_wake.streaming(self.wait.spin) => {
-                            wait::wait_until(&h.client_sleeping.0, self.wait, done)
+                            wait::wait_watching(&h.client_sleeping.0, self.wait, taken, done)
                         }
                         true if self.after_wake.spin() => {
                             let r =
