@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
+use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
 
 /// The embedded default configuration, the bottom layer.
@@ -119,6 +120,8 @@ pub struct SessionsConfig {
     pub shm_dir: String,
     /// Unix socket of the optional socket data path ("" for none).
     pub data_socket: String,
+    /// CPUs the data-plane threads are pinned to, as a Linux CPU list ("" for no pinning).
+    pub worker_cpus: String,
 }
 
 fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {
@@ -226,6 +229,7 @@ impl Config {
                 ),
             ));
         }
+        self.worker_cpus()?;
         if s.shm_dir.is_empty() || !Path::new(&s.shm_dir).is_dir() {
             return Err(bad(
                 "sessions.shm_dir",
@@ -246,6 +250,30 @@ impl Config {
                 ),
             )
         })
+    }
+
+    /// `sessions.worker_cpus` parsed, if set. Refused when it names no CPU this process may
+    /// run on (a typo there would otherwise only show as a warning per session).
+    pub fn worker_cpus(&self) -> Result<Option<CpuMask>> {
+        let list = self.sessions.worker_cpus.trim();
+        if list.is_empty() {
+            return Ok(None);
+        }
+        let key = "sessions.worker_cpus";
+        let mask = CpuMask::parse(list).map_err(|e| match e {
+            KvdexError::Config(why) => bad(key, why),
+            other => bad(key, other),
+        })?;
+        let allowed = CpuMask::of_current_thread().map_err(|e| bad(key, e))?;
+        if !mask.cpus().any(|c| allowed.cpus().any(|a| a == c)) {
+            return Err(bad(
+                key,
+                format!(
+                    "none of CPUs {mask:?} is available to this process (it may use {allowed:?})"
+                ),
+            ));
+        }
+        Ok(Some(mask))
     }
 
     /// `sessions.data_socket`, if set.

@@ -53,17 +53,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let data_socket = config.data_socket();
+    let cpus = config.worker_cpus()?;
     let data_plane = match &data_socket {
         Some(path) => {
             let hub = crate::worker::socket::SocketHub::new();
             let listener = bind_std_unix(path, "sessions.data_socket")?;
             // It serves whoever can connect (a token is still needed): owner only.
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-            hub.listen(listener)?;
+            hub.listen(listener, cpus)?;
             tracing::info!(path = %path.display(), "data plane also on a Unix socket");
-            dataplane::shm_and_socket(hub)
+            dataplane::shm_and_socket(hub, cpus)
         }
-        None => dataplane::shm(),
+        None => dataplane::shm(cpus),
     };
     let served = rt.block_on(serve(config, data_plane, shutdown_signal()));
     if let Some(path) = &data_socket {

@@ -17,6 +17,7 @@
 //!   `.npy` data sets it reads.
 //! - [`cli`]: the command line.
 
+pub mod affinity;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode, Status};
 use crate::shm::layout::{attach_state, close_reason};
@@ -67,6 +68,9 @@ pub enum ExitReason {
 pub struct WorkerConfig {
     /// Spin, then park. The park timeout is also how often the client's pid is checked.
     pub wait: WaitPolicy,
+    /// Pin the worker thread to these CPUs (`sessions.worker_cpus`); `None` leaves it to the
+    /// scheduler.
+    pub cpus: Option<CpuMask>,
 }
 
 struct Shared {
@@ -136,6 +140,9 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name("kvdex-worker".into())
             .spawn(move || {
+                if let Some(Err(e)) = config.cpus.map(|m| m.pin_current_thread()) {
+                    tracing::warn!(error = %e, "worker runs unpinned");
+                }
                 let reason = std::panic::catch_unwind(AssertUnwindSafe(|| {
                     serve(&inner, session, token, &*observer, config)
                 }))

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::affinity::CpuMask;
 use crate::client::{Client, SessionHandle, SessionOptions, SocketSession};
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
@@ -34,6 +35,11 @@ pub struct RttArgs {
     /// Measured round trips per case, cold (1 ms apart; shm and socket interleaved).
     #[arg(long, default_value_t = 3_000)]
     pub cold_n: usize,
+    /// Pin this client to one CPU and the daemon's data-plane threads to another
+    /// (`sessions.worker_cpus`), as a latency-critical deployment would. Without it the
+    /// scheduler may put both on one core (BENCHMARKS.md).
+    #[arg(long)]
+    pub pin: bool,
 }
 
 /// Payload arena of the benchmark session (both transports).
@@ -55,11 +61,18 @@ struct RttRow {
     cold_shm_p99_us: f64,
     cold_socket_p50_us: f64,
     cold_socket_p99_us: f64,
+    /// Client and daemon threads pinned to separate CPUs (`--pin`).
+    pinned: bool,
 }
 
 /// Runs the benchmark against a `kvdex serve` it starts and stops.
 pub fn run(args: RttArgs) -> Result<()> {
-    let daemon = BenchDaemon::start()?;
+    let cpus = if args.pin { Some(pin_pair()?) } else { None };
+    let daemon = BenchDaemon::start(cpus.map(|(_, d)| d))?;
+    // Pinned after the daemon started: a child inherits the affinity of the thread forking it.
+    if let Some((client, _)) = cpus {
+        CpuMask::parse(&client.to_string())?.pin_current_thread()?;
+    }
     let rows = (|| {
         let client = Client::connect(&daemon.base)?;
         let shape = Shape {
@@ -77,7 +90,9 @@ pub fn run(args: RttArgs) -> Result<()> {
         let mut sock = shm.open_socket()?;
         let mut rows = Vec::new();
         for payload in PAYLOADS {
-            rows.push(measure(&mut shm, &mut sock, payload, args.n, args.cold_n)?);
+            let mut row = measure(&mut shm, &mut sock, payload, args.n, args.cold_n)?;
+            row.pinned = args.pin;
+            rows.push(row);
         }
         drop(sock);
         shm.drop_session()?;
@@ -143,7 +158,20 @@ fn measure(
         cold_shm_p99_us: cshm_p99,
         cold_socket_p50_us: csock_p50,
         cold_socket_p99_us: csock_p99,
+        pinned: false,
     })
+}
+
+/// (client CPU, daemon CPU) for `--pin`: the first and the last CPU this process may use.
+fn pin_pair() -> Result<(usize, usize)> {
+    let allowed = CpuMask::of_current_thread()?;
+    let (first, last) = (allowed.cpus().next(), allowed.cpus().last());
+    match (first, last) {
+        (Some(a), Some(b)) if a != b => Ok((a, b)),
+        _ => Err(KvdexError::BadRequest(format!(
+            "--pin needs two CPUs, this process may use only {allowed:?}"
+        ))),
+    }
 }
 
 /// Cold round trips of both transports, interleaved: shm, 1 ms, socket, 1 ms, shm, ... so that
@@ -217,6 +245,9 @@ fn print_table(rows: &[RttRow]) {
         );
     }
     println!("(microseconds; hot = back to back, cold = 1 ms apart; p99 x = socket p99 / shm p99)");
+    if rows.first().is_some_and(|r| r.pinned) {
+        println!("(client and daemon data-plane threads pinned to separate CPUs)");
+    }
 }
 
 /// `kvdex serve` as a child process: a free port, a data socket in a private directory.
@@ -230,13 +261,17 @@ struct BenchDaemon {
 
 impl BenchDaemon {
     /// Starts the daemon and waits until it prints its address and answers `/readyz`.
-    fn start() -> Result<Self> {
+    /// `worker_cpus`: pin its data-plane threads to this CPU.
+    fn start(worker_cpus: Option<usize>) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("kvdex-bench-rtt-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cmd = Command::new(std::env::current_exe()?);
         if std::env::var_os("KVDEX_LOG").is_none() {
             // Keep the daemon's start-up lines out of the benchmark's output.
             cmd.env("KVDEX_LOG", "warn");
+        }
+        if let Some(cpu) = worker_cpus {
+            cmd.env("KVDEX_SESSIONS__WORKER_CPUS", cpu.to_string());
         }
         let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0"])

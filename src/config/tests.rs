@@ -155,11 +155,40 @@ fn bad_values_are_refused_with_key_and_reason() {
             "0",
             "`memory.initial_tokens`",
         ),
+        (
+            "KVDEX_SESSIONS__WORKER_CPUS",
+            "1-x",
+            "`sessions.worker_cpus`: CPU list \"1-x\": \"x\" is not a CPU id",
+        ),
+        (
+            "KVDEX_SESSIONS__WORKER_CPUS",
+            "1023",
+            "`sessions.worker_cpus`: none of CPUs [1023] is available",
+        ),
     ];
     for (var, val, want) in cases {
         let e = err(Config::load(None, env(&[(var, val)]), None));
         assert!(e.contains(want), "{var}={val}: {e}");
     }
+}
+
+#[test]
+fn worker_cpus_parse_to_a_mask_of_allowed_cpus() {
+    let c = Config::embedded().unwrap();
+    assert_eq!(c.worker_cpus().unwrap(), None, "no pinning by default");
+    let first = crate::affinity::CpuMask::of_current_thread()
+        .unwrap()
+        .cpus()
+        .next()
+        .unwrap();
+    let c = Config::load(
+        None,
+        env(&[("KVDEX_SESSIONS__WORKER_CPUS", &first.to_string())]),
+        None,
+    )
+    .unwrap();
+    let mask = c.worker_cpus().unwrap().unwrap();
+    assert_eq!(mask.cpus().collect::<Vec<_>>(), vec![first]);
 }
 
 #[test]

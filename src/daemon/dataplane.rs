@@ -8,12 +8,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::affinity::CpuMask;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::shm::Region;
 use crate::store::Session;
 use crate::worker::socket::{SocketHub, SocketRegistration};
-use crate::worker::{ExitReason, Observer, Worker};
+use crate::worker::{ExitReason, Observer, Worker, WorkerConfig};
 
 /// What a data plane needs to serve one session.
 pub struct DataPlaneSpec {
@@ -54,14 +55,18 @@ pub trait DataPlane: Send + Sync {
 }
 
 /// The daemon's data plane: a shared-memory region per session, served by one worker thread.
-pub fn shm() -> Box<dyn DataPlane> {
-    Box::new(ShmDataPlane { socket: None })
+/// `cpus`: pin each worker thread there (`sessions.worker_cpus`).
+pub fn shm(cpus: Option<CpuMask>) -> Box<dyn DataPlane> {
+    Box::new(ShmDataPlane { socket: None, cpus })
 }
 
 /// [`shm`], and every session also reachable over the Unix data socket `hub` listens on
 /// (`sessions.data_socket`).
-pub fn shm_and_socket(hub: Arc<SocketHub>) -> Box<dyn DataPlane> {
-    Box::new(ShmDataPlane { socket: Some(hub) })
+pub fn shm_and_socket(hub: Arc<SocketHub>, cpus: Option<CpuMask>) -> Box<dyn DataPlane> {
+    Box::new(ShmDataPlane {
+        socket: Some(hub),
+        cpus,
+    })
 }
 
 /// Creates the region with [`Region::create`] and serves it with [`Worker::spawn`]; the
@@ -70,6 +75,7 @@ pub fn shm_and_socket(hub: Arc<SocketHub>) -> Box<dyn DataPlane> {
 /// [`SocketRegistration`], whose drop closes its socket connections.
 pub struct ShmDataPlane {
     socket: Option<Arc<SocketHub>>,
+    cpus: Option<CpuMask>,
 }
 
 /// What [`ShmDataPlane`] hands the registry; fields drop in order (socket first, so that a
@@ -110,7 +116,12 @@ impl DataPlane for ShmDataPlane {
             let _ = exits.send(ExitNotice { id, reason: label });
         });
         let observer: Arc<dyn Observer> = spec.metrics;
-        let worker = Worker::spawn(region, spec.session, spec.token, observer, on_exit)?;
+        let config = WorkerConfig {
+            cpus: self.cpus,
+            ..Default::default()
+        };
+        let worker =
+            Worker::spawn_with(region, spec.session, spec.token, observer, on_exit, config)?;
         Ok(Box::new(ShmServing {
             _socket: socket,
             _worker: worker,

@@ -26,6 +26,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
@@ -172,11 +173,16 @@ impl SocketHub {
 
     /// Accepts connections on `listener` on a thread of its own, one thread per connection.
     /// The thread lives as long as the process (the daemon removes the socket file at exit).
-    pub fn listen(self: &Arc<Self>, listener: UnixListener) -> Result<()> {
+    /// With `cpus`, the accepting thread is pinned there, and so are the connection threads it
+    /// starts (they inherit its affinity).
+    pub fn listen(self: &Arc<Self>, listener: UnixListener, cpus: Option<CpuMask>) -> Result<()> {
         let hub = self.clone();
         std::thread::Builder::new()
             .name("kvdex-data-socket".into())
             .spawn(move || {
+                if let Some(Err(e)) = cpus.map(|m| m.pin_current_thread()) {
+                    tracing::warn!(error = %e, "data socket threads run unpinned");
+                }
                 for stream in listener.incoming() {
                     let stream = match stream {
                         Ok(s) => s,
