@@ -13,10 +13,10 @@
 //! ([`super::decode_data`]). The daemon's VmRSS is read from `/proc` at the end.
 //!
 //! # Layout
-//! - [`daemon`]: the `kvdex serve` child and the HTTP calls to it.
-//! - [`context`]: one context length, every method, the concurrent sessions.
-//! - [`steps`]: the timed, checked decode steps of one method.
-//! - [`report`]: the table or JSON rows.
+//! - `daemon`: the `kvdex serve` child and the HTTP calls to it.
+//! - `context`: one context length, every method, the concurrent sessions.
+//! - `steps`: the timed, checked decode steps of one method.
+//! - `report`: the table or JSON rows.
 
 mod context;
 mod daemon;

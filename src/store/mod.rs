@@ -7,8 +7,8 @@
 //! # Layout
 //! - [`budget`]: the global byte budget every session reserves from.
 //! - [`layer`]: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
-//! - [`shape`]: a session's [`Shape`] and its limits.
-//! - [`accounting`]: arena growth under the budget, the bytes a session holds, [`LayerStats`].
+//! - `shape`: a session's [`Shape`] and its limits.
+//! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
 //!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
 //!   (growth copies into a larger arena under it), searches and gathers its read lock.
