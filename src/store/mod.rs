@@ -7,129 +7,37 @@
 //! # Layout
 //! - [`budget`]: the global byte budget every session reserves from.
 //! - [`layer`]: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
-//! - this file: [`Shape`], [`Store`] (the arena source and budget sessions are made from) and
+//! - `shape`: a session's [`Shape`] and its limits.
+//! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
+//! - this file: [`Store`] (the arena source and budget sessions are made from) and
 //!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
 //!   (growth copies into a larger arena under it), searches and gathers its read lock.
 
+mod accounting;
 pub mod budget;
 pub mod indexing;
 mod layer;
 pub mod retrieve;
+mod shape;
 pub mod slim;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use kvdex_index::flat::FlatIndex;
-use kvdex_index::{Hits, KeyDtype, MipsIndexMut, SearchScratch};
+use kvdex_index::{Hits, MipsIndexMut, SearchScratch};
 use kvdex_transfer::host::HostLink;
 use kvdex_transfer::DeviceLink;
 
+pub use accounting::LayerStats;
 pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
 pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
-use layer::{arena_bytes, LayerKv};
+use layer::LayerKv;
+pub use shape::{dtype_serde, Shape};
 pub use slim::{SlimSpec, SlimStats};
 
 use crate::error::{KvdexError, Result};
-
-/// The shape of a session's KV cache, fixed when it is created.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Shape {
-    /// Transformer layers.
-    pub layers: u32,
-    /// Query heads per layer.
-    pub q_heads: u32,
-    /// KV heads per layer; query head `h` reads KV head `h / (q_heads / kv_heads)` (GQA).
-    pub kv_heads: u32,
-    /// Elements per head vector.
-    pub head_dim: u32,
-    /// Storage dtype of K and V.
-    #[serde(with = "dtype_serde")]
-    pub dtype: KeyDtype,
-}
-
-impl Shape {
-    /// Most layers a session may have.
-    pub const MAX_LAYERS: u32 = 1024;
-    /// Most query (or KV) heads per layer.
-    pub const MAX_HEADS: u32 = 1024;
-    /// Longest head vector.
-    pub const MAX_HEAD_DIM: u32 = 8192;
-
-    /// Checks the shape is usable: all dimensions non-zero, within [`Shape::MAX_LAYERS`],
-    /// [`Shape::MAX_HEADS`] and [`Shape::MAX_HEAD_DIM`] (a client cannot make the daemon allocate
-    /// per-layer state for billions of layers), and GQA-divisible.
-    pub fn validate(&self) -> Result<()> {
-        for (name, v, max) in [
-            ("layers", self.layers, Self::MAX_LAYERS),
-            ("q_heads", self.q_heads, Self::MAX_HEADS),
-            ("kv_heads", self.kv_heads, Self::MAX_HEADS),
-            ("head_dim", self.head_dim, Self::MAX_HEAD_DIM),
-        ] {
-            if v > max {
-                return Err(KvdexError::BadRequest(format!(
-                    "{name} = {v} is above the limit {max}"
-                )));
-            }
-        }
-        if self.layers == 0 || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
-            return Err(KvdexError::BadRequest(format!(
-                "shape has a zero dimension: {self:?}"
-            )));
-        }
-        if self.q_heads % self.kv_heads != 0 {
-            return Err(KvdexError::BadRequest(format!(
-                "q_heads ({}) is not a multiple of kv_heads ({})",
-                self.q_heads, self.kv_heads
-            )));
-        }
-        Ok(())
-    }
-    /// Query heads per KV head.
-    pub fn group(&self) -> u32 {
-        self.q_heads / self.kv_heads
-    }
-    /// Bytes of one token's row for one head.
-    pub fn row_bytes(&self) -> usize {
-        self.head_dim as usize * self.dtype.size()
-    }
-}
-
-/// Serde for [`KeyDtype`] as "f16" | "bf16" | "f32".
-pub mod dtype_serde {
-    use kvdex_index::KeyDtype;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Parses "f16", "bf16" or "f32".
-    pub fn parse(s: &str) -> Option<KeyDtype> {
-        match s {
-            "f16" | "float16" => Some(KeyDtype::F16),
-            "bf16" | "bfloat16" => Some(KeyDtype::Bf16),
-            "f32" | "float32" => Some(KeyDtype::F32),
-            _ => None,
-        }
-    }
-    /// The canonical name.
-    pub fn name(d: KeyDtype) -> &'static str {
-        match d {
-            KeyDtype::F16 => "f16",
-            KeyDtype::Bf16 => "bf16",
-            KeyDtype::F32 => "f32",
-        }
-    }
-    /// serde hook.
-    pub fn serialize<S: Serializer>(d: &KeyDtype, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(name(*d))
-    }
-    /// serde hook.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KeyDtype, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!("unknown dtype {s:?}: expected f16, bf16 or f32"))
-        })
-    }
-}
 
 /// The arena source the daemon uses: kvdex-transfer's `default_link()`, which gives pinned
 /// memory when the CUDA driver loads and plain host memory (with a log line) otherwise.
@@ -224,24 +132,6 @@ impl Store {
     }
 }
 
-/// One layer's state as reported by `/stats` and `GET /v1/sessions/{id}`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct LayerStats {
-    /// Tokens stored.
-    pub tokens: usize,
-    /// Tokens the arenas hold room for.
-    pub capacity: usize,
-    /// Index kind searches use ("flat" until an index is built).
-    pub index: &'static str,
-    /// Tokens the index covers, least over the layer's query heads; `tokens - indexed` are
-    /// waiting to be inserted (a build in progress reports its progress here).
-    pub indexed: usize,
-    /// Bytes the layer's indices hold, beyond the K/V rows.
-    pub index_bytes: usize,
-    /// The decode-path index build (seal) and its progress.
-    pub build: BuildStatus,
-}
-
 /// One sequence's KV cache.
 pub struct Session {
     shape: Shape,
@@ -329,30 +219,6 @@ impl Session {
         l.write_rows(tokens, rb, k, v);
         l.update_indices(s.group() as usize, s.dtype, s.head_dim as usize)?;
         Ok(l.len)
-    }
-
-    /// Grows `l` to hold `need` tokens: doubling when the budget allows, exactly `need`
-    /// otherwise, or a budget error naming the exact growth asked for.
-    fn grow(&self, l: &mut LayerKv, need: usize) -> Result<()> {
-        let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
-        let held = l.held_bytes(kvh, rb) as u64;
-        let planes = l.planes();
-        let bytes_at = |cap: usize| (planes * kvh * arena_bytes(cap, rb)) as u64;
-        let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
-        let budget = &self.store.budget;
-        let cap = if budget.try_reserve(bytes_at(roomy) - held).is_ok() {
-            roomy
-        } else {
-            budget.try_reserve(bytes_at(need) - held)?;
-            need
-        };
-        let grown = bytes_at(cap) - held;
-        if let Err(e) = l.grow(self.store.link.as_ref(), kvh, rb, cap) {
-            budget.release(grown);
-            return Err(e);
-        }
-        self.held.fetch_add(grown, Ordering::AcqRel);
-        Ok(())
     }
 
     /// Top-`k` keys by inner product for every query head of `layer`, through each head's index.
@@ -465,58 +331,6 @@ impl Session {
             slim::encode_rows(&values, s.dtype, vo);
         }
         Ok(need)
-    }
-
-    /// Bytes of K and V stored (tokens appended, not capacity); K alone in Slim mode.
-    pub fn resident_bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .filter_map(|l| l.read().ok())
-            .map(|l| {
-                (l.planes() * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64
-            })
-            .sum()
-    }
-
-    /// Bytes of arena this session holds, charged to the budget (capacity, not just rows).
-    pub fn reserved_bytes(&self) -> u64 {
-        self.held.load(Ordering::Acquire)
-    }
-
-    /// Per-layer tokens, capacity and index state.
-    pub fn layer_stats(&self) -> Vec<LayerStats> {
-        self.layers
-            .iter()
-            .zip(&self.index)
-            .filter_map(|(l, li)| Some((l.read().ok()?, li)))
-            .map(|(l, li)| {
-                let build = li.status();
-                let (indexed, bytes) = li.coverage();
-                let built = build.state == "ready" || indexed > 0;
-                LayerStats {
-                    tokens: l.len,
-                    capacity: l.cap,
-                    index: match build.kind {
-                        Some(k) if built => k,
-                        _ => l.indices.first().map_or("flat", |i| i.name()),
-                    },
-                    indexed: if built {
-                        indexed
-                    } else {
-                        l.indices.iter().map(|i| i.len()).min().unwrap_or(0)
-                    },
-                    index_bytes: bytes + l.indices.iter().map(|i| i.memory_bytes()).sum::<usize>(),
-                    build,
-                }
-            })
-            .collect()
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        // The arenas free themselves as the layers drop; give their bytes back to the budget.
-        self.store.budget.release(*self.held.get_mut());
     }
 }
 

@@ -1,5 +1,6 @@
 //! Unit tests of the store: growth, budget, search against brute force, bad input.
 use super::*;
+use kvdex_index::KeyDtype;
 
 #[test]
 fn append_search_gather_round_trip() {

@@ -1,0 +1,117 @@
+//! The daemon the bench drives: `kvdex serve` started as a child process, and the HTTP calls
+//! the bench makes to it (create a session and attach, read per-layer state), plus its VmRSS.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::DecodeArgs;
+use crate::client::{parse_token, Client, SessionHandle};
+use crate::error::{KvdexError, Result};
+
+/// The daemon child; killed and reaped on drop.
+pub(super) struct Daemon {
+    pub(super) child: Child,
+    pub(super) url: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kvdex serve` on a free port with a budget for `kv_bytes` and the bench's decode
+/// settings, and waits until it answers.
+pub(super) fn start_daemon(exe: &std::path::Path, kv_bytes: u64, a: &DecodeArgs) -> Result<Daemon> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let child = Command::new(exe)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env(
+            "KVDEX_MEMORY__BUDGET_BYTES",
+            (kv_bytes * 3 + (1 << 30)).to_string(),
+        )
+        .env("KVDEX_DECODE__SINKS", a.sinks.to_string())
+        .env("KVDEX_DECODE__WINDOW", a.window.to_string())
+        .env("KVDEX_DECODE__GRAPH_SEARCH_LIST", a.search_list.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let d = Daemon { child, url };
+    let t = Instant::now();
+    while ureq::get(&format!("{}/healthz", d.url)).call().is_err() {
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(KvdexError::Disconnected(format!(
+                "kvdex serve did not answer on {}",
+                d.url
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(d)
+}
+
+/// Parses a JSON answer.
+pub(super) fn json(s: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(s).map_err(|e| KvdexError::Protocol(format!("daemon sent bad JSON: {e}")))
+}
+
+/// An HTTP failure as the error the bench reports.
+pub(super) fn http(e: ureq::Error) -> KvdexError {
+    KvdexError::Disconnected(format!("HTTP: {e}"))
+}
+
+/// Creates the session over HTTP and attaches; returns the handle, id and token.
+pub(super) fn create(
+    d: &Daemon,
+    a: &DecodeArgs,
+    payload: u64,
+) -> Result<(SessionHandle, String, String)> {
+    let body = serde_json::json!({
+        "layers": a.layers, "q_heads": a.q_heads, "kv_heads": a.kv_heads,
+        "head_dim": a.head_dim, "dtype": "f16", "payload_bytes": payload,
+    });
+    let v: serde_json::Value = ureq::post(&format!("{}/v1/sessions", d.url))
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+        .map_err(http)?
+        .into_string()
+        .map_err(KvdexError::Io)
+        .and_then(|s| json(&s))?;
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| KvdexError::Protocol(format!("POST /v1/sessions answered without {k}")))
+    };
+    let (id, token, path): (String, String, String) =
+        (field("id")?, field("token")?, field("shm_path")?);
+    let h = Client::attach(&path, &parse_token(&token)?)?;
+    Ok((h, id, token))
+}
+
+/// Per-layer state from `GET /v1/sessions/{id}`.
+pub(super) fn layers_info(d: &Daemon, id: &str, token: &str) -> Result<Vec<serde_json::Value>> {
+    let v: serde_json::Value = ureq::get(&format!("{}/v1/sessions/{id}", d.url))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+        .map_err(http)?
+        .into_string()
+        .map_err(KvdexError::Io)
+        .and_then(|s| json(&s))?;
+    Ok(v.get("layers")
+        .and_then(|l| l.as_array())
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// The resident set of process `pid`, in KiB, from `/proc`.
+pub(super) fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

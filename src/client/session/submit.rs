@@ -1,0 +1,174 @@
+//! One request's round trip over the rings: encode it into the arena, push its descriptor,
+//! wake the worker, wait for the completion (spinning or parking, see `AfterWake`), and check
+//! the completion before handing back the response's range.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{closed_error, SessionHandle};
+use crate::error::{KvdexError, Result};
+use crate::proto::{Opcode, Request, Response, Status};
+use crate::shm::layout::{ERR_BYTES, PAYLOAD_ALIGN};
+use crate::shm::wait::{self, WaitPolicy};
+use crate::shm::Descriptor;
+
+impl SessionHandle {
+    /// Sends one request whose body `encode` writes at the start of the arena, and waits for
+    /// its completion. Returns the response's byte range in the arena.
+    pub(super) fn call(&mut self, op: Opcode, req: &Request<'_>) -> Result<std::ops::Range<usize>> {
+        let arena = self.region.arena_mut();
+        let in_len = req.encode(arena).map_err(|_| {
+            KvdexError::BadRequest(format!(
+                "{} request of {} bytes does not fit the {}-byte arena",
+                op.name(),
+                req.encoded_len(),
+                arena.len()
+            ))
+        })? as u64;
+        let out_offset = in_len.div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
+        let out_len = (arena.len() as u64).saturating_sub(out_offset);
+        self.submit(Descriptor {
+            request_id: self.next_id,
+            code: op as u32,
+            in_offset: 0,
+            in_len,
+            out_offset,
+            out_len,
+            ..Default::default()
+        })
+    }
+
+    /// Sends a request of `op` whose body the caller already wrote at the start of the arena
+    /// ([`SessionHandle::arena_mut`]), `in_len` bytes, and waits for its completion. For ops
+    /// with their own codec (the decode path's `seal` and `retrieve`).
+    pub(crate) fn call_raw(&mut self, op: Opcode, in_len: u64) -> Result<std::ops::Range<usize>> {
+        let arena_len = self.region.arena_len();
+        let out_offset = in_len.div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
+        self.submit(Descriptor {
+            request_id: self.next_id,
+            code: op as u32,
+            in_offset: 0,
+            in_len,
+            out_offset,
+            out_len: arena_len.saturating_sub(out_offset),
+            ..Default::default()
+        })
+    }
+
+    /// The payload arena, where [`SessionHandle::call_raw`] bodies are written and responses
+    /// read.
+    pub(crate) fn arena_mut(&mut self) -> &mut [u8] {
+        self.region.arena_mut()
+    }
+
+    /// Pushes a raw descriptor and waits for its completion. Exposed for protocol tests that
+    /// need to send what a well-behaved client never would.
+    pub fn submit(&mut self, d: Descriptor) -> Result<std::ops::Range<usize>> {
+        self.next_id = self.next_id.max(d.request_id).wrapping_add(1);
+        let (sq, cq) = (self.region.sq(), self.region.cq());
+        if !self
+            .sq
+            .try_push(&sq, &d)
+            .map_err(|e| KvdexError::Protocol(e.to_string()))?
+        {
+            return Err(KvdexError::Protocol(
+                "submission ring full with no request outstanding".into(),
+            ));
+        }
+        let h = self.region.header();
+        // If the worker was parked it needs a wake-up and a core (the cold case): see
+        // `AfterWake` for whether to spin or park while it wakes.
+        let mut woke = wait::notify(&h.daemon_sleeping.0);
+        let c = loop {
+            match self
+                .cq
+                .try_pop(&cq)
+                .map_err(|e| KvdexError::Protocol(e.to_string()))?
+            {
+                Some((index, c)) => break (index, c),
+                None => {
+                    if let Some(r) = self.region.closed() {
+                        // The daemon may have posted a final completion before closing.
+                        if let Some((index, c)) = self
+                            .cq
+                            .try_pop(&cq)
+                            .map_err(|e| KvdexError::Protocol(e.to_string()))?
+                        {
+                            break (index, c);
+                        }
+                        return Err(closed_error(r));
+                    }
+                    let tail = self.cq.tail();
+                    let done = || {
+                        cq.has_entries_after(tail) || h.attach.0.closed.load(Ordering::Relaxed) != 0
+                    };
+                    let producer = &self.sq;
+                    // Records whether the worker showed up within the grace.
+                    let late = std::cell::Cell::new(false);
+                    let taken = || {
+                        let t = producer.in_flight(&sq).map_or(true, |n| n == 0);
+                        late.set(!t);
+                        t
+                    };
+                    let ready = match std::mem::take(&mut woke) {
+                        true if self.after_wake.streaming(self.wait.spin) => {
+                            wait::wait_watching(&h.client_sleeping.0, self.wait, taken, done)
+                        }
+                        true if self.after_wake.spin() => {
+                            let r =
+                                wait::wait_watching(&h.client_sleeping.0, self.wait, taken, done);
+                            self.after_wake.record(late.get());
+                            r
+                        }
+                        true => {
+                            let park_at_once = WaitPolicy {
+                                spin: Duration::ZERO,
+                                ..self.wait
+                            };
+                            wait::wait_until(&h.client_sleeping.0, park_at_once, done)
+                        }
+                        false => wait::wait_until(&h.client_sleeping.0, self.wait, done),
+                    };
+                    if !ready && self.daemon.as_ref().is_some_and(|w| w.exited()) {
+                        return Err(KvdexError::Disconnected("the daemon exited".into()));
+                    }
+                }
+            }
+        };
+        let (index, c) = c;
+        self.after_wake.last_done = Some(std::time::Instant::now());
+        if c.code != Status::Ok as u32 {
+            let mut buf = [0u8; ERR_BYTES];
+            let n = self.region.read_error(index, c.aux, &mut buf);
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            return Err(Status::from_code(c.code).into_error(&c, msg));
+        }
+        if c.request_id != d.request_id {
+            return Err(KvdexError::Protocol(format!(
+                "completion for request {} while waiting for {}",
+                c.request_id, d.request_id
+            )));
+        }
+        match c.out_offset.checked_add(c.out_len) {
+            Some(end)
+                if c.out_offset == d.out_offset
+                    && c.out_len <= d.out_len
+                    && end <= self.region.arena_len() =>
+            {
+                Ok(c.out_offset as usize..end as usize)
+            }
+            _ => Err(KvdexError::Protocol(format!(
+                "completion range {}+{} outside the response space",
+                c.out_offset, c.out_len
+            ))),
+        }
+    }
+
+    pub(super) fn response(
+        &mut self,
+        op: Opcode,
+        range: std::ops::Range<usize>,
+    ) -> Result<Response<'_>> {
+        Response::decode(op, &self.region.arena_mut()[range])
+    }
+}

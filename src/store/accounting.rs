@@ -1,0 +1,107 @@
+//! What a session holds and reports: its arenas grow under the daemon-wide budget, the bytes
+//! it holds (reserved capacity) and stores (resident rows), per-layer statistics for `/stats`,
+//! and the release of its reservation on drop. Kept apart from the data-plane methods in
+//! [`super`] so that the budget bookkeeping reads in one place.
+
+use std::sync::atomic::Ordering;
+
+use super::indexing::BuildStatus;
+use super::layer::{arena_bytes, LayerKv};
+use super::Session;
+use crate::error::Result;
+
+/// One layer's state as reported by `/stats` and `GET /v1/sessions/{id}`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LayerStats {
+    /// Tokens stored.
+    pub tokens: usize,
+    /// Tokens the arenas hold room for.
+    pub capacity: usize,
+    /// Index kind searches use ("flat" until an index is built).
+    pub index: &'static str,
+    /// Tokens the index covers, least over the layer's query heads; `tokens - indexed` are
+    /// waiting to be inserted (a build in progress reports its progress here).
+    pub indexed: usize,
+    /// Bytes the layer's indices hold, beyond the K/V rows.
+    pub index_bytes: usize,
+    /// The decode-path index build (seal) and its progress.
+    pub build: BuildStatus,
+}
+
+impl Session {
+    /// Grows `l` to hold `need` tokens: doubling when the budget allows, exactly `need`
+    /// otherwise, or a budget error naming the exact growth asked for.
+    pub(super) fn grow(&self, l: &mut LayerKv, need: usize) -> Result<()> {
+        let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
+        let held = l.held_bytes(kvh, rb) as u64;
+        let planes = l.planes();
+        let bytes_at = |cap: usize| (planes * kvh * arena_bytes(cap, rb)) as u64;
+        let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
+        let budget = &self.store.budget;
+        let cap = if budget.try_reserve(bytes_at(roomy) - held).is_ok() {
+            roomy
+        } else {
+            budget.try_reserve(bytes_at(need) - held)?;
+            need
+        };
+        let grown = bytes_at(cap) - held;
+        if let Err(e) = l.grow(self.store.link.as_ref(), kvh, rb, cap) {
+            budget.release(grown);
+            return Err(e);
+        }
+        self.held.fetch_add(grown, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Bytes of K and V stored (tokens appended, not capacity); K alone in Slim mode.
+    pub fn resident_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.read().ok())
+            .map(|l| {
+                (l.planes() * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64
+            })
+            .sum()
+    }
+
+    /// Bytes of arena this session holds, charged to the budget (capacity, not just rows).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Per-layer tokens, capacity and index state.
+    pub fn layer_stats(&self) -> Vec<LayerStats> {
+        self.layers
+            .iter()
+            .zip(&self.index)
+            .filter_map(|(l, li)| Some((l.read().ok()?, li)))
+            .map(|(l, li)| {
+                let build = li.status();
+                let (indexed, bytes) = li.coverage();
+                let built = build.state == "ready" || indexed > 0;
+                LayerStats {
+                    tokens: l.len,
+                    capacity: l.cap,
+                    index: match build.kind {
+                        Some(k) if built => k,
+                        _ => l.indices.first().map_or("flat", |i| i.name()),
+                    },
+                    indexed: if built {
+                        indexed
+                    } else {
+                        l.indices.iter().map(|i| i.len()).min().unwrap_or(0)
+                    },
+                    index_bytes: bytes + l.indices.iter().map(|i| i.memory_bytes()).sum::<usize>(),
+                    build,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The arenas free themselves as the layers drop; give their bytes back to the budget.
+        self.store.budget.release(*self.held.get_mut());
+    }
+}
