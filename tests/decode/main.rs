@@ -65,7 +65,10 @@ fn serve_decode_with(shape: Shape, slim: Option<SlimSpec>, tag: &str) -> Decode 
         token,
         Arc::new(NoopObserver),
         Box::new(|_| {}),
-        WorkerConfig { wait: test_wait() },
+        WorkerConfig {
+            wait: test_wait(),
+            cpus: None,
+        },
     )
     .unwrap();
     let h = Client::attach_with(&path, &token, test_wait()).unwrap();

@@ -59,7 +59,10 @@ pub fn serve(shape: Shape, payload_bytes: u64, tag: &str) -> Served {
         Box::new(move |r| {
             let _ = tx.send(r);
         }),
-        WorkerConfig { wait: test_wait() },
+        WorkerConfig {
+            wait: test_wait(),
+            cpus: None,
+        },
     )
     .unwrap();
     Served {
