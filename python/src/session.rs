@@ -3,8 +3,8 @@
 //! Results: the Rust client hands back slices of the shared-memory arena that the next request
 //! overwrites, so a numpy view of them would change under the caller. The binding therefore
 //! returns new arrays (one copy out of the arena) from `search`/`gather`, and offers
-//! `search_into`/`gather_into`, which write into caller-owned arrays with no allocation: the
-//! path for engines that reuse buffers every step.
+//! `search_into`, which writes into caller-owned arrays with no allocation: the path for
+//! engines that reuse buffers every step.
 //!
 //! # Layout
 //! PyO3 takes one `#[pymethods]` block per class, so every Python method is declared here,
