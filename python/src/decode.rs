@@ -8,12 +8,14 @@
 use half::{bf16, f16};
 use kvdex::client::SessionHandle;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex::store::Shape;
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::{IndexKind, KeyDtype};
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::arrays::check_shape;
 use crate::errors::{bad_request, to_py};
 
 /// Parses an index kind name ("flat", "hnsw", "graph").
@@ -47,6 +49,35 @@ pub fn budget(
                 .map(Budget::Adaptive)
                 .map_err(|e| bad_request(py, format!("adaptive budget: {e}")))
         }
+    }
+}
+
+/// The training signal of a seal: `queries` float32 `[q_heads, n, head_dim]` with `positions`
+/// uint32 `[n]` (both C-contiguous), or neither; anything else is a clear error.
+pub fn training<'a>(
+    py: Python<'_>,
+    shape: &Shape,
+    queries: &'a Option<PyReadonlyArray3<'_, f32>>,
+    positions: &'a Option<PyReadonlyArray1<'_, u32>>,
+) -> PyResult<Option<(&'a [f32], &'a [u32])>> {
+    let (h, d) = (shape.q_heads as usize, shape.head_dim as usize);
+    match (queries, positions) {
+        (None, None) => Ok(None),
+        (Some(q), Some(p)) => {
+            let n = p.len();
+            check_shape(py, "queries", q.shape(), &[h, n, d], "q_heads, n, head_dim")?;
+            let qs = q
+                .as_slice()
+                .map_err(|_| bad_request(py, "queries must be C-contiguous"))?;
+            let ps = p
+                .as_slice()
+                .map_err(|_| bad_request(py, "positions must be C-contiguous"))?;
+            Ok(Some((qs, ps)))
+        }
+        _ => Err(bad_request(
+            py,
+            "seal: pass both queries and positions (the training signal), or neither",
+        )),
     }
 }
 

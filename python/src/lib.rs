@@ -4,7 +4,8 @@
 //! - [`errors`]: maps [`kvdex::KvdexError`] onto the exception classes of `kvdex.errors`, so a
 //!   Python caller sees the daemon's message in a typed exception.
 //! - [`arrays`]: numpy <-> byte conversions for K/V rows in the session dtype.
-//! - [`client`]: `Client`, `Session` and `attach`, over [`kvdex::client`].
+//! - [`client`]: `Client` and `attach`, over [`kvdex::client`].
+//! - [`session`]: `Session`, an attached session (append, search, gather, seal, retrieve).
 //! - [`decode`]: `seal` and `retrieve`/`attend` (the decode path) on an attached session.
 //! - [`inproc`]: `InProcessServer`, a real region + worker thread in-process (no daemon).
 //! - [`local`]: `LocalSession`, an in-process [`kvdex::store::Session`] (the daemon's storage
@@ -23,6 +24,7 @@ mod errors;
 mod inproc;
 mod local;
 mod merge;
+mod session;
 
 /// The `kvdex._native` module.
 #[pymodule]
@@ -30,7 +32,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<local::LocalSession>()?;
     m.add_class::<client::Client>()?;
-    m.add_class::<client::Session>()?;
+    m.add_class::<session::Session>()?;
     m.add_class::<inproc::InProcessServer>()?;
     m.add_function(wrap_pyfunction!(client::attach, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_partials, m)?)?;
