@@ -25,17 +25,7 @@ impl SessionHandle {
                 arena.len()
             ))
         })? as u64;
-        let out_offset = in_len.div_ceil(PAYLOAD_ALIGN) * PAYLOAD_ALIGN;
-        let out_len = (arena.len() as u64).saturating_sub(out_offset);
-        self.submit(Descriptor {
-            request_id: self.next_id,
-            code: op as u32,
-            in_offset: 0,
-            in_len,
-            out_offset,
-            out_len,
-            ..Default::default()
-        })
+        self.call_raw(op, in_len)
     }
 
     /// Sends a request of `op` whose body the caller already wrote at the start of the arena
