@@ -24,6 +24,9 @@ pub const ENV_PREFIX: &str = "KVDEX_";
 /// Smallest payload arena a session may have: room for one 8 KiB request and its reply.
 pub const MIN_PAYLOAD_BYTES: u64 = 64 * 1024;
 
+/// Longest `sessions.worker_spin_us`: a worker must still park when its client is idle.
+pub const MAX_WORKER_SPIN_US: u64 = 1_000_000;
+
 /// The daemon's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +125,8 @@ pub struct SessionsConfig {
     pub data_socket: String,
     /// CPUs the data-plane threads are pinned to, as a Linux CPU list ("" for no pinning).
     pub worker_cpus: String,
+    /// How long a session's worker spins for the next request before it parks, in µs.
+    pub worker_spin_us: u64,
 }
 
 fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {
@@ -230,6 +235,16 @@ impl Config {
             ));
         }
         self.worker_cpus()?;
+        if s.worker_spin_us > MAX_WORKER_SPIN_US {
+            return Err(bad(
+                "sessions.worker_spin_us",
+                format!(
+                    "{} is above {MAX_WORKER_SPIN_US} (1 s): a worker must park when its \
+                     client is idle",
+                    s.worker_spin_us
+                ),
+            ));
+        }
         if s.shm_dir.is_empty() || !Path::new(&s.shm_dir).is_dir() {
             return Err(bad(
                 "sessions.shm_dir",

@@ -54,6 +54,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()?;
     let data_socket = config.data_socket();
     let cpus = config.worker_cpus()?;
+    let worker = crate::worker::WorkerConfig {
+        wait: crate::shm::wait::WaitPolicy {
+            spin: std::time::Duration::from_micros(config.sessions.worker_spin_us),
+            ..Default::default()
+        },
+        cpus,
+    };
     let data_plane = match &data_socket {
         Some(path) => {
             let hub = crate::worker::socket::SocketHub::new();
@@ -62,9 +69,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             hub.listen(listener, cpus)?;
             tracing::info!(path = %path.display(), "data plane also on a Unix socket");
-            dataplane::shm_and_socket(hub, cpus)
+            dataplane::shm_and_socket(hub, worker)
         }
-        None => dataplane::shm(cpus),
+        None => dataplane::shm(worker),
     };
     let served = rt.block_on(serve(config, data_plane, shutdown_signal()));
     if let Some(path) = &data_socket {

@@ -161,6 +161,11 @@ fn bad_values_are_refused_with_key_and_reason() {
             "`sessions.worker_cpus`: CPU list \"1-x\": \"x\" is not a CPU id",
         ),
         (
+            "KVDEX_SESSIONS__WORKER_SPIN_US",
+            "2000000",
+            "`sessions.worker_spin_us`: 2000000 is above 1000000",
+        ),
+        (
             "KVDEX_SESSIONS__WORKER_CPUS",
             "1023",
             "`sessions.worker_cpus`: none of CPUs [1023] is available",

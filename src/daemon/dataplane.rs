@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::affinity::CpuMask;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::shm::Region;
@@ -55,17 +54,20 @@ pub trait DataPlane: Send + Sync {
 }
 
 /// The daemon's data plane: a shared-memory region per session, served by one worker thread.
-/// `cpus`: pin each worker thread there (`sessions.worker_cpus`).
-pub fn shm(cpus: Option<CpuMask>) -> Box<dyn DataPlane> {
-    Box::new(ShmDataPlane { socket: None, cpus })
+/// `worker`: each worker thread's tuning (`sessions.worker_cpus`, `sessions.worker_spin_us`).
+pub fn shm(worker: WorkerConfig) -> Box<dyn DataPlane> {
+    Box::new(ShmDataPlane {
+        socket: None,
+        worker,
+    })
 }
 
 /// [`shm`], and every session also reachable over the Unix data socket `hub` listens on
 /// (`sessions.data_socket`).
-pub fn shm_and_socket(hub: Arc<SocketHub>, cpus: Option<CpuMask>) -> Box<dyn DataPlane> {
+pub fn shm_and_socket(hub: Arc<SocketHub>, worker: WorkerConfig) -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane {
         socket: Some(hub),
-        cpus,
+        worker,
     })
 }
 
@@ -75,7 +77,7 @@ pub fn shm_and_socket(hub: Arc<SocketHub>, cpus: Option<CpuMask>) -> Box<dyn Dat
 /// [`SocketRegistration`], whose drop closes its socket connections.
 pub struct ShmDataPlane {
     socket: Option<Arc<SocketHub>>,
-    cpus: Option<CpuMask>,
+    worker: WorkerConfig,
 }
 
 /// What [`ShmDataPlane`] hands the registry; fields drop in order (socket first, so that a
@@ -116,12 +118,14 @@ impl DataPlane for ShmDataPlane {
             let _ = exits.send(ExitNotice { id, reason: label });
         });
         let observer: Arc<dyn Observer> = spec.metrics;
-        let config = WorkerConfig {
-            cpus: self.cpus,
-            ..Default::default()
-        };
-        let worker =
-            Worker::spawn_with(region, spec.session, spec.token, observer, on_exit, config)?;
+        let worker = Worker::spawn_with(
+            region,
+            spec.session,
+            spec.token,
+            observer,
+            on_exit,
+            self.worker,
+        )?;
         Ok(Box::new(ShmServing {
             _socket: socket,
             _worker: worker,
