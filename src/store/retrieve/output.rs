@@ -1,0 +1,140 @@
+//! Step 4 of a retrieve: copying the chosen K/V rows out (through the session's
+//! [`DeviceLink`] when the rows have a registered destination), and the check that the
+//! caller's output buffers are large enough.
+
+use super::*;
+
+/// Where step 4 writes the chosen rows.
+pub(super) struct RowsOut<'a> {
+    pub(super) rows: &'a mut [u8],
+    pub(super) dest: Option<RowsDest>,
+    pub(super) stride: usize,
+    pub(super) rb: usize,
+    pub(super) d: usize,
+    pub(super) dtype: KeyDtype,
+    pub(super) slim: bool,
+}
+
+/// Step 4's row copy: head `h`'s K rows go to `rows[h][0][..k]`, its V rows to
+/// `rows[h][1][..k]`. Through [`DeviceLink::gather`] (one batch of runs per KV head and plane,
+/// all submitted before any is waited on) when the rows have a registered destination and
+/// every run meets [`RUN_ALIGN`]; with the CPU otherwise. Slim V rows (recomputed, in
+/// `hs.values`) are always written by the CPU.
+pub(super) fn copy_rows(
+    l: &LayerKv,
+    link: &dyn DeviceLink,
+    heads: &[HeadScratch],
+    group: usize,
+    o: RowsOut<'_>,
+    runs: &mut Vec<Run>,
+    tickets: &mut Vec<Ticket>,
+) -> Result<()> {
+    let (stride, rb) = (o.stride, o.rb);
+    let align = RUN_ALIGN as usize;
+    let dest = o
+        .dest
+        .filter(|dst| rb % align == 0 && dst.offset % RUN_ALIGN == 0);
+    if o.slim {
+        for (h, hs) in heads.iter().enumerate() {
+            let base = h * 2 * stride * rb;
+            for i in 0..hs.k {
+                let vo = base + (stride + i) * rb;
+                let v = &hs.values[i * o.d..(i + 1) * o.d];
+                encode_rows(v, o.dtype, &mut o.rows[vo..vo + rb]);
+            }
+        }
+    }
+    let Some(dest) = dest else {
+        for (h, hs) in heads.iter().enumerate() {
+            let g = h / group;
+            let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
+            let base = h * 2 * stride * rb;
+            for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
+                let src = id as usize * rb..(id as usize + 1) * rb;
+                let ko = base + i * rb;
+                o.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
+                if !o.slim {
+                    let vo = base + (stride + i) * rb;
+                    o.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                }
+            }
+        }
+        return Ok(());
+    };
+    tickets.clear();
+    let kv_heads = heads.len() / group.max(1);
+    let mut failed = None;
+    for g in 0..kv_heads {
+        let Some((k_arena, v_arena)) = l.arenas(g) else {
+            continue;
+        };
+        let planes = [(k_arena, 0usize)]
+            .into_iter()
+            .chain(v_arena.filter(|_| !o.slim).map(|v| (v, stride)));
+        for (arena, plane_off) in planes {
+            runs.clear();
+            let first = g * group;
+            for (h, hs) in heads.iter().enumerate().skip(first).take(group) {
+                let base = (h * 2 * stride + plane_off) * rb;
+                runs.extend(hs.hits.ids[..hs.k].iter().enumerate().map(|(i, &id)| Run {
+                    src_offset: (id as usize * rb) as u64,
+                    dst_offset: dest.offset + (base + i * rb) as u64,
+                    len: rb as u64,
+                }));
+            }
+            if runs.is_empty() {
+                continue;
+            }
+            match link.gather(arena, runs, dest.id) {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    // Every submitted gather is waited on, even after a failure: the response bytes must not
+    // be handed back while a copy still writes them.
+    for t in tickets.drain(..) {
+        if let Err(e) = link.wait(t) {
+            failed.get_or_insert(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(KvdexError::Protocol(format!("retrieve gather: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Checks every output slice is sized for `hq` heads of `stride` candidates.
+pub(super) fn check_out(
+    out: &RetrieveOut<'_>,
+    hq: usize,
+    d: usize,
+    stride: usize,
+    rb: usize,
+    p: &RetrieveParams,
+) -> Result<()> {
+    let want = [
+        ("k", out.k.len(), hq),
+        ("coverage", out.coverage.len(), hq),
+        ("ids", out.ids.len(), hq * stride),
+        ("scores", out.scores.len(), hq * stride),
+        ("out", out.out.len(), if p.attend { hq * d } else { 0 }),
+        ("lse", out.lse.len(), if p.attend { hq } else { 0 }),
+        (
+            "rows",
+            out.rows.len(),
+            if p.gather { hq * 2 * stride * rb } else { 0 },
+        ),
+    ];
+    for (what, got, need) in want {
+        if got < need {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve output {what} holds {got}, needs {need}"
+            )));
+        }
+    }
+    Ok(())
+}
