@@ -33,65 +33,13 @@ use kvdex_index::{build_index, IndexKind, IndexParams, KeySlice, MipsIndexMut};
 use super::{poisoned, Session};
 use crate::error::{KvdexError, Result};
 
-/// Static-token and build settings shared by every session of a store.
-#[derive(Clone, Debug)]
-pub struct DecodeConfig {
-    /// S: the first tokens of every layer, kept by the engine and never retrieved.
-    pub sinks: usize,
-    /// W: the most recent tokens, kept by the engine and never retrieved.
-    pub window: usize,
-    /// Threads of the build pool (shared by every session of the store).
-    pub build_threads: usize,
-    /// Tokens inserted per lock hold by the background insert; also how many must be waiting
-    /// before an insert is scheduled.
-    pub insert_batch: usize,
-    /// Index parameters (graph and hnsw).
-    pub params: IndexParams,
-    /// Spread one layer's query heads over cores (rayon) during a retrieve.
-    pub parallel_heads: bool,
-    /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
-    pub tail_sample: usize,
-}
+mod build;
+mod config;
+mod insert;
 
-impl Default for DecodeConfig {
-    fn default() -> Self {
-        Self {
-            sinks: 128,
-            window: 512,
-            build_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            insert_batch: 64,
-            params: IndexParams::default(),
-            parallel_heads: true,
-            tail_sample: 256,
-        }
-    }
-}
-
-impl DecodeConfig {
-    /// The end of the retrievable range `sinks .. end` of a layer of `len` tokens.
-    pub fn retrievable_end(&self, len: usize) -> usize {
-        len.saturating_sub(self.window).max(self.sinks)
-    }
-}
-
-/// The build pool, created on first use so that stores which never seal start no threads.
-#[derive(Default)]
-pub(super) struct BuildPool(OnceLock<std::result::Result<rayon::ThreadPool, String>>);
-
-impl BuildPool {
-    pub(super) fn get(&self, threads: usize) -> Result<&rayon::ThreadPool> {
-        self.0
-            .get_or_init(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads.max(1))
-                    .thread_name(|i| format!("kvdex-build-{i}"))
-                    .build()
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| KvdexError::Config(format!("cannot start the index build pool: {e}")))
-    }
-}
+use build::{group_training, BuildJob, HeadTraining, OwnedKeys};
+pub(super) use config::BuildPool;
+pub use config::DecodeConfig;
 
 /// One KV head's index, if built.
 pub(super) enum HeadIndex {
@@ -188,34 +136,6 @@ impl LayerIndex {
     }
 }
 
-/// Keys copied out of a layer so that a long build reads them without holding its lock.
-enum OwnedKeys {
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-    F32(Vec<f32>),
-}
-
-impl OwnedKeys {
-    fn copy_of(keys: &KeySlice<'_>, rows: std::ops::Range<usize>) -> Self {
-        let d = kvdex_index::KeyStore::dim(keys);
-        let r = rows.start * d..rows.end * d;
-        match keys.rows() {
-            KeyRows::F16(s) => Self::F16(s[r].to_vec()),
-            KeyRows::Bf16(s) => Self::Bf16(s[r].to_vec()),
-            KeyRows::F32(s) => Self::F32(s[r].to_vec()),
-        }
-    }
-
-    fn slice(&self, dim: usize) -> Result<KeySlice<'_>> {
-        let rows = match self {
-            Self::F16(v) => KeyRows::F16(v),
-            Self::Bf16(v) => KeyRows::Bf16(v),
-            Self::F32(v) => KeyRows::F32(v),
-        };
-        Ok(KeySlice::new(rows, dim)?)
-    }
-}
-
 /// Training queries for one layer: `vectors` is `[q_heads][n][head_dim]` and `positions[i]` the
 /// token position of query `i` (the same for every head), so that the build stays causal.
 #[derive(Clone, Copy, Debug)]
@@ -250,97 +170,6 @@ pub struct SealNeighbours<'a> {
     pub lens: &'a [u32],
     /// All lists' ids, concatenated.
     pub ids: &'a [u32],
-}
-
-/// What one KV head's build is trained on.
-enum HeadTraining {
-    /// Sampled queries `[n][head_dim]` and their positions relative to the first non-static
-    /// token (empty: a key-only build).
-    Queries(Vec<f32>, Vec<u32>),
-    /// Neighbour lists in index ids (token - sinks).
-    Neighbours(Vec<Vec<u32>>),
-}
-
-impl HeadTraining {
-    fn signal(&self) -> TrainingSignal<'_> {
-        match self {
-            Self::Queries(_, p) if p.is_empty() => TrainingSignal::None,
-            Self::Queries(vectors, positions) => TrainingSignal::Queries { vectors, positions },
-            Self::Neighbours(lists) if lists.is_empty() => TrainingSignal::None,
-            Self::Neighbours(lists) => TrainingSignal::Neighbours(lists),
-        }
-    }
-}
-
-/// A queued build of one layer. It holds its session weakly: dropping the session mid-build
-/// frees the session's memory at once, and the job stops at the next KV head (or before it
-/// starts), dropping its private copy of the keys.
-struct BuildJob {
-    session: Weak<Session>,
-    cfg: Arc<DecodeConfig>,
-    head_dim: usize,
-    layer: u32,
-    kind: IndexKind,
-}
-
-impl BuildJob {
-    fn run(self, copies: Vec<OwnedKeys>, training: Vec<HeadTraining>) {
-        let layer = self.layer;
-        // Each head's private key copy is dropped once its index is built, so a long build
-        // holds one head's copy at a time after the first.
-        for (g, (keys, train)) in copies.into_iter().zip(training).enumerate() {
-            if self.session.strong_count() == 0 {
-                tracing::debug!(layer, "session dropped: index build abandoned");
-                return;
-            }
-            let built = keys.slice(self.head_dim).and_then(|k| {
-                Ok(build_index(
-                    self.kind,
-                    &k,
-                    &train.signal(),
-                    &self.cfg.params,
-                )?)
-            });
-            drop(keys);
-            // Held only to install the result, never while building.
-            let Some(session) = self.session.upgrade() else {
-                return;
-            };
-            let Ok(li) = session.index_of(layer) else {
-                return;
-            };
-            match built {
-                Ok(index) => {
-                    if let Ok(mut h) = li.heads[g].write() {
-                        *h = HeadIndex::Ready(index);
-                    }
-                    li.update(|st, _| st.heads_done += 1);
-                }
-                Err(e) => {
-                    tracing::warn!(layer, kv_head = g, error = %e, "index build failed");
-                    li.update(|st, t| {
-                        st.state = "failed";
-                        st.error = Some(format!("kv head {g}: {e}"));
-                        st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
-                        *t = None;
-                    });
-                    return;
-                }
-            }
-        }
-        let Some(session) = self.session.upgrade() else {
-            return;
-        };
-        let Ok(li) = session.index_of(layer) else {
-            return;
-        };
-        li.update(|st, t| {
-            st.state = "ready";
-            st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            *t = None;
-        });
-        session.insert_pending(layer);
-    }
 }
 
 impl Session {
@@ -512,107 +341,6 @@ impl Session {
     pub fn build_status(&self, layer: u32) -> Result<BuildStatus> {
         Ok(self.index_of(layer)?.status())
     }
-
-    /// Schedules a background insert of the tokens that left `layer`'s window since its index
-    /// was built or last extended, when at least `insert_batch` are waiting. Never blocks.
-    pub fn schedule_insert(self: &Arc<Self>, layer: u32) {
-        let cfg = &self.store.decode;
-        let (Ok(li), Ok(len)) = (self.index_of(layer), self.len(layer)) else {
-            return;
-        };
-        let (indexed, _) = li.coverage();
-        let ready = li.heads.iter().all(|h| {
-            h.read()
-                .map(|h| matches!(*h, HeadIndex::Ready(_)))
-                .unwrap_or(false)
-        });
-        let pending = cfg.retrievable_end(len).saturating_sub(cfg.sinks + indexed);
-        if !ready || pending < cfg.insert_batch.max(1) || li.inserting.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        match self.store.pool.get(cfg.build_threads) {
-            Ok(pool) => {
-                // Weak, like a build: a queued insert does not keep a dropped session alive.
-                let session = Arc::downgrade(self);
-                pool.spawn(move || {
-                    if let Some(session) = session.upgrade() {
-                        session.insert_pending(layer);
-                    }
-                });
-            }
-            Err(_) => li.inserting.store(false, Ordering::Release),
-        }
-    }
-
-    /// Inserts every waiting token, `insert_batch` at a time per KV head, releasing the locks
-    /// between batches so that searches (which scan what is not inserted) wait at most one
-    /// batch.
-    fn insert_pending(&self, layer: u32) {
-        let Ok(li) = self.index_of(layer) else { return };
-        let cfg = &self.store.decode;
-        let (s, d) = (self.shape, self.shape.head_dim as usize);
-        li.inserting.store(true, Ordering::Release);
-        loop {
-            let mut more = false;
-            let Ok(l) = self.layer(layer).and_then(|l| l.read().map_err(poisoned)) else {
-                break;
-            };
-            let end = cfg.retrievable_end(l.len);
-            for (g, head) in li.heads.iter().enumerate() {
-                let Ok(mut h) = head.write() else { continue };
-                let HeadIndex::Ready(index) = &mut *h else {
-                    continue;
-                };
-                let from = cfg.sinks + index.len();
-                if from >= end {
-                    continue;
-                }
-                let to = end.min(from + cfg.insert_batch.max(1));
-                let res = l
-                    .keys(g, s.dtype, d)
-                    .and_then(|k| view(&k, cfg.sinks, to))
-                    .and_then(|v| Ok(index.insert(&v)?));
-                if let Err(e) = res {
-                    tracing::warn!(layer, kv_head = g, error = %e, "index insert failed");
-                    continue;
-                }
-                more |= to < end;
-            }
-            if !more {
-                break;
-            }
-        }
-        li.inserting.store(false, Ordering::Release);
-    }
-}
-
-/// The training queries of KV head `g`'s group, with positions made relative to the first
-/// non-static token; queries that saw only sinks are dropped.
-fn group_training(
-    t: Option<SealTraining<'_>>,
-    g: usize,
-    group: usize,
-    q_heads: usize,
-    d: usize,
-    sinks: usize,
-) -> (Vec<f32>, Vec<u32>) {
-    let Some(t) = t else {
-        return (Vec::new(), Vec::new());
-    };
-    let n = t.positions.len();
-    let (mut vectors, mut positions) = (Vec::new(), Vec::new());
-    for h in g * group..((g + 1) * group).min(q_heads) {
-        for (i, &p) in t.positions.iter().enumerate() {
-            if (p as usize) < sinks {
-                continue;
-            }
-            let at = (h * n + i) * d;
-            vectors.extend_from_slice(&t.vectors[at..at + d]);
-            positions.push(p - sinks as u32);
-        }
-    }
-    (vectors, positions)
 }
 
 /// The stable name of an index kind.

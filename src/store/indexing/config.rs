@@ -1,0 +1,64 @@
+//! The decode-path settings of a store ([`DecodeConfig`], from the `[decode]` config table) and
+//! the build pool they size.
+
+use super::*;
+
+/// Static-token and build settings shared by every session of a store.
+#[derive(Clone, Debug)]
+pub struct DecodeConfig {
+    /// S: the first tokens of every layer, kept by the engine and never retrieved.
+    pub sinks: usize,
+    /// W: the most recent tokens, kept by the engine and never retrieved.
+    pub window: usize,
+    /// Threads of the build pool (shared by every session of the store).
+    pub build_threads: usize,
+    /// Tokens inserted per lock hold by the background insert; also how many must be waiting
+    /// before an insert is scheduled.
+    pub insert_batch: usize,
+    /// Index parameters (graph and hnsw).
+    pub params: IndexParams,
+    /// Spread one layer's query heads over cores (rayon) during a retrieve.
+    pub parallel_heads: bool,
+    /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
+    pub tail_sample: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            sinks: 128,
+            window: 512,
+            build_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            insert_batch: 64,
+            params: IndexParams::default(),
+            parallel_heads: true,
+            tail_sample: 256,
+        }
+    }
+}
+
+impl DecodeConfig {
+    /// The end of the retrievable range `sinks .. end` of a layer of `len` tokens.
+    pub fn retrievable_end(&self, len: usize) -> usize {
+        len.saturating_sub(self.window).max(self.sinks)
+    }
+}
+
+/// The build pool, created on first use so that stores which never seal start no threads.
+#[derive(Default)]
+pub(in crate::store) struct BuildPool(OnceLock<std::result::Result<rayon::ThreadPool, String>>);
+
+impl BuildPool {
+    pub(in crate::store) fn get(&self, threads: usize) -> Result<&rayon::ThreadPool> {
+        self.0
+            .get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads.max(1))
+                    .thread_name(|i| format!("kvdex-build-{i}"))
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| KvdexError::Config(format!("cannot start the index build pool: {e}")))
+    }
+}
