@@ -73,7 +73,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => dataplane::shm(worker),
     };
-    let served = rt.block_on(serve(config, data_plane, shutdown_signal()));
+    // The signal handlers are registered before `serve` binds anything: a SIGTERM that arrives
+    // once the daemon answers /readyz must mean a clean shutdown, never the default kill.
+    let served = rt.block_on(async { serve(config, data_plane, shutdown_signal()).await });
     if let Some(path) = &data_socket {
         let _ = std::fs::remove_file(path);
     }
@@ -81,22 +83,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = async {
-        match signal(SignalKind::terminate()) {
+///
+/// The handlers are installed when this is called (it must run inside the runtime), not when
+/// the returned future is first polled: `serve` answers requests before it polls it, and a
+/// signal in between would otherwise kill the process.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    let wait = |s: std::io::Result<Signal>, name: &'static str| async move {
+        match s {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(e) => {
-                tracing::warn!("cannot watch SIGTERM ({e}); only SIGINT stops the daemon");
+                tracing::warn!("cannot watch {name} ({e})");
                 std::future::pending::<()>().await
             }
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term => tracing::info!("SIGTERM: shutting down"),
+    async move {
+        tokio::select! {
+            _ = wait(int, "SIGINT") => tracing::info!("SIGINT: shutting down"),
+            _ = wait(term, "SIGTERM") => tracing::info!("SIGTERM: shutting down"),
+        }
     }
 }
 
