@@ -13,7 +13,7 @@
 //! - [`http`]: the axum control plane (sessions, health, stats, `/metrics`).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`client`]: the blocking Rust client.
-//! - [`bench`], [`synth`], [`data`]: the benchmark harness, the synthetic generator, and the
+//! - [`bench`](mod@bench), [`synth`], [`data`]: the benchmark harness, the synthetic generator, and the
 //!   `.npy` data sets it reads.
 //! - [`cli`]: the command line.
 

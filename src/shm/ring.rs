@@ -8,7 +8,7 @@
 //! *stores* it to the shared ring; it reads only the other side's index. So a peer that
 //! scribbles on the header cannot move our own position, and any impossible distance between
 //! the two indices (the other side claiming more than a ring's worth, or going backwards) is
-//! reported as [`RingError::Corrupt`] instead of being trusted.
+//! reported as a [`RingError`] instead of being trusted.
 //!
 //! Ordering: the producer writes the slot's words (relaxed), then publishes the head with
 //! release; the consumer loads the head with acquire, then reads the words. The consumer

@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`budget`]: the global byte budget every session reserves from.
-//! - [`layer`]: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
+//! - `layer`: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
 //! - `shape`: a session's [`Shape`] and its limits.
 //! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
