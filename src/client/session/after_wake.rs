@@ -26,7 +26,7 @@ pub(super) struct AfterWake {
     /// Cold requests since the last probe while parking.
     since_probe: u32,
     /// When the previous request's completion arrived.
-    pub(super) last_done: Option<Instant>,
+    last_done: Option<Instant>,
 }
 
 impl AfterWake {
@@ -49,6 +49,11 @@ impl AfterWake {
     /// The outcome of a spin: whether the worker was late.
     pub(super) fn record(&mut self, late: bool) {
         self.park = late;
+    }
+
+    /// Notes that a completion arrived now (every request, hot or cold).
+    pub(super) fn completed(&mut self) {
+        self.last_done = Some(Instant::now());
     }
 
     /// True when the previous completion arrived less than `spin` ago: the client is sending

@@ -126,7 +126,7 @@ impl SessionHandle {
             }
         };
         let (index, c) = c;
-        self.after_wake.last_done = Some(std::time::Instant::now());
+        self.after_wake.completed();
         if c.code != Status::Ok as u32 {
             let mut buf = [0u8; ERR_BYTES];
             let n = self.region.read_error(index, c.aux, &mut buf);
