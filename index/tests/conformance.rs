@@ -33,16 +33,16 @@ fn check_invariants(hits: &Hits, keys: &KeySlice<'_>, q: &[f32], len: usize, k: 
 }
 
 proptest! {
-    // Fixed seed: the graph and hnsw are approximate, so a random draw can (rarely) hit a case
-    // where one misses the 70% bar (seen once: n 275, dim 24, k 1, seed 709, graph found 0 of
-    // 1); CI must give the same answer on every run.
+    // Fixed seed: the graph and hnsw are approximate, and CI must give the same answer on every
+    // run. (A beam of 64 over 275 keys once missed the top-1 of a random draw; graphs that
+    // small are now searched exactly, see `QueryGuidedGraph::search`.)
     #![proptest_config(ProptestConfig {
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x6b76_6465_78),
         ..ProptestConfig::with_cases(12)
     })]
     #[test]
     fn every_kind_against_flat(
-        n in 1usize..300,
+        n in 1usize..1200,
         dim in prop::sample::select(vec![4usize, 8, 16, 24]),
         k in 1usize..40,
         seed in 0u64..1000,
@@ -71,7 +71,9 @@ proptest! {
             prop_assert!((h - t.0).abs() < 1e-4);
         }
         let mut params = IndexParams::default();
-        params.graph.search_list = 64;
+        // A beam of 32: graphs over more than 8 x max(32, k) keys are searched as graphs, smaller
+        // ones exactly (see `QueryGuidedGraph::search`); both paths are exercised.
+        params.graph.search_list = 32;
         params.hnsw.ef_search = 64;
         for kind in [IndexKind::Flat, IndexKind::Hnsw, IndexKind::Graph] {
             let idx = build_index(kind, &keys, &signal, &params).unwrap();
@@ -85,8 +87,15 @@ proptest! {
                 prop_assert!(st.scored <= n, "{kind:?} scored {} of {n}", st.scored);
             }
             let found = hits.ids.iter().filter(|i| exact.ids.contains(i)).count();
-            // Small uniform data: every kind should find most of the true top-k.
-            prop_assert!(found as f64 >= 0.7 * exact.len() as f64, "{kind:?} found {found} of {}", exact.len());
+            // Uniform random keys and queries, no structure for a graph to exploit, and a
+            // narrow beam: an approximate kind must still find at least half of the true top-k,
+            // and return nothing ranked below the exact top 4k + 10 (a near miss, never a
+            // random key). The recall figures proper come from `kvdex bench recall`.
+            prop_assert!(2 * found >= exact.len(), "{kind:?} found {found} of {}", exact.len());
+            let near: Vec<u32> = all.iter().take(4 * k + 10).map(|t| t.1).collect();
+            for id in &hits.ids {
+                prop_assert!(near.contains(id), "{kind:?} returned {id}, outside the exact top {}", near.len());
+            }
         }
     }
 }
