@@ -87,8 +87,8 @@ pub struct DecodeArgs {
     /// W: recent window the engine keeps (passed to the daemon).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
-    /// Graph beam width L (passed to the daemon).
-    #[arg(long, default_value_t = 64)]
+    /// Graph beam width L (passed to the daemon; the daemon's default).
+    #[arg(long, default_value_t = 128)]
     pub search_list: usize,
     /// The kvdex binary to start (default: this one).
     #[arg(long)]

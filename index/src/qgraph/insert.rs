@@ -224,6 +224,8 @@ fn link_unlinked(
         r.iter().map(|x| x * x).sum::<f32>()
     };
     let w = g.params.rank_window.max(1);
+    // Nodes that lost an edge into them with no replacement path (see `take_candidate`).
+    let mut orphans: Vec<u32> = Vec::new();
     for u in old..n {
         let uid = u as u32;
         if g.deg[u] > 0 {
@@ -300,7 +302,7 @@ fn link_unlinked(
         g.set_neighbours(u, &kept);
         let mut into_u = false;
         for &c in &takers {
-            into_u |= take_candidate(g, keys, &norm, c, uid);
+            into_u |= take_candidate(g, keys, &norm, (c, uid), &mut orphans);
         }
         for &t in &kept {
             into_u |= g.link(t, uid, false);
@@ -308,26 +310,40 @@ fn link_unlinked(
         if !into_u {
             let best = takers.first().or(kept.first()).copied();
             if let Some(b) = best {
+                // The forced edge replaces b's weakest one, x: relink x from u (b → u → x).
+                let x = g.neighbours(b).last().copied();
                 g.link(b, uid, true);
+                if let Some(x) = x.filter(|&x| x != uid && !g.neighbours(b).contains(&x)) {
+                    if !g.link(uid, x, false) {
+                        orphans.push(x);
+                    }
+                }
             }
         }
+    }
+    // Rare (u had no room for a target it displaced): a full connectivity pass only then.
+    if !orphans.is_empty() {
+        connect(g, keys);
     }
     Ok(())
 }
 
 /// Node `c` takes `u` as a new candidate: appended while c has room, otherwise c's edges and u
-/// are pruned together (u may lose). Returns true when c → u is present afterwards.
+/// are pruned together. When u loses, c keeps its edges; when u wins, each target c dropped
+/// is relinked from u (c → u → x keeps x reachable), or listed in `orphans` when u is full.
+/// Returns true when c → u is present afterwards.
 fn take_candidate(
     g: &mut QueryGuidedGraph,
     keys: &dyn KeyStore,
     norm: &dyn Fn(u32) -> f32,
-    c: u32,
-    u: u32,
+    (c, u): (u32, u32),
+    orphans: &mut Vec<u32>,
 ) -> bool {
     if g.link(c, u, false) {
         return true;
     }
-    let mut pool: Vec<u32> = g.neighbours(c).to_vec();
+    let old: Vec<u32> = g.neighbours(c).to_vec();
+    let mut pool = old.clone();
     pool.push(u);
     let kept = prune(
         keys,
@@ -337,8 +353,16 @@ fn take_candidate(
         g.params.degree,
         (g.params.alpha, g.params.fill_degree),
     );
+    if !kept.contains(&u) {
+        return false;
+    }
     g.set_neighbours(c as usize, &kept);
-    kept.contains(&u)
+    for x in old.into_iter().filter(|x| !kept.contains(x)) {
+        if !g.link(u, x, false) {
+            orphans.push(x);
+        }
+    }
+    true
 }
 
 #[cfg(test)]
