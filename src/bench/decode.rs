@@ -88,7 +88,7 @@ pub struct DecodeArgs {
     #[arg(long, default_value_t = 512)]
     pub window: usize,
     /// Graph beam width L (passed to the daemon; the daemon's default).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 256)]
     pub search_list: usize,
     /// The kvdex binary to start (default: this one).
     #[arg(long)]
