@@ -106,6 +106,7 @@ pub fn build(
         }
     }
     connect(&mut g, keys);
+    link_sequence(&mut g, params.sequence_edges);
     if let TrainingSignal::Queries { vectors, .. } = *training {
         // An even sample of the training queries guides later inserts (see `insert`).
         let d = keys.dim();
@@ -405,15 +406,38 @@ pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
                 );
         }
         let half = (g.params.degree / 2).max(1);
+        let ins = g.params.connect_in_links.max(1);
         for (i, &u) in unreached.iter().enumerate() {
             let f = &found[i * width..i * width + lens[i]];
             let Some(&best) = f.first() else { continue };
-            let linked = f.iter().any(|&r| g.link(r, u, false));
-            if !linked {
+            let mut linked = 0;
+            for &r in f {
+                if linked >= ins {
+                    break;
+                }
+                linked += usize::from(g.link(r, u, false));
+            }
+            if linked == 0 {
                 g.link(best, u, true);
             }
             for &r in f.iter().take(half) {
                 g.link(u, r, false);
+            }
+        }
+    }
+}
+
+/// Links each node to its neighbours in token order, nearest first, `i ± 1 ..= i ± s`, while
+/// it has free slots (see [`super::GraphParams::sequence_edges`]).
+pub(super) fn link_sequence(g: &mut QueryGuidedGraph, s: usize) {
+    let n = g.nodes();
+    for i in 0..n {
+        for o in 1..=s {
+            if i + o < n {
+                g.link(i as u32, (i + o) as u32, false);
+            }
+            if o <= i {
+                g.link(i as u32, (i - o) as u32, false);
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod build;
 pub mod group;
 pub mod insert;
 pub mod search;
+pub mod trace;
 
 pub use search::GraphScratch;
 
@@ -75,6 +76,17 @@ pub struct GraphParams {
     /// `rank_window` used when the training lists are sparse (same rule as
     /// `sparse_train_topk`).
     pub sparse_rank_window: usize,
+    /// The connectivity pass links each key the entry points cannot reach from up to this many
+    /// of the nodes its own search found (those with a free edge slot). 1 gives such a key a
+    /// single way in; at long contexts most keys are in no training list, are reached only
+    /// through the pass, and a query's true top keys among them were the ones the beam missed
+    /// (notes/scale1m.md: at 256K, 47% of the missed top keys had in-degree <= 2, against 2% of
+    /// the found ones).
+    pub connect_in_links: usize,
+    /// After the connectivity pass, each key also links to its neighbours in token order
+    /// (ids `i ± 1 ..= i ± sequence_edges`, key ids being token positions) while it has free
+    /// edge slots. The slots are fixed width, so this costs no memory. 0 turns it off.
+    pub sequence_edges: usize,
     /// Training (and later decode) queries remembered, in f16, to guide incremental insert.
     pub kept_queries: usize,
     /// Insert links a new key through at most this many remembered queries whose top lists it
@@ -98,6 +110,8 @@ impl Default for GraphParams {
             sparse_alpha: 1.0,
             sparse_train_topk: 200,
             sparse_rank_window: 16,
+            connect_in_links: 1,
+            sequence_edges: 0,
             kept_queries: 256,
             insert_queries: 4,
         }
