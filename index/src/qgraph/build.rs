@@ -14,7 +14,7 @@
 //!
 //! Steps 1, 3 and the searches of 5 run in parallel with rayon.
 
-use super::search::{beam_search, Adjacency, GraphScratch};
+use super::connect::{connect, link_sequence};
 use super::{GraphParams, QueryGuidedGraph};
 use crate::error::check_finite;
 use crate::{FlatIndex, Hits, IndexError, KeyStore, SearchScratch, TrainingSignal};
@@ -106,7 +106,7 @@ pub fn build(
         }
     }
     connect(&mut g, keys);
-    link_sequence(&mut g, params.sequence_edges);
+    link_sequence(&mut g, params.sequence_edges, 0);
     if let TrainingSignal::Queries { vectors, .. } = *training {
         // An even sample of the training queries guides later inserts (see `insert`).
         let d = keys.dim();
@@ -369,100 +369,6 @@ pub(crate) fn prune(
         kept.extend(occluded_ids.into_iter().take(room));
     }
     kept
-}
-
-/// Step 5: links every key not reachable from the entry points. Each round searches for the
-/// unreached keys in parallel on a snapshot, then links each from the best reached node with
-/// room (forcing the best one when none has room) and to its nearest found nodes.
-pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
-    let d = keys.dim();
-    for _round in 0..8 {
-        let unreached = unreached(g);
-        if unreached.is_empty() {
-            return;
-        }
-        // The found lists in one flat array (`width` slots per unreached key) rather than a
-        // vector each: at 1M keys there are hundreds of thousands of them.
-        let width = g.params.build_list.max(1);
-        let mut found = vec![0u32; unreached.len() * width];
-        let mut lens = vec![0usize; unreached.len()];
-        {
-            let snap: &QueryGuidedGraph = g;
-            found
-                .par_chunks_mut(width)
-                .zip(lens.par_iter_mut())
-                .zip(unreached.par_iter())
-                .for_each_init(
-                    || (GraphScratch::default(), vec![0.0f32; d]),
-                    |(s, row), ((slot, len), &u)| {
-                        keys.row_f32(u, row);
-                        beam_search(snap, keys, row, &snap.entries, width, s);
-                        let ids = s.pool.iter().map(|c| c.id).filter(|&id| id != u);
-                        for (dst, id) in slot.iter_mut().zip(ids) {
-                            *dst = id;
-                            *len += 1;
-                        }
-                    },
-                );
-        }
-        let half = (g.params.degree / 2).max(1);
-        let ins = g.params.connect_in_links.max(1);
-        for (i, &u) in unreached.iter().enumerate() {
-            let f = &found[i * width..i * width + lens[i]];
-            let Some(&best) = f.first() else { continue };
-            let mut linked = 0;
-            for &r in f {
-                if linked >= ins {
-                    break;
-                }
-                linked += usize::from(g.link(r, u, false));
-            }
-            if linked == 0 {
-                g.link(best, u, true);
-            }
-            for &r in f.iter().take(half) {
-                g.link(u, r, false);
-            }
-        }
-    }
-}
-
-/// Links each node to its neighbours in token order, nearest first, `i ± 1 ..= i ± s`, while
-/// it has free slots (see [`super::GraphParams::sequence_edges`]).
-pub(super) fn link_sequence(g: &mut QueryGuidedGraph, s: usize) {
-    let n = g.nodes();
-    for i in 0..n {
-        for o in 1..=s {
-            if i + o < n {
-                g.link(i as u32, (i + o) as u32, false);
-            }
-            if o <= i {
-                g.link(i as u32, (i - o) as u32, false);
-            }
-        }
-    }
-}
-
-/// Keys not reachable from the entry points (breadth-first).
-pub(super) fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
-    let n = g.nodes();
-    let mut seen = vec![false; n];
-    let mut queue: Vec<u32> = Vec::new();
-    for &e in &g.entries {
-        if (e as usize) < n && !seen[e as usize] {
-            seen[e as usize] = true;
-            queue.push(e);
-        }
-    }
-    while let Some(x) = queue.pop() {
-        for &y in g.neighbours(x) {
-            if !seen[y as usize] {
-                seen[y as usize] = true;
-                queue.push(y);
-            }
-        }
-    }
-    (0..n as u32).filter(|&i| !seen[i as usize]).collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! graph costs `M * 4 + 1` bytes per key.
 
 pub mod build;
+pub mod connect;
 pub mod group;
 pub mod insert;
 pub mod search;
