@@ -44,6 +44,11 @@ pub fn build(
             entries_per_key,
         ),
         train_topk: sparse_lerp(params.train_topk, params.sparse_train_topk, entries_per_key),
+        sequence_edges: sparse_lerp(
+            params.sequence_edges,
+            params.sparse_sequence_edges,
+            entries_per_key,
+        ),
         ..params.clone()
     };
     let norms = key_norms(keys);
@@ -401,6 +406,30 @@ mod tests {
         assert_eq!(super::sparse_lerp(100, 200, 0.4), 200);
         let mid = super::sparse_lerp(8, 16, 11.3);
         assert!(mid > 8 && mid < 16, "{mid}");
+    }
+
+    /// Sequence edges follow the list density: none on dense lists (the real 8K set's
+    /// regime), `sparse_sequence_edges` on sparse ones, where every node not yet full links to
+    /// its next key in token order.
+    #[test]
+    fn sequence_edges_only_on_sparse_training_lists() {
+        let (n, d) = (64usize, 4usize);
+        let v: Vec<f32> = (0..n * d).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let keys = KeySlice::new(KeyRows::F32(&v), d).unwrap();
+        let p = crate::GraphParams::default();
+        // 40 entries per key: dense.
+        let dense: Vec<Vec<u32>> = (0..40u32)
+            .map(|s| (0..n as u32).map(|i| (i + s) % n as u32).collect())
+            .collect();
+        let g = super::build(&keys, &crate::TrainingSignal::Neighbours(&dense), &p).unwrap();
+        assert_eq!(g.params().sequence_edges, p.sequence_edges);
+        let sparse = vec![(0..8u32).collect::<Vec<u32>>()];
+        let g = super::build(&keys, &crate::TrainingSignal::Neighbours(&sparse), &p).unwrap();
+        assert_eq!(g.params().sequence_edges, p.sparse_sequence_edges);
+        for i in 0..n as u32 - 1 {
+            let nb = g.neighbours_of(i);
+            assert!(nb.contains(&(i + 1)) || nb.len() == p.degree, "{i}: {nb:?}");
+        }
     }
 
     #[test]
