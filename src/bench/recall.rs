@@ -9,6 +9,7 @@
 //! keys scored, single-thread queries per second, build seconds and index bytes.
 
 mod args;
+mod diag;
 mod groups;
 mod measure;
 mod report;
@@ -129,6 +130,9 @@ mod tests {
             insert_queries: 0,
             kept_queries: 16,
             insert_links: 4,
+            connect_in_links: 4,
+            sequence_edges: 0,
+            sparse_sequence_edges: 8,
             m: 16,
             ef_construction: 50,
             ef: 50,

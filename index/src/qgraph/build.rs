@@ -14,7 +14,7 @@
 //!
 //! Steps 1, 3 and the searches of 5 run in parallel with rayon.
 
-use super::search::{beam_search, Adjacency, GraphScratch};
+use super::connect::{connect, link_sequence};
 use super::{GraphParams, QueryGuidedGraph};
 use crate::error::check_finite;
 use crate::{FlatIndex, Hits, IndexError, KeyStore, SearchScratch, TrainingSignal};
@@ -44,6 +44,11 @@ pub fn build(
             entries_per_key,
         ),
         train_topk: sparse_lerp(params.train_topk, params.sparse_train_topk, entries_per_key),
+        sequence_edges: sparse_lerp(
+            params.sequence_edges,
+            params.sparse_sequence_edges,
+            entries_per_key,
+        ),
         ..params.clone()
     };
     let norms = key_norms(keys);
@@ -106,6 +111,7 @@ pub fn build(
         }
     }
     connect(&mut g, keys);
+    link_sequence(&mut g, params.sequence_edges, 0);
     if let TrainingSignal::Queries { vectors, .. } = *training {
         // An even sample of the training queries guides later inserts (see `insert`).
         let d = keys.dim();
@@ -370,77 +376,6 @@ pub(crate) fn prune(
     kept
 }
 
-/// Step 5: links every key not reachable from the entry points. Each round searches for the
-/// unreached keys in parallel on a snapshot, then links each from the best reached node with
-/// room (forcing the best one when none has room) and to its nearest found nodes.
-pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
-    let d = keys.dim();
-    for _round in 0..8 {
-        let unreached = unreached(g);
-        if unreached.is_empty() {
-            return;
-        }
-        // The found lists in one flat array (`width` slots per unreached key) rather than a
-        // vector each: at 1M keys there are hundreds of thousands of them.
-        let width = g.params.build_list.max(1);
-        let mut found = vec![0u32; unreached.len() * width];
-        let mut lens = vec![0usize; unreached.len()];
-        {
-            let snap: &QueryGuidedGraph = g;
-            found
-                .par_chunks_mut(width)
-                .zip(lens.par_iter_mut())
-                .zip(unreached.par_iter())
-                .for_each_init(
-                    || (GraphScratch::default(), vec![0.0f32; d]),
-                    |(s, row), ((slot, len), &u)| {
-                        keys.row_f32(u, row);
-                        beam_search(snap, keys, row, &snap.entries, width, s);
-                        let ids = s.pool.iter().map(|c| c.id).filter(|&id| id != u);
-                        for (dst, id) in slot.iter_mut().zip(ids) {
-                            *dst = id;
-                            *len += 1;
-                        }
-                    },
-                );
-        }
-        let half = (g.params.degree / 2).max(1);
-        for (i, &u) in unreached.iter().enumerate() {
-            let f = &found[i * width..i * width + lens[i]];
-            let Some(&best) = f.first() else { continue };
-            let linked = f.iter().any(|&r| g.link(r, u, false));
-            if !linked {
-                g.link(best, u, true);
-            }
-            for &r in f.iter().take(half) {
-                g.link(u, r, false);
-            }
-        }
-    }
-}
-
-/// Keys not reachable from the entry points (breadth-first).
-pub(super) fn unreached(g: &QueryGuidedGraph) -> Vec<u32> {
-    let n = g.nodes();
-    let mut seen = vec![false; n];
-    let mut queue: Vec<u32> = Vec::new();
-    for &e in &g.entries {
-        if (e as usize) < n && !seen[e as usize] {
-            seen[e as usize] = true;
-            queue.push(e);
-        }
-    }
-    while let Some(x) = queue.pop() {
-        for &y in g.neighbours(x) {
-            if !seen[y as usize] {
-                seen[y as usize] = true;
-                queue.push(y);
-            }
-        }
-    }
-    (0..n as u32).filter(|&i| !seen[i as usize]).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::prune;
@@ -471,6 +406,30 @@ mod tests {
         assert_eq!(super::sparse_lerp(100, 200, 0.4), 200);
         let mid = super::sparse_lerp(8, 16, 11.3);
         assert!(mid > 8 && mid < 16, "{mid}");
+    }
+
+    /// Sequence edges follow the list density: none on dense lists (the real 8K set's
+    /// regime), `sparse_sequence_edges` on sparse ones, where every node not yet full links to
+    /// its next key in token order.
+    #[test]
+    fn sequence_edges_only_on_sparse_training_lists() {
+        let (n, d) = (64usize, 4usize);
+        let v: Vec<f32> = (0..n * d).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let keys = KeySlice::new(KeyRows::F32(&v), d).unwrap();
+        let p = crate::GraphParams::default();
+        // 40 entries per key: dense.
+        let dense: Vec<Vec<u32>> = (0..40u32)
+            .map(|s| (0..n as u32).map(|i| (i + s) % n as u32).collect())
+            .collect();
+        let g = super::build(&keys, &crate::TrainingSignal::Neighbours(&dense), &p).unwrap();
+        assert_eq!(g.params().sequence_edges, p.sequence_edges);
+        let sparse = vec![(0..8u32).collect::<Vec<u32>>()];
+        let g = super::build(&keys, &crate::TrainingSignal::Neighbours(&sparse), &p).unwrap();
+        assert_eq!(g.params().sequence_edges, p.sparse_sequence_edges);
+        for i in 0..n as u32 - 1 {
+            let nb = g.neighbours_of(i);
+            assert!(nb.contains(&(i + 1)) || nb.len() == p.degree, "{i}: {nb:?}");
+        }
     }
 
     #[test]

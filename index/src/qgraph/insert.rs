@@ -19,7 +19,8 @@
 //! New queries (decode queries whose positions slide out of the daemon's window) join the
 //! memory through [`QueryGuidedGraph::remember_queries`], replacing the oldest once it is full.
 
-use super::build::{candidates, connect, prune, training_lists};
+use super::build::{candidates, prune, training_lists};
+use super::connect::{connect, link_sequence};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
@@ -120,7 +121,9 @@ impl QueryGuidedGraph {
 /// Incremental insert of keys `g.len()..keys.len()` (see the module comment).
 pub fn insert(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<(), IndexError> {
     let old = grow(g, keys)?;
-    link_unlinked(g, keys, old)
+    link_unlinked(g, keys, old)?;
+    link_sequence(g, g.params.sequence_edges, old);
+    Ok(())
 }
 
 /// Insert with the new positions' queries: they are remembered, their exact top lists over all
@@ -148,6 +151,7 @@ pub fn insert_with_queries(
     merge_lists(g, keys, &lists);
     link_unlinked(g, keys, old)?;
     connect(g, keys);
+    link_sequence(g, g.params.sequence_edges, old);
     Ok(())
 }
 
@@ -429,7 +433,7 @@ mod tests {
             .unwrap();
         for g in [&keys_only, &with_q] {
             assert_eq!(g.len(), n);
-            assert!(super::super::build::unreached(g).is_empty());
+            assert!(super::super::connect::unreached(g).is_empty());
         }
         let r_full = recall(&rebuilt, &keys, tests, 10);
         let r_keys = recall(&keys_only, &keys, tests, 10);

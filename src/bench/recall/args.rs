@@ -104,6 +104,16 @@ pub struct RecallArgs {
     /// Graph: training queries remembered to guide insert.
     #[arg(long, default_value_t = GraphParams::default().kept_queries)]
     pub kept_queries: usize,
+    /// Graph: in-edges the connectivity pass gives each unreached key.
+    #[arg(long, default_value_t = GraphParams::default().connect_in_links)]
+    pub connect_in_links: usize,
+    /// Graph: edges to neighbours in token order (each side) added into free slots, on dense
+    /// training lists.
+    #[arg(long, default_value_t = GraphParams::default().sequence_edges)]
+    pub sequence_edges: usize,
+    /// Graph: the same when the training lists are sparse (few entries per key).
+    #[arg(long, default_value_t = GraphParams::default().sparse_sequence_edges)]
+    pub sparse_sequence_edges: usize,
     /// HNSW: M.
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
@@ -132,6 +142,9 @@ pub(super) fn graph_params(a: &RecallArgs) -> GraphParams {
         kept_queries: a.kept_queries,
         recent_train_queries: a.recent_train,
         insert_queries: a.insert_links,
+        connect_in_links: a.connect_in_links,
+        sequence_edges: a.sequence_edges,
+        sparse_sequence_edges: a.sparse_sequence_edges,
         ..GraphParams::default()
     }
 }
@@ -166,7 +179,7 @@ pub(super) fn params_json(
         }
         _ => serde_json::json!({
             "k": a.k, "L": s, "M": gp.degree, "Nq": gp.train_topk, "max_train": gp.max_train_queries, "recent_train": gp.recent_train_queries,
-            "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "sparse_nq": gp.sparse_train_topk, "sparse_window": gp.sparse_rank_window, "window": gp.rank_window, "per": a.graph_per,
+            "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "sparse_nq": gp.sparse_train_topk, "sparse_window": gp.sparse_rank_window, "window": gp.rank_window, "per": a.graph_per, "in_links": gp.connect_in_links, "seq": gp.sequence_edges, "sparse_seq": gp.sparse_sequence_edges,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
             "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
         }),

@@ -58,6 +58,13 @@ pub(super) struct Truth {
     top_mass: f64,
 }
 
+impl Truth {
+    /// The exact top-k ids, best first.
+    pub(super) fn top_ids(&self) -> &[u32] {
+        &self.top
+    }
+}
+
 pub(super) fn truth(
     keys: &KeySlice<'_>,
     q: &[f32],
@@ -226,6 +233,9 @@ pub(super) fn run_group(
                             idx.mean_degree(),
                             sum as f64 / cnt.max(1) as f64
                         );
+                        let mine: Vec<&(Vec<f32>, Truth)> =
+                            grp.iter().flat_map(|&i| tests[i].iter()).collect();
+                        super::diag::miss_report(&idx, &keys, &mine);
                     }
                     for (si, lst) in settings("graph", a).into_iter().enumerate() {
                         idx.set_search_list(lst);
