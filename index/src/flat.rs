@@ -1,6 +1,6 @@
 //! The exact scan: scores every key. The baseline every other index is measured against.
 //!
-//! Keys are scored in blocks of [`BLOCK`] rows through the SIMD kernels; a block's scores are
+//! Keys are scored in blocks of `BLOCK` (512) rows through the SIMD kernels; a block's scores are
 //! filtered against the running top-k threshold before they touch the heap. Above
 //! [`PARALLEL_MIN`] keys the range is split across rayon workers, each with its own top-k kept
 //! in the caller's [`SearchScratch`], and the partial results are merged. A GQA group of query

@@ -12,7 +12,7 @@
 //!
 //! Values are read through [`ValueStore`], which hands out whole rows in their stored dtype so
 //! that the accumulation kernel can widen them in registers; keys are scored through the
-//! [`KeyStore`](crate::KeyStore) seam, so the index crate's scoring kernels are reused.
+//! [`crate::KeyStore`] seam, so the index crate's scoring kernels are reused.
 
 pub mod accum;
 pub mod budget;

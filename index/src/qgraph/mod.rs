@@ -16,6 +16,7 @@ pub mod build;
 pub mod connect;
 pub mod group;
 pub mod insert;
+pub mod memory;
 pub mod search;
 pub mod trace;
 
@@ -142,7 +143,7 @@ pub struct QueryGuidedGraph {
     deg: Vec<u8>,
     entries: Vec<u32>,
     /// Remembered queries that guide insert.
-    memory: insert::QueryMemory,
+    memory: memory::QueryMemory,
 }
 
 impl search::Adjacency for QueryGuidedGraph {

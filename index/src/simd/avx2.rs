@@ -1,7 +1,7 @@
 //! AVX2 + FMA + F16C kernels (8 f32 lanes).
 //!
 //! Every function is `unsafe` only because of `#[target_feature]`: the caller must have checked
-//! that the CPU has avx2, fma and f16c (see [`super::Isa::detect`]). Lengths are checked inside.
+//! that the CPU has avx2, fma and f16c (see [`super::Isa::available`]). Lengths are checked inside.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

@@ -1,7 +1,7 @@
 //! AVX-512F kernels (16 f32 lanes). `_mm512_cvtph_ps` (f16 -> f32) is part of AVX-512F itself.
 //!
 //! Every function is `unsafe` only because of `#[target_feature]`: the caller must have checked
-//! that the CPU has avx512f (see [`super::Isa::detect`]). Lengths are checked inside.
+//! that the CPU has avx512f (see [`super::Isa::available`]). Lengths are checked inside.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
