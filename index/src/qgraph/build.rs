@@ -107,7 +107,7 @@ pub fn build(
     for p in 0..n {
         for i in 0..g.deg[p] as usize {
             let c = g.edges[p * m + i];
-            g.link(c, p as u32, false);
+            g.link(c, p as u32);
         }
     }
     connect(&mut g, keys);
@@ -201,9 +201,9 @@ impl QueryGuidedGraph {
         self.deg[i] = d as u8;
     }
 
-    /// Adds the edge `from → to`; when `from` is full and `force` is set, the last (weakest)
-    /// edge is replaced. Returns true when the edge is present afterwards.
-    pub(super) fn link(&mut self, from: u32, to: u32, force: bool) -> bool {
+    /// Adds the edge `from → to` while `from` has room. Returns true when the edge is present
+    /// afterwards.
+    pub(super) fn link(&mut self, from: u32, to: u32) -> bool {
         let m = self.params.degree;
         let (f, d) = (from as usize, self.deg[from as usize] as usize);
         if self.edges[f * m..f * m + d].contains(&to) {
@@ -213,12 +213,19 @@ impl QueryGuidedGraph {
             self.edges[f * m + d] = to;
             self.deg[f] += 1;
             true
-        } else if force {
-            self.edges[f * m + m - 1] = to;
-            true
         } else {
             false
         }
+    }
+
+    /// Adds the edge `from → to`, replacing from's last (weakest) edge when it is full. Returns
+    /// the target of the replaced edge, which may have lost its only way in.
+    pub(super) fn link_displacing(&mut self, from: u32, to: u32) -> Option<u32> {
+        if self.link(from, to) {
+            return None;
+        }
+        let slot = from as usize * self.params.degree + self.params.degree - 1;
+        Some(std::mem::replace(&mut self.edges[slot], to))
     }
 }
 

@@ -51,13 +51,13 @@ pub(super) fn connect(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) {
                 if linked >= ins {
                     break;
                 }
-                linked += usize::from(g.link(r, u, false));
+                linked += usize::from(g.link(r, u));
             }
             if linked == 0 {
-                g.link(best, u, true);
+                g.link_displacing(best, u);
             }
             for &r in f.iter().take(half) {
-                g.link(u, r, false);
+                g.link(u, r);
             }
         }
     }
@@ -71,10 +71,10 @@ pub(super) fn link_sequence(g: &mut QueryGuidedGraph, s: usize, from: usize) {
     for i in from.saturating_sub(s)..n {
         for o in 1..=s {
             if i + o < n {
-                g.link(i as u32, (i + o) as u32, false);
+                g.link(i as u32, (i + o) as u32);
             }
             if o <= i {
-                g.link(i as u32, (i - o) as u32, false);
+                g.link(i as u32, (i - o) as u32);
             }
         }
     }
@@ -126,7 +126,7 @@ mod tests {
             memory: Default::default(),
         };
         for i in 0..ring {
-            g.link(i as u32, ((i + 1) % ring) as u32, false);
+            g.link(i as u32, ((i + 1) % ring) as u32);
         }
         g
     }
@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn sequence_edges_fill_free_slots_nearest_first() {
         let mut g = half_ring(10, 0, 4, crate::GraphParams::default());
-        g.link(5, 9, false);
+        g.link(5, 9);
         super::link_sequence(&mut g, 2, 0);
         assert_eq!(g.neighbours_of(0), &[1, 2]);
         assert_eq!(g.neighbours_of(3), &[4, 2, 5, 1]);

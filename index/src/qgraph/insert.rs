@@ -115,7 +115,7 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
     }
     for (p, a) in &updates {
         for &c in a {
-            g.link(c, *p, false);
+            g.link(c, *p);
         }
     }
 }
@@ -219,18 +219,14 @@ fn link_unlinked(
             into_u |= take_candidate(g, keys, &norm, (c, uid), &mut orphans);
         }
         for &t in &kept {
-            into_u |= g.link(t, uid, false);
+            into_u |= g.link(t, uid);
         }
         if !into_u {
             let best = takers.first().or(kept.first()).copied();
-            if let Some(b) = best {
-                // The forced edge replaces b's weakest one, x: relink x from u (b → u → x).
-                let x = g.neighbours(b).last().copied();
-                g.link(b, uid, true);
-                if let Some(x) = x.filter(|&x| x != uid && !g.neighbours(b).contains(&x)) {
-                    if !g.link(uid, x, false) {
-                        orphans.push(x);
-                    }
+            // b's weakest edge gives way to u; its target x is relinked from u (b → u → x).
+            if let Some(x) = best.and_then(|b| g.link_displacing(b, uid)) {
+                if !g.link(uid, x) {
+                    orphans.push(x);
                 }
             }
         }
@@ -253,11 +249,10 @@ fn take_candidate(
     (c, u): (u32, u32),
     orphans: &mut Vec<u32>,
 ) -> bool {
-    if g.link(c, u, false) {
+    if g.link(c, u) {
         return true;
     }
-    let old: Vec<u32> = g.neighbours(c).to_vec();
-    let mut pool = old.clone();
+    let mut pool: Vec<u32> = g.neighbours(c).to_vec();
     pool.push(u);
     let kept = prune(
         keys,
@@ -271,8 +266,9 @@ fn take_candidate(
         return false;
     }
     g.set_neighbours(c as usize, &kept);
-    for x in old.into_iter().filter(|x| !kept.contains(x)) {
-        if !g.link(u, x, false) {
+    pool.pop(); // c's old targets
+    for x in pool.into_iter().filter(|x| !kept.contains(x)) {
+        if !g.link(u, x) {
             orphans.push(x);
         }
     }

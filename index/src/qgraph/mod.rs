@@ -189,15 +189,17 @@ impl QueryGuidedGraph {
     pub fn neighbours_of(&self, id: u32) -> &[u32] {
         search::Adjacency::neighbours(self, id)
     }
-}
 
-/// A beam of width L scores about 8·L keys (measured: 7.9·L on the real 8K set at L 96, 15·L
-/// at 128K), as scattered rows, each dearer than a row of a sequential scan. When the graph
-/// holds no more than that (`n <= 8 * max(L, k)`), an exact scan costs no more and cannot miss:
-/// small graphs, whose late keys few causal training queries reach, otherwise could (a beam of
-/// 64 over 275 keys once scored 239 of them and still missed the top-1).
-fn exact_is_cheaper(n: usize, l: usize, k: usize) -> bool {
-    k > 0 && n <= 8 * l.max(k)
+    /// The exact scan that replaces a search for `k` over `keys` when it is no dearer. A beam
+    /// of width L scores about 8·L keys (measured: 7.9·L on the real 8K set at L 96, 15·L at
+    /// 128K), as scattered rows, each dearer than a row of a sequential scan. When the graph
+    /// holds no more than that (`n <= 8 * max(L, k)`), an exact scan costs no more and cannot
+    /// miss: small graphs, whose late keys few causal training queries reach, otherwise could
+    /// (a beam of 64 over 275 keys once scored 239 of them and still missed the top-1).
+    fn exact_scan(&self, keys: &dyn KeyStore, k: usize) -> Option<crate::FlatIndex> {
+        let n = self.len().min(keys.len());
+        (k > 0 && n <= 8 * self.params.search_list.max(k)).then(|| crate::FlatIndex::new(n))
+    }
 }
 
 impl MipsIndex for QueryGuidedGraph {
@@ -223,11 +225,10 @@ impl MipsIndex for QueryGuidedGraph {
                 k_clamped: k > n,
             });
         }
-        let l = self.params.search_list;
-        if exact_is_cheaper(n, l, k) {
-            return crate::FlatIndex::new(n).search(keys, query, k, scratch, out);
+        if let Some(flat) = self.exact_scan(keys, k) {
+            return flat.search(keys, query, k, scratch, out);
         }
-        let g = &mut scratch.graph;
+        let (g, l) = (&mut scratch.graph, self.params.search_list);
         let scored = search::beam_search_k(self, keys, query, &self.entries, l, k.min(n), g);
         g.best.drain_into(out);
         Ok(SearchStats {
@@ -244,17 +245,9 @@ impl MipsIndex for QueryGuidedGraph {
         scratch: &mut SearchScratch,
         outs: &mut [Hits],
     ) -> Result<SearchStats, IndexError> {
-        let n = self.len().min(keys.len());
         // (No heads: the joint search's own empty answer.)
-        if !outs.is_empty() && exact_is_cheaper(n, self.params.search_list, k) {
-            return MipsIndex::search_group(
-                &crate::FlatIndex::new(n),
-                keys,
-                queries,
-                k,
-                scratch,
-                outs,
-            );
+        if let Some(flat) = self.exact_scan(keys, k).filter(|_| !outs.is_empty()) {
+            return MipsIndex::search_group(&flat, keys, queries, k, scratch, outs);
         }
         group::search_group(
             self,
