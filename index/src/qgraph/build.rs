@@ -12,12 +12,14 @@
 //! 6. An even sample of the training queries is remembered to guide incremental insert
 //!    ([`super::insert`]).
 //!
-//! Steps 1, 3 and the searches of 5 run in parallel with rayon.
+//! Steps 1, 3 and the searches of 5 run in parallel with rayon. Step 1 lives in
+//! [`super::train`], step 3 in [`super::prune`].
 
 use super::connect::{connect, link_sequence};
+use super::prune::{key_norms, prune};
+use super::train::{density_alpha, sparse_lerp, training_lists};
 use super::{GraphParams, QueryGuidedGraph};
-use crate::error::check_finite;
-use crate::{FlatIndex, Hits, IndexError, KeyStore, SearchScratch, TrainingSignal};
+use crate::{IndexError, KeyStore, TrainingSignal};
 use rayon::prelude::*;
 
 /// Builds the graph over all keys of `keys`.
@@ -127,25 +129,6 @@ pub fn build(
     Ok(g)
 }
 
-/// How sparse `e` training list entries per key are: 0 at e >= 32, 1 at e <= 4, log-linear
-/// between.
-fn sparseness(e: f32) -> f32 {
-    ((32.0 / e.max(1e-6)).log2() / 3.0).clamp(0.0, 1.0)
-}
-
-/// The occlusion slack for `e` training list entries per key (see
-/// [`GraphParams::sparse_alpha`]): `alpha` at e >= 32, `sparse_alpha` at e <= 4, log-linear between.
-pub(super) fn density_alpha(params: &GraphParams, e: f32) -> f32 {
-    params.alpha + (params.sparse_alpha - params.alpha) * sparseness(e)
-}
-
-/// `dense` at e >= 32 list entries per key, `sparse` at e <= 4, log-linear between (see
-/// [`GraphParams::sparse_train_topk`]).
-pub(super) fn sparse_lerp(dense: usize, sparse: usize, e: f32) -> usize {
-    let t = sparseness(e) as f64;
-    (dense as f64 + (sparse as f64 - dense as f64) * t).round() as usize
-}
-
 /// Every node's candidates in one flat array: node p's are `ids[start[p]..start[p + 1]]`.
 /// One allocation instead of a vector per key, which the allocator returns to the system when
 /// it is dropped.
@@ -229,191 +212,10 @@ impl QueryGuidedGraph {
     }
 }
 
-/// Step 1: the exact top lists of the (sampled) training queries, or the supplied lists, and
-/// the density they give at the base Nq (list entries per key, `training queries x
-/// train_topk / keys` for queries, the supplied entries per key for lists). Queries get
-/// lists of the density-adjusted Nq (see [`GraphParams::sparse_train_topk`]).
-pub(super) fn training_lists(
-    keys: &dyn KeyStore,
-    training: &TrainingSignal<'_>,
-    params: &GraphParams,
-) -> Result<(Vec<Vec<u32>>, f32), IndexError> {
-    let n = keys.len();
-    let d = keys.dim();
-    match *training {
-        TrainingSignal::None => Ok((Vec::new(), 0.0)),
-        TrainingSignal::Neighbours(lists) => {
-            for l in lists {
-                if let Some(&bad) = l.iter().find(|&&id| id as usize >= n) {
-                    return Err(IndexError::InvalidArgument(format!(
-                        "neighbour list names key {bad} but only {n} keys are indexed"
-                    )));
-                }
-            }
-            let entries = lists.iter().map(Vec::len).sum::<usize>();
-            Ok((lists.to_vec(), entries as f32 / n.max(1) as f32))
-        }
-        TrainingSignal::Queries { vectors, positions } => {
-            if d == 0 || vectors.len() != positions.len() * d {
-                return Err(IndexError::BadShape(format!(
-                    "{} training floats for {} positions of dim {d}",
-                    vectors.len(),
-                    positions.len()
-                )));
-            }
-            check_finite("training query", vectors)?;
-            let picks = sample_queries(positions, params);
-            let density = (picks.len() * params.train_topk) as f32 / n.max(1) as f32;
-            let topk = sparse_lerp(params.train_topk, params.sparse_train_topk, density);
-            let flat = FlatIndex::new(n);
-            let lists = picks
-                .par_iter()
-                .map_init(
-                    || (SearchScratch::new(), Hits::default()),
-                    |(scratch, hits), &qi| {
-                        let q = &vectors[qi * d..(qi + 1) * d];
-                        let visible = (positions[qi] as usize + 1).min(n);
-                        let outs = std::slice::from_mut(hits);
-                        match flat.search_prefix(keys, q, topk, visible, scratch, outs) {
-                            Ok(_) => hits.ids.clone(),
-                            Err(_) => Vec::new(),
-                        }
-                    },
-                )
-                .filter(|l: &Vec<u32>| !l.is_empty())
-                .collect();
-            Ok((lists, density))
-        }
-    }
-}
-
-/// Which training queries to use: all when they fit in `max_train_queries`; otherwise the
-/// `recent_train_queries` latest by position (decode queries follow the last prefill ones) plus
-/// an even sample of the rest.
-fn sample_queries(positions: &[u32], params: &GraphParams) -> Vec<usize> {
-    let total = positions.len();
-    let take = total.min(params.max_train_queries.max(1));
-    if take == total {
-        return (0..total).collect();
-    }
-    let recent = params.recent_train_queries.min(take);
-    let mut by_pos: Vec<usize> = (0..total).collect();
-    by_pos.sort_by_key(|&i| std::cmp::Reverse(positions[i]));
-    let (latest, rest) = by_pos.split_at(recent);
-    let spread = take - recent;
-    let mut picks: Vec<usize> = latest.to_vec();
-    picks.extend((0..spread).map(|i| rest[i * rest.len() / spread.max(1)]));
-    picks.sort_unstable();
-    picks
-}
-
-fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
-    let d = keys.dim();
-    (0..keys.len() as u32)
-        .into_par_iter()
-        .map_init(
-            || vec![0.0f32; d],
-            |row, i| {
-                keys.row_f32(i, row);
-                row.iter().map(|x| x * x).sum()
-            },
-        )
-        .collect()
-}
-
-/// Step 3, occlusion pruning (RoarGraph Alg. 2 / DiskANN RobustPrune): candidates in order of
-/// L2 distance to the pivot p; c is kept unless a kept s is closer to c than p is (scaled by α).
-/// `norm(id)` gives a key's squared norm (a table at build time, computed on demand at insert).
-/// When fewer than `fill` (of `(alpha, fill)`) survive, the nearest occluded ones are added back
-/// up to `fill` (see [`super::GraphParams::fill_degree`]).
-pub(crate) fn prune(
-    keys: &dyn KeyStore,
-    norm: &dyn Fn(u32) -> f32,
-    p: u32,
-    cands: &[u32],
-    m: usize,
-    (alpha, fill): (f32, usize),
-) -> Vec<u32> {
-    if cands.is_empty() {
-        return Vec::new();
-    }
-    let d = keys.dim();
-    let mut row = vec![0.0f32; d];
-    keys.row_f32(p, &mut row);
-    let mut ip = vec![0.0f32; cands.len()];
-    keys.score_ids(&row, cands, &mut ip);
-    let np = norm(p);
-    let mut by_dist: Vec<(f32, u32, f32)> = cands
-        .iter()
-        .zip(&ip)
-        .map(|(&c, &s)| {
-            let nc = norm(c);
-            (np + nc - 2.0 * s, c, nc)
-        })
-        .collect();
-    by_dist.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut kept: Vec<u32> = Vec::with_capacity(m);
-    let mut kept_norm: Vec<f32> = Vec::with_capacity(m);
-    let mut kept_ip = vec![0.0f32; m];
-    let mut occluded_ids: Vec<u32> = Vec::new();
-    for &(dist_pc, c, nc) in &by_dist {
-        if kept.len() >= m {
-            break;
-        }
-        keys.row_f32(c, &mut row);
-        let ks = kept.len();
-        keys.score_ids(&row, &kept, &mut kept_ip[..ks]);
-        let occluded = kept_norm
-            .iter()
-            .zip(&kept_ip[..ks])
-            .any(|(&ns, &sc)| alpha * (ns + nc - 2.0 * sc) < dist_pc);
-        if !occluded {
-            kept.push(c);
-            kept_norm.push(nc);
-        } else {
-            occluded_ids.push(c);
-        }
-    }
-    let fill = fill.min(m);
-    if kept.len() < fill {
-        // Nearest first: `occluded_ids` is in distance order.
-        let room = fill - kept.len();
-        kept.extend(occluded_ids.into_iter().take(room));
-    }
-    kept
-}
-
 #[cfg(test)]
 mod tests {
-    use super::prune;
     use crate::keys::KeyRows;
     use crate::KeySlice;
-
-    /// Keys on a line: every farther candidate is occluded by the nearest one, so strict pruning
-    /// keeps one edge and the fill gives back the nearest occluded ones, in distance order.
-    #[test]
-    fn prune_fills_with_nearest_occluded_candidates() {
-        let v: Vec<f32> = (0..6).flat_map(|i| [i as f32, 0.0]).collect();
-        let keys = KeySlice::new(KeyRows::F32(&v), 2).unwrap();
-        let norm = |i: u32| (i * i) as f32;
-        let cands = [5u32, 3, 1, 4, 2];
-        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 0)), vec![1]);
-        assert_eq!(prune(&keys, &norm, 0, &cands, 4, (1.0, 3)), vec![1, 2, 3]);
-        // The fill never exceeds the degree cap.
-        assert_eq!(prune(&keys, &norm, 0, &cands, 2, (1.0, 5)), vec![1, 2]);
-    }
-
-    /// Nq and the rank window move from their dense to their sparse values as the training
-    /// lists thin out, and stay put on dense data (the real 8K set has ~52 entries per key).
-    #[test]
-    fn sparse_settings_follow_the_list_density() {
-        assert_eq!(super::sparse_lerp(100, 200, 52.0), 100);
-        assert_eq!(super::sparse_lerp(100, 200, 32.0), 100);
-        assert_eq!(super::sparse_lerp(100, 200, 4.0), 200);
-        assert_eq!(super::sparse_lerp(100, 200, 0.4), 200);
-        let mid = super::sparse_lerp(8, 16, 11.3);
-        assert!(mid > 8 && mid < 16, "{mid}");
-    }
 
     /// Sequence edges follow the list density: none on dense lists (the real 8K set's
     /// regime), `sparse_sequence_edges` on sparse ones, where every node not yet full links to
@@ -437,18 +239,5 @@ mod tests {
             let nb = g.neighbours_of(i);
             assert!(nb.contains(&(i + 1)) || nb.len() == p.degree, "{i}: {nb:?}");
         }
-    }
-
-    #[test]
-    fn density_alpha_moves_from_alpha_to_sparse_alpha() {
-        let p = crate::GraphParams {
-            sparse_alpha: 1.5,
-            ..crate::GraphParams::default()
-        };
-        assert_eq!(super::density_alpha(&p, 50.0), p.alpha);
-        assert_eq!(super::density_alpha(&p, 3.0), p.sparse_alpha);
-        let mid = super::density_alpha(&p, 11.3);
-        assert!(mid > p.alpha && mid < p.sparse_alpha, "{mid}");
-        assert_eq!(super::density_alpha(&p, 0.0), p.sparse_alpha);
     }
 }

@@ -19,9 +19,11 @@
 //! New queries (decode queries whose positions slide out of the daemon's window) join the
 //! memory through [`QueryGuidedGraph::remember_queries`], replacing the oldest once it is full.
 
-use super::build::{candidates, prune, training_lists};
+use super::build::candidates;
 use super::connect::{connect, link_sequence};
+use super::prune::prune;
 use super::search::{beam_search, Adjacency, GraphScratch};
+use super::train::training_lists;
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
 use crate::keys::KeyRows;

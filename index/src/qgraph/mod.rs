@@ -17,8 +17,10 @@ pub mod connect;
 pub mod group;
 pub mod insert;
 pub mod memory;
+pub mod prune;
 pub mod search;
 pub mod trace;
+pub mod train;
 
 pub use search::GraphScratch;
 
