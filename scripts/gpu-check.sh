@@ -3,6 +3,9 @@
 # step, it builds, runs the CUDA tests (which fail, not skip, when CUDA is missing:
 # KVDEX_REQUIRE_CUDA=1), runs `kvdex bench transfer --backend cuda` (and host, for reference),
 # and prints a summary with the issue's targets. Output files go to ${OUT:-target/gpu-check}.
+# It then re-measures the decode request (issue 5) on this many-core host: flat vs graph at
+# 128K, with the heads spread over cores and without (the 2-vCPU dev box cannot show what
+# `decode.parallel_heads` buys). KVDEX_CHECK_DECODE=0 skips that part (about 2-4 minutes).
 # GPU boxes often have no network: the build uses the cargo registry already on the machine
 # (run `cargo fetch` beforehand on a connected machine sharing ~/.cargo if needed).
 set -euo pipefail
@@ -50,6 +53,17 @@ echo "== bench: host (same machine, for reference)"
 ./target/release/kvdex bench transfer --backend host --json | tee "$out/bench-host.jsonl" \
     || status=1
 
+if [ "${KVDEX_CHECK_DECODE:-1}" != "0" ]; then
+    # The issue-5 settings of BENCHMARKS.md ("Session 5", 128K), so the ratio compares.
+    decode=(bench decode --context 131072 --steps 64 --coverage 0.98 --min-k 8 --max-k 64
+            --search-list 256 --train 2048 --json)
+    echo "== decode 128K, parallel heads ($(nproc) cores)"
+    ./target/release/kvdex "${decode[@]}" | tee "$out/decode-128k-parallel.jsonl" || status=1
+    echo "== decode 128K, heads in sequence"
+    KVDEX_DECODE__PARALLEL_HEADS=false ./target/release/kvdex "${decode[@]}" --methods graph \
+        | tee "$out/decode-128k-sequential.jsonl" || status=1
+fi
+
 echo "== summary"
 grep -E "^test result" "$out/tests.txt" || true
 if grep -q "SKIPPED" "$out/tests.txt"; then echo "FAIL: some CUDA tests skipped"; status=1; fi
@@ -72,5 +86,17 @@ for path in sys.argv[1:]:
         print(f"{r['backend']:5} {r['device'][:24]:24} {b:>8} B  {r['gbps']:7.2f} GB/s  "
               f"limit {r['limit_gbps']:7.2f}  {ratio:6.1%}{ovl}  {target}")
 PY
+for f in "$out"/decode-128k-*.jsonl; do
+    [ -s "$f" ] || continue
+    python3 - "$f" <<'PY' || true
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+flat = {r["method"]: r for r in rows}.get("flat")
+for r in rows:
+    ratio = f"  flat/graph {flat['layer_p50_ms'] / r['layer_p50_ms']:.1f}x" if flat and r["method"] != "flat" else ""
+    print(f"{sys.argv[1].rsplit('/', 1)[-1]:32} {r['method']:5} p50 {r['layer_p50_ms']:7.3f} ms  "
+          f"search {r['search_ms']:6.3f}  mass recall {r['mass_recall']:.3f}{ratio}")
+PY
+done
 if [ "$status" -ne 0 ]; then echo "gpu-check: FAILED (see $out)"; fi
 exit "$status"
