@@ -82,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -143,6 +145,32 @@ async fn delete_session(
         .await
         .map_err(|e| KvdexError::Protocol(format!("session deletion task failed: {e}")))??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Any path the control plane does not serve: a JSON error like every other, listing the
+/// routes (axum's default is an empty 404 body).
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    let why = format!(
+        "no route {}; the control plane serves /v1/sessions, /v1/sessions/{{id}}, /healthz, \
+         /readyz, /stats and /metrics",
+        uri.path()
+    );
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": why })),
+    )
+        .into_response()
+}
+
+/// A known path with a method it does not take: 405 with a JSON error naming the method
+/// (axum keeps its `Allow` header).
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let why = format!("{} does not accept {method}", uri.path());
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({ "error": why })),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -301,3 +301,32 @@ fn slim_sessions_are_mha_only_and_report_their_savings() {
     assert_eq!(stats["slim_saved_bytes"], json!(0));
     assert!(stats["per_session"][0]["slim"].is_object());
 }
+
+#[test]
+fn unknown_routes_and_wrong_methods_get_json_errors() {
+    let s = server(1);
+    let (st, e) = call(ureq::get(&format!("{}/health", s.base)), None);
+    assert_eq!(st, 404, "{e}");
+    let why = e["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("no route /health") && why.contains("/healthz"),
+        "{e}"
+    );
+    let resp = match ureq::put(&format!("{}/v1/sessions", s.base)).call() {
+        Err(ureq::Error::Status(_, r)) => r,
+        other => panic!("PUT /v1/sessions answered {other:?}"),
+    };
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.header("allow"), Some("POST"));
+    let e: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/sessions does not accept PUT"),
+        "{e}"
+    );
+    let (st, e) = call(ureq::post(&format!("{}/stats", s.base)), None);
+    assert_eq!(st, 405, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("POST"), "{e}");
+}
