@@ -74,7 +74,12 @@ pub fn read_npy_f16(path: &Path) -> Result<Npy> {
                 .map_err(|_| bad(path, format!("bad shape entry {s:?}")))
         })
         .collect::<Result<_>>()?;
-    let count: usize = shape.iter().product();
+    // A corrupt header can name any shape: the element count must not overflow.
+    let count = shape
+        .iter()
+        .try_fold(2usize, |n, &d| n.checked_mul(d))
+        .map(|bytes| bytes / 2)
+        .ok_or_else(|| bad(path, format!("shape {shape:?} is too large")))?;
     let body = &bytes[hstart + hlen..];
     if body.len() != count * 2 {
         return Err(bad(
@@ -259,6 +264,15 @@ mod tests {
         let a = read_npy_f16(&p).unwrap();
         assert_eq!(a.shape, vec![2, 3, 4]);
         assert_eq!(a.data, data);
+        // A header whose shape overflows the element count.
+        let mut huge = b"\x93NUMPY\x01\x00".to_vec();
+        let header =
+            "{'descr': '<f2', 'fortran_order': False, 'shape': (4611686018427387904, 4), }\n";
+        huge.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        huge.extend_from_slice(header.as_bytes());
+        std::fs::write(&p, &huge).unwrap();
+        let e = read_npy_f16(&p).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
         std::fs::write(&p, b"hello").unwrap();
         assert!(matches!(read_npy_f16(&p), Err(KvdexError::Data(_))));
         assert!(read_npy_f16(&dir.join("missing.npy")).is_err());
