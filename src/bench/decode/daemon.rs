@@ -68,9 +68,19 @@ pub(super) fn start_daemon(exe: &std::path::Path, kv_bytes: u64, a: &DecodeArgs)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let d = Daemon { child, url };
+    let mut d = Daemon { child, url };
     let t = Instant::now();
     while ureq::get(&format!("{}/healthz", d.url)).call().is_err() {
+        // A daemon that exits (a bad --daemon binary, a refused configuration) is reported
+        // at once, not after the whole wait.
+        if let Ok(Some(status)) = d.child.try_wait() {
+            return Err(KvdexError::Disconnected(format!(
+                "{} serve exited with {status} before answering on {} (run it by hand to see \
+                 its log)",
+                exe.display(),
+                d.url
+            )));
+        }
         if t.elapsed() > Duration::from_secs(20) {
             return Err(KvdexError::Disconnected(format!(
                 "kvdex serve did not answer on {}",
@@ -146,6 +156,7 @@ pub(super) fn vm_rss_kib(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     /// The child gets SIGTERM (its handler runs and cleans up), not an outright SIGKILL.
     #[test]
@@ -172,6 +183,28 @@ mod tests {
             "the child was killed without running its SIGTERM handler"
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A daemon binary that exits at once is reported at once, with its exit status.
+    #[test]
+    fn a_daemon_that_exits_is_reported_without_waiting() {
+        let a = match crate::cli::Cli::try_parse_from(["kvdex", "bench", "decode"]) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Bench(crate::cli::BenchCommand::Decode(a)),
+            }) => a,
+            other => panic!("{other:?}"),
+        };
+        let t = Instant::now();
+        let e = match start_daemon(std::path::Path::new("false"), 1 << 20, &a) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("`false` answered"),
+        };
+        assert!(e.contains("false serve exited with"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "waited {:?}",
+            t.elapsed()
+        );
     }
 
     /// A child that ignores SIGTERM is still killed and reaped after the grace period.
