@@ -151,7 +151,7 @@ class Session:
     a context manager, or call :meth:`close`, to drop the session on the daemon.
     """
 
-    def __init__(self, native: "_native.Session") -> None:
+    def __init__(self, native: "_native.Session", slim: Optional[bool] = None) -> None:
         self._s = native
         layers, q_heads, kv_heads, head_dim, dtype = native.shape_tuple
         self.layers: int = layers
@@ -159,6 +159,8 @@ class Session:
         self.kv_heads: int = kv_heads
         self.head_dim: int = head_dim
         self.dtype: str = dtype
+        self.slim: Optional[bool] = slim
+        """Slim mode as created (``None`` when attached directly: not known)."""
 
     @property
     def id(self) -> Optional[str]:
@@ -186,6 +188,12 @@ class Session:
             kvdex.BudgetError: the daemon's memory budget is exhausted;
             kvdex.DisconnectedError: the session is closed or the daemon is gone.
         """
+        if self.slim and v is not None:
+            # The daemon would store K alone and drop v without a word.
+            raise BadRequestError("append: this is a Slim session, which stores K alone (V = K @ W_KV); "
+                                  "call append(layer, k) without v")
+        if self.slim is False and v is None:
+            raise BadRequestError("append: v is missing (only Slim sessions append K alone)")
         return self._s.append(_u32(layer, "layer"), _kv(k, "k"), None if v is None else _kv(v, "v"))
 
     def set_wkv(self, layer: int, w_kv: Any) -> None:
@@ -199,6 +207,8 @@ class Session:
             layer that already holds tokens; kvdex.NotFoundError: an unknown layer.
         """
         w = np.ascontiguousarray(as_numpy(w_kv, "w_kv"), dtype=np.float32)
+        if w.ndim != 2:
+            raise BadRequestError(f"w_kv has shape {list(w.shape)}, expected 2 dimensions (D, D)")
         self._s.set_wkv(_u32(layer, "layer"), w)
 
     def search(self, layer: int, q: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -442,7 +452,7 @@ class Client:
             daemon's message; kvdex.BudgetError: no room for another session.
         """
         return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
-                                              slim, slim_rope))
+                                              slim, slim_rope), slim=slim)
 
 
 def connect(url: str) -> Client:
