@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -125,19 +125,31 @@ async fn create_session(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// The `{id}` of a session route; a malformed one (not UTF-8) is a JSON 400 like any bad input.
+fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError(KvdexError::BadRequest(format!(
+            "session id: {}",
+            e.body_text()
+        )))
+    })
+}
+
 async fn get_session(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<SessionInfo>, ApiError> {
+    let id = session_id(path)?;
     Ok(Json(st.registry.info(&id, bearer(&headers))?))
 }
 
 async fn delete_session(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    let id = session_id(path)?;
     let token = bearer(&headers).map(str::to_string);
     let registry = st.registry.clone();
     // Stopping the worker joins its thread.

@@ -326,6 +326,12 @@ fn unknown_routes_and_wrong_methods_get_json_errors() {
             .contains("/v1/sessions does not accept PUT"),
         "{e}"
     );
+    let (st, e) = call(
+        ureq::get(&format!("{}/v1/sessions/%ff%fe", s.base)).set("Authorization", "Bearer x"),
+        None,
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("session id"), "{e}");
     let (st, e) = call(ureq::post(&format!("{}/stats", s.base)), None);
     assert_eq!(st, 405, "{e}");
     assert!(e["error"].as_str().unwrap().contains("POST"), "{e}");
