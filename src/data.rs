@@ -159,7 +159,7 @@ impl Meta {
 /// be measured one way by `bench recall` (which reads the map) and another by the daemon.
 fn check_grouped(map: &[usize]) -> std::result::Result<(), String> {
     let kv_heads = map.iter().max().map_or(0, |m| m + 1);
-    if kv_heads == 0 || map.len() % kv_heads != 0 {
+    if kv_heads == 0 || !map.len().is_multiple_of(kv_heads) {
         return Err(format!(
             "kv_head_of_q_head {map:?}: {} query heads are not a multiple of {kv_heads} KV heads",
             map.len()
