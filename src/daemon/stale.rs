@@ -25,11 +25,22 @@ fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether some process holds a `flock` on `path`: a live daemon keeps a shared lock on each
+/// region it created ([`crate::shm::Region`]), visible across pid namespaces.
+fn locked(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return true;
+    };
+    // Released when `file` drops.
+    file.try_lock().is_err()
+}
+
 /// Removes the region files in `dir` whose daemon is gone; returns how many were removed.
 ///
-/// A file whose pid belongs to a live process is kept, even if the pid was reused by some
-/// other program (keeping a stale file is harmless; removing a live daemon's is not). Only
-/// regular files are removed, never a link or a directory.
+/// A file is kept when its pid belongs to a live process, even if the pid was reused by some
+/// other program (keeping a stale file is harmless; removing a live daemon's is not), and
+/// when any process holds a lock on it (a daemon in another pid namespace sharing the
+/// directory). Only regular files are removed, never a link or a directory.
 pub fn remove_stale_regions(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -44,7 +55,7 @@ pub fn remove_stale_regions(dir: &Path) -> usize {
             continue;
         }
         let regular = entry.file_type().is_ok_and(|t| t.is_file());
-        if regular && std::fs::remove_file(entry.path()).is_ok() {
+        if regular && !locked(&entry.path()) && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -81,6 +92,11 @@ mod tests {
         child.wait().unwrap();
         let me = std::process::id();
         let stale = dir.join(format!("kvdex-{gone}-00000000000000aa"));
+        // A live region of a daemon whose pid this process cannot see: it holds the lock.
+        let held = dir.join(format!("kvdex-{gone}-00000000000000ee"));
+        std::fs::write(&held, b"x").unwrap();
+        let holder = std::fs::File::open(&held).unwrap();
+        holder.lock_shared().unwrap();
         let mine = dir.join(format!("kvdex-{me}-00000000000000bb"));
         let unrelated = dir.join(format!("notes-{gone}-00000000000000cc"));
         let stale_dir = dir.join(format!("kvdex-{gone}-00000000000000dd"));
@@ -96,6 +112,10 @@ mod tests {
         assert_eq!(remove_stale_regions(&dir), 1);
         assert!(!stale.exists());
         assert!(mine.exists() && unrelated.exists() && stale_dir.exists());
+        assert!(held.exists(), "a locked region file is kept");
+        drop(holder);
+        assert_eq!(remove_stale_regions(&dir), 1);
+        assert!(!held.exists());
         assert_eq!(remove_stale_regions(&dir.join("missing")), 0);
         std::fs::remove_dir_all(&dir).ok();
     }
