@@ -147,6 +147,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     };
     let a = a;
     if a.kv_heads == 0
+        || a.q_heads == 0
         || !a.q_heads.is_multiple_of(a.kv_heads.max(1))
         || a.head_dim == 0
         || a.layers == 0

@@ -140,6 +140,10 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
             "--steps must be at least 1",
         ),
         (
+            &["bench", "decode", "--q-heads", "0", "--context", "1000"],
+            "all non-zero",
+        ),
+        (
             &["bench", "recall", "--data", "/nonexistent-kvdex-dir"],
             "/nonexistent-kvdex-dir/meta.json",
         ),

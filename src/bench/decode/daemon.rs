@@ -97,9 +97,21 @@ pub(super) fn json(s: &str) -> Result<serde_json::Value> {
     serde_json::from_str(s).map_err(|e| KvdexError::Protocol(format!("daemon sent bad JSON: {e}")))
 }
 
-/// An HTTP failure as the error the bench reports.
+/// An HTTP failure as the error the bench reports: a refusal carries the daemon's own
+/// message (`{"error": ...}`), a transport failure is a disconnect.
 pub(super) fn http(e: ureq::Error) -> KvdexError {
-    KvdexError::Disconnected(format!("HTTP: {e}"))
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let url = resp.get_url().to_string();
+            let body = resp.into_string().unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            KvdexError::Protocol(format!("the daemon refused {url} (HTTP {code}): {msg}"))
+        }
+        other => KvdexError::Disconnected(format!("HTTP: {other}")),
+    }
 }
 
 /// Creates the session over HTTP and attaches; returns the handle, id and token.
@@ -205,6 +217,18 @@ mod tests {
             "waited {:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn an_http_refusal_carries_the_daemon_message() {
+        let resp = ureq::Response::new(400, "Bad Request", r#"{"error":"bad request: q_heads 0"}"#)
+            .unwrap();
+        let e = http(ureq::Error::Status(400, resp)).to_string();
+        assert!(
+            e.contains("HTTP 400") && e.contains("bad request: q_heads 0"),
+            "{e}"
+        );
+        assert!(!e.starts_with("disconnected"), "{e}");
     }
 
     /// A child that ignores SIGTERM is still killed and reaped after the grace period.
