@@ -120,14 +120,15 @@ def _query(x: Any) -> np.ndarray:
 U32_MAX = 2**32 - 1
 
 
-def _u32(x: Any, what: str) -> int:
-    """``x`` as an index or count of the wire (0 ..= 2**32-1), or a BadRequestError naming it."""
+def _u32(x: Any, what: str, most: int = U32_MAX) -> int:
+    """``x`` as an index or count of the wire (0 ..= ``most``, 2**32-1 unless said), or a
+    BadRequestError naming it."""
     try:
         i = operator.index(x)
     except TypeError:
         raise BadRequestError(f"{what} must be an integer, got {type(x).__name__}") from None
-    if not 0 <= i <= U32_MAX:
-        raise BadRequestError(f"{what} = {i} is out of range (0 ..= {U32_MAX})")
+    if not 0 <= i <= most:
+        raise BadRequestError(f"{what} = {i} is out of range (0 ..= {most})")
     return i
 
 
@@ -451,6 +452,10 @@ class Client:
             kvdex.BadRequestError: a bad shape or dtype, or ``slim`` for a GQA shape, with the
             daemon's message; kvdex.BudgetError: no room for another session.
         """
+        layers, q_heads, kv_heads, head_dim = (_u32(x, name) for x, name in (
+            (layers, "layers"), (q_heads, "q_heads"), (kv_heads, "kv_heads"), (head_dim, "head_dim")))
+        if payload_bytes is not None:
+            payload_bytes = _u32(payload_bytes, "payload_bytes", 2**64 - 1)
         return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
                                               slim, slim_rope), slim=slim)
 
@@ -459,8 +464,12 @@ def connect(url: str) -> Client:
     """Connects to the daemon at ``url`` (e.g. ``http://127.0.0.1:7070``) and checks ``/healthz``.
 
     Raises:
+        kvdex.BadRequestError: ``url`` is not an ``http://host:port`` address;
         kvdex.DisconnectedError: nothing answers at ``url``.
     """
+    if not isinstance(url, str) or not url.startswith("http://"):
+        raise BadRequestError(f"url must look like http://127.0.0.1:7070 (the control plane is plain "
+                              f"HTTP), got {url!r}")
     return Client(_native.Client(url))
 
 

@@ -251,3 +251,20 @@ def test_an_explicit_scale_must_be_positive(session: kvdex.Session) -> None:
         with pytest.raises(kvdex.BadRequestError, match="scale .* must be finite and positive"):
             session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=scale)
     assert session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=0.5).k is not None
+
+
+def test_bad_urls_shapes_and_merge_inputs_name_what_is_wrong(client: kvdex.Client) -> None:
+    with pytest.raises(kvdex.BadRequestError, match="url must look like http://"):
+        kvdex.connect("127.0.0.1:7070")
+    with pytest.raises(kvdex.BadRequestError, match="url must look like http://"):
+        kvdex.connect("https://127.0.0.1:7070")
+    with pytest.raises(kvdex.BadRequestError, match="layers = -1 is out of range"):
+        client.create_session(layers=-1, q_heads=4, kv_heads=2, head_dim=8)
+    with pytest.raises(kvdex.BadRequestError, match="head_dim must be an integer, got str"):
+        client.create_session(layers=1, q_heads=4, kv_heads=2, head_dim="8")
+    with pytest.raises(kvdex.BadRequestError, match="payload_bytes = -5 is out of range"):
+        client.create_session(layers=1, q_heads=4, kv_heads=2, head_dim=8, payload_bytes=-5)
+    with pytest.raises(kvdex.BadRequestError, match=r"merge: lse_a has shape \[1, 4\], expected \[heads\]"):
+        kvdex.merge(np.ones((4, 8)), np.ones((1, 4)), np.ones((4, 8)), np.ones(4))
+    with pytest.raises(kvdex.BadRequestError, match=r"merge: out_a has shape \[8\]"):
+        kvdex.merge(np.ones(8), np.ones(1), np.ones(8), np.ones(1))
