@@ -115,14 +115,22 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 async fn create_session(
     State(st): State<AppState>,
     body: Result<Json<CreateRequest>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Json(req) = body.map_err(|e| KvdexError::BadRequest(e.body_text()))?;
+) -> Result<Response, ApiError> {
+    let Json(req) = match body {
+        Ok(b) => b,
+        // A body over axum's limit: 413, as JSON like every other error (not a 400).
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let why = format!("request body too large: {}", e.body_text());
+            return Ok((e.status(), Json(serde_json::json!({ "error": why }))).into_response());
+        }
+        Err(e) => return Err(KvdexError::BadRequest(e.body_text()).into()),
+    };
     let registry = st.registry.clone();
     // Creating the region touches the file system: keep it off the async workers.
     let created = tokio::task::spawn_blocking(move || registry.create(req))
         .await
         .map_err(|e| KvdexError::Protocol(format!("session creation task failed: {e}")))??;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 /// The `{id}` of a session route; a malformed one (not UTF-8) is a JSON 400 like any bad input.

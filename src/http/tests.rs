@@ -332,6 +332,11 @@ fn unknown_routes_and_wrong_methods_get_json_errors() {
     );
     assert_eq!(st, 400, "{e}");
     assert!(e["error"].as_str().unwrap().contains("session id"), "{e}");
+    let mut huge = shape();
+    huge["pad"] = json!("x".repeat(3 << 20));
+    let (st, e) = call(ureq::post(&format!("{}/v1/sessions", s.base)), Some(huge));
+    assert_eq!(st, 413, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("too large"), "{e}");
     let (st, e) = call(ureq::post(&format!("{}/stats", s.base)), None);
     assert_eq!(st, 405, "{e}");
     assert!(e["error"].as_str().unwrap().contains("POST"), "{e}");
