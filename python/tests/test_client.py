@@ -268,3 +268,32 @@ def test_bad_urls_shapes_and_merge_inputs_name_what_is_wrong(client: kvdex.Clien
         kvdex.merge(np.ones((4, 8)), np.ones((1, 4)), np.ones((4, 8)), np.ones(4))
     with pytest.raises(kvdex.BadRequestError, match=r"merge: out_a has shape \[8\]"):
         kvdex.merge(np.ones(8), np.ones(1), np.ones(8), np.ones(1))
+
+
+def test_ctrl_c_interrupts_a_request_to_a_hung_daemon(kvdex_bin: str) -> None:
+    """A SIGSTOPped daemon used to make a call block until it resumed, deaf to Ctrl-C."""
+    import signal
+    import threading
+    import time
+
+    d = kvdex.Daemon(binary=kvdex_bin).start()
+    stopped = False
+    try:
+        s = new_session(kvdex.connect(d.url))
+        assert s.ping(b"x") == b"x"
+        os.kill(d.pid, signal.SIGSTOP)
+        stopped = True
+        while Path(f"/proc/{d.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "T":
+            time.sleep(0.005)  # kill(2) only queues the signal
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            s.ping(b"hung")
+        with pytest.raises(kvdex.DisconnectedError, match="cannot be used any more"):
+            s.ping(b"again")
+        os.kill(d.pid, signal.SIGCONT)
+        stopped = False
+        s.close()
+    finally:
+        if stopped:
+            os.kill(d.pid, signal.SIGCONT)
+        d.stop()
