@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`registry`]: live sessions, their tokens and workers.
 //! - [`dataplane`]: the seam to the shared-memory data plane that serves each session.
+//! - [`stale`]: region files of daemons that were killed, removed at start-up.
 //! - this file: start-up (config, store, listeners), the reaper that ends sessions whose
 //!   client died, and shutdown on SIGINT/SIGTERM in the mini-redis pattern: the signal flips a
 //!   watch channel, every server drains, then the registry ends every session (stopping its
@@ -10,6 +11,7 @@
 
 pub mod dataplane;
 pub mod registry;
+pub mod stale;
 
 use std::future::{Future, IntoFuture};
 use std::io::Write;
@@ -120,6 +122,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let metrics = Arc::new(Metrics::new()?);
+    let stale = stale::remove_stale_regions(Path::new(&config.sessions.shm_dir));
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            dir = %config.sessions.shm_dir,
+            "removed region files of daemons that are gone"
+        );
+    }
     let store = Store::new(
         crate::store::default_link(),
         Arc::new(Budget::new(config.memory.budget_bytes)),

@@ -74,7 +74,12 @@ pub fn read_npy_f16(path: &Path) -> Result<Npy> {
                 .map_err(|_| bad(path, format!("bad shape entry {s:?}")))
         })
         .collect::<Result<_>>()?;
-    let count: usize = shape.iter().product();
+    // A corrupt header can name any shape: the element count must not overflow.
+    let count = shape
+        .iter()
+        .try_fold(2usize, |n, &d| n.checked_mul(d))
+        .map(|bytes| bytes / 2)
+        .ok_or_else(|| bad(path, format!("shape {shape:?} is too large")))?;
     let body = &bytes[hstart + hlen..];
     if body.len() != count * 2 {
         return Err(bad(
@@ -149,6 +154,40 @@ impl Meta {
     }
 }
 
+/// Checks that `map` (the KV head of each query head) is the grouped GQA layout the daemon
+/// and every benchmark assume: query head `h` reads KV head `h / group`. Another layout would
+/// be measured one way by `bench recall` (which reads the map) and another by the daemon.
+fn check_grouped(map: &[usize]) -> std::result::Result<(), String> {
+    let kv_heads = map.iter().max().map_or(0, |m| m + 1);
+    if kv_heads == 0 || !map.len().is_multiple_of(kv_heads) {
+        return Err(format!(
+            "kv_head_of_q_head {map:?}: {} query heads are not a multiple of {kv_heads} KV heads",
+            map.len()
+        ));
+    }
+    let group = map.len() / kv_heads;
+    match map.iter().enumerate().find(|&(h, &g)| g != h / group) {
+        Some((h, &g)) => Err(format!(
+            "kv_head_of_q_head {map:?}: query head {h} reads KV head {g}, but kvdex groups \
+             query heads contiguously (head h reads KV head h / {group} = {})",
+            h / group
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The position `[head, token, dim]` and value of the first non-finite element of `a`.
+fn first_non_finite(a: &Npy) -> Option<(Vec<usize>, f32)> {
+    let at = a.data.iter().position(|x| !x.is_finite())?;
+    let mut index = vec![0; a.shape.len()];
+    let mut rest = at;
+    for (i, &d) in a.shape.iter().enumerate().rev() {
+        index[i] = rest % d.max(1);
+        rest /= d.max(1);
+    }
+    Some((index, a.data[at].to_f32()))
+}
+
 /// One layer's arrays.
 #[derive(Clone, Debug)]
 pub struct Layer {
@@ -208,6 +247,10 @@ impl DataSet {
                 format!("need T > {TEST_QUERIES}, hd > 0 and query heads"),
             ));
         }
+        if layers.is_empty() {
+            return Err(bad(&mp, "layers is empty: the data set holds no layer"));
+        }
+        check_grouped(&kv_head_of_q_head).map_err(|why| bad(&mp, why))?;
         let meta = Meta {
             tokens,
             layers,
@@ -235,6 +278,10 @@ impl DataSet {
                     ),
                 ));
             }
+            // A NaN or Inf would surface far from here as a NaN mass or an LSE error.
+            if let Some((at, x)) = first_non_finite(&a) {
+                return Err(bad(&p, format!("value {x} at {at:?} is not finite")));
+            }
             Ok(a)
         };
         Ok(Layer {
@@ -259,9 +306,79 @@ mod tests {
         let a = read_npy_f16(&p).unwrap();
         assert_eq!(a.shape, vec![2, 3, 4]);
         assert_eq!(a.data, data);
+        // A header whose shape overflows the element count.
+        let mut huge = b"\x93NUMPY\x01\x00".to_vec();
+        let header =
+            "{'descr': '<f2', 'fortran_order': False, 'shape': (4611686018427387904, 4), }\n";
+        huge.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        huge.extend_from_slice(header.as_bytes());
+        std::fs::write(&p, &huge).unwrap();
+        let e = read_npy_f16(&p).unwrap_err().to_string();
+        assert!(e.contains("too large"), "{e}");
         std::fs::write(&p, b"hello").unwrap();
         assert!(matches!(read_npy_f16(&p), Err(KvdexError::Data(_))));
         assert!(read_npy_f16(&dir.join("missing.npy")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A data set dir holding `meta` and one layer (17) of K/V/Q arrays of `T` 300, dim 2.
+    fn data_set(tag: &str, meta: &str, bad_k: Option<(usize, f32)>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kvdex-ds-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("meta.json"), meta).unwrap();
+        let rows = |heads: usize| vec![f16::from_f32(0.5); heads * 300 * 2];
+        let mut k = rows(1);
+        if let Some((at, x)) = bad_k {
+            k[at] = f16::from_f32(x);
+        }
+        write_npy_f16(&dir.join("K_L17.npy"), &[1, 300, 2], &k).unwrap();
+        write_npy_f16(&dir.join("V_L17.npy"), &[1, 300, 2], &rows(1)).unwrap();
+        write_npy_f16(&dir.join("Q_L17.npy"), &[2, 300, 2], &rows(2)).unwrap();
+        dir
+    }
+
+    const META: &str =
+        r#"{"T": 300, "layers": [17], "kv_head_of_q_head": [0, 0], "cfg": {"hd": 2}}"#;
+
+    #[test]
+    fn data_sets_are_checked_on_open_and_load() {
+        let dir = data_set("ok", META, None);
+        let ds = DataSet::open(&dir).unwrap();
+        assert_eq!((ds.meta.q_heads(), ds.meta.kv_heads()), (2, 1));
+        assert_eq!(ds.layer(17).unwrap().k.shape, vec![1, 300, 2]);
+        let e = ds.layer(3).unwrap_err().to_string();
+        assert!(e.contains("K_L3.npy"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+
+        let refused = |tag: &str, meta: &str, want: &str| {
+            let dir = data_set(tag, meta, None);
+            let e = DataSet::open(&dir).unwrap_err().to_string();
+            assert!(e.contains("meta.json") && e.contains(want), "{tag}: {e}");
+            std::fs::remove_dir_all(&dir).ok();
+        };
+        refused("nolayers", &META.replace("[17]", "[]"), "layers is empty");
+        refused("trunc", &META[..20], "EOF");
+        refused("noT", &META.replace("\"T\"", "\"U\""), "missing integer T");
+        let interleaved =
+            r#"{"T": 300, "layers": [17], "kv_head_of_q_head": [0, 1, 0, 1], "cfg": {"hd": 2}}"#;
+        refused("interleaved", interleaved, "query head 1 reads KV head 1");
+        let uneven =
+            r#"{"T": 300, "layers": [17], "kv_head_of_q_head": [0, 0, 1], "cfg": {"hd": 2}}"#;
+        refused("uneven", uneven, "not a multiple");
+    }
+
+    #[test]
+    fn a_non_finite_value_in_an_array_is_named_with_its_position() {
+        let dir = data_set("nan", META, Some((2 * 5 + 1, f32::NAN)));
+        let e = DataSet::open(&dir)
+            .unwrap()
+            .layer(17)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("K_L17.npy") && e.contains("NaN at [0, 5, 1]"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 }

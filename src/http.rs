@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -82,6 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -113,29 +115,49 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 async fn create_session(
     State(st): State<AppState>,
     body: Result<Json<CreateRequest>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Json(req) = body.map_err(|e| KvdexError::BadRequest(e.body_text()))?;
+) -> Result<Response, ApiError> {
+    let Json(req) = match body {
+        Ok(b) => b,
+        // A body over axum's limit: 413, as JSON like every other error (not a 400).
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let why = format!("request body too large: {}", e.body_text());
+            return Ok((e.status(), Json(serde_json::json!({ "error": why }))).into_response());
+        }
+        Err(e) => return Err(KvdexError::BadRequest(e.body_text()).into()),
+    };
     let registry = st.registry.clone();
     // Creating the region touches the file system: keep it off the async workers.
     let created = tokio::task::spawn_blocking(move || registry.create(req))
         .await
         .map_err(|e| KvdexError::Protocol(format!("session creation task failed: {e}")))??;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// The `{id}` of a session route; a malformed one (not UTF-8) is a JSON 400 like any bad input.
+fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id).map_err(|e| {
+        ApiError(KvdexError::BadRequest(format!(
+            "session id: {}",
+            e.body_text()
+        )))
+    })
 }
 
 async fn get_session(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<SessionInfo>, ApiError> {
+    let id = session_id(path)?;
     Ok(Json(st.registry.info(&id, bearer(&headers))?))
 }
 
 async fn delete_session(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
+    let id = session_id(path)?;
     let token = bearer(&headers).map(str::to_string);
     let registry = st.registry.clone();
     // Stopping the worker joins its thread.
@@ -143,6 +165,32 @@ async fn delete_session(
         .await
         .map_err(|e| KvdexError::Protocol(format!("session deletion task failed: {e}")))??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Any path the control plane does not serve: a JSON error like every other, listing the
+/// routes (axum's default is an empty 404 body).
+async fn unknown_route(uri: axum::http::Uri) -> Response {
+    let why = format!(
+        "no route {}; the control plane serves /v1/sessions, /v1/sessions/{{id}}, /healthz, \
+         /readyz, /stats and /metrics",
+        uri.path()
+    );
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({ "error": why })),
+    )
+        .into_response()
+}
+
+/// A known path with a method it does not take: 405 with a JSON error naming the method
+/// (axum keeps its `Allow` header).
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let why = format!("{} does not accept {method}", uri.path());
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({ "error": why })),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -20,6 +20,15 @@ pub const LATENCY_BUCKETS_US: &[f64] = &[
     50_000.0, 100_000.0,
 ];
 
+/// Why sessions end, the `reason` label of `kvdex_sessions_ended_total`.
+pub const END_REASONS: &[&str] = &[
+    "deleted",
+    "client_gone",
+    "protocol_error",
+    "worker_error",
+    "shutdown",
+];
+
 /// Every metric the daemon exports, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -35,7 +44,7 @@ pub struct Metrics {
     pub budget_bytes: IntGauge,
     /// Sessions alive.
     pub sessions: IntGauge,
-    /// Sessions ended, by `reason` ("deleted" | "client_gone" | "worker_error" | "shutdown").
+    /// Sessions ended, by `reason` (one of [`END_REASONS`]).
     pub sessions_ended: IntCounterVec,
     /// K+V bytes received by appends.
     pub appended_bytes: IntCounter,
@@ -88,6 +97,17 @@ impl Metrics {
             &["route", "code"],
         )
         .map_err(prom)?;
+        // Label vectors export nothing until a child exists: create every known one at zero,
+        // so that a fresh daemon's dashboard shows 0 rather than "No data".
+        for op in crate::proto::Opcode::ALL {
+            for status in ["ok", "error"] {
+                requests.with_label_values(&[op.name(), status]);
+            }
+            latency_us.with_label_values(&[op.name()]);
+        }
+        for reason in END_REASONS {
+            sessions_ended.with_label_values(&[reason]);
+        }
         let gauge = |n: &str, h: &str| IntGauge::new(n, h).map_err(prom);
         let counter = |n: &str, h: &str| IntCounter::new(n, h).map_err(prom);
         Ok(Self {
@@ -237,11 +257,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_registry_exports_every_op_and_end_reason_at_zero() {
+        let text = Metrics::new().unwrap().encode().unwrap();
+        for line in [
+            "kvdex_requests_total{op=\"retrieve\",status=\"ok\"} 0",
+            "kvdex_requests_total{op=\"append\",status=\"error\"} 0",
+            "kvdex_request_duration_microseconds_count{op=\"search\"} 0",
+            "kvdex_sessions_ended_total{reason=\"client_gone\"} 0",
+            "kvdex_sessions_ended_total{reason=\"protocol_error\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
     fn every_dashboard_metric_is_exported() {
         let m = Metrics::new().unwrap();
-        // Label vectors export a family only once a child exists: touch each.
-        m.record_request("ping", true, 1.0, 0, 0);
-        m.sessions_ended.with_label_values(&["deleted"]).inc();
+        // The HTTP label vector has no fixed label set: touch it.
         m.http_requests
             .with_label_values(&["/healthz", "200"])
             .inc();

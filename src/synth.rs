@@ -64,7 +64,12 @@ pub fn run(a: SynthArgs) -> Result<()> {
             a.rope_theta
         )));
     }
-    std::fs::create_dir_all(&a.out)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| {
+        KvdexError::Data(format!(
+            "--out {}: cannot create the directory: {e}",
+            a.out.display()
+        ))
+    })?;
     for layer in 0..a.layers {
         write_layer(&a, layer)?;
     }

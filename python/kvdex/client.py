@@ -35,6 +35,7 @@ to float32.
 from __future__ import annotations
 
 import json
+import operator
 import time
 import urllib.error
 import urllib.request
@@ -44,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _native
-from .errors import BadRequestError, DisconnectedError, KvdexError
+from .errors import BadRequestError, DisconnectedError, KvdexError, NotFoundError
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,40 @@ def _kv(x: Any, what: str) -> np.ndarray:
 
 
 def _query(x: Any) -> np.ndarray:
-    return np.ascontiguousarray(as_numpy(x, "q"), dtype=np.float32)
+    q = np.ascontiguousarray(as_numpy(x, "q"), dtype=np.float32)
+    if q.ndim != 2:
+        # The binding takes 2-D arrays only; say which shape is wanted rather than let it raise
+        # a TypeError about casting.
+        raise BadRequestError(f"q has shape {list(q.shape)}, expected 2 dimensions (q_heads, head_dim)")
+    return q
+
+
+U32_MAX = 2**32 - 1
+
+
+def _u32(x: Any, what: str, most: int = U32_MAX) -> int:
+    """``x`` as an index or count of the wire (0 ..= ``most``, 2**32-1 unless said), or a
+    BadRequestError naming it."""
+    try:
+        i = operator.index(x)
+    except TypeError:
+        raise BadRequestError(f"{what} must be an integer, got {type(x).__name__}") from None
+    if not 0 <= i <= most:
+        raise BadRequestError(f"{what} = {i} is out of range (0 ..= {most})")
+    return i
+
+
+def _ids(ids: Any) -> List[int]:
+    """Token ids for :meth:`Session.gather`, checked to be non-negative integers."""
+    a = np.asarray(ids)
+    if a.size == 0:
+        return []
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise BadRequestError(f"ids must be a 1-D sequence of integer token ids, got {a.dtype} {list(a.shape)}")
+    if a.min() < 0 or a.max() > U32_MAX:
+        bad = int(a.min()) if a.min() < 0 else int(a.max())
+        raise BadRequestError(f"ids: token id {bad} is out of range (0 ..= {U32_MAX})")
+    return a.astype(np.int64).tolist()
 
 
 class Session:
@@ -118,7 +152,7 @@ class Session:
     a context manager, or call :meth:`close`, to drop the session on the daemon.
     """
 
-    def __init__(self, native: "_native.Session") -> None:
+    def __init__(self, native: "_native.Session", slim: Optional[bool] = None) -> None:
         self._s = native
         layers, q_heads, kv_heads, head_dim, dtype = native.shape_tuple
         self.layers: int = layers
@@ -126,6 +160,8 @@ class Session:
         self.kv_heads: int = kv_heads
         self.head_dim: int = head_dim
         self.dtype: str = dtype
+        self.slim: Optional[bool] = slim
+        """Slim mode as created (``None`` when attached directly: not known)."""
 
     @property
     def id(self) -> Optional[str]:
@@ -153,7 +189,13 @@ class Session:
             kvdex.BudgetError: the daemon's memory budget is exhausted;
             kvdex.DisconnectedError: the session is closed or the daemon is gone.
         """
-        return self._s.append(layer, _kv(k, "k"), None if v is None else _kv(v, "v"))
+        if self.slim and v is not None:
+            # The daemon would store K alone and drop v without a word.
+            raise BadRequestError("append: this is a Slim session, which stores K alone (V = K @ W_KV); "
+                                  "call append(layer, k) without v")
+        if self.slim is False and v is None:
+            raise BadRequestError("append: v is missing (only Slim sessions append K alone)")
+        return self._s.append(_u32(layer, "layer"), _kv(k, "k"), None if v is None else _kv(v, "v"))
 
     def set_wkv(self, layer: int, w_kv: Any) -> None:
         """Slim sessions: uploads ``layer``'s ``W_KV``, float32 ``[D, D]`` with
@@ -166,7 +208,9 @@ class Session:
             layer that already holds tokens; kvdex.NotFoundError: an unknown layer.
         """
         w = np.ascontiguousarray(as_numpy(w_kv, "w_kv"), dtype=np.float32)
-        self._s.set_wkv(layer, w)
+        if w.ndim != 2:
+            raise BadRequestError(f"w_kv has shape {list(w.shape)}, expected 2 dimensions (D, D)")
+        self._s.set_wkv(_u32(layer, "layer"), w)
 
     def search(self, layer: int, q: Any, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Top-``k`` keys of ``layer`` by inner product, per query head.
@@ -178,18 +222,18 @@ class Session:
         Returns:
             ``(ids, scores)``: new arrays ``[q_heads, k']``, uint32 and float32, best first.
         """
-        return self._s.search(layer, _query(q), k)
+        return self._s.search(_u32(layer, "layer"), _query(q), _u32(k, "k"))
 
     def search_into(self, layer: int, q: Any, k: int, ids: np.ndarray, scores: np.ndarray) -> int:
         """:meth:`search` into caller arrays ``ids`` (uint32) and ``scores`` (float32), both
         ``[q_heads, k]`` and C-contiguous. Returns ``k'``; row ``h`` is ``flat[h*k':(h+1)*k']``
         when ``k' < k``. Allocates nothing."""
-        return self._s.search_into(layer, _query(q), k, ids, scores)
+        return self._s.search_into(_u32(layer, "layer"), _query(q), _u32(k, "k"), ids, scores)
 
     def gather(self, layer: int, kv_head: int, ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """K and V rows of token ``ids`` of one KV head: new arrays ``[len(ids), head_dim]`` in the
         session dtype (float32 for bf16 sessions)."""
-        return self._s.gather(layer, kv_head, [int(i) for i in ids] if not isinstance(ids, list) else ids)
+        return self._s.gather(_u32(layer, "layer"), _u32(kv_head, "kv_head"), _ids(ids))
 
     def seal(self, layer: int, kind: str = "graph", queries: Any = None, positions: Any = None, *,
              neighbours: Any = None) -> int:
@@ -215,6 +259,7 @@ class Session:
             kvdex.BadRequestError: an unknown kind, mismatched shapes, or a request larger than
             the session's arena.
         """
+        layer = _u32(layer, "layer")
         if neighbours is not None:
             if queries is not None or positions is not None:
                 raise BadRequestError("seal: pass either neighbours or queries/positions, not both")
@@ -253,7 +298,10 @@ class Session:
             kvdex.BadRequestError: no budget, a zero budget, bad bounds, a wrong query shape or a
             non-finite value; kvdex.NotFoundError: an unknown layer.
         """
-        r: Dict[str, Any] = self._s.retrieve(layer, _query(q), k, coverage, min_k, max_k, attend, gather, scale)
+        k = None if k is None else _u32(k, "k")
+        max_k = None if max_k is None else _u32(max_k, "max_k")
+        r: Dict[str, Any] = self._s.retrieve(_u32(layer, "layer"), _query(q), k, coverage, _u32(min_k, "min_k"),
+                                             max_k, attend, gather, scale)
         return Retrieved(**r)
 
     def attend(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
@@ -270,14 +318,32 @@ class Session:
         return r.out, r.lse, r.k
 
     def close(self) -> None:
-        """Drops the session on the daemon and detaches. Idempotent."""
-        self._s.close()
+        """Drops the session on the daemon and detaches. Idempotent.
+
+        A session the daemon already ended (it reaped it after a worker failure, say) is simply
+        detached.
+
+        Raises:
+            kvdex.DisconnectedError: the daemon is gone (the session is detached all the same).
+        """
+        try:
+            self._s.close()
+        except NotFoundError:
+            pass
 
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Already failing (often because the daemon died): closing is best effort, and its own
+        # error must not replace the one that explains what went wrong.
+        try:
+            self.close()
+        except KvdexError:
+            pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -386,16 +452,24 @@ class Client:
             kvdex.BadRequestError: a bad shape or dtype, or ``slim`` for a GQA shape, with the
             daemon's message; kvdex.BudgetError: no room for another session.
         """
+        layers, q_heads, kv_heads, head_dim = (_u32(x, name) for x, name in (
+            (layers, "layers"), (q_heads, "q_heads"), (kv_heads, "kv_heads"), (head_dim, "head_dim")))
+        if payload_bytes is not None:
+            payload_bytes = _u32(payload_bytes, "payload_bytes", 2**64 - 1)
         return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
-                                              slim, slim_rope))
+                                              slim, slim_rope), slim=slim)
 
 
 def connect(url: str) -> Client:
     """Connects to the daemon at ``url`` (e.g. ``http://127.0.0.1:7070``) and checks ``/healthz``.
 
     Raises:
+        kvdex.BadRequestError: ``url`` is not an ``http://host:port`` address;
         kvdex.DisconnectedError: nothing answers at ``url``.
     """
+    if not isinstance(url, str) or not url.startswith("http://"):
+        raise BadRequestError(f"url must look like http://127.0.0.1:7070 (the control plane is plain "
+                              f"HTTP), got {url!r}")
     return Client(_native.Client(url))
 
 

@@ -4,7 +4,7 @@
         client = kvdex.connect(d.url)
         ...
 
-The binary is found, in order, from ``$KVDEX_BIN``, ``target/release/kvdex`` or
+The binary is found, in order, from ``$KVDEX_BIN``, the newer of ``target/release/kvdex`` and
 ``target/debug/kvdex`` in the current directory or any parent (a cargo checkout), or ``kvdex``
 on ``$PATH``. The daemon listens on a free loopback port; :meth:`Daemon.start` returns once
 ``/readyz`` answers 200, and raises :class:`kvdex.DaemonError` with the daemon's own log tail if
@@ -42,10 +42,12 @@ def find_binary(explicit: Optional[str] = None) -> str:
             tried.append(cand)
     here = Path.cwd().resolve()
     for base in (here, *here.parents):
-        for profile in ("release", "debug"):
-            p = base / "target" / profile / "kvdex"
-            if p.is_file() and os.access(p, os.X_OK):
-                return str(p)
+        built = [p for p in (base / "target" / profile / "kvdex" for profile in ("release", "debug"))
+                 if p.is_file() and os.access(p, os.X_OK)]
+        if built:
+            # The newer build: after a `cargo build` (debug), an old release binary would
+            # otherwise run code that no longer matches the checkout.
+            return str(max(built, key=lambda p: p.stat().st_mtime))
         if (base / "Cargo.toml").is_file():
             tried.append(f"{base}/target/{{release,debug}}/kvdex")
     on_path = shutil.which("kvdex")

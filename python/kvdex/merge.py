@@ -18,6 +18,7 @@ from typing import Tuple
 import numpy as np
 
 from . import _native
+from .errors import BadRequestError
 
 
 def merge(
@@ -35,8 +36,15 @@ def merge(
     Raises:
         kvdex.BadRequestError: when the shapes do not agree.
     """
-    c = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-    return _native.merge_partials(c(out_a), c(lse_a), c(out_b), c(lse_b))
+    def c(a: np.ndarray, name: str, ndim: int) -> np.ndarray:
+        x = np.ascontiguousarray(a, dtype=np.float32)
+        if x.ndim != ndim:
+            want = "[heads, head_dim]" if ndim == 2 else "[heads]"
+            raise BadRequestError(f"merge: {name} has shape {list(x.shape)}, expected {want}")
+        return x
+
+    return _native.merge_partials(c(out_a, "out_a", 2), c(lse_a, "lse_a", 1),
+                                  c(out_b, "out_b", 2), c(lse_b, "lse_b", 1))
 
 
 def partial_attention(

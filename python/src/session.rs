@@ -14,7 +14,7 @@
 
 mod rows;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvdex::client::SessionHandle;
@@ -45,13 +45,31 @@ pub struct Session {
     open: Mutex<Option<Open>>,
     shape: Shape,
     id: Option<String>,
+    /// The exception a signal handler raised while a request waited (Ctrl-C's
+    /// KeyboardInterrupt), re-raised instead of the client's "interrupted" error.
+    signalled: Arc<Mutex<Option<PyErr>>>,
 }
 
 impl Session {
-    /// Wraps an attached handle.
-    pub(crate) fn new(handle: SessionHandle) -> Self {
+    /// Wraps an attached handle. A request that waits on a slow or hung daemon runs Python's
+    /// signal handlers every 50 ms, so that Ctrl-C interrupts it (the session is then retired:
+    /// the abandoned reply may still arrive).
+    pub(crate) fn new(mut handle: SessionHandle) -> Self {
         let shape = *handle.shape();
         let id = handle.id().map(str::to_owned);
+        let signalled = Arc::new(Mutex::new(None));
+        let slot = signalled.clone();
+        handle.set_interrupt(move || {
+            Python::attach(|py| match py.check_signals() {
+                Ok(()) => false,
+                Err(e) => {
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(e);
+                    }
+                    true
+                }
+            })
+        });
         Self {
             open: Mutex::new(Some(Open {
                 handle,
@@ -59,6 +77,7 @@ impl Session {
             })),
             shape,
             id,
+            signalled,
         }
     }
 
@@ -69,7 +88,14 @@ impl Session {
             .lock()
             .map_err(|_| bad_request(py, "session lock poisoned by an earlier panic"))?;
         match guard.as_mut() {
-            Some(open) => f(open),
+            Some(open) => {
+                f(open).map_err(
+                    |e| match self.signalled.lock().ok().and_then(|mut s| s.take()) {
+                        Some(raised) => raised,
+                        None => e,
+                    },
+                )
+            }
             None => Err(py_error(
                 py,
                 "DisconnectedError",

@@ -185,3 +185,115 @@ def test_attach_with_a_wrong_token_is_refused(tmp_path: Path) -> None:
         kvdex.attach(str(tmp_path / "missing-region"), "00" * 16)
     with pytest.raises(kvdex.BadRequestError, match="32 hex"):
         kvdex.attach("/dev/shm/x", "abc")
+
+
+def test_misused_arguments_name_the_argument(session: kvdex.Session) -> None:
+    good = np.zeros((2, 3, 8), np.float16)
+    q = np.zeros((4, 8), np.float32)
+    with pytest.raises(kvdex.BadRequestError, match=r"layer = -1 is out of range"):
+        session.append(-1, good, good)
+    with pytest.raises(kvdex.BadRequestError, match="layer must be an integer, got float"):
+        session.search(1.5, q, 1)
+    with pytest.raises(kvdex.BadRequestError, match=r"q has shape \[32\], expected 2 dimensions"):
+        session.search(0, np.zeros(32, np.float32), 1)
+    with pytest.raises(kvdex.BadRequestError, match=r"k = -1 is out of range"):
+        session.search(0, q, -1)
+    with pytest.raises(kvdex.BadRequestError, match=r"k = 1099511627776 is out of range"):
+        session.retrieve(0, q, 2**40)
+    session.append(0, good, good)
+    with pytest.raises(kvdex.BadRequestError, match=r"token id -1 is out of range"):
+        session.gather(0, 0, [0, -1])
+    with pytest.raises(kvdex.BadRequestError, match="integer token ids, got float64"):
+        session.gather(0, 0, [0.5])
+    # Nothing above reached the daemon as garbage: the session still serves.
+    k_rows, _ = session.gather(0, 1, np.array([2, 0], np.int64))
+    assert k_rows.shape == (2, 8)
+
+
+def test_a_layer_with_nothing_appended_is_empty_not_fatal(session: kvdex.Session) -> None:
+    """Searching, gathering or retrieving a layer before its first append once panicked the
+    daemon's worker (an unaligned empty key slice) and ended the session."""
+    q = np.ones((4, 8), np.float32)
+    ids, scores = session.search(1, q, 5)
+    assert ids.shape == (4, 0) and scores.shape == (4, 0)
+    r = session.retrieve(1, q, 5, gather=True)
+    assert r.k.tolist() == [0, 0, 0, 0]
+    with pytest.raises(kvdex.BadRequestError, match="out of range"):
+        session.gather(1, 0, [0])
+    k_rows, v_rows = session.gather(1, 0, [])
+    assert k_rows.shape[0] == 0 and v_rows.shape[0] == 0
+    good = np.ones((2, 3, 8), np.float16)
+    assert session.append(1, good, good) == 3
+    assert session.search(1, q, 5)[0].shape == (4, 3)
+
+
+def test_a_dead_daemon_inside_a_with_block_reports_the_real_error(kvdex_bin: str) -> None:
+    """__exit__ closes best effort: the DELETE that fails against a dead daemon used to
+    replace the error that said what happened."""
+    d = kvdex.Daemon(binary=kvdex_bin).start()
+    try:
+        client = kvdex.connect(d.url)
+        with pytest.raises(kvdex.DisconnectedError, match="daemon exited|stopped|gone") as info:
+            with new_session(client) as s:
+                d.kill()
+                s.search(0, np.zeros((4, 8), np.float32), 1)
+        assert "DELETE" not in str(info.value)
+        assert s.closed
+    finally:
+        d.stop()
+
+
+def test_an_explicit_scale_must_be_positive(session: kvdex.Session) -> None:
+    """The wire encodes "default scale" as 0, so scale=0.0 used to mean 1/sqrt(head_dim)."""
+    good = np.ones((2, 3, 8), np.float16)
+    session.append(0, good, good)
+    for scale in (0.0, -1.0, float("nan")):
+        with pytest.raises(kvdex.BadRequestError, match="scale .* must be finite and positive"):
+            session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=scale)
+    assert session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=0.5).k is not None
+
+
+def test_bad_urls_shapes_and_merge_inputs_name_what_is_wrong(client: kvdex.Client) -> None:
+    with pytest.raises(kvdex.BadRequestError, match="url must look like http://"):
+        kvdex.connect("127.0.0.1:7070")
+    with pytest.raises(kvdex.BadRequestError, match="url must look like http://"):
+        kvdex.connect("https://127.0.0.1:7070")
+    with pytest.raises(kvdex.BadRequestError, match="layers = -1 is out of range"):
+        client.create_session(layers=-1, q_heads=4, kv_heads=2, head_dim=8)
+    with pytest.raises(kvdex.BadRequestError, match="head_dim must be an integer, got str"):
+        client.create_session(layers=1, q_heads=4, kv_heads=2, head_dim="8")
+    with pytest.raises(kvdex.BadRequestError, match="payload_bytes = -5 is out of range"):
+        client.create_session(layers=1, q_heads=4, kv_heads=2, head_dim=8, payload_bytes=-5)
+    with pytest.raises(kvdex.BadRequestError, match=r"merge: lse_a has shape \[1, 4\], expected \[heads\]"):
+        kvdex.merge(np.ones((4, 8)), np.ones((1, 4)), np.ones((4, 8)), np.ones(4))
+    with pytest.raises(kvdex.BadRequestError, match=r"merge: out_a has shape \[8\]"):
+        kvdex.merge(np.ones(8), np.ones(1), np.ones(8), np.ones(1))
+
+
+def test_ctrl_c_interrupts_a_request_to_a_hung_daemon(kvdex_bin: str) -> None:
+    """A SIGSTOPped daemon used to make a call block until it resumed, deaf to Ctrl-C."""
+    import signal
+    import threading
+    import time
+
+    d = kvdex.Daemon(binary=kvdex_bin).start()
+    stopped = False
+    try:
+        s = new_session(kvdex.connect(d.url))
+        assert s.ping(b"x") == b"x"
+        os.kill(d.pid, signal.SIGSTOP)
+        stopped = True
+        while Path(f"/proc/{d.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "T":
+            time.sleep(0.005)  # kill(2) only queues the signal
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            s.ping(b"hung")
+        with pytest.raises(kvdex.DisconnectedError, match="cannot be used any more"):
+            s.ping(b"again")
+        os.kill(d.pid, signal.SIGCONT)
+        stopped = False
+        s.close()
+    finally:
+        if stopped:
+            os.kill(d.pid, signal.SIGCONT)
+        d.stop()

@@ -32,6 +32,21 @@ def test_env_var_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert kvdex.find_binary() == b
 
 
+def test_the_newer_of_the_release_and_debug_builds_is_found(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    """A stale release binary used to win over a fresh `cargo build` (debug)."""
+    monkeypatch.delenv("KVDEX_BIN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    built = {}
+    for profile, mtime in (("release", 1_000_000), ("debug", 2_000_000)):
+        (tmp_path / "target" / profile).mkdir(parents=True)
+        built[profile] = fake_binary(tmp_path / "target" / profile, "exit 0")
+        os.utime(built[profile], (mtime, mtime))
+    assert kvdex.find_binary() == built["debug"]
+    os.utime(built["release"], (3_000_000, 3_000_000))
+    assert kvdex.find_binary() == built["release"]
+
+
 def test_daemon_that_exits_reports_its_message(tmp_path: Path) -> None:
     b = fake_binary(tmp_path, 'echo "config: port already taken" >&2; exit 3')
     with pytest.raises(kvdex.DaemonError, match=r"(?s)exited with status 3.*port already taken"):

@@ -65,3 +65,21 @@ def test_seal_with_neighbour_lists(daemon) -> None:
         assert r.ids.shape == (H, 8)
         with pytest.raises(kvdex.BadRequestError, match="query head 7"):
             s.seal(0, "graph", neighbours=[(7, [200, 201])])
+
+
+def test_v_for_a_slim_session_or_none_for_a_full_one_is_refused(daemon) -> None:
+    """The daemon dropped a Slim session's v without a word; a full session missing v got a
+    byte count ("needs N bytes each of K and V, got N and 0")."""
+    k, _, w, _ = slim_data()
+    client = kvdex.connect(daemon.url)
+    with client.create_session(1, H, H, D, dtype="f32", slim=True) as slim, \
+            client.create_session(1, H, H, D, dtype="f32") as full:
+        assert slim.slim is True and full.slim is False
+        slim.set_wkv(0, w)
+        with pytest.raises(kvdex.BadRequestError, match="Slim session, which stores K alone"):
+            slim.append(0, k, k)
+        with pytest.raises(kvdex.BadRequestError, match="v is missing"):
+            full.append(0, k)
+        with pytest.raises(kvdex.BadRequestError, match=r"w_kv has shape \[1024\], expected 2 dimensions"):
+            slim.set_wkv(0, w.reshape(-1))
+        assert slim.append(0, k) == N

@@ -105,6 +105,30 @@ pub struct DecodeArgs {
     pub sessions: usize,
 }
 
+/// Refuses arguments that would panic or print NaN rows, before any data is generated (at
+/// 1M tokens that takes minutes): a context with no token outside the static sinks and
+/// window, no timed step, or budget bounds the daemon would refuse.
+fn check_run(a: &DecodeArgs) -> Result<()> {
+    let statics = a.sinks + a.window;
+    if let Some(&n) = a.context.iter().find(|&&n| n <= statics) {
+        return Err(KvdexError::Config(format!(
+            "context {n} leaves no token to retrieve: it must be longer than --sinks {} + \
+             --window {} = {statics}",
+            a.sinks, a.window
+        )));
+    }
+    if a.steps == 0 {
+        return Err(KvdexError::Config("--steps must be at least 1".into()));
+    }
+    match a.fixed_k {
+        Some(0) => Err(KvdexError::Config("--fixed-k must be at least 1".into())),
+        Some(_) => Ok(()),
+        None => kvdex_index::attend::BudgetParams::new(a.coverage, a.min_k, a.max_k)
+            .map(|_| ())
+            .map_err(KvdexError::from),
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(a: DecodeArgs) -> Result<()> {
     let mut a = a;
@@ -123,6 +147,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     };
     let a = a;
     if a.kv_heads == 0
+        || a.q_heads == 0
         || !a.q_heads.is_multiple_of(a.kv_heads.max(1))
         || a.head_dim == 0
         || a.layers == 0
@@ -132,6 +157,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             a.q_heads, a.kv_heads, a.head_dim, a.layers
         )));
     }
+    check_run(&a)?;
     let kinds: Vec<(String, Option<IndexKind>)> = a
         .methods
         .iter()
@@ -168,4 +194,44 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(flags: &[&str]) -> DecodeArgs {
+        let argv = ["kvdex", "bench", "decode"].iter().chain(flags);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Bench(crate::cli::BenchCommand::Decode(a)) => a,
+            other => panic!("parsed {other:?}"),
+        }
+    }
+
+    fn refusal(flags: &[&str]) -> String {
+        match check_run(&args(flags)) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("{flags:?} was accepted"),
+        }
+    }
+
+    #[test]
+    fn contexts_without_retrievable_tokens_are_refused() {
+        let e = refusal(&["--context", "4096,100"]);
+        assert!(e.contains("context 100") && e.contains("640"), "{e}");
+        let e = refusal(&["--context", "1000", "--sinks", "500"]);
+        assert!(e.contains("1012"), "{e}");
+        assert!(check_run(&args(&["--context", "641"])).is_ok());
+    }
+
+    #[test]
+    fn steps_and_budget_are_checked_before_any_data_is_made() {
+        assert!(refusal(&["--steps", "0"]).contains("--steps"));
+        assert!(refusal(&["--fixed-k", "0"]).contains("--fixed-k"));
+        assert!(refusal(&["--coverage", "2"]).contains("coverage"));
+        assert!(refusal(&["--min-k", "100", "--max-k", "10"]).contains("min_k"));
+        assert!(check_run(&args(&["--fixed-k", "8", "--coverage", "2"])).is_ok());
+        assert!(check_run(&args(&[])).is_ok());
+    }
 }

@@ -38,13 +38,18 @@ pub(super) fn http_error(route: &str, e: ureq::Error) -> KvdexError {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
                 .unwrap_or(body);
-            let msg = format!("{route}: HTTP {code}: {msg}");
-            match code {
-                401 | 403 => KvdexError::Unauthorized(msg),
-                404 => KvdexError::NotFound(msg),
-                400..=499 => KvdexError::BadRequest(msg),
-                _ => KvdexError::Disconnected(msg),
-            }
+            let (category, wrap): (&str, fn(String) -> KvdexError) = match code {
+                401 | 403 => ("unauthorized: ", KvdexError::Unauthorized),
+                404 => ("not found: ", KvdexError::NotFound),
+                400..=499 => ("bad request: ", KvdexError::BadRequest),
+                _ => ("", KvdexError::Disconnected),
+            };
+            // The daemon's message starts with the category the error type already shows.
+            let msg = match msg.strip_prefix(category) {
+                Some(rest) if !category.is_empty() => rest,
+                _ => &msg,
+            };
+            wrap(format!("{route}: HTTP {code}: {msg}"))
         }
         ureq::Error::Transport(t) => KvdexError::Disconnected(format!("{route}: {t}")),
     }
@@ -131,5 +136,26 @@ mod tests {
         assert!(parse_token("abc").is_err());
         assert!(parse_token(&"zz".repeat(16)).is_err());
         assert!(parse_token(&"é".repeat(16)).is_err());
+    }
+
+    #[test]
+    fn http_errors_name_the_route_once_per_category() {
+        let status = |code: u16, body: &str| {
+            let resp = ureq::Response::new(code, "x", body).unwrap();
+            http_error("DELETE /v1/sessions/{id}", ureq::Error::Status(code, resp)).to_string()
+        };
+        assert_eq!(
+            status(404, r#"{"error":"not found: session \"ab\""}"#),
+            "not found: DELETE /v1/sessions/{id}: HTTP 404: session \"ab\""
+        );
+        assert_eq!(
+            status(401, r#"{"error":"unauthorized: wrong token"}"#),
+            "unauthorized: DELETE /v1/sessions/{id}: HTTP 401: wrong token"
+        );
+        assert_eq!(
+            status(400, "plain text"),
+            "bad request: DELETE /v1/sessions/{id}: HTTP 400: plain text"
+        );
+        assert!(status(503, r#"{"error":"shutting down"}"#).starts_with("disconnected: "));
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 pub use decode::Retrieved;
 pub use http::{format_token, parse_token};
-pub use session::{GatheredRows, SessionHandle};
+pub use session::{GatheredRows, SessionHandle, INTERRUPTED};
 pub use socket::SocketSession;
 
 use crate::error::Result;

@@ -33,7 +33,20 @@ pub struct SessionHandle {
     daemon: Option<PidWatch>,
     after_wake: AfterWake,
     pub(super) http: Option<super::http::HttpSession>,
+    /// Asked each time a wait parks without a completion (a daemon slower than the park
+    /// timeout, 50 ms): `true` abandons the wait ([`SessionHandle::set_interrupt`]).
+    interrupt: Option<Interrupt>,
+    /// A wait was abandoned: its late reply may still land in the arena, so no further
+    /// request may use it.
+    abandoned: bool,
 }
+
+/// The hook of [`SessionHandle::set_interrupt`].
+type Interrupt = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// The error of an abandoned wait, and of every request after it.
+pub const INTERRUPTED: &str = "interrupted while waiting for the daemon; its late reply may \
+    still arrive in this session's region, so the session cannot be used any more: close it";
 
 impl std::fmt::Debug for SessionHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,6 +80,14 @@ fn closed_error(reason: u64) -> KvdexError {
 }
 
 impl SessionHandle {
+    /// Installs `interrupted`, asked whenever a request's wait parks without an answer (every
+    /// 50 ms while the daemon is slow or hung): returning `true` ends the wait with
+    /// [`INTERRUPTED`] and retires the session. The Python binding checks for signals here, so
+    /// that Ctrl-C works even when the daemon hangs.
+    pub fn set_interrupt(&mut self, interrupted: impl Fn() -> bool + Send + Sync + 'static) {
+        self.interrupt = Some(Box::new(interrupted));
+    }
+
     /// The session's shape.
     pub fn shape(&self) -> &Shape {
         &self.shape

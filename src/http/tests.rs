@@ -301,3 +301,65 @@ fn slim_sessions_are_mha_only_and_report_their_savings() {
     assert_eq!(stats["slim_saved_bytes"], json!(0));
     assert!(stats["per_session"][0]["slim"].is_object());
 }
+
+#[test]
+fn unknown_routes_and_wrong_methods_get_json_errors() {
+    let s = server(1);
+    let (st, e) = call(ureq::get(&format!("{}/health", s.base)), None);
+    assert_eq!(st, 404, "{e}");
+    let why = e["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("no route /health") && why.contains("/healthz"),
+        "{e}"
+    );
+    let resp = match ureq::put(&format!("{}/v1/sessions", s.base)).call() {
+        Err(ureq::Error::Status(_, r)) => r,
+        other => panic!("PUT /v1/sessions answered {other:?}"),
+    };
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.header("allow"), Some("POST"));
+    let e: Value = serde_json::from_str(&resp.into_string().unwrap()).unwrap();
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/sessions does not accept PUT"),
+        "{e}"
+    );
+    let (st, e) = call(
+        ureq::get(&format!("{}/v1/sessions/%ff%fe", s.base)).set("Authorization", "Bearer x"),
+        None,
+    );
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("session id"), "{e}");
+    // A body one byte over the 2 MiB limit: read whole by the server (sending more races its
+    // early answer and close, and the client may see a broken pipe), then refused.
+    let reply = {
+        use std::io::{Read, Write};
+        let addr = s.base.trim_start_matches("http://");
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let body = format!("{{\"pad\": \"{}\"}}", "x".repeat((2 << 20) - 10));
+        assert_eq!(body.len(), (2 << 20) + 1);
+        let head = format!(
+            "POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = tcp
+            .write_all(head.as_bytes())
+            .and_then(|()| tcp.write_all(body.as_bytes()));
+        let mut reply = String::new();
+        let _ = tcp.read_to_string(&mut reply);
+        reply
+    };
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(
+        reply.contains("\"error\":\"request body too large"),
+        "{reply}"
+    );
+    let (st, e) = call(ureq::post(&format!("{}/stats", s.base)), None);
+    assert_eq!(st, 405, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("POST"), "{e}");
+}

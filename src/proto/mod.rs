@@ -125,7 +125,22 @@ impl Status {
     /// The client-side error for a failed completion `c` with message `msg`. A budget
     /// failure carries its numbers in the completion (`reserved[0]` asked, `reserved[1]`
     /// left, `out_len` the whole budget), so the client gets the same structured error.
+    ///
+    /// The daemon's message is its error's display, which starts with the category the status
+    /// already carries ("bad request: ..."); that prefix is dropped so that the client's error
+    /// does not read "bad request: bad request: ...".
     pub fn into_error(self, c: &crate::shm::Descriptor, msg: String) -> KvdexError {
+        let prefix = match self {
+            Status::BadRequest => "bad request: ",
+            Status::NotFound => "not found: ",
+            Status::Unauthorized => "unauthorized: ",
+            Status::Protocol => "protocol: ",
+            _ => "",
+        };
+        let msg = match msg.strip_prefix(prefix) {
+            Some(rest) if !prefix.is_empty() => rest.to_string(),
+            _ => msg,
+        };
         match self {
             Status::BadRequest => KvdexError::BadRequest(msg),
             Status::NotFound => KvdexError::NotFound(msg),

@@ -42,8 +42,6 @@ pub enum Request<'a> {
     },
 }
 
-/// A decoded response body.
-
 impl<'a> Request<'a> {
     /// The request's opcode.
     pub fn opcode(&self) -> Opcode {

@@ -131,3 +131,34 @@ fn read_helpers_convert_little_endian() {
     assert_eq!(read_f32s(&1.5f32.to_le_bytes(), &mut f), 1);
     assert_eq!(f[0], 1.5);
 }
+
+/// A failed completion's message is the daemon error's display; the client's error of the
+/// same category does not repeat the category.
+#[test]
+fn error_categories_are_not_repeated() {
+    let c = crate::shm::Descriptor::default();
+    let cases = [
+        (
+            KvdexError::BadRequest("token id 9 out of range".into()),
+            "bad request: token id 9 out of range",
+        ),
+        (
+            KvdexError::NotFound("layer 5 (session has 2)".into()),
+            "not found: layer 5 (session has 2)",
+        ),
+        (
+            KvdexError::Protocol("bad magic".into()),
+            "protocol: bad magic",
+        ),
+    ];
+    for (daemon_side, want) in cases {
+        let status = Status::of(&daemon_side);
+        let client_side = status.into_error(&c, daemon_side.to_string());
+        assert_eq!(client_side.to_string(), want);
+        assert_eq!(Status::of(&client_side), status);
+    }
+    // Index errors travel as bad requests and keep their own wording.
+    let e = KvdexError::Index(kvdex_index::IndexError::InvalidArgument("k 0".into()));
+    let got = Status::of(&e).into_error(&c, e.to_string()).to_string();
+    assert_eq!(got, format!("bad request: {e}"));
+}

@@ -33,6 +33,10 @@ pub struct Region {
     geometry: Geometry,
     path: PathBuf,
     owner: bool,
+    /// The creator's open file, holding a shared `flock` for the region's life: a daemon's
+    /// start-up sweep of stale region files (`crate::daemon::stale`) never removes a locked
+    /// file, even one whose creator's pid it cannot see (another pid namespace).
+    _owner_lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Region {
@@ -95,15 +99,18 @@ impl Region {
                 geometry,
                 path: path.to_owned(),
                 owner: true,
+                _owner_lock: None,
             })
         })();
-        let region = match region {
+        let mut region = match region {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_file(path);
                 return Err(e);
             }
         };
+        // Best effort: without the lock the sweep still spares files of pids it can see alive.
+        region._owner_lock = file.try_lock_shared().is_ok().then_some(file);
         let h = region.header();
         let g = &region.geometry;
         for (field, v) in [
@@ -157,6 +164,7 @@ impl Region {
             },
             path: path.to_owned(),
             owner: false,
+            _owner_lock: None,
         };
         let h = region.header();
         let magic = h.magic.load(Ordering::Acquire);
@@ -345,6 +353,18 @@ mod tests {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ))
+    }
+
+    /// The creator holds a shared lock for the region's life, so that another daemon's
+    /// start-up sweep leaves the file alone.
+    #[test]
+    fn a_created_region_is_locked_while_it_lives() {
+        let path = temp_path("lock");
+        let region = Region::create(&path, 4096).unwrap();
+        let other = std::fs::File::open(&path).unwrap();
+        assert!(other.try_lock().is_err(), "the creator holds the lock");
+        drop(region);
+        assert!(!path.exists());
     }
 
     #[test]

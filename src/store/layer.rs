@@ -179,7 +179,11 @@ impl LayerKv {
 
 /// The first `n` bytes of `arena` (none when the layer has not allocated yet).
 fn stored(arena: Option<&Arena>, n: usize) -> &[u8] {
-    let Some(arena) = arena else { return &[] };
+    // Empty but 8-byte aligned: a plain `&[]` of bytes may sit at address 1, which
+    // `bytemuck::cast_slice` refuses (with a panic) as rows of f16/f32.
+    let Some(arena) = arena else {
+        return bytemuck::cast_slice::<u64, u8>(&[]);
+    };
     assert!(n <= arena.len(), "stored rows exceed the arena");
     // SAFETY: the arena holds at least n initialised bytes (zeroed at allocation, then
     // written); writes happen only through `&mut LayerKv`, so none overlaps this shared borrow,
@@ -235,6 +239,18 @@ mod tests {
         assert_eq!(l.held_bytes(2, 8), 4 * 64);
         drop(l);
         assert_eq!(link.stats().bytes, 0);
+    }
+
+    /// A layer nothing was appended to yet has no arena: its (empty) keys must still cast to
+    /// rows of every dtype; the search of such a layer once panicked the session's worker.
+    #[test]
+    fn an_empty_layer_yields_empty_keys_of_every_dtype() {
+        let l = LayerKv::new(Vec::new(), false);
+        for dtype in [KeyDtype::F16, KeyDtype::Bf16, KeyDtype::F32] {
+            let keys = l.keys(0, dtype, 8).unwrap();
+            assert_eq!(kvdex_index::KeyStore::len(&keys), 0);
+        }
+        assert!(l.v_bytes(0, 16).is_empty());
     }
 
     #[test]

@@ -112,3 +112,81 @@ fn prints_version() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("kvdex "));
 }
+
+#[test]
+fn cli_errors_name_what_is_wrong_and_never_panic() {
+    let file = std::env::temp_dir().join(format!("kvdex-cli-file-{}", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let out_flag = file.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "gen-synth",
+                "--tokens",
+                "300",
+                "--layers",
+                "1",
+                "--out",
+                out_flag,
+            ],
+            "cannot create the directory",
+        ),
+        (
+            &["bench", "decode", "--context", "100"],
+            "context 100 leaves no token to retrieve",
+        ),
+        (
+            &["bench", "decode", "--steps", "0"],
+            "--steps must be at least 1",
+        ),
+        (
+            &["bench", "decode", "--q-heads", "0", "--context", "1000"],
+            "all non-zero",
+        ),
+        (
+            &["bench", "recall", "--data", "/nonexistent-kvdex-dir"],
+            "/nonexistent-kvdex-dir/meta.json",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = kvdex()
+            .args(*args)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert!(
+        kvdex()
+            .args(["gen-synth", "--out", out_flag])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).contains(out_flag))
+            .unwrap_or(false),
+        "the error names the path"
+    );
+    std::fs::remove_file(&file).ok();
+}
+
+#[test]
+fn region_files_of_gone_daemons_are_removed_at_start_up() {
+    let dir = std::env::temp_dir().join(format!("kvdex-stale-shm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let stale = dir.join(format!("kvdex-{pid}-0123456789abcdef"));
+    let other = dir.join("kvdex-notes.txt");
+    std::fs::write(&stale, b"region").unwrap();
+    std::fs::write(&other, b"keep").unwrap();
+    let d = Daemon::start(&[("KVDEX_SESSIONS__SHM_DIR", dir.to_str().unwrap())]);
+    assert_eq!(http::get(&d.base, "/readyz").0, 200);
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(!stale.exists(), "the dead daemon's region file is removed");
+    }
+    assert!(other.exists(), "other files are left alone");
+    assert!(d.terminate().success());
+    std::fs::remove_dir_all(&dir).ok();
+}

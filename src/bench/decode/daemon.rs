@@ -8,7 +8,8 @@ use super::DecodeArgs;
 use crate::client::{parse_token, Client, SessionHandle};
 use crate::error::{KvdexError, Result};
 
-/// The daemon child; killed and reaped on drop.
+/// The daemon child; stopped (SIGTERM, so that it removes its region files) and reaped on
+/// drop.
 pub(super) struct Daemon {
     pub(super) child: Child,
     pub(super) url: String,
@@ -16,9 +17,35 @@ pub(super) struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, STOP_GRACE);
     }
+}
+
+/// How long a stopped daemon may take to end its sessions before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops `child` the way an operator would: SIGTERM, then SIGKILL if it has not exited
+/// within `grace`; reaps it either way.
+///
+/// A SIGKILLed `kvdex serve` cannot remove its `/dev/shm` region files (one per session,
+/// 16-64 MiB of memory each): the bench once leaked them on every run.
+fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill(2) on our own child, not yet reaped (we still own `Child` and `try_wait`
+    // just saw it running), so the pid cannot have been reused.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Starts `kvdex serve` on a free port with a budget for `kv_bytes` and the bench's decode
@@ -41,9 +68,19 @@ pub(super) fn start_daemon(exe: &std::path::Path, kv_bytes: u64, a: &DecodeArgs)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let d = Daemon { child, url };
+    let mut d = Daemon { child, url };
     let t = Instant::now();
     while ureq::get(&format!("{}/healthz", d.url)).call().is_err() {
+        // A daemon that exits (a bad --daemon binary, a refused configuration) is reported
+        // at once, not after the whole wait.
+        if let Ok(Some(status)) = d.child.try_wait() {
+            return Err(KvdexError::Disconnected(format!(
+                "{} serve exited with {status} before answering on {} (run it by hand to see \
+                 its log)",
+                exe.display(),
+                d.url
+            )));
+        }
         if t.elapsed() > Duration::from_secs(20) {
             return Err(KvdexError::Disconnected(format!(
                 "kvdex serve did not answer on {}",
@@ -60,9 +97,21 @@ pub(super) fn json(s: &str) -> Result<serde_json::Value> {
     serde_json::from_str(s).map_err(|e| KvdexError::Protocol(format!("daemon sent bad JSON: {e}")))
 }
 
-/// An HTTP failure as the error the bench reports.
+/// An HTTP failure as the error the bench reports: a refusal carries the daemon's own
+/// message (`{"error": ...}`), a transport failure is a disconnect.
 pub(super) fn http(e: ureq::Error) -> KvdexError {
-    KvdexError::Disconnected(format!("HTTP: {e}"))
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let url = resp.get_url().to_string();
+            let body = resp.into_string().unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            KvdexError::Protocol(format!("the daemon refused {url} (HTTP {code}): {msg}"))
+        }
+        other => KvdexError::Disconnected(format!("HTTP: {other}")),
+    }
 }
 
 /// Creates the session over HTTP and attaches; returns the handle, id and token.
@@ -114,4 +163,89 @@ pub(super) fn vm_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The child gets SIGTERM (its handler runs and cleans up), not an outright SIGKILL.
+    #[test]
+    fn stop_child_lets_the_child_clean_up() {
+        let dir = std::env::temp_dir().join(format!("kvdex-stop-child-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("cleaned");
+        let script = format!(
+            "trap 'touch {}; exit 0' TERM; echo up; while true; do sleep 0.05; done",
+            marker.display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the trap is installed (the script printed "up").
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 3];
+        std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+        stop_child(&mut child, Duration::from_secs(5));
+        assert!(
+            marker.exists(),
+            "the child was killed without running its SIGTERM handler"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A daemon binary that exits at once is reported at once, with its exit status.
+    #[test]
+    fn a_daemon_that_exits_is_reported_without_waiting() {
+        let a = match crate::cli::Cli::try_parse_from(["kvdex", "bench", "decode"]) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Bench(crate::cli::BenchCommand::Decode(a)),
+            }) => a,
+            other => panic!("{other:?}"),
+        };
+        let t = Instant::now();
+        let e = match start_daemon(std::path::Path::new("false"), 1 << 20, &a) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("`false` answered"),
+        };
+        assert!(e.contains("false serve exited with"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "waited {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_http_refusal_carries_the_daemon_message() {
+        let resp = ureq::Response::new(400, "Bad Request", r#"{"error":"bad request: q_heads 0"}"#)
+            .unwrap();
+        let e = http(ureq::Error::Status(400, resp)).to_string();
+        assert!(
+            e.contains("HTTP 400") && e.contains("bad request: q_heads 0"),
+            "{e}"
+        );
+        assert!(!e.starts_with("disconnected"), "{e}");
+    }
+
+    /// A child that ignores SIGTERM is still killed and reaped after the grace period.
+    #[test]
+    fn stop_child_kills_a_child_that_ignores_sigterm() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "trap '' TERM; echo up; while true; do sleep 0.05; done",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 3];
+        std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+        stop_child(&mut child, Duration::from_millis(200));
+        assert!(child.try_wait().unwrap().is_some());
+    }
 }

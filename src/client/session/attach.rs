@@ -97,6 +97,8 @@ impl SessionHandle {
             daemon,
             after_wake: AfterWake::default(),
             http: None,
+            interrupt: None,
+            abandoned: false,
         })
     }
 }

@@ -54,6 +54,9 @@ impl SessionHandle {
     /// Pushes a raw descriptor and waits for its completion. Exposed for protocol tests that
     /// need to send what a well-behaved client never would.
     pub fn submit(&mut self, d: Descriptor) -> Result<std::ops::Range<usize>> {
+        if self.abandoned {
+            return Err(KvdexError::Disconnected(super::INTERRUPTED.into()));
+        }
         self.next_id = self.next_id.max(d.request_id).wrapping_add(1);
         let (sq, cq) = (self.region.sq(), self.region.cq());
         if !self
@@ -121,6 +124,10 @@ impl SessionHandle {
                     };
                     if !ready && self.daemon.as_ref().is_some_and(|w| w.exited()) {
                         return Err(KvdexError::Disconnected("the daemon exited".into()));
+                    }
+                    if !ready && self.interrupt.as_ref().is_some_and(|f| f()) {
+                        self.abandoned = true;
+                        return Err(KvdexError::Disconnected(super::INTERRUPTED.into()));
                     }
                 }
             }
