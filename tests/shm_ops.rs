@@ -125,9 +125,24 @@ fn store_errors_come_back_as_error_completions() {
     assert!(e.contains("layer 5"), "{e}");
     let e = h.append(0, 2, &[0; 16], &[0; 16]).unwrap_err().to_string();
     assert!(e.contains("needs 32 bytes"), "{e}");
+    // A NaN or infinity in K or V is named and refused; nothing is stored.
+    let mut nan = [0u8; 16];
+    nan[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = h.append(0, 1, &nan, &[0; 16]).unwrap_err().to_string();
+    assert!(
+        e.contains("K value 2 (kv head 0, token 0 of 1, dim 2) is NaN or infinite"),
+        "{e}"
+    );
+    let inf = f32::NEG_INFINITY.to_le_bytes().repeat(4);
+    let e = h.append(0, 1, &[0; 16], &inf).unwrap_err().to_string();
+    assert!(e.contains("V value 0"), "{e}");
     h.append(0, 1, &[0; 16], &[0; 16]).unwrap();
     let e = h.gather(0, 0, &[3]).unwrap_err().to_string();
     assert!(e.contains("token id 3 out of range"), "{e}");
+    assert!(
+        h.gather(0, 0, &[1]).is_err(),
+        "the refused appends stored nothing"
+    );
     let e = h.gather(0, 9, &[0]).unwrap_err().to_string();
     assert!(e.contains("kv_head 9"), "{e}");
     let mut ids = [0u32; 2];

@@ -15,6 +15,7 @@
 
 mod accounting;
 pub mod budget;
+mod finite;
 pub mod indexing;
 mod layer;
 pub mod retrieve;
@@ -204,6 +205,16 @@ impl Session {
                 k.len(),
                 v.len()
             )));
+        }
+        let d = s.head_dim as usize;
+        for (name, bytes) in [("K", k), ("V", v)] {
+            if let Some(i) = finite::first_non_finite(bytes, s.dtype) {
+                let (head, token, dim) = (i / (tokens * d), i / d % tokens, i % d);
+                return Err(KvdexError::BadRequest(format!(
+                    "append to layer {layer}: {name} value {i} (kv head {head}, token {token} \
+                     of {tokens}, dim {dim}) is NaN or infinite"
+                )));
+            }
         }
         let mut guard = self.layer(layer)?.write().map_err(poisoned)?;
         let l = &mut *guard;

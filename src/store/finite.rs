@@ -1,0 +1,171 @@
+//! The append-time check that K and V hold no NaN or infinity.
+//!
+//! One non-finite key poisons everything that reads it later: a graph build's distances, the
+//! budget's log-sum-exp (a retrieve then fails with "static_lse NaN", far from the cause), the
+//! partial attention. So an append is refused up front, naming the value. The check reads the
+//! exponent bits only (all ones = NaN or infinity in f16, bf16 and f32), in blocks that the
+//! compiler vectorises, and looks for the position only in a block that failed: it costs a
+//! fraction of the copy the append makes anyway.
+
+use kvdex_index::KeyDtype;
+
+/// Bytes per block: the branch-free test runs over a block, the search for the culprit only
+/// inside a block that failed.
+const BLOCK: usize = 512;
+
+/// The index of the first NaN or infinite element of `bytes` (little-endian `dtype` elements),
+/// or `None` when every element is finite.
+pub(super) fn first_non_finite(bytes: &[u8], dtype: KeyDtype) -> Option<usize> {
+    let lanes = match dtype {
+        KeyDtype::F16 => Lanes::sixteen(0x7c00),
+        KeyDtype::Bf16 => Lanes::sixteen(0x7f80),
+        KeyDtype::F32 => Lanes::thirty_two(0x7f80_0000),
+    };
+    for (i, block) in bytes.chunks(BLOCK).enumerate() {
+        if lanes.maybe_bad(block) {
+            let at = block.chunks_exact(lanes.size).position(|e| lanes.bad(e))?;
+            return Some(i * BLOCK / lanes.size + at);
+        }
+    }
+    None
+}
+
+/// An exponent mask repeated over the lanes of a u64, and the SWAR constants that find a lane
+/// whose exponent bits are all ones (NaN or infinity) in a whole word at once.
+struct Lanes {
+    /// Bytes per element.
+    size: usize,
+    /// The exponent mask of one element, as a u32.
+    mask: u32,
+    /// The mask in every lane of a u64.
+    masks: u64,
+    /// 1 in every lane.
+    ones: u64,
+    /// The top bit of every lane.
+    highs: u64,
+}
+
+impl Lanes {
+    fn sixteen(mask: u16) -> Self {
+        Self {
+            size: 2,
+            mask: mask as u32,
+            masks: u64::from(mask) * 0x0001_0001_0001_0001,
+            ones: 0x0001_0001_0001_0001,
+            highs: 0x8000_8000_8000_8000,
+        }
+    }
+
+    fn thirty_two(mask: u32) -> Self {
+        Self {
+            size: 4,
+            mask,
+            masks: u64::from(mask) * 0x0000_0001_0000_0001,
+            ones: 0x0000_0001_0000_0001,
+            highs: 0x8000_0000_8000_0000,
+        }
+    }
+
+    /// The element in `e` (`size` bytes) is NaN or infinite.
+    fn bad(&self, e: &[u8]) -> bool {
+        let x = e.iter().rev().fold(0u32, |a, &b| (a << 8) | u32::from(b));
+        x & self.mask == self.mask
+    }
+
+    /// Some element of `block` may be NaN or infinite (never false when one is). Whole words:
+    /// a lane of `(w & masks) ^ masks` is zero exactly when that element's exponent is all
+    /// ones, and `(v - ones) & !v & highs` is non-zero exactly when some lane of v is zero.
+    /// Accumulated without branches, so the loop vectorises; the unaligned ends (and any
+    /// element split across them) are checked one element at a time.
+    fn maybe_bad(&self, block: &[u8]) -> bool {
+        let (head, words, tail) = bytemuck::pod_align_to::<u8, u64>(block);
+        if head.len() % self.size != 0 {
+            // Elements straddle the word boundaries (an odd address): element by element.
+            return block.chunks_exact(self.size).any(|e| self.bad(e));
+        }
+        let mut acc = 0u64;
+        for &w in words {
+            let v = (u64::from_le(w) & self.masks) ^ self.masks;
+            acc |= v.wrapping_sub(self.ones) & !v & self.highs;
+        }
+        acc != 0
+            || head.chunks_exact(self.size).any(|e| self.bad(e))
+            || tail.chunks_exact(self.size).any(|e| self.bad(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn bytes_f16(xs: &[f32]) -> Vec<u8> {
+        xs.iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect()
+    }
+
+    /// `bytes` copied to `offset` bytes into a fresh buffer: the unaligned starts the shared
+    /// memory arena can hand over.
+    fn at_offset(bytes: &[u8], offset: usize) -> Vec<u8> {
+        let mut v = vec![0u8; offset];
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    /// Every dtype and alignment: finite rows (also f16's largest finite value and a
+    /// subnormal) pass, and the first NaN or infinity is found wherever it lies (each lane of
+    /// a word, past the first block, the unaligned ends).
+    #[test]
+    fn finds_the_first_nan_or_infinity_in_every_dtype() {
+        let n = 1000;
+        let mut xs: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.37).collect();
+        xs[3] = 65504.0;
+        xs[4] = 1e-7;
+        let encode = |ys: &[f32], dt: KeyDtype| -> Vec<u8> {
+            match dt {
+                KeyDtype::F16 => ys
+                    .iter()
+                    .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                    .collect(),
+                KeyDtype::Bf16 => ys
+                    .iter()
+                    .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+                KeyDtype::F32 => ys.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            }
+        };
+        for dt in [KeyDtype::F16, KeyDtype::Bf16, KeyDtype::F32] {
+            for offset in 0..8 {
+                let ok = at_offset(&encode(&xs, dt), offset);
+                assert_eq!(
+                    first_non_finite(&ok[offset..], dt),
+                    None,
+                    "{dt:?} +{offset}"
+                );
+                for at in [0, 1, 2, 3, 5, 6, 7, 255, 256, 700, 998, 999] {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut ys = xs.clone();
+                        ys[at] = bad;
+                        let b = at_offset(&encode(&ys, dt), offset);
+                        let got = first_non_finite(&b[offset..], dt);
+                        assert_eq!(got, Some(at), "{dt:?} +{offset} at {at} {bad}");
+                    }
+                }
+            }
+        }
+        // Two bad values: the first is named.
+        let mut ys = xs.clone();
+        (ys[600], ys[9]) = (f32::NAN, f32::INFINITY);
+        assert_eq!(
+            first_non_finite(&encode(&ys, KeyDtype::F32), KeyDtype::F32),
+            Some(9)
+        );
+        // f32 values beyond f16's range are f16 infinities.
+        assert_eq!(
+            first_non_finite(&bytes_f16(&[1.0, 1e6]), KeyDtype::F16),
+            Some(1)
+        );
+        assert_eq!(first_non_finite(&[], KeyDtype::F32), None);
+    }
+}
