@@ -24,6 +24,9 @@ pub const ENV_PREFIX: &str = "KVDEX_";
 /// Smallest payload arena a session may have: room for one 8 KiB request and its reply.
 pub const MIN_PAYLOAD_BYTES: u64 = 64 * 1024;
 
+/// Most static tokens (`decode.sinks`, `decode.window`) at either end of a layer.
+pub const MAX_STATIC_TOKENS: u64 = 1 << 24;
+
 /// Longest `sessions.worker_spin_us`: a worker must still park when its client is idle.
 pub const MAX_WORKER_SPIN_US: u64 = 1_000_000;
 
@@ -84,6 +87,40 @@ impl DecodeSection {
         g.degree = self.graph_degree.clamp(1, 255) as usize;
         g.max_train_queries = self.graph_max_train_queries.max(1) as usize;
         c
+    }
+}
+
+impl DecodeSection {
+    /// Refuses `[decode]` values outside what the daemon can honour, naming the key (the
+    /// store would otherwise clamp them silently: a degree of 1000 would become 255).
+    fn validate(&self) -> Result<()> {
+        let ranges: [(&str, u64, u64, u64); 8] = [
+            ("decode.sinks", self.sinks, 0, MAX_STATIC_TOKENS),
+            ("decode.window", self.window, 0, MAX_STATIC_TOKENS),
+            ("decode.build_threads", self.build_threads, 0, 1024),
+            ("decode.insert_batch", self.insert_batch, 1, 1 << 20),
+            ("decode.tail_sample", self.tail_sample, 0, 1 << 16),
+            (
+                "decode.graph_search_list",
+                self.graph_search_list,
+                1,
+                1 << 16,
+            ),
+            // Out-degrees are stored in a byte per node.
+            ("decode.graph_degree", self.graph_degree, 1, 255),
+            (
+                "decode.graph_max_train_queries",
+                self.graph_max_train_queries,
+                1,
+                1 << 24,
+            ),
+        ];
+        for (key, v, lo, hi) in ranges {
+            if v < lo || v > hi {
+                return Err(bad(key, format!("{v} is not in {lo}..={hi}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +272,7 @@ impl Config {
             ));
         }
         self.worker_cpus()?;
+        self.decode.validate()?;
         if s.worker_spin_us > MAX_WORKER_SPIN_US {
             return Err(bad(
                 "sessions.worker_spin_us",

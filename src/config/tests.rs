@@ -170,6 +170,37 @@ fn bad_values_are_refused_with_key_and_reason() {
             "1023",
             "`sessions.worker_cpus`: none of CPUs [1023] is available",
         ),
+        (
+            "KVDEX_DECODE__GRAPH_DEGREE",
+            "1000",
+            "`decode.graph_degree`: 1000 is not in 1..=255",
+        ),
+        (
+            "KVDEX_DECODE__GRAPH_SEARCH_LIST",
+            "0",
+            "`decode.graph_search_list`: 0 is not in 1..=65536",
+        ),
+        (
+            "KVDEX_DECODE__INSERT_BATCH",
+            "0",
+            "`decode.insert_batch`: 0 is not in 1..=1048576",
+        ),
+        (
+            "KVDEX_DECODE__BUILD_THREADS",
+            "100000",
+            "`decode.build_threads`: 100000 is not in 0..=1024",
+        ),
+        (
+            "KVDEX_DECODE__GRAPH_MAX_TRAIN_QUERIES",
+            "0",
+            "`decode.graph_max_train_queries`",
+        ),
+        ("KVDEX_DECODE__WINDOW", "99999999999", "`decode.window`"),
+        (
+            "KVDEX_DECODE__TAIL_SAMPLE",
+            "1000000",
+            "`decode.tail_sample`",
+        ),
     ];
     for (var, val, want) in cases {
         let e = err(Config::load(None, env(&[(var, val)]), None));
