@@ -163,4 +163,16 @@ pub trait MipsIndexMut: MipsIndex {
         let _ = queries;
         self.insert(keys)
     }
+
+    /// As [`MipsIndexMut::insert`], guided by recent queries (row-major, `keys.dim()` floats
+    /// each) that need not belong to the new positions: the daemon hands over a sample of the
+    /// decode queries it served since the last insert. Unlike
+    /// [`MipsIndexMut::insert_with_queries`], which pays an exact scan over all keys per query,
+    /// query-guided indices approximate each query's top list with their own search (see
+    /// [`qgraph::guided`] for the cost). The default ignores the queries: flat and hnsw insert
+    /// keys only, as before.
+    fn insert_guided(&mut self, keys: &dyn KeyStore, queries: &[f32]) -> Result<(), IndexError> {
+        let _ = queries;
+        self.insert(keys)
+    }
 }

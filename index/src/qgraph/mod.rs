@@ -7,6 +7,8 @@
 //!   occlusion pruning and out-degree cap M, reverse edges, a connectivity pass so every key is
 //!   reachable from the entry points.
 //! - [`insert`]: incremental insert of later keys, guided by remembered queries.
+//! - [`guided`]: the same guided by recent (decode) queries whose top lists come from the graph's
+//!   own beam search: the daemon's background insert.
 //! - [`search`]: best-first beam search with list size L from hub entry points.
 //!
 //! Storage is one fixed-width slot of M neighbour ids per key plus a one-byte degree, so a
@@ -15,6 +17,7 @@
 pub mod build;
 pub mod connect;
 pub mod group;
+pub mod guided;
 pub mod insert;
 pub mod memory;
 pub mod search;
@@ -284,6 +287,10 @@ impl MipsIndexMut for QueryGuidedGraph {
         queries: &[f32],
     ) -> Result<(), IndexError> {
         insert::insert_with_queries(self, keys, queries)
+    }
+
+    fn insert_guided(&mut self, keys: &dyn KeyStore, queries: &[f32]) -> Result<(), IndexError> {
+        guided::insert_guided(self, keys, queries)
     }
 }
 
