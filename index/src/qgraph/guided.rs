@@ -4,27 +4,30 @@
 //!
 //! The exact variant gives each query its exact top-Nq list (a flat scan over every key) and
 //! its exact bar; at 128K keys, 32 layers and a few KV heads that is seconds of CPU per insert
-//! batch. Here each query's list comes from the graph itself:
+//! batch. Here:
 //!
-//! 1. A beam search over the graph as it stands (width `max(Nq, build_list)`), which cannot
-//!    reach the new keys yet (they have no in-edges), merged with an exact score of the new
-//!    keys (a block product over the batch: the batch is small). The query's approximate top-Nq
-//!    is the best Nq of both, and its remembered bar the Nq-th score found: a lower bound of
-//!    the exact bar, so it admits slightly more keys to the memory's lists later.
-//! 2. The lists are merged as the build merges them (pivot and rank-window candidates, each
+//! 1. The new keys are linked as a keys-only [`insert`](super::insert::insert) links them
+//!    (through the remembered queries whose bars they clear), so they are reachable.
+//! 2. Each guide query's top-Nq comes from a beam search over the graph (width
+//!    `max(Nq, build_list)`), merged with an exact score of the new keys (a block product over
+//!    the batch, which is small). Its remembered bar is the Nq-th score found: a lower bound
+//!    of the exact bar, so it admits slightly more keys to its list in later inserts.
+//! 3. The lists are merged as the build merges them (pivot and rank-window candidates, each
 //!    touched node re-pruned over its edges and its candidates together), but only over the
 //!    nodes the lists touch (no per-key table). A target a node drops is relinked from one of
 //!    the node's new out-neighbours (p → c → x), so every key stays reachable without a
-//!    breadth-first pass over the graph.
-//! 3. A new key that gained out-edges but no path in is given one (the strongest list member
-//!    that ranks it points to it); new keys no list reached are linked through the query
-//!    memory as a keys-only insert links them.
+//!    breadth-first pass over the graph (one runs only if a relink finds no room).
 //!
-//! Cost per call, with Q queries, B new keys, n indexed keys: Q beam searches of width
+//! Step 1 alone loses recall against a rebuild: the new keys are linked only for the old
+//! training queries. Guiding without it (lists only) was worse still when the guides are
+//! later queries (real code set, batches of 64: recall@100 0.834 vs 0.861 keys only at L 96);
+//! both together reach 0.906 (rebuild 0.913). See notes/insertq.md.
+//!
+//! Cost per call, with Q queries, B new keys: a keys-only insert of B keys (about
+//! `insert_queries` beam searches of width `build_list` per key), plus Q beam searches of width
 //! `max(Nq, build_list)` (about 8-15 x that many rows scored each, as scattered reads), Q x B
-//! scores for the new keys, and one prune (O(candidates x M x dim)) per touched node, of which
-//! there are at most about Q x Nq. Nothing is O(n) except the graph's growth by B slots, unless
-//! a relink finds no room (then one connectivity pass, as a keys-only insert does).
+//! scores for the new keys, and one prune (O(candidates x M x dim)) per touched node, at most
+//! about Q x Nq of them. Nothing is O(n) in the graph's size except its growth by B slots.
 
 use super::build::prune;
 use super::connect::{connect, link_sequence};
@@ -53,18 +56,17 @@ pub fn insert_guided(
     }
     check_finite("guide query", queries)?;
     let old = grow(g, keys)?;
+    // Step 1: keys only, as `insert` links them (through the remembered queries).
+    link_unlinked(g, keys, old)?;
     if !queries.is_empty() && old > 0 {
         let (lists, bars) = approximate_lists(g, keys, queries, old);
         for (q, &bar) in queries.chunks_exact(d).zip(&bars) {
             g.memory.push(q, bar, g.params.kept_queries);
         }
-        let mut orphans = merge_touched(g, keys, &lists);
-        give_new_keys_a_way_in(g, &lists, old, &mut orphans);
-        if !orphans.is_empty() {
+        if !merge_touched(g, keys, &lists).is_empty() {
             connect(g, keys);
         }
     }
-    link_unlinked(g, keys, old)?;
     link_sequence(g, g.params.sequence_edges, old);
     Ok(())
 }
@@ -87,7 +89,9 @@ fn approximate_lists(
             |(s, fresh), q| {
                 beam_search(g, keys, q, &g.entries, width, s);
                 keys.score_range(q, old, fresh);
-                let mut all: Vec<(f32, u32)> = s.pool.iter().map(|c| (c.score, c.id)).collect();
+                // The new keys are scored exactly below, whether the beam reached them or not.
+                let found = s.pool.iter().filter(|c| (c.id as usize) < old);
+                let mut all: Vec<(f32, u32)> = found.map(|c| (c.score, c.id)).collect();
                 all.extend(
                     fresh
                         .iter()
@@ -169,62 +173,6 @@ fn merge_touched(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32
     orphans
 }
 
-/// Step 3: a new key that some list ranked (so it may have out-edges) but that no old node
-/// leads to, directly or through other new keys, gets an edge from the best old key of its
-/// first list (displacing that node's weakest edge when full; the displaced target is relinked
-/// from the new key, or listed in `orphans`).
-fn give_new_keys_a_way_in(
-    g: &mut QueryGuidedGraph,
-    lists: &[Vec<u32>],
-    old: usize,
-    orphans: &mut Vec<u32>,
-) {
-    let n = g.deg.len();
-    let mut reached = vec![false; n - old];
-    let mut stack: Vec<u32> = Vec::new();
-    // Old nodes that may point at new keys: the list members (touched) and the nodes they
-    // link to (reverse edges, relinks).
-    let mut from: Vec<u32> = lists.iter().flatten().copied().collect();
-    from.sort_unstable();
-    from.dedup();
-    let mut more: Vec<u32> = from
-        .iter()
-        .flat_map(|&p| g.neighbours(p).to_vec())
-        .collect();
-    from.append(&mut more);
-    for &p in from.iter().filter(|&&p| (p as usize) < old) {
-        for &y in g.neighbours(p) {
-            if y as usize >= old && !std::mem::replace(&mut reached[y as usize - old], true) {
-                stack.push(y);
-            }
-        }
-    }
-    while let Some(x) = stack.pop() {
-        for &y in g.neighbours(x) {
-            if y as usize >= old && !std::mem::replace(&mut reached[y as usize - old], true) {
-                stack.push(y);
-            }
-        }
-    }
-    for l in lists {
-        let Some(&best_old) = l.iter().find(|&&id| (id as usize) < old) else {
-            continue;
-        };
-        for &u in l.iter().filter(|&&id| id as usize >= old) {
-            let i = u as usize - old;
-            if reached[i] || g.deg[u as usize] == 0 {
-                continue; // reachable, or left to `link_unlinked` (which gives a way in)
-            }
-            reached[i] = true;
-            if let Some(x) = g.link_displacing(best_old, u) {
-                if !g.link(u, x) {
-                    orphans.push(x);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::connect::unreached;
@@ -235,7 +183,7 @@ mod tests {
     /// Built on the first 90% of the keys, then the rest inserted: keys only, guided by the
     /// new positions' queries (approximate lists), and guided by later queries (the daemon's
     /// case). Every key stays reachable, and both guided inserts reach at least the keys-only
-    /// recall on this fixture (measured: keys only 0.827, own queries 0.853, later 0.860).
+    /// recall on this fixture (measured: keys only 0.827, own queries 0.850, later 0.860).
     #[test]
     fn guided_insert_keeps_keys_reachable_and_recall_at_least_keys_only() {
         let (n, d, cut) = (2000, 16, 1800);

@@ -38,12 +38,15 @@ impl Session {
 
     /// Inserts every waiting token, `insert_batch` at a time per KV head, releasing the locks
     /// between batches so that searches (which scan what is not inserted) wait at most one
-    /// batch.
+    /// batch. The decode queries captured since the last insert guide each head's first batch
+    /// (`MipsIndexMut::insert_guided`); later batches of a backlog, or a head with none
+    /// captured, insert keys only.
     pub(super) fn insert_pending(&self, layer: u32) {
         let Ok(li) = self.index_of(layer) else { return };
         let cfg = &self.store.decode;
         let (s, d) = (self.shape, self.shape.head_dim as usize);
         li.inserting.store(true, Ordering::Release);
+        let mut guides = li.guides.take();
         loop {
             let mut more = false;
             let Ok(l) = self.layer(layer).and_then(|l| l.read().map_err(poisoned)) else {
@@ -60,10 +63,22 @@ impl Session {
                     continue;
                 }
                 let to = end.min(from + cfg.insert_batch.max(1));
+                let q = guides.get_mut(g).map(std::mem::take).unwrap_or_default();
+                let t = Instant::now();
                 let res = l
                     .keys(g, s.dtype, d)
                     .and_then(|k| view(&k, cfg.sinks, to))
-                    .and_then(|v| Ok(index.insert(&v)?));
+                    .and_then(|v| match q.is_empty() {
+                        true => Ok(index.insert(&v)?),
+                        false => Ok(index.insert_guided(&v, &q)?),
+                    });
+                let secs = t.elapsed().as_secs_f64();
+                li.update(|st, _| {
+                    st.inserts += 1;
+                    st.guided_inserts += u64::from(!q.is_empty());
+                    st.guide_queries += (q.len() / d.max(1)) as u64;
+                    st.insert_secs += secs;
+                });
                 if let Err(e) = res {
                     tracing::warn!(layer, kv_head = g, error = %e, "index insert failed");
                     continue;
