@@ -74,7 +74,11 @@ pub struct BuildStatus {
     pub guided_inserts: u64,
     /// Decode queries handed to guided inserts.
     pub guide_queries: u64,
-    /// Seconds spent in insert calls (holding a KV head's index write lock).
+    /// Seconds spent preparing guided inserts (approximate top lists of the guide queries),
+    /// under the KV head index's shared lock: searches go on meanwhile.
+    pub guide_secs: f64,
+    /// Seconds spent in insert calls, holding a KV head index's exclusive lock (a search of
+    /// that head waits for at most one such call).
     pub insert_secs: f64,
 }
 

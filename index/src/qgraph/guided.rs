@@ -38,15 +38,36 @@ use crate::error::check_finite;
 use crate::{IndexError, KeyStore};
 use rayon::prelude::*;
 
-/// Incremental insert of keys `g.len()..keys.len()` guided by `queries` (row-major,
-/// `keys.dim()` floats each) whose top lists are approximated by the graph's own beam search
-/// (see the module comment). The queries join the query memory with their approximate bars.
-/// With no queries, or nothing indexed yet, it is a keys-only insert.
-pub fn insert_guided(
-    g: &mut QueryGuidedGraph,
-    keys: &dyn KeyStore,
-    queries: &[f32],
-) -> Result<(), IndexError> {
+/// Guide queries with their approximate top lists: the read-only half of a guided insert,
+/// prepared by [`crate::MipsIndexMut::guide_insert`] under a shared lock (searches go on
+/// meanwhile) and applied by [`crate::MipsIndexMut::insert_guided`] under an exclusive one.
+#[derive(Clone, Debug, Default)]
+pub struct InsertGuide {
+    /// The queries, row-major.
+    queries: Vec<f32>,
+    /// Each query's approximate top-Nq ids, best first.
+    lists: Vec<Vec<u32>>,
+    /// Each query's Nq-th score found.
+    bars: Vec<f32>,
+    /// Keys indexed and keys in the store when it was prepared: it applies to that insert only.
+    indexed: usize,
+    keys: usize,
+}
+
+impl InsertGuide {
+    /// Number of guide queries with a list.
+    pub fn len(&self) -> usize {
+        self.lists.len()
+    }
+
+    /// True when it guides nothing (the insert is then keys only).
+    pub fn is_empty(&self) -> bool {
+        self.lists.is_empty()
+    }
+}
+
+/// Checks guide queries: whole rows of `keys.dim()` finite floats.
+pub(crate) fn check_guides(keys: &dyn KeyStore, queries: &[f32]) -> Result<(), IndexError> {
     let d = keys.dim();
     if d == 0 || !queries.len().is_multiple_of(d) {
         return Err(IndexError::BadShape(format!(
@@ -54,32 +75,27 @@ pub fn insert_guided(
             queries.len()
         )));
     }
-    check_finite("guide query", queries)?;
-    let old = grow(g, keys)?;
-    // Step 1: keys only, as `insert` links them (through the remembered queries).
-    link_unlinked(g, keys, old)?;
-    if !queries.is_empty() && old > 0 {
-        let (lists, bars) = approximate_lists(g, keys, queries, old);
-        for (q, &bar) in queries.chunks_exact(d).zip(&bars) {
-            g.memory.push(q, bar, g.params.kept_queries);
-        }
-        if !merge_touched(g, keys, &lists).is_empty() {
-            connect(g, keys);
-        }
-    }
-    link_sequence(g, g.params.sequence_edges, old);
-    Ok(())
+    check_finite("guide query", queries)
 }
 
-/// Step 1: each query's approximate top-Nq (ids best first) over old and new keys, and the
-/// Nq-th score found (its bar).
-fn approximate_lists(
+/// Step 2 ahead of time, read-only: each query's approximate top-Nq over the keys `g` indexes
+/// (beam search) and the keys it does not index yet (`g.len()..keys.len()`, scored exactly),
+/// and the Nq-th score found (its bar).
+pub fn guide_insert(
     g: &QueryGuidedGraph,
     keys: &dyn KeyStore,
     queries: &[f32],
-    old: usize,
-) -> (Vec<Vec<u32>>, Vec<f32>) {
-    let (d, n) = (keys.dim(), g.deg.len());
+) -> Result<InsertGuide, IndexError> {
+    check_guides(keys, queries)?;
+    let (d, old, n) = (keys.dim(), g.deg.len(), keys.len());
+    if n < old {
+        return Err(IndexError::InvalidArgument(format!(
+            "store holds {n} keys but the graph already indexes {old}"
+        )));
+    }
+    if old == 0 || queries.is_empty() {
+        return Ok(InsertGuide::default());
+    }
     let nq = g.params.train_topk.clamp(1, n);
     let width = nq.max(g.params.build_list);
     let per: Vec<(Vec<u32>, f32)> = queries
@@ -89,9 +105,7 @@ fn approximate_lists(
             |(s, fresh), q| {
                 beam_search(g, keys, q, &g.entries, width, s);
                 keys.score_range(q, old, fresh);
-                // The new keys are scored exactly below, whether the beam reached them or not.
-                let found = s.pool.iter().filter(|c| (c.id as usize) < old);
-                let mut all: Vec<(f32, u32)> = found.map(|c| (c.score, c.id)).collect();
+                let mut all: Vec<(f32, u32)> = s.pool.iter().map(|c| (c.score, c.id)).collect();
                 all.extend(
                     fresh
                         .iter()
@@ -105,10 +119,43 @@ fn approximate_lists(
             },
         )
         .collect();
-    per.into_iter().unzip()
+    let (lists, bars) = per.into_iter().unzip();
+    Ok(InsertGuide {
+        queries: queries.to_vec(),
+        lists,
+        bars,
+        indexed: old,
+        keys: n,
+    })
 }
 
-/// Step 2: merges `lists` into the nodes they touch; returns the dropped targets that found no
+/// Incremental insert of keys `g.len()..keys.len()` guided by `guide` (see the module
+/// comment); the guide's queries join the query memory with their approximate bars. A guide
+/// prepared for another state (other keys indexed, or another store length) is not applied:
+/// the insert is then keys only, like one with an empty guide.
+pub fn insert_guided(
+    g: &mut QueryGuidedGraph,
+    keys: &dyn KeyStore,
+    guide: &InsertGuide,
+) -> Result<(), IndexError> {
+    let fits = guide.indexed == g.deg.len() && guide.keys == keys.len();
+    let old = grow(g, keys)?;
+    // Step 1: keys only, as `insert` links them (through the remembered queries).
+    link_unlinked(g, keys, old)?;
+    if fits && !guide.is_empty() {
+        let d = keys.dim();
+        for (q, &bar) in guide.queries.chunks_exact(d).zip(&guide.bars) {
+            g.memory.push(q, bar, g.params.kept_queries);
+        }
+        if !merge_touched(g, keys, &guide.lists).is_empty() {
+            connect(g, keys);
+        }
+    }
+    link_sequence(g, g.params.sequence_edges, old);
+    Ok(())
+}
+
+/// Step 3: merges `lists` into the nodes they touch; returns the dropped targets that found no
 /// node with room to relink them from (then a connectivity pass is due).
 fn merge_touched(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> Vec<u32> {
     let d = keys.dim();
@@ -211,12 +258,15 @@ mod tests {
             let to = cut + 50 * (b + 1);
             let batch = KeySlice::new(KeyRows::F32(&kv[..to * d]), d).unwrap();
             let q = &train[(to - 50) * d..(to - 34) * d];
-            own.insert_guided(&batch, q).unwrap();
+            let guide = own.guide_insert(&batch, q).unwrap();
+            own.insert_guided(&batch, &guide).unwrap();
         }
         // Later queries: the first 40 test queries guide, the other 60 measure.
         let (guides, measured) = tests.split_at(40 * d);
         let mut later = base;
-        later.insert_guided(&keys, guides).unwrap();
+        let guide = later.guide_insert(&keys, guides).unwrap();
+        assert_eq!(guide.len(), 40);
+        later.insert_guided(&keys, &guide).unwrap();
         for g in [&keys_only, &own, &later] {
             assert_eq!(crate::MipsIndex::len(g), n);
             assert!(unreached(g).is_empty());
@@ -235,7 +285,8 @@ mod tests {
         );
     }
 
-    /// Bad guides are refused before anything changes; no guides is a keys-only insert.
+    /// Bad guides are refused before anything changes; no guide, or a stale one, is a
+    /// keys-only insert.
     #[test]
     fn guided_insert_rejects_bad_queries_and_falls_back_without_them() {
         let (kv, qs) = data(300, 40, 8);
@@ -247,20 +298,32 @@ mod tests {
             positions: &pos,
         };
         let mut g = super::super::build::build(&part, &t, &GraphParams::default()).unwrap();
-        assert!(g.insert_guided(&keys, &qs[..5]).is_err());
+        assert!(g.guide_insert(&keys, &qs[..5]).is_err());
         let mut nan = qs[..8].to_vec();
         nan[3] = f32::NAN;
-        assert!(g.insert_guided(&keys, &nan).is_err());
+        assert!(g.guide_insert(&keys, &nan).is_err());
         let small = KeySlice::new(KeyRows::F32(&kv[..100 * 8]), 8).unwrap();
-        assert!(g.insert_guided(&small, &qs[..8]).is_err());
+        assert!(g.guide_insert(&small, &qs[..8]).is_err());
+        let empty = g.guide_insert(&keys, &[]).unwrap();
+        assert!(empty.is_empty());
+        assert!(g.insert_guided(&small, &empty).is_err());
         assert_eq!(
             crate::MipsIndex::len(&g),
             250,
             "nothing inserted by a refused call"
         );
+        // A guide prepared for another state (here: a shorter store) is not applied.
+        let mid = KeySlice::new(KeyRows::F32(&kv[..280 * 8]), 8).unwrap();
+        let stale = g.guide_insert(&mid, &qs[..16]).unwrap();
+        assert_eq!(stale.len(), 2);
         let mut keys_only = g.clone();
-        g.insert_guided(&keys, &[]).unwrap();
+        let mut stale_g = g.clone();
+        g.insert_guided(&keys, &empty).unwrap();
+        stale_g.insert_guided(&keys, &stale).unwrap();
         keys_only.insert(&keys).unwrap();
+        for u in 0..300u32 {
+            assert_eq!(stale_g.neighbours_of(u), keys_only.neighbours_of(u));
+        }
         assert_eq!(crate::MipsIndex::len(&g), 300);
         for u in 0..300u32 {
             assert_eq!(g.neighbours_of(u), keys_only.neighbours_of(u));

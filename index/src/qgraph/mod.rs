@@ -289,8 +289,20 @@ impl MipsIndexMut for QueryGuidedGraph {
         insert::insert_with_queries(self, keys, queries)
     }
 
-    fn insert_guided(&mut self, keys: &dyn KeyStore, queries: &[f32]) -> Result<(), IndexError> {
-        guided::insert_guided(self, keys, queries)
+    fn guide_insert(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<guided::InsertGuide, IndexError> {
+        guided::guide_insert(self, keys, queries)
+    }
+
+    fn insert_guided(
+        &mut self,
+        keys: &dyn KeyStore,
+        guide: &guided::InsertGuide,
+    ) -> Result<(), IndexError> {
+        guided::insert_guided(self, keys, guide)
     }
 }
 

@@ -303,7 +303,10 @@ fn insert_rest(
         rows.iter().for_each(|(_, q)| guide.extend_from_slice(q));
         let t = Instant::now();
         match a.insert_guide.as_str() {
-            "approx" => idx.insert_guided(&view, &guide)?,
+            "approx" => {
+                let prepared = idx.guide_insert(&view, &guide)?;
+                idx.insert_guided(&view, &prepared)?
+            }
             "keys" => idx.insert(&view)?,
             _ => idx.insert_with_queries(&view, &guide)?,
         }
