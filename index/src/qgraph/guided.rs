@@ -4,30 +4,37 @@
 //!
 //! The exact variant gives each query its exact top-Nq list (a flat scan over every key) and
 //! its exact bar; at 128K keys, 32 layers and a few KV heads that is seconds of CPU per insert
-//! batch. Here:
+//! batch. Here, in two halves so that the daemon holds a head's exclusive lock for the cheap
+//! one only:
 //!
-//! 1. The new keys are linked as a keys-only [`insert`](super::insert::insert) links them
-//!    (through the remembered queries whose bars they clear), so they are reachable.
-//! 2. Each guide query's top-Nq comes from a beam search over the graph (width
-//!    `max(Nq, build_list)`), merged with an exact score of the new keys (a block product over
-//!    the batch, which is small). Its remembered bar is the Nq-th score found: a lower bound
+//! [`guide_insert`] (read-only, `&self`):
+//! 1. Each guide query's top-Nq comes from a beam search over the graph (width
+//!    `max(Nq, build_list)`), merged with an exact score of the keys not indexed yet (a block
+//!    product over the batch, which is small). Its bar is the Nq-th score found: a lower bound
 //!    of the exact bar, so it admits slightly more keys to its list in later inserts.
-//! 3. The lists are merged as the build merges them (pivot and rank-window candidates, each
-//!    touched node re-pruned over its edges and its candidates together), but only over the
-//!    nodes the lists touch (no per-key table). A target a node drops is relinked from one of
-//!    the node's new out-neighbours (p → c → x), so every key stays reachable without a
-//!    breadth-first pass over the graph (one runs only if a relink finds no room).
+//! 2. The lists' merge is planned as the build merges its lists (pivot and rank-window
+//!    candidates; each touched node re-pruned over its edges and its candidates together), over
+//!    the touched nodes only (no per-key table).
 //!
-//! Step 1 alone loses recall against a rebuild: the new keys are linked only for the old
-//! training queries. Guiding without it (lists only) was worse still when the guides are
-//! later queries (real code set, batches of 64: recall@100 0.834 vs 0.861 keys only at L 96);
-//! both together reach 0.906 (rebuild 0.913). See notes/insertq.md.
+//! [`insert_guided`] (`&mut self`):
+//! 3. The new keys are linked as a keys-only [`insert`](super::insert::insert) links them
+//!    (through the remembered queries whose bars they clear), so they are reachable.
+//! 4. The planned re-prunes are applied (a node step 3 changed is re-pruned again); a target a
+//!    node drops is relinked from one of its new out-neighbours (p → c → x), so every key
+//!    stays reachable without a breadth-first pass (one runs only if a relink finds no room).
+//!    The guides join the query memory with their bars.
 //!
-//! Cost per call, with Q queries, B new keys: a keys-only insert of B keys (about
-//! `insert_queries` beam searches of width `build_list` per key), plus Q beam searches of width
+//! Step 3 alone (keys only) loses recall against a rebuild: the new keys are linked only for the
+//! old training queries. Lists without step 3 were worse still with later queries as guides
+//! (real code set, batches of 64: recall@100 0.834 vs 0.861 keys only at L 96); both together
+//! reach 0.909 (rebuild 0.913). See notes/insertq.md.
+//!
+//! Cost, with Q guides, B new keys: [`guide_insert`] runs Q beam searches of width
 //! `max(Nq, build_list)` (about 8-15 x that many rows scored each, as scattered reads), Q x B
-//! scores for the new keys, and one prune (O(candidates x M x dim)) per touched node, at most
-//! about Q x Nq of them. Nothing is O(n) in the graph's size except its growth by B slots.
+//! scores, and one prune (O(candidates x M x dim)) per touched node, at most about Q x Nq of
+//! them; [`insert_guided`] costs a keys-only insert of B keys (about `insert_queries` beam
+//! searches of width `build_list` per key) plus re-prunes of the few nodes it touched itself.
+//! Nothing is O(n) in the graph's size except its growth by B slots.
 
 use super::build::prune;
 use super::connect::{connect, link_sequence};
@@ -45,10 +52,10 @@ use rayon::prelude::*;
 pub struct InsertGuide {
     /// The queries, row-major.
     queries: Vec<f32>,
-    /// Each query's approximate top-Nq ids, best first.
-    lists: Vec<Vec<u32>>,
     /// Each query's Nq-th score found.
     bars: Vec<f32>,
+    /// The re-prunes the lists call for, planned on the graph as it stood.
+    plan: Vec<NodeUpdate>,
     /// Keys indexed and keys in the store when it was prepared: it applies to that insert only.
     indexed: usize,
     keys: usize,
@@ -57,12 +64,12 @@ pub struct InsertGuide {
 impl InsertGuide {
     /// Number of guide queries with a list.
     pub fn len(&self) -> usize {
-        self.lists.len()
+        self.bars.len()
     }
 
     /// True when it guides nothing (the insert is then keys only).
     pub fn is_empty(&self) -> bool {
-        self.lists.is_empty()
+        self.bars.is_empty()
     }
 }
 
@@ -119,11 +126,12 @@ pub fn guide_insert(
             },
         )
         .collect();
-    let (lists, bars) = per.into_iter().unzip();
+    let (lists, bars): (Vec<Vec<u32>>, Vec<f32>) = per.into_iter().unzip();
+    let plan = plan_merge(g, keys, &lists);
     Ok(InsertGuide {
         queries: queries.to_vec(),
-        lists,
         bars,
+        plan,
         indexed: old,
         keys: n,
     })
@@ -147,7 +155,7 @@ pub fn insert_guided(
         for (q, &bar) in guide.queries.chunks_exact(d).zip(&guide.bars) {
             g.memory.push(q, bar, g.params.kept_queries);
         }
-        if !merge_touched(g, keys, &guide.lists).is_empty() {
+        if !apply_merge(g, keys, &guide.plan).is_empty() {
             connect(g, keys);
         }
     }
@@ -155,9 +163,22 @@ pub fn insert_guided(
     Ok(())
 }
 
-/// Step 3: merges `lists` into the nodes they touch; returns the dropped targets that found no
-/// node with room to relink them from (then a connectivity pass is due).
-fn merge_touched(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> Vec<u32> {
+/// One touched node's planned re-prune: computed on the graph as it stood when the guide was
+/// prepared, applied as is when the node's edges are still `before`.
+#[derive(Clone, Debug)]
+struct NodeUpdate {
+    node: u32,
+    /// Its candidates from the lists (without its edges).
+    cands: Vec<u32>,
+    /// Its edges when planned, and what the prune kept of those and the candidates.
+    before: Vec<u32>,
+    kept: Vec<u32>,
+}
+
+/// Step 3, planned read-only (the expensive half: one prune per touched node, in parallel):
+/// each node the lists touch, re-pruned over its edges and its candidates together, as the
+/// build merges its lists (pivot and rank-window candidates).
+fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> Vec<NodeUpdate> {
     let d = keys.dim();
     let w = g.params.rank_window;
     // (node, candidate) pairs, as `build::candidates` makes them, for the touched nodes only.
@@ -176,29 +197,77 @@ fn merge_touched(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32
     pairs.sort_unstable();
     pairs.dedup();
     let groups: Vec<&[(u32, u32)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
+    // Squared norms of every node a prune reads (the touched nodes, their candidates and
+    // their edges), computed once: sorted ids and their norms.
+    let mut ids: Vec<u32> = pairs.iter().flat_map(|&(p, c)| [p, c]).collect();
+    ids.extend(
+        groups
+            .iter()
+            .flat_map(|grp| g.neighbours(grp[0].0).iter().copied()),
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    let norms: Vec<f32> = ids
+        .par_iter()
+        .map_init(
+            || vec![0.0f32; d],
+            |row, &id| {
+                keys.row_f32(id, row);
+                row.iter().map(|x| x * x).sum()
+            },
+        )
+        .collect();
+    let norm = |id: u32| ids.binary_search(&id).map_or(0.0, |i| norms[i]);
+    let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
+    groups
+        .par_iter()
+        .map(|grp| {
+            let node = grp[0].0;
+            let before = g.neighbours(node).to_vec();
+            let cands: Vec<u32> = grp.iter().map(|x| x.1).collect();
+            let mut c = cands.clone();
+            c.extend_from_slice(&before);
+            c.sort_unstable();
+            c.dedup();
+            let kept = prune(keys, &norm, node, &c, m, (alpha, fill));
+            NodeUpdate {
+                node,
+                cands,
+                before,
+                kept,
+            }
+        })
+        .collect()
+}
+
+/// Step 3, applied: each planned node whose edges are unchanged takes its planned edges; one
+/// that changed since (the keys-only links of step 1 reached it) is re-pruned now. A target a
+/// node drops is relinked from one of its new out-neighbours (p → c → x), and each kept
+/// candidate takes a reverse edge while it has room. Returns the dropped targets that found
+/// no node with room (then a connectivity pass is due).
+fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate]) -> Vec<u32> {
+    let d = keys.dim();
     let norm = |id: u32| {
         let mut r = vec![0.0f32; d];
         keys.row_f32(id, &mut r);
         r.iter().map(|x| x * x).sum::<f32>()
     };
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
-    let snap: &QueryGuidedGraph = g;
-    // (node, its new edges, the targets it dropped)
-    let updates: Vec<(u32, Vec<u32>, Vec<u32>)> = groups
-        .par_iter()
-        .map(|grp| {
-            let p = grp[0].0;
-            let before = snap.neighbours(p);
-            let mut c: Vec<u32> = grp.iter().map(|x| x.1).collect();
-            c.extend_from_slice(before);
+    let mut updates: Vec<(u32, Vec<u32>, Vec<u32>)> = Vec::with_capacity(plan.len());
+    for up in plan {
+        let now = g.neighbours(up.node);
+        let kept = if now == up.before.as_slice() {
+            up.kept.clone()
+        } else {
+            let mut c = up.cands.clone();
+            c.extend_from_slice(now);
             c.sort_unstable();
             c.dedup();
-            let kept = prune(keys, &norm, p, &c, m, (alpha, fill));
-            let dropped = before.iter().copied().filter(|x| !kept.contains(x));
-            let dropped = dropped.collect();
-            (p, kept, dropped)
-        })
-        .collect();
+            prune(keys, &norm, up.node, &c, m, (alpha, fill))
+        };
+        let dropped = now.iter().copied().filter(|x| !kept.contains(x)).collect();
+        updates.push((up.node, kept, dropped));
+    }
     for (p, kept, _) in &updates {
         g.set_neighbours(*p as usize, kept);
     }

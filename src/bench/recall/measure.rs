@@ -28,6 +28,8 @@ pub(super) struct Agg {
     pub(super) build_s: f64,
     /// Seconds inside the insert calls (graph+insert), the keys they inserted, and the calls.
     pub(super) insert_s: f64,
+    /// Of `insert_s`, seconds preparing guides (`guide_insert`, the read-only half).
+    pub(super) guide_s: f64,
     pub(super) inserted: usize,
     pub(super) insert_calls: usize,
     pub(super) memory_bytes: usize,
@@ -53,6 +55,7 @@ impl Agg {
             "insert_s": self.insert_s,
             "insert_us_per_key": 1e6 * self.insert_s / self.inserted.max(1) as f64,
             "insert_ms_per_call": 1e3 * self.insert_s / self.insert_calls.max(1) as f64,
+            "guide_ms_per_call": 1e3 * self.guide_s / self.insert_calls.max(1) as f64,
             "memory_bytes": self.memory_bytes,
         })
     }
@@ -213,7 +216,7 @@ pub(super) fn run_group(
                     let t0 = Instant::now();
                     let part = KeySlice::new(KeyRows::F16(&keys_f16[..cut * d]), d)?;
                     let mut idx = build_graph(&part, &signal, gp)?;
-                    let mut timing = (0.0, 0, 0);
+                    let mut timing = (0.0, 0, 0, 0.0);
                     if cut < ctx {
                         // (position, query) guides: the new positions' own prefill queries (an
                         // even sample), or the first test queries (after the whole context).
@@ -262,6 +265,7 @@ pub(super) fn run_group(
                         let agg = &mut aggs[vi][si];
                         agg.build_s += bs;
                         agg.insert_s += timing.0;
+                        agg.guide_s += timing.3;
                         agg.inserted += timing.1;
                         agg.insert_calls += timing.2;
                         agg.memory_bytes += idx.memory_bytes();
@@ -278,7 +282,7 @@ pub(super) fn run_group(
 
 /// Inserts keys `cut..ctx` into `idx` as `--insert-guide` and `--insert-batch` ask, the guide
 /// queries split evenly over the calls in position order. Returns (seconds in the insert
-/// calls, keys inserted, calls).
+/// calls, keys inserted, calls, of the seconds those preparing guides).
 fn insert_rest(
     a: &RecallArgs,
     idx: &mut kvdex_index::QueryGuidedGraph,
@@ -286,14 +290,14 @@ fn insert_rest(
     d: usize,
     (cut, ctx): (usize, usize),
     fresh: &[(usize, &[f32])],
-) -> Result<(f64, usize, usize)> {
+) -> Result<(f64, usize, usize, f64)> {
     let batch = if a.insert_batch == 0 {
         ctx - cut
     } else {
         a.insert_batch
     };
     let calls = (ctx - cut).div_ceil(batch.max(1));
-    let mut secs = 0.0;
+    let (mut secs, mut guide_secs) = (0.0, 0.0);
     let mut guide = Vec::new();
     for c in 0..calls {
         let to = (cut + (c + 1) * batch).min(ctx);
@@ -305,6 +309,7 @@ fn insert_rest(
         match a.insert_guide.as_str() {
             "approx" => {
                 let prepared = idx.guide_insert(&view, &guide)?;
+                guide_secs += t.elapsed().as_secs_f64();
                 idx.insert_guided(&view, &prepared)?
             }
             "keys" => idx.insert(&view)?,
@@ -312,7 +317,7 @@ fn insert_rest(
         }
         secs += t.elapsed().as_secs_f64();
     }
-    Ok((secs, ctx - cut, calls))
+    Ok((secs, ctx - cut, calls, guide_secs))
 }
 
 #[cfg(test)]
