@@ -98,7 +98,7 @@ impl Guides {
     pub(in crate::store) fn capture(&self, q: &[f32], group: usize, dim: usize) {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let stride = self.stride.load(Ordering::Relaxed).max(1) as u64;
-        if call % stride != 0 || group == 0 {
+        if !call.is_multiple_of(stride) || group == 0 {
             return;
         }
         let pick = ((call / stride) % group as u64) as usize;
