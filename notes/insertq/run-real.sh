@@ -16,3 +16,5 @@ $B --insert-guide exact --guide-tests 64 > $O/real-later-exact.jsonl
 $B --insert-guide approx --guide-tests 64 > $O/real-later-approx.jsonl
 $B --insert-guide keys --guide-tests 64 --insert-batch 64 > $O/real-later-keys-b64.jsonl
 $B --insert-guide approx --guide-tests 64 --insert-batch 64 > $O/real-later-approx-b64.jsonl
+# The same with the guides also remembered in the query memory (GraphParams::remember_guides).
+$B --insert-guide approx --guide-tests 64 --insert-batch 64 --remember-guides > $O/real-later-approx-b64-remember.jsonl

@@ -131,6 +131,7 @@ mod tests {
             insert_guide: "exact".into(),
             guide_tests: 0,
             insert_batch: 0,
+            remember_guides: false,
             kept_queries: 16,
             insert_links: 4,
             connect_in_links: 4,

@@ -22,7 +22,8 @@
 //! 4. The planned re-prunes are applied (a node step 3 changed is re-pruned again); a target a
 //!    node drops is relinked from one of its new out-neighbours (p → c → x), so every key
 //!    stays reachable without a breadth-first pass (one runs only if a relink finds no room).
-//!    The guides join the query memory with their bars.
+//!    With [`GraphParams::remember_guides`](super::GraphParams::remember_guides) the guides
+//!    also join the query memory with their bars (off by default: see its doc).
 //!
 //! Step 3 alone (keys only) loses recall against a rebuild: the new keys are linked only for the
 //! old training queries. Lists without step 3 were worse still with later queries as guides
@@ -138,7 +139,8 @@ pub fn guide_insert(
 }
 
 /// Incremental insert of keys `g.len()..keys.len()` guided by `guide` (see the module
-/// comment); the guide's queries join the query memory with their approximate bars. A guide
+/// comment); with `remember_guides` its queries join the query memory with their approximate
+/// bars. A guide
 /// prepared for another state (other keys indexed, or another store length) is not applied:
 /// the insert is then keys only, like one with an empty guide.
 pub fn insert_guided(
@@ -152,8 +154,10 @@ pub fn insert_guided(
     link_unlinked(g, keys, old)?;
     if fits && !guide.is_empty() {
         let d = keys.dim();
-        for (q, &bar) in guide.queries.chunks_exact(d).zip(&guide.bars) {
-            g.memory.push(q, bar, g.params.kept_queries);
+        if g.params.remember_guides {
+            for (q, &bar) in guide.queries.chunks_exact(d).zip(&guide.bars) {
+                g.memory.push(q, bar, g.params.kept_queries);
+            }
         }
         if !apply_merge(g, keys, &guide.plan).is_empty() {
             connect(g, keys);
@@ -299,7 +303,7 @@ mod tests {
     /// Built on the first 90% of the keys, then the rest inserted: keys only, guided by the
     /// new positions' queries (approximate lists), and guided by later queries (the daemon's
     /// case). Every key stays reachable, and both guided inserts reach at least the keys-only
-    /// recall on this fixture (measured: keys only 0.827, own queries 0.850, later 0.860).
+    /// recall on this fixture (measured: keys only 0.827, own queries 0.850, later 0.853).
     #[test]
     fn guided_insert_keeps_keys_reachable_and_recall_at_least_keys_only() {
         let (n, d, cut) = (2000, 16, 1800);

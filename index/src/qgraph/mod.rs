@@ -110,6 +110,13 @@ pub struct GraphParams {
     /// Insert links a new key through at most this many remembered queries whose top lists it
     /// enters.
     pub insert_queries: usize,
+    /// A guided insert ([`guided`]) also remembers its guide queries (with their approximate
+    /// bars) in the query memory, replacing the oldest. Off by default: their lower bars let
+    /// more remembered queries qualify for each later new key, so the keys-only linking
+    /// runs more beam searches; on the synthetic 64K set that doubled the time an insert batch
+    /// holds the index exclusively (77 vs 35 ms keys only) for +0.017 recall@64 at L 128
+    /// (0.860 vs 0.843; keys only 0.633), and on the real code set +0.003 (notes/insertq.md).
+    pub remember_guides: bool,
 }
 
 impl Default for GraphParams {
@@ -133,6 +140,7 @@ impl Default for GraphParams {
             sparse_sequence_edges: 8,
             kept_queries: 256,
             insert_queries: 4,
+            remember_guides: false,
         }
     }
 }

@@ -113,6 +113,9 @@ pub struct RecallArgs {
     /// guide queries split evenly over the calls in position order (0: all in one call).
     #[arg(long, default_value_t = 0)]
     pub insert_batch: usize,
+    /// Graph+insert (approx): the guide queries also join the query memory.
+    #[arg(long)]
+    pub remember_guides: bool,
     /// Graph: remembered queries through which insert links each new key.
     #[arg(long, default_value_t = GraphParams::default().insert_queries)]
     pub insert_links: usize,
@@ -160,6 +163,7 @@ pub(super) fn graph_params(a: &RecallArgs) -> GraphParams {
         connect_in_links: a.connect_in_links,
         sequence_edges: a.sequence_edges,
         sparse_sequence_edges: a.sparse_sequence_edges,
+        remember_guides: a.remember_guides,
         ..GraphParams::default()
     }
 }
@@ -200,6 +204,7 @@ pub(super) fn params_json(
             "insert_guide": if m == "graph+insert" { Some(a.insert_guide.as_str()) } else { None },
             "guide_tests": a.guide_tests,
             "insert_batch": if m == "graph+insert" { Some(a.insert_batch) } else { None },
+            "remember_guides": a.remember_guides,
         }),
     }
 }
