@@ -113,9 +113,10 @@ pub struct GraphParams {
     /// A guided insert ([`guided`]) also remembers its guide queries (with their approximate
     /// bars) in the query memory, replacing the oldest. Off by default: their lower bars let
     /// more remembered queries qualify for each later new key, so the keys-only linking
-    /// runs more beam searches; on the synthetic 64K set that doubled the time an insert batch
-    /// holds the index exclusively (77 vs 35 ms keys only) for +0.017 recall@64 at L 128
-    /// (0.860 vs 0.843; keys only 0.633), and on the real code set +0.003 (notes/insertq.md).
+    /// runs more beam searches; on the synthetic 64K set the time an insert batch holds the
+    /// index exclusively went from ~41-58 to ~73-78 ms (keys only ~33-39) for +0.017
+    /// recall@64 at L 128 (0.860 vs 0.843; keys only 0.633), and on the real code set +0.003
+    /// recall@100 (notes/insertq.md).
     pub remember_guides: bool,
 }
 
