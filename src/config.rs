@@ -56,6 +56,9 @@ pub struct DecodeSection {
     pub build_threads: u64,
     /// Tokens inserted into an index per lock hold, and the backlog that triggers an insert.
     pub insert_batch: u64,
+    /// Decode queries per KV head captured between insert batches to guide them (0: keys
+    /// only).
+    pub insert_guide_queries: u64,
     /// Spread a layer's query heads over cores during a retrieve.
     pub parallel_heads: bool,
     /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
@@ -75,6 +78,7 @@ impl DecodeSection {
             sinks: self.sinks as usize,
             window: self.window as usize,
             insert_batch: self.insert_batch.max(1) as usize,
+            insert_guide_queries: self.insert_guide_queries as usize,
             parallel_heads: self.parallel_heads,
             tail_sample: self.tail_sample as usize,
             ..Default::default()

@@ -163,4 +163,34 @@ pub trait MipsIndexMut: MipsIndex {
         let _ = queries;
         self.insert(keys)
     }
+
+    /// The read-only half of a guided insert: prepares `queries` (row-major, `keys.dim()`
+    /// floats each; recent queries that need not belong to the new positions, e.g. the decode
+    /// queries the daemon served since the last insert) to guide the insert of keys
+    /// `self.len()..keys.len()` through [`MipsIndexMut::insert_guided`]. It takes `&self`, so
+    /// the daemon runs it under a shared lock while searches go on. Unlike
+    /// [`MipsIndexMut::insert_with_queries`], which pays an exact scan over all keys per
+    /// query, query-guided indices approximate each query's top list with their own search
+    /// (see [`qgraph::guided`] for the cost). Errors: malformed or non-finite queries, or a
+    /// store shorter than the index. The default checks the queries and guides nothing.
+    fn guide_insert(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<qgraph::guided::InsertGuide, IndexError> {
+        qgraph::guided::check_guides(keys, queries)?;
+        Ok(Default::default())
+    }
+
+    /// As [`MipsIndexMut::insert`], guided by `guide` from [`MipsIndexMut::guide_insert`]
+    /// with the same `keys` and no insert in between (otherwise the guide is ignored). The
+    /// default ignores it: flat and hnsw insert keys only, as before.
+    fn insert_guided(
+        &mut self,
+        keys: &dyn KeyStore,
+        guide: &qgraph::guided::InsertGuide,
+    ) -> Result<(), IndexError> {
+        let _ = guide;
+        self.insert(keys)
+    }
 }

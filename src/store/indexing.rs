@@ -35,11 +35,13 @@ use crate::error::{KvdexError, Result};
 
 mod build;
 mod config;
+mod guide;
 mod insert;
 
 use build::{group_training, BuildJob, HeadTraining, OwnedKeys};
 pub(super) use config::BuildPool;
 pub use config::DecodeConfig;
+pub(super) use guide::Guides;
 
 /// One KV head's index, if built.
 pub(super) enum HeadIndex {
@@ -66,6 +68,18 @@ pub struct BuildStatus {
     pub sealed_tokens: usize,
     /// Why the last build failed.
     pub error: Option<String>,
+    /// Background insert calls since the last seal (one per KV head and batch).
+    pub inserts: u64,
+    /// Of those, the ones guided by captured decode queries (`decode.insert_guide_queries`).
+    pub guided_inserts: u64,
+    /// Decode queries handed to guided inserts.
+    pub guide_queries: u64,
+    /// Seconds spent preparing guided inserts (approximate top lists of the guide queries),
+    /// under the KV head index's shared lock: searches go on meanwhile.
+    pub guide_secs: f64,
+    /// Seconds spent in insert calls, holding a KV head index's exclusive lock (a search of
+    /// that head waits for at most one such call).
+    pub insert_secs: f64,
 }
 
 /// Per-layer index state of a session.
@@ -74,6 +88,8 @@ pub(super) struct LayerIndex {
     pub(super) heads: Vec<RwLock<HeadIndex>>,
     status: Mutex<(BuildStatus, Option<Instant>)>,
     inserting: AtomicBool,
+    /// Decode queries captured by retrieves to guide the next insert.
+    pub(super) guides: Guides,
 }
 
 impl LayerIndex {
@@ -91,6 +107,7 @@ impl LayerIndex {
                 None,
             )),
             inserting: AtomicBool::new(false),
+            guides: Guides::new(kv_heads),
         }
     }
 
@@ -321,6 +338,8 @@ impl Session {
                      previous index or scan exactly until it is done)"
                 )));
             }
+            li.guides
+                .prepare(cfg.insert_guide_queries, d, cfg.insert_batch.max(1));
             let copies = (0..s.kv_heads as usize)
                 .map(|g| Ok(OwnedKeys::copy_of(&l.keys(g, s.dtype, d)?, cfg.sinks..end)))
                 .collect::<Result<Vec<_>>>()?;

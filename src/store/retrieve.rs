@@ -326,6 +326,11 @@ impl Session {
             heads.iter_mut().enumerate().try_for_each(work)?;
         }
         let t2 = Instant::now();
+        // A sample of the queries that went through an index guides the next insert batch
+        // (never waits, never allocates: see `indexing::Guides`).
+        if cfg.insert_guide_queries > 0 && heads.iter().any(|h| !h.searched) {
+            li.guides.capture(q, group, d);
+        }
         // 4. Copy out.
         let mut scored = 0u64;
         for (h, hs) in heads.iter().enumerate() {

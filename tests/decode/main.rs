@@ -4,9 +4,10 @@
 //!
 //! One test binary (each file under `tests/` links the whole crate): this file holds the
 //! harness the groups share (a session served by a real worker, filling it, waiting for a
-//! build, the merge-against-full-attention check); the groups are `retrieve`, `seal` and
-//! `slim`.
+//! build, the merge-against-full-attention check); the groups are `retrieve`, `seal`,
+//! `slim` and `guide`.
 
+mod guide;
 mod retrieve;
 mod seal;
 #[path = "../shm_common/mod.rs"]
@@ -43,13 +44,22 @@ fn serve_decode(shape: Shape, tag: &str) -> Decode {
 /// A session of `shape` (Slim when `slim` is given) with sinks [`S`] and window [`W`], served
 /// by a worker on a fresh region named after `tag`, and attached.
 fn serve_decode_with(shape: Shape, slim: Option<SlimSpec>, tag: &str) -> Decode {
-    let cfg = DecodeConfig {
+    serve_decode_cfg(shape, slim, test_config(), tag)
+}
+
+/// The tests' decode settings: sinks [`S`], window [`W`], inserts of 8 tokens.
+fn test_config() -> DecodeConfig {
+    DecodeConfig {
         sinks: S,
         window: W,
         build_threads: 2,
         insert_batch: 8,
         ..Default::default()
-    };
+    }
+}
+
+/// [`serve_decode_with`] with decode settings `cfg`.
+fn serve_decode_cfg(shape: Shape, slim: Option<SlimSpec>, cfg: DecodeConfig, tag: &str) -> Decode {
     let session = Arc::new(
         Store::unlimited()
             .with_decode(cfg)

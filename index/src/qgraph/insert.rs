@@ -68,7 +68,7 @@ pub fn insert_with_queries(
 }
 
 /// Adds empty slots for keys `g.len()..keys.len()`; returns the old length.
-fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexError> {
+pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexError> {
     let (old, n, m) = (g.deg.len(), keys.len(), g.params.degree);
     if n < old {
         return Err(IndexError::InvalidArgument(format!(
@@ -123,7 +123,7 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
 }
 
 /// Links each key `old..` that has no out-edge yet through the query memory.
-fn link_unlinked(
+pub(super) fn link_unlinked(
     g: &mut QueryGuidedGraph,
     keys: &dyn KeyStore,
     old: usize,
@@ -278,13 +278,13 @@ fn take_candidate(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::{FlatIndex, GraphParams, Hits, MipsIndex, MipsIndexMut, SearchScratch};
     use rand::{rngs::StdRng, Rng, SeedableRng};
 
     /// Keys and queries from two offset clouds (queries out of distribution for the keys).
-    fn data(n: usize, nq: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
+    pub(in crate::qgraph) fn data(n: usize, nq: usize, d: usize) -> (Vec<f32>, Vec<f32>) {
         let mut rng = StdRng::seed_from_u64(7);
         let keys = (0..n * d)
             .map(|i| rng.gen_range(-1.0..1.0) + (i % d) as f32 * 0.05)
@@ -295,7 +295,12 @@ mod tests {
         (keys, qs)
     }
 
-    fn recall(g: &QueryGuidedGraph, keys: &KeySlice<'_>, tests: &[f32], k: usize) -> f64 {
+    pub(in crate::qgraph) fn recall(
+        g: &QueryGuidedGraph,
+        keys: &KeySlice<'_>,
+        tests: &[f32],
+        k: usize,
+    ) -> f64 {
         let d = keys.dim();
         let flat = FlatIndex::new(keys.len());
         let (mut s, mut exact, mut got) = (SearchScratch::new(), Hits::default(), Hits::default());

@@ -34,7 +34,7 @@ impl QueryMemory {
     }
 
     /// Adds a query with its bar, replacing the oldest when `cap` are held.
-    fn push(&mut self, q: &[f32], bar: f32, cap: usize) {
+    pub(super) fn push(&mut self, q: &[f32], bar: f32, cap: usize) {
         if cap == 0 {
             return;
         }

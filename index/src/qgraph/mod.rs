@@ -7,6 +7,8 @@
 //!   occlusion pruning and out-degree cap M, reverse edges, a connectivity pass so every key is
 //!   reachable from the entry points.
 //! - [`insert`]: incremental insert of later keys, guided by remembered queries.
+//! - [`guided`]: the same guided by recent (decode) queries whose top lists come from the graph's
+//!   own beam search: the daemon's background insert.
 //! - [`search`]: best-first beam search with list size L from hub entry points.
 //!
 //! Storage is one fixed-width slot of M neighbour ids per key plus a one-byte degree, so a
@@ -15,6 +17,7 @@
 pub mod build;
 pub mod connect;
 pub mod group;
+pub mod guided;
 pub mod insert;
 pub mod memory;
 pub mod prune;
@@ -109,6 +112,14 @@ pub struct GraphParams {
     /// Insert links a new key through at most this many remembered queries whose top lists it
     /// enters.
     pub insert_queries: usize,
+    /// A guided insert ([`guided`]) also remembers its guide queries (with their approximate
+    /// bars) in the query memory, replacing the oldest. Off by default: their lower bars let
+    /// more remembered queries qualify for each later new key, so the keys-only linking
+    /// runs more beam searches; on the synthetic 64K set the time an insert batch holds the
+    /// index exclusively went from ~41-58 to ~73-78 ms (keys only ~33-39) for +0.017
+    /// recall@64 at L 128 (0.860 vs 0.843; keys only 0.633), and on the real code set +0.003
+    /// recall@100 (notes/insertq.md).
+    pub remember_guides: bool,
 }
 
 impl Default for GraphParams {
@@ -132,6 +143,7 @@ impl Default for GraphParams {
             sparse_sequence_edges: 8,
             kept_queries: 256,
             insert_queries: 4,
+            remember_guides: false,
         }
     }
 }
@@ -286,6 +298,22 @@ impl MipsIndexMut for QueryGuidedGraph {
         queries: &[f32],
     ) -> Result<(), IndexError> {
         insert::insert_with_queries(self, keys, queries)
+    }
+
+    fn guide_insert(
+        &self,
+        keys: &dyn KeyStore,
+        queries: &[f32],
+    ) -> Result<guided::InsertGuide, IndexError> {
+        guided::guide_insert(self, keys, queries)
+    }
+
+    fn insert_guided(
+        &mut self,
+        keys: &dyn KeyStore,
+        guide: &guided::InsertGuide,
+    ) -> Result<(), IndexError> {
+        guided::insert_guided(self, keys, guide)
     }
 }
 

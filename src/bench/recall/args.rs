@@ -98,6 +98,24 @@ pub struct RecallArgs {
     /// this many per graph) to insert, as the daemon does with prefill chunks (0: keys only).
     #[arg(long, default_value_t = 0)]
     pub insert_queries: usize,
+    /// Graph+insert: how the inserted keys are linked: "exact" (the guide queries' exact top
+    /// lists over all keys, `insert_with_queries`), "approx" (their top lists from the graph's
+    /// own beam search, `insert_guided`, the daemon's path) or "keys" (keys only, through the
+    /// remembered training queries).
+    #[arg(long, default_value = "exact", value_parser = ["exact", "approx", "keys"])]
+    pub insert_guide: String,
+    /// Graph+insert: guide with the first N test (decode) queries of each query head instead
+    /// of the new positions' own prefill queries, as the daemon guides with later decode
+    /// queries. Every method is then measured on the remaining test queries only.
+    #[arg(long, default_value_t = 0)]
+    pub guide_tests: usize,
+    /// Graph+insert: insert this many keys per call (the daemon's `decode.insert_batch`), the
+    /// guide queries split evenly over the calls in position order (0: all in one call).
+    #[arg(long, default_value_t = 0)]
+    pub insert_batch: usize,
+    /// Graph+insert (approx): the guide queries also join the query memory.
+    #[arg(long)]
+    pub remember_guides: bool,
     /// Graph: remembered queries through which insert links each new key.
     #[arg(long, default_value_t = GraphParams::default().insert_queries)]
     pub insert_links: usize,
@@ -145,6 +163,7 @@ pub(super) fn graph_params(a: &RecallArgs) -> GraphParams {
         connect_in_links: a.connect_in_links,
         sequence_edges: a.sequence_edges,
         sparse_sequence_edges: a.sparse_sequence_edges,
+        remember_guides: a.remember_guides,
         ..GraphParams::default()
     }
 }
@@ -182,6 +201,10 @@ pub(super) fn params_json(
             "entries": gp.entry_points, "alpha": gp.alpha, "fill": gp.fill_degree, "sparse_alpha": gp.sparse_alpha, "sparse_nq": gp.sparse_train_topk, "sparse_window": gp.sparse_rank_window, "window": gp.rank_window, "per": a.graph_per, "in_links": gp.connect_in_links, "seq": gp.sequence_edges, "sparse_seq": gp.sparse_sequence_edges,
             "insert_frac": if m == "graph+insert" { a.insert_frac } else { None },
             "insert_queries": if m == "graph+insert" { Some(a.insert_queries) } else { None },
+            "insert_guide": if m == "graph+insert" { Some(a.insert_guide.as_str()) } else { None },
+            "guide_tests": a.guide_tests,
+            "insert_batch": if m == "graph+insert" { Some(a.insert_batch) } else { None },
+            "remember_guides": a.remember_guides,
         }),
     }
 }

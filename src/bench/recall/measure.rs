@@ -26,6 +26,12 @@ pub(super) struct Agg {
     pub(super) scored_frac: f64,
     pub(super) search_s: f64,
     pub(super) build_s: f64,
+    /// Seconds inside the insert calls (graph+insert), the keys they inserted, and the calls.
+    pub(super) insert_s: f64,
+    /// Of `insert_s`, seconds preparing guides (`guide_insert`, the read-only half).
+    pub(super) guide_s: f64,
+    pub(super) inserted: usize,
+    pub(super) insert_calls: usize,
     pub(super) memory_bytes: usize,
     pub(super) kv_bytes: usize,
 }
@@ -46,6 +52,10 @@ impl Agg {
             "scored_fraction": self.scored_frac / n,
             "qps": n / self.search_s.max(1e-9),
             "build_s": self.build_s,
+            "insert_s": self.insert_s,
+            "insert_us_per_key": 1e6 * self.insert_s / self.inserted.max(1) as f64,
+            "insert_ms_per_call": 1e3 * self.insert_s / self.insert_calls.max(1) as f64,
+            "guide_ms_per_call": 1e3 * self.guide_s / self.insert_calls.max(1) as f64,
             "memory_bytes": self.memory_bytes,
         })
     }
@@ -139,9 +149,13 @@ pub(super) fn run_group(
     let ctx = keys_f16.len() / d;
     let mut scratch = SearchScratch::new();
     let mut tests: Vec<Vec<(Vec<f32>, Truth)>> = Vec::new();
+    // With --guide-tests, each head's first test queries guide the insert and are not measured.
+    let mut guides: Vec<&[f32]> = Vec::new();
     for qs in &group.tests {
+        let (guide, measured) = qs.split_at((a.guide_tests * d).min(qs.len()));
+        guides.push(guide);
         let mut t = Vec::new();
-        for q in qs.chunks_exact(d) {
+        for q in measured.chunks_exact(d) {
             t.push((q.to_vec(), truth(&keys, q, a.k, &mut scratch)?));
         }
         tests.push(t);
@@ -202,20 +216,29 @@ pub(super) fn run_group(
                     let t0 = Instant::now();
                     let part = KeySlice::new(KeyRows::F16(&keys_f16[..cut * d]), d)?;
                     let mut idx = build_graph(&part, &signal, gp)?;
+                    let mut timing = (0.0, 0, 0, 0.0);
                     if cut < ctx {
-                        let mut fresh = Vec::new();
+                        // (position, query) guides: the new positions' own prefill queries (an
+                        // even sample), or the first test queries (after the whole context).
+                        let mut fresh: Vec<(usize, &[f32])> = Vec::new();
                         let per = a.insert_queries.div_ceil(grp.len().max(1));
                         for &i in &grp {
+                            if a.guide_tests > 0 {
+                                let rows = guides[i].chunks_exact(d).enumerate();
+                                fresh.extend(rows.map(|(j, q)| (ctx + j, q)));
+                                continue;
+                            }
                             let (v, p) = &train[i];
                             let later: Vec<usize> =
                                 (0..p.len()).filter(|&j| p[j] as usize >= cut).collect();
                             let take = per.min(later.len());
                             for j in 0..take {
                                 let at = later[j * later.len() / take];
-                                fresh.extend_from_slice(&v[at * d..(at + 1) * d]);
+                                fresh.push((p[at] as usize, &v[at * d..(at + 1) * d]));
                             }
                         }
-                        idx.insert_with_queries(&keys, &fresh)?;
+                        fresh.sort_by_key(|f| f.0);
+                        timing = insert_rest(a, &mut idx, keys_f16, d, (cut, ctx), &fresh)?;
                     }
                     let bs = t0.elapsed().as_secs_f64();
                     if std::env::var_os("KVDEX_RECALL_DEBUG").is_some() {
@@ -241,6 +264,10 @@ pub(super) fn run_group(
                         idx.set_search_list(lst);
                         let agg = &mut aggs[vi][si];
                         agg.build_s += bs;
+                        agg.insert_s += timing.0;
+                        agg.guide_s += timing.3;
+                        agg.inserted += timing.1;
+                        agg.insert_calls += timing.2;
                         agg.memory_bytes += idx.memory_bytes();
                         for &i in &grp {
                             evaluate(&idx, &keys, &tests[i], a.k, agg)?;
@@ -251,6 +278,46 @@ pub(super) fn run_group(
         }
     }
     Ok(())
+}
+
+/// Inserts keys `cut..ctx` into `idx` as `--insert-guide` and `--insert-batch` ask, the guide
+/// queries split evenly over the calls in position order. Returns (seconds in the insert
+/// calls, keys inserted, calls, of the seconds those preparing guides).
+fn insert_rest(
+    a: &RecallArgs,
+    idx: &mut kvdex_index::QueryGuidedGraph,
+    keys_f16: &[half::f16],
+    d: usize,
+    (cut, ctx): (usize, usize),
+    fresh: &[(usize, &[f32])],
+) -> Result<(f64, usize, usize, f64)> {
+    let batch = if a.insert_batch == 0 {
+        ctx - cut
+    } else {
+        a.insert_batch
+    };
+    let calls = (ctx - cut).div_ceil(batch.max(1));
+    let (mut secs, mut guide_secs) = (0.0, 0.0);
+    let mut guide = Vec::new();
+    for c in 0..calls {
+        let to = (cut + (c + 1) * batch).min(ctx);
+        let view = KeySlice::new(KeyRows::F16(&keys_f16[..to * d]), d)?;
+        guide.clear();
+        let rows = &fresh[c * fresh.len() / calls..(c + 1) * fresh.len() / calls];
+        rows.iter().for_each(|(_, q)| guide.extend_from_slice(q));
+        let t = Instant::now();
+        match a.insert_guide.as_str() {
+            "approx" => {
+                let prepared = idx.guide_insert(&view, &guide)?;
+                guide_secs += t.elapsed().as_secs_f64();
+                idx.insert_guided(&view, &prepared)?
+            }
+            "keys" => idx.insert(&view)?,
+            _ => idx.insert_with_queries(&view, &guide)?,
+        }
+        secs += t.elapsed().as_secs_f64();
+    }
+    Ok((secs, ctx - cut, calls, guide_secs))
 }
 
 #[cfg(test)]

@@ -15,6 +15,10 @@ pub struct DecodeConfig {
     /// Tokens inserted per lock hold by the background insert; also how many must be waiting
     /// before an insert is scheduled.
     pub insert_batch: usize,
+    /// Decode queries per KV head captured between insert batches to guide them
+    /// (`MipsIndexMut::insert_guided`); 0 inserts keys only, through the build's remembered
+    /// prefill queries.
+    pub insert_guide_queries: usize,
     /// Index parameters (graph and hnsw).
     pub params: IndexParams,
     /// Spread one layer's query heads over cores (rayon) during a retrieve.
@@ -30,6 +34,7 @@ impl Default for DecodeConfig {
             window: 512,
             build_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             insert_batch: 64,
+            insert_guide_queries: 16,
             params: IndexParams::default(),
             parallel_heads: true,
             tail_sample: 256,
