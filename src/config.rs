@@ -98,11 +98,18 @@ impl DecodeSection {
     /// Refuses `[decode]` values outside what the daemon can honour, naming the key (the
     /// store would otherwise clamp them silently: a degree of 1000 would become 255).
     fn validate(&self) -> Result<()> {
-        let ranges: [(&str, u64, u64, u64); 8] = [
+        let ranges: [(&str, u64, u64, u64); 9] = [
             ("decode.sinks", self.sinks, 0, MAX_STATIC_TOKENS),
             ("decode.window", self.window, 0, MAX_STATIC_TOKENS),
             ("decode.build_threads", self.build_threads, 0, 1024),
             ("decode.insert_batch", self.insert_batch, 1, 1 << 20),
+            // A ring of this many f32 queries per KV head and layer is allocated at seal.
+            (
+                "decode.insert_guide_queries",
+                self.insert_guide_queries,
+                0,
+                4096,
+            ),
             ("decode.tail_sample", self.tail_sample, 0, 1 << 16),
             (
                 "decode.graph_search_list",
