@@ -12,7 +12,10 @@
 //!
 //! Steps 1 (graph searches) and 2-3 run in one pass, one query head per rayon task, when
 //! [`DecodeConfig::parallel_heads`](super::DecodeConfig) is set. Every buffer lives in the
-//! caller's [`RetrieveScratch`], so a steady-state request allocates nothing.
+//! caller's [`RetrieveScratch`], so a steady-state request allocates nothing
+//! (`tests/retrieve_allocs.rs` counts every allocation in the process: none with the heads in
+//! sequence; with them on the pool, only rayon's injector takes a new ~1.5 KiB block once per
+//! 63 requests).
 
 use std::time::Instant;
 
