@@ -180,15 +180,7 @@ mod tests {
             "trap 'touch {}; exit 0' TERM; echo up; while true; do sleep 0.05; done",
             marker.display()
         );
-        let mut child = Command::new("sh")
-            .args(["-c", &script])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait until the trap is installed (the script printed "up").
-        let mut out = child.stdout.take().unwrap();
-        let mut buf = [0u8; 3];
-        std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+        let mut child = sh_child(&script);
         stop_child(&mut child, Duration::from_secs(5));
         assert!(
             marker.exists(),
@@ -231,20 +223,23 @@ mod tests {
         assert!(!e.starts_with("disconnected"), "{e}");
     }
 
-    /// A child that ignores SIGTERM is still killed and reaped after the grace period.
-    #[test]
-    fn stop_child_kills_a_child_that_ignores_sigterm() {
+    /// `sh -c script`, returned once the script has printed "up" (its trap is installed).
+    fn sh_child(script: &str) -> std::process::Child {
         let mut child = Command::new("sh")
-            .args([
-                "-c",
-                "trap '' TERM; echo up; while true; do sleep 0.05; done",
-            ])
+            .args(["-c", script])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
         let mut out = child.stdout.take().unwrap();
         let mut buf = [0u8; 3];
         std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+        child
+    }
+
+    /// A child that ignores SIGTERM is still killed and reaped after the grace period.
+    #[test]
+    fn stop_child_kills_a_child_that_ignores_sigterm() {
+        let mut child = sh_child("trap '' TERM; echo up; while true; do sleep 0.05; done");
         stop_child(&mut child, Duration::from_millis(200));
         assert!(child.try_wait().unwrap().is_some());
     }
