@@ -37,9 +37,9 @@
 //! searches of width `build_list` per key) plus re-prunes of the few nodes it touched itself.
 //! Nothing is O(n) in the graph's size except its growth by B slots.
 
-use super::prune::prune;
 use super::connect::{connect, link_sequence};
 use super::insert::{grow, link_unlinked};
+use super::prune::prune;
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
