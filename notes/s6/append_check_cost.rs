@@ -15,4 +15,6 @@ fn main() {
     }
     std::hint::black_box(&dst);
 }
+// SAFETY: every bit pattern is a valid u64, and align_to's middle is aligned and in bounds
+// (std-only stand-in for bytemuck::pod_align_to, which the daemon uses).
 fn bytemuck_like(b: &[u8]) -> (&[u8], &[u64], &[u8]) { unsafe { b.align_to::<u64>() } }

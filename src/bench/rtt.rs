@@ -326,10 +326,7 @@ impl BenchDaemon {
 impl Drop for BenchDaemon {
     /// SIGTERM, then wait for the exit, then remove the private directory.
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child, not yet reaped (we still own `Child`), so the pid
-        // cannot have been reused.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
+        crate::bench::child::stop_child(&mut self.child, crate::bench::child::STOP_GRACE);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -29,15 +29,21 @@ pub struct HttpSession {
     pub(super) data_socket: Option<String>,
 }
 
+/// The daemon's own message in a refusal: the `error` field of its JSON body, or the body as
+/// is when it is not such JSON.
+pub(crate) fn daemon_message(resp: ureq::Response) -> String {
+    let body = resp.into_string().unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or(body)
+}
+
 /// Turns a ureq failure into an error that names the route and the daemon's message.
 pub(super) fn http_error(route: &str, e: ureq::Error) -> KvdexError {
     match e {
         ureq::Error::Status(code, resp) => {
-            let body = resp.into_string().unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_owned))
-                .unwrap_or(body);
+            let msg = daemon_message(resp);
             let (category, wrap): (&str, fn(String) -> KvdexError) = match code {
                 401 | 403 => ("unauthorized: ", KvdexError::Unauthorized),
                 404 => ("not found: ", KvdexError::NotFound),

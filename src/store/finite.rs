@@ -17,9 +17,9 @@ const BLOCK: usize = 512;
 /// or `None` when every element is finite.
 pub(super) fn first_non_finite(bytes: &[u8], dtype: KeyDtype) -> Option<usize> {
     let lanes = match dtype {
-        KeyDtype::F16 => Lanes::sixteen(0x7c00),
-        KeyDtype::Bf16 => Lanes::sixteen(0x7f80),
-        KeyDtype::F32 => Lanes::thirty_two(0x7f80_0000),
+        KeyDtype::F16 => Lanes::new(2, 0x7c00),
+        KeyDtype::Bf16 => Lanes::new(2, 0x7f80),
+        KeyDtype::F32 => Lanes::new(4, 0x7f80_0000),
     };
     for (i, block) in bytes.chunks(BLOCK).enumerate() {
         if lanes.maybe_bad(block) {
@@ -30,40 +30,21 @@ pub(super) fn first_non_finite(bytes: &[u8], dtype: KeyDtype) -> Option<usize> {
     None
 }
 
-/// An exponent mask repeated over the lanes of a u64, and the SWAR constants that find a lane
-/// whose exponent bits are all ones (NaN or infinity) in a whole word at once.
+/// An element's exponent mask, and the SWAR constants that find a lane whose exponent bits
+/// are all ones (NaN or infinity) in a whole u64 at once.
 struct Lanes {
-    /// Bytes per element.
+    /// Bytes per element (2 or 4).
     size: usize,
-    /// The exponent mask of one element, as a u32.
+    /// The exponent mask of one element.
     mask: u32,
-    /// The mask in every lane of a u64.
-    masks: u64,
-    /// 1 in every lane.
+    /// 1 in every lane of a u64.
     ones: u64,
-    /// The top bit of every lane.
-    highs: u64,
 }
 
 impl Lanes {
-    fn sixteen(mask: u16) -> Self {
-        Self {
-            size: 2,
-            mask: mask as u32,
-            masks: u64::from(mask) * 0x0001_0001_0001_0001,
-            ones: 0x0001_0001_0001_0001,
-            highs: 0x8000_8000_8000_8000,
-        }
-    }
-
-    fn thirty_two(mask: u32) -> Self {
-        Self {
-            size: 4,
-            mask,
-            masks: u64::from(mask) * 0x0000_0001_0000_0001,
-            ones: 0x0000_0001_0000_0001,
-            highs: 0x8000_0000_8000_0000,
-        }
+    fn new(size: usize, mask: u32) -> Self {
+        let ones = u64::MAX / ((1u64 << (8 * size)) - 1);
+        Self { size, mask, ones }
     }
 
     /// The element in `e` (`size` bytes) is NaN or infinite.
@@ -83,10 +64,13 @@ impl Lanes {
             // Elements straddle the word boundaries (an odd address): element by element.
             return block.chunks_exact(self.size).any(|e| self.bad(e));
         }
+        // The mask in every lane, and every lane's top bit.
+        let masks = u64::from(self.mask) * self.ones;
+        let highs = self.ones << (8 * self.size - 1);
         let mut acc = 0u64;
         for &w in words {
-            let v = (u64::from_le(w) & self.masks) ^ self.masks;
-            acc |= v.wrapping_sub(self.ones) & !v & self.highs;
+            let v = (u64::from_le(w) & masks) ^ masks;
+            acc |= v.wrapping_sub(self.ones) & !v & highs;
         }
         acc != 0
             || head.chunks_exact(self.size).any(|e| self.bad(e))

@@ -149,18 +149,7 @@ impl Candidates {
 /// sink) is the pivot of most queries, pivot edges alone leave the rest of the graph bare.
 pub(super) fn candidates(lists: &[Vec<u32>], n: usize, w: usize) -> Candidates {
     // Two passes over the lists: count, then place (the same order as pushing per node).
-    let each = |f: &mut dyn FnMut(u32, &[u32])| {
-        for l in lists {
-            if let Some((&p, rest)) = l.split_first() {
-                f(p, rest);
-            }
-            for (i, &x) in l.iter().enumerate().skip(1) {
-                let lo = i.saturating_sub(w).max(1);
-                let hi = (i + w + 1).min(l.len());
-                f(x, &l[lo..hi]);
-            }
-        }
-    };
+    let each = |f: &mut dyn FnMut(u32, &[u32])| for_each_candidate(lists, w, f);
     let mut start = vec![0usize; n + 1];
     each(&mut |p, c| start[p as usize + 1] += c.len());
     for i in 0..n {
@@ -174,6 +163,23 @@ pub(super) fn candidates(lists: &[Vec<u32>], n: usize, w: usize) -> Candidates {
         *a += c.len();
     });
     Candidates { start, ids }
+}
+
+/// The projection's pairs, list by list: `f(p, cands)` for each list's pivot p (its first
+/// key) with the rest of the list, and for each other member with its rank neighbours within
+/// `w` (itself included; callers drop self-edges). Shared by the build's per-key table and
+/// the guided insert's merge of a few lists.
+pub(super) fn for_each_candidate(lists: &[Vec<u32>], w: usize, f: &mut dyn FnMut(u32, &[u32])) {
+    for l in lists {
+        if let Some((&p, rest)) = l.split_first() {
+            f(p, rest);
+        }
+        for (i, &x) in l.iter().enumerate().skip(1) {
+            let lo = i.saturating_sub(w).max(1);
+            let hi = (i + w + 1).min(l.len());
+            f(x, &l[lo..hi]);
+        }
+    }
 }
 
 impl QueryGuidedGraph {

@@ -37,9 +37,10 @@
 //! searches of width `build_list` per key) plus re-prunes of the few nodes it touched itself.
 //! Nothing is O(n) in the graph's size except its growth by B slots.
 
+use super::build::for_each_candidate;
 use super::connect::{connect, link_sequence};
 use super::insert::{grow, link_unlinked};
-use super::prune::prune;
+use super::prune::{key_norms_of, norm_on_demand, prune};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
@@ -183,20 +184,12 @@ struct NodeUpdate {
 /// each node the lists touch, re-pruned over its edges and its candidates together, as the
 /// build merges its lists (pivot and rank-window candidates).
 fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> Vec<NodeUpdate> {
-    let d = keys.dim();
     let w = g.params.rank_window;
     // (node, candidate) pairs, as `build::candidates` makes them, for the touched nodes only.
     let mut pairs: Vec<(u32, u32)> = Vec::new();
-    for l in lists {
-        if let Some((&p, rest)) = l.split_first() {
-            pairs.extend(rest.iter().map(|&c| (p, c)));
-        }
-        for (i, &x) in l.iter().enumerate().skip(1) {
-            let lo = i.saturating_sub(w).max(1);
-            let hi = (i + w + 1).min(l.len());
-            pairs.extend(l[lo..hi].iter().map(|&c| (x, c)));
-        }
-    }
+    for_each_candidate(lists, w, &mut |p, cands| {
+        pairs.extend(cands.iter().map(|&c| (p, c)))
+    });
     pairs.retain(|&(p, c)| p != c);
     pairs.sort_unstable();
     pairs.dedup();
@@ -211,16 +204,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
     );
     ids.sort_unstable();
     ids.dedup();
-    let norms: Vec<f32> = ids
-        .par_iter()
-        .map_init(
-            || vec![0.0f32; d],
-            |row, &id| {
-                keys.row_f32(id, row);
-                row.iter().map(|x| x * x).sum()
-            },
-        )
-        .collect();
+    let norms = key_norms_of(keys, &ids);
     let norm = |id: u32| ids.binary_search(&id).map_or(0.0, |i| norms[i]);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     groups
@@ -250,12 +234,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
 /// candidate takes a reverse edge while it has room. Returns the dropped targets that found
 /// no node with room (then a connectivity pass is due).
 fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate]) -> Vec<u32> {
-    let d = keys.dim();
-    let norm = |id: u32| {
-        let mut r = vec![0.0f32; d];
-        keys.row_f32(id, &mut r);
-        r.iter().map(|x| x * x).sum::<f32>()
-    };
+    let norm = norm_on_demand(keys);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let mut updates: Vec<(u32, Vec<u32>, Vec<u32>)> = Vec::with_capacity(plan.len());
     for up in plan {

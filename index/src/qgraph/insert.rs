@@ -21,7 +21,7 @@
 
 use super::build::candidates;
 use super::connect::{connect, link_sequence};
-use super::prune::prune;
+use super::prune::{norm_on_demand, prune};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::train::training_lists;
 use super::QueryGuidedGraph;
@@ -91,12 +91,7 @@ pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usiz
 /// edges and its candidates together, then takes reverse edges while it has room.
 fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) {
     let n = g.deg.len();
-    let d = keys.dim();
-    let norm = |id: u32| {
-        let mut r = vec![0.0f32; d];
-        keys.row_f32(id, &mut r);
-        r.iter().map(|x| x * x).sum::<f32>()
-    };
+    let norm = norm_on_demand(keys);
     let cands = candidates(lists, n, g.params.rank_window);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
@@ -134,11 +129,7 @@ pub(super) fn link_unlinked(
     let mut q = vec![0.0f32; d];
     let mut qscores = vec![0.0f32; g.memory.len()];
     let mut picks: Vec<(f32, usize)> = Vec::new();
-    let norm = |id: u32| {
-        let mut r = vec![0.0f32; d];
-        keys.row_f32(id, &mut r);
-        r.iter().map(|x| x * x).sum::<f32>()
-    };
+    let norm = norm_on_demand(keys);
     let w = g.params.rank_window.max(1);
     // Nodes that lost an edge into them with no replacement path (see `take_candidate`).
     let mut orphans: Vec<u32> = Vec::new();

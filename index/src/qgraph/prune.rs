@@ -4,19 +4,34 @@
 use crate::KeyStore;
 use rayon::prelude::*;
 
+/// Key `id`'s squared norm, read through `row` (a caller's `dim()` buffer). The one place
+/// the build's table, the insert's on-demand norms and the guided merge's norms come from.
+pub(super) fn key_norm(keys: &dyn KeyStore, id: u32, row: &mut [f32]) -> f32 {
+    keys.row_f32(id, row);
+    row.iter().map(|x| x * x).sum()
+}
+
+/// The squared norms of `ids` (in order), in parallel.
+pub(super) fn key_norms_of(keys: &dyn KeyStore, ids: &[u32]) -> Vec<f32> {
+    let d = keys.dim();
+    ids.par_iter()
+        .map_init(|| vec![0.0f32; d], |row, &id| key_norm(keys, id, row))
+        .collect()
+}
+
 /// Every key's squared norm (the build's table for [`prune`]'s L2 distances), in parallel.
 pub(super) fn key_norms(keys: &dyn KeyStore) -> Vec<f32> {
     let d = keys.dim();
     (0..keys.len() as u32)
         .into_par_iter()
-        .map_init(
-            || vec![0.0f32; d],
-            |row, i| {
-                keys.row_f32(i, row);
-                row.iter().map(|x| x * x).sum()
-            },
-        )
+        .map_init(|| vec![0.0f32; d], |row, i| key_norm(keys, i, row))
         .collect()
+}
+
+/// A key's squared norm computed on demand (insert: no table), as [`prune`]'s `norm`.
+pub(super) fn norm_on_demand(keys: &dyn KeyStore) -> impl Fn(u32) -> f32 + '_ {
+    let d = keys.dim();
+    move |id| key_norm(keys, id, &mut vec![0.0f32; d])
 }
 
 /// Step 3, occlusion pruning (RoarGraph Alg. 2 / DiskANN RobustPrune): candidates in order of

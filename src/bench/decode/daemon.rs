@@ -2,6 +2,8 @@
 //! the bench makes to it (create a session and attach, read per-layer state), plus its VmRSS.
 
 use std::process::{Child, Command, Stdio};
+
+use crate::bench::child::{stop_child, STOP_GRACE};
 use std::time::{Duration, Instant};
 
 use super::DecodeArgs;
@@ -19,33 +21,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         stop_child(&mut self.child, STOP_GRACE);
     }
-}
-
-/// How long a stopped daemon may take to end its sessions before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
-
-/// Stops `child` the way an operator would: SIGTERM, then SIGKILL if it has not exited
-/// within `grace`; reaps it either way.
-///
-/// A SIGKILLed `kvdex serve` cannot remove its `/dev/shm` region files (one per session,
-/// 16-64 MiB of memory each): the bench once leaked them on every run.
-fn stop_child(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill(2) on our own child, not yet reaped (we still own `Child` and `try_wait`
-    // just saw it running), so the pid cannot have been reused.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(_)) => return,
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Starts `kvdex serve` on a free port with a budget for `kv_bytes` and the bench's decode
@@ -103,11 +78,7 @@ pub(super) fn http(e: ureq::Error) -> KvdexError {
     match e {
         ureq::Error::Status(code, resp) => {
             let url = resp.get_url().to_string();
-            let body = resp.into_string().unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or(body);
+            let msg = crate::client::http::daemon_message(resp);
             KvdexError::Protocol(format!("the daemon refused {url} (HTTP {code}): {msg}"))
         }
         other => KvdexError::Disconnected(format!("HTTP: {other}")),
@@ -170,25 +141,6 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    /// The child gets SIGTERM (its handler runs and cleans up), not an outright SIGKILL.
-    #[test]
-    fn stop_child_lets_the_child_clean_up() {
-        let dir = std::env::temp_dir().join(format!("kvdex-stop-child-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let marker = dir.join("cleaned");
-        let script = format!(
-            "trap 'touch {}; exit 0' TERM; echo up; while true; do sleep 0.05; done",
-            marker.display()
-        );
-        let mut child = sh_child(&script);
-        stop_child(&mut child, Duration::from_secs(5));
-        assert!(
-            marker.exists(),
-            "the child was killed without running its SIGTERM handler"
-        );
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
     /// A daemon binary that exits at once is reported at once, with its exit status.
     #[test]
     fn a_daemon_that_exits_is_reported_without_waiting() {
@@ -221,26 +173,5 @@ mod tests {
             "{e}"
         );
         assert!(!e.starts_with("disconnected"), "{e}");
-    }
-
-    /// `sh -c script`, returned once the script has printed "up" (its trap is installed).
-    fn sh_child(script: &str) -> std::process::Child {
-        let mut child = Command::new("sh")
-            .args(["-c", script])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut buf = [0u8; 3];
-        std::io::Read::read_exact(&mut out, &mut buf).unwrap();
-        child
-    }
-
-    /// A child that ignores SIGTERM is still killed and reaped after the grace period.
-    #[test]
-    fn stop_child_kills_a_child_that_ignores_sigterm() {
-        let mut child = sh_child("trap '' TERM; echo up; while true; do sleep 0.05; done");
-        stop_child(&mut child, Duration::from_millis(200));
-        assert!(child.try_wait().unwrap().is_some());
     }
 }

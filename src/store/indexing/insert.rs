@@ -92,7 +92,7 @@ impl Session {
         let (s, d) = (self.shape, self.shape.head_dim as usize);
         let end = cfg.retrievable_end(l.len);
         let t = Instant::now();
-        let (from, to, guide) = {
+        let (from, to, keys, guide) = {
             let h = head.read().map_err(poisoned)?;
             let HeadIndex::Ready(index) = &*h else {
                 return Ok(None);
@@ -102,13 +102,15 @@ impl Session {
                 return Ok(None);
             }
             let to = end.min(from + cfg.insert_batch.max(1));
+            // The keys the index will cover (a view of the layer, which the caller holds).
+            let keys = view(&l.keys(g, s.dtype, d)?, cfg.sinks, to)?;
             let q = std::mem::take(guides);
             let guide = if q.is_empty() {
                 InsertGuide::default()
             } else {
-                index.guide_insert(&view(&l.keys(g, s.dtype, d)?, cfg.sinks, to)?, &q)?
+                index.guide_insert(&keys, &q)?
             };
-            (from, to, guide)
+            (from, to, keys, guide)
         };
         let guide_secs = t.elapsed().as_secs_f64();
         let mut h = head.write().map_err(poisoned)?;
@@ -119,11 +121,10 @@ impl Session {
         // A rebuild replaced the index meanwhile: the next round starts over from its length.
         let inserted = cfg.sinks + index.len() == from;
         if inserted {
-            let v = view(&l.keys(g, s.dtype, d)?, cfg.sinks, to)?;
             if guide.is_empty() {
-                index.insert(&v)?;
+                index.insert(&keys)?;
             } else {
-                index.insert_guided(&v, &guide)?;
+                index.insert_guided(&keys, &guide)?;
             }
         }
         Ok(Some(BatchDone {
