@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::daemon::registry::{CreateRequest, Registry, SessionInfo};
+use crate::daemon::registry::{CreateRequest, Registry, SessionInfo, SessionState};
 use crate::error::KvdexError;
 use crate::metrics::Metrics;
 
@@ -210,15 +210,18 @@ async fn readyz(State(st): State<AppState>) -> Response {
 pub struct Stats {
     /// Seconds since start.
     pub uptime_secs: f64,
-    /// Sessions alive.
+    /// Sessions open.
     pub sessions: usize,
+    /// Sessions ended whose memory is not released yet (listed with `"state": "closing"`; their
+    /// bytes are still in `budget_used_bytes` and `resident_bytes`).
+    pub sessions_closing: usize,
     /// The configured budget.
     pub budget_bytes: u64,
     /// Bytes reserved from it (arena capacity).
     pub budget_used_bytes: u64,
     /// Bytes still free.
     pub budget_left_bytes: u64,
-    /// K/V bytes stored across sessions.
+    /// K/V bytes stored across sessions (closing ones included).
     pub resident_bytes: u64,
     /// The arena backend ("host" or "cuda").
     pub link: &'static str,
@@ -228,7 +231,7 @@ pub struct Stats {
     pub link_bytes: u64,
     /// Bytes Slim sessions save: V not stored, less their W_KV matrices (0 without any).
     pub slim_saved_bytes: i64,
-    /// Per session: shape, memory, per-layer tokens and index state.
+    /// Per session (open or closing): state, shape, memory, per-layer tokens and index state.
     pub per_session: Vec<SessionInfo>,
 }
 
@@ -239,7 +242,14 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
     let link = store.link().stats();
     Json(Stats {
         uptime_secs: st.started.elapsed().as_secs_f64(),
-        sessions: per_session.len(),
+        sessions: per_session
+            .iter()
+            .filter(|s| s.state == SessionState::Open)
+            .count(),
+        sessions_closing: per_session
+            .iter()
+            .filter(|s| s.state == SessionState::Closing)
+            .count(),
         budget_bytes: budget.total(),
         budget_used_bytes: budget.used(),
         budget_left_bytes: budget.left(),
