@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -104,6 +105,32 @@ async fn count_requests(State(st): State<AppState>, req: Request, next: Next) ->
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Longest request target (path and query) the control plane reads. Its longest real one is
+/// `/v1/sessions/{16 hex}`; 8 KiB is the limit common HTTP servers use.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
+/// Refuses a request target over [`MAX_URI_BYTES`] with a JSON 414 like every other error.
+///
+/// Targets of 64 KiB and more never get here: hyper's HTTP/1 parser refuses them itself
+/// (`MAX_URI_LEN`, `u16::MAX - 1`) with a 414 whose body is empty, before any service runs,
+/// and neither hyper 1.x nor axum 0.8 offers a hook for that response. This limit makes the
+/// JSON answer cover every target from 8 KiB up to hyper's.
+async fn refuse_long_uris(req: Request, next: Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        let why = format!(
+            "request target of {len} bytes is longer than the {MAX_URI_BYTES} the control plane \
+             accepts"
+        );
+        return (
+            StatusCode::URI_TOO_LONG,
+            Json(serde_json::json!({ "error": why })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// The token of `Authorization: Bearer <token>`, if present.
