@@ -59,7 +59,7 @@ impl RetrieveHeader {
         } else {
             None
         };
-        if query.len() % 4 != 0 {
+        if !query.len().is_multiple_of(4) {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve query is {} bytes, not a multiple of 4",
                 query.len()
