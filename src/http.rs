@@ -20,7 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::daemon::registry::{CreateRequest, Registry, SessionInfo};
+use crate::daemon::registry::{CreateRequest, Registry, SessionInfo, SessionState};
 use crate::error::KvdexError;
 use crate::metrics::Metrics;
 
@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -104,6 +105,32 @@ async fn count_requests(State(st): State<AppState>, req: Request, next: Next) ->
         .with_label_values(&[&route, resp.status().as_str()])
         .inc();
     resp
+}
+
+/// Longest request target (path and query) the control plane reads. Its longest real one is
+/// `/v1/sessions/{16 hex}`; 8 KiB is the limit common HTTP servers use.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+
+/// Refuses a request target over [`MAX_URI_BYTES`] with a JSON 414 like every other error.
+///
+/// Targets of 64 KiB and more never get here: hyper's HTTP/1 parser refuses them itself
+/// (`MAX_URI_LEN`, `u16::MAX - 1`) with a 414 whose body is empty, before any service runs,
+/// and neither hyper 1.x nor axum 0.8 offers a hook for that response. This limit makes the
+/// JSON answer cover every target from 8 KiB up to hyper's.
+async fn refuse_long_uris(req: Request, next: Next) -> Response {
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        let why = format!(
+            "request target of {len} bytes is longer than the {MAX_URI_BYTES} the control plane \
+             accepts"
+        );
+        return (
+            StatusCode::URI_TOO_LONG,
+            Json(serde_json::json!({ "error": why })),
+        )
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// The token of `Authorization: Bearer <token>`, if present.
@@ -210,15 +237,18 @@ async fn readyz(State(st): State<AppState>) -> Response {
 pub struct Stats {
     /// Seconds since start.
     pub uptime_secs: f64,
-    /// Sessions alive.
+    /// Sessions open.
     pub sessions: usize,
+    /// Sessions ended whose memory is not released yet (listed with `"state": "closing"`; their
+    /// bytes are still in `budget_used_bytes` and `resident_bytes`).
+    pub sessions_closing: usize,
     /// The configured budget.
     pub budget_bytes: u64,
     /// Bytes reserved from it (arena capacity).
     pub budget_used_bytes: u64,
     /// Bytes still free.
     pub budget_left_bytes: u64,
-    /// K/V bytes stored across sessions.
+    /// K/V bytes stored across sessions (closing ones included).
     pub resident_bytes: u64,
     /// The arena backend ("host" or "cuda").
     pub link: &'static str,
@@ -228,7 +258,7 @@ pub struct Stats {
     pub link_bytes: u64,
     /// Bytes Slim sessions save: V not stored, less their W_KV matrices (0 without any).
     pub slim_saved_bytes: i64,
-    /// Per session: shape, memory, per-layer tokens and index state.
+    /// Per session (open or closing): state, shape, memory, per-layer tokens and index state.
     pub per_session: Vec<SessionInfo>,
 }
 
@@ -239,7 +269,14 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
     let link = store.link().stats();
     Json(Stats {
         uptime_secs: st.started.elapsed().as_secs_f64(),
-        sessions: per_session.len(),
+        sessions: per_session
+            .iter()
+            .filter(|s| s.state == SessionState::Open)
+            .count(),
+        sessions_closing: per_session
+            .iter()
+            .filter(|s| s.state == SessionState::Closing)
+            .count(),
         budget_bytes: budget.total(),
         budget_used_bytes: budget.used(),
         budget_left_bytes: budget.left(),

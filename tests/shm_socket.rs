@@ -194,3 +194,30 @@ fn over_budget_appends_are_typed_budget_errors_on_both_transports() {
     d.terminate();
     let _ = std::fs::remove_dir_all(sock_path.parent().unwrap());
 }
+
+#[test]
+fn a_client_of_another_protocol_version_is_refused_naming_both() {
+    use kvdex::worker::socket::{Hello, FRAME_HEADER, HELLO_VERSION};
+    use std::io::{Read, Write};
+    let (d, sock_path) = start("datasock-version");
+    // Version 1 sent the retrieve scale 0 for "default"; version 2 has a SCALE flag. A
+    // version-1 client must be told so at the hello, not have its retrieves misread.
+    assert_eq!(u64::from(HELLO_VERSION), kvdex::shm::layout::VERSION);
+    let mut old = Hello::new("0123456789abcdef", &[0u8; 16]).unwrap();
+    old.version = 1;
+    let mut s = std::os::unix::net::UnixStream::connect(&sock_path).unwrap();
+    s.write_all(bytemuck::bytes_of(&old)).unwrap();
+    let mut head = [0u8; FRAME_HEADER];
+    s.read_exact(&mut head).unwrap();
+    let c: kvdex::shm::Descriptor = bytemuck::pod_read_unaligned(&head);
+    assert_ne!(c.code, 0, "an old hello was accepted");
+    let mut msg = vec![0u8; c.aux as usize];
+    s.read_exact(&mut msg).unwrap();
+    let msg = String::from_utf8_lossy(&msg);
+    assert!(
+        msg.contains("version 1;") && msg.contains(&format!(", {HELLO_VERSION})")),
+        "{msg}"
+    );
+    d.terminate();
+    let _ = std::fs::remove_dir_all(sock_path.parent().unwrap());
+}

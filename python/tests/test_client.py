@@ -244,13 +244,27 @@ def test_a_dead_daemon_inside_a_with_block_reports_the_real_error(kvdex_bin: str
 
 
 def test_an_explicit_scale_must_be_positive(session: kvdex.Session) -> None:
-    """The wire encodes "default scale" as 0, so scale=0.0 used to mean 1/sqrt(head_dim)."""
+    """Protocol version 1 encoded "default scale" as 0, so scale=0.0 meant 1/sqrt(head_dim).
+    Version 2 has a flag for "a scale is given"; 0, negative and NaN scales are refused."""
     good = np.ones((2, 3, 8), np.float16)
     session.append(0, good, good)
     for scale in (0.0, -1.0, float("nan")):
         with pytest.raises(kvdex.BadRequestError, match="scale .* must be finite and positive"):
             session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=scale)
     assert session.retrieve(0, np.ones((4, 8), np.float32), 2, scale=0.5).k is not None
+
+
+def test_a_budget_over_u32_is_refused_by_the_wire_encoder(session: kvdex.Session) -> None:
+    """The Python layer refuses k >= 2**32 itself; under it, the binding's Rust encoder used to
+    send such a k as ``k as u32`` (2**32 -> 0). It now refuses it naming k."""
+    good = np.ones((2, 3, 8), np.float16)
+    session.append(0, good, good)
+    q = np.ones((4, 8), np.float32)
+    with pytest.raises(kvdex.BadRequestError, match="budget k = 4294967296 does not fit"):
+        session._s.retrieve(0, q, 2**32, None, 1, None, True, False, None)
+    with pytest.raises(kvdex.BadRequestError, match="budget max_k = 4294967297 does not fit"):
+        session._s.retrieve(0, q, None, 0.9, 1, 2**32 + 1, True, False, None)
+    assert session.retrieve(0, q, 2**32 - 1).k is not None
 
 
 def test_bad_urls_shapes_and_merge_inputs_name_what_is_wrong(client: kvdex.Client) -> None:

@@ -163,15 +163,8 @@ impl SessionHandle {
         q: &[f32],
         params: &RetrieveParams,
     ) -> Result<Retrieved<'_>> {
-        // The wire says "default scale" with 0: an explicit 0 (or any non-positive or
-        // non-finite scale) would otherwise be silently replaced by 1/sqrt(head_dim).
-        if let Some(scale) = params.scale {
-            if !(scale.is_finite() && scale > 0.0) {
-                return Err(KvdexError::BadRequest(format!(
-                    "attention scale {scale} must be finite and positive"
-                )));
-            }
-        }
+        // The encoder refuses a scale that is not finite and positive and a budget over u32,
+        // naming it, before anything is sent.
         let h = RetrieveHeader {
             layer,
             params: *params,

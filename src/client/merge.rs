@@ -55,7 +55,7 @@ pub fn merge(
     if heads == 0
         || lens.iter().any(|&l| l != heads)
         || outs.iter().any(|&l| l != out.len())
-        || out.len() % heads != 0
+        || !out.len().is_multiple_of(heads)
     {
         return Err(KvdexError::BadRequest(format!(
             "merge shapes: lse {heads}, lse_a {}, lse_b {}, out {}, out_a {}, out_b {}: all lse \
@@ -87,7 +87,10 @@ pub fn merge_into(
     lse_b: &[f32],
 ) -> Result<()> {
     let heads = lse_a.len();
-    if heads == 0 || lse_b.len() != heads || out_b.len() != out_a.len() || out_a.len() % heads != 0
+    if heads == 0
+        || lse_b.len() != heads
+        || out_b.len() != out_a.len()
+        || !out_a.len().is_multiple_of(heads)
     {
         return Err(KvdexError::BadRequest(format!(
             "merge shapes: lse_a {heads}, lse_b {}, out_a {}, out_b {}",

@@ -71,11 +71,25 @@ pub struct Created {
     pub data_socket: Option<PathBuf>,
 }
 
+/// Where a session is in its life, as `/stats` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// Serving its client.
+    Open,
+    /// Deleted or reaped: its id and token no longer answer, but its worker is still stopping
+    /// and its memory is still reserved (listed until the memory is released, so that `/stats`
+    /// never shows budget held by no session).
+    Closing,
+}
+
 /// One session's public state, for `GET /v1/sessions/{id}` and `/stats`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionInfo {
     /// Session id.
     pub id: String,
+    /// Open, or closing (memory not released yet).
+    pub state: SessionState,
     /// Its shape.
     pub shape: Shape,
     /// Its shared-memory file.
@@ -95,15 +109,20 @@ pub struct SessionInfo {
     pub slim: Option<SlimStats>,
 }
 
-/// A live session.
-struct Entry {
-    token: [u8; TOKEN_BYTES],
+/// What `/stats` shows of a session, open or closing; holds the session (and so its memory).
+struct Listing {
     shm_path: PathBuf,
     payload_bytes: u64,
     created: Instant,
     session: Arc<Session>,
-    /// Dropped (stopping the worker and removing the region) when the entry goes.
-    _serving: Box<dyn Serving>,
+}
+
+/// A live session.
+struct Entry {
+    token: [u8; TOKEN_BYTES],
+    listing: Listing,
+    /// Dropped (stopping the worker and removing the region) when the session ends.
+    serving: Box<dyn Serving>,
 }
 
 /// Every live session of the daemon.
@@ -113,9 +132,12 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     data_plane: Box<dyn DataPlane>,
     sessions: Mutex<HashMap<String, Entry>>,
+    /// Ended sessions whose worker is stopping: still listed by `/stats` (as closing) until
+    /// their memory is released. Locked after `sessions` when both are held.
+    closing: Mutex<HashMap<String, Listing>>,
     /// Where workers report their exit; the daemon's reaper ends those sessions.
     exits: tokio::sync::mpsc::UnboundedSender<ExitNotice>,
-    closing: AtomicBool,
+    shutting_down: AtomicBool,
 }
 
 /// Hex of `bytes`.
@@ -159,8 +181,9 @@ impl Registry {
             metrics,
             data_plane,
             sessions: Mutex::new(HashMap::new()),
+            closing: Mutex::new(HashMap::new()),
             exits,
-            closing: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -170,10 +193,15 @@ impl Registry {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_closing(&self) -> MutexGuard<'_, HashMap<String, Listing>> {
+        // As for `lock`: single inserts and removes.
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Creates a session: validates the request, allocates the store session, creates the
     /// shared-memory region and starts its worker.
     pub fn create(&self, req: CreateRequest) -> Result<Created> {
-        if self.closing.load(Ordering::Acquire) {
+        if self.shutting_down.load(Ordering::Acquire) {
             return Err(KvdexError::Disconnected(
                 "the daemon is shutting down".into(),
             ));
@@ -244,11 +272,13 @@ impl Registry {
             id.clone(),
             Entry {
                 token,
-                shm_path: shm_path.clone(),
-                payload_bytes,
-                created: Instant::now(),
-                session,
-                _serving: serving,
+                listing: Listing {
+                    shm_path: shm_path.clone(),
+                    payload_bytes,
+                    created: Instant::now(),
+                    session,
+                },
+                serving,
             },
         );
         self.metrics.sessions.set(map.len() as i64);
@@ -286,12 +316,14 @@ impl Registry {
     /// The state of session `id`, for its token holder.
     pub fn info(&self, id: &str, token: Option<&str>) -> Result<SessionInfo> {
         let map = self.lock();
-        Ok(Self::describe(id, Self::authorize(&map, id, token)?))
+        let entry = Self::authorize(&map, id, token)?;
+        Ok(Self::describe(id, SessionState::Open, &entry.listing))
     }
 
-    fn describe(id: &str, e: &Entry) -> SessionInfo {
+    fn describe(id: &str, state: SessionState, e: &Listing) -> SessionInfo {
         SessionInfo {
             id: id.to_string(),
+            state,
             shape: *e.session.shape(),
             shm_path: e.shm_path.clone(),
             payload_bytes: e.payload_bytes,
@@ -305,27 +337,47 @@ impl Registry {
 
     /// Ends session `id` for its token holder: stops its worker, frees its memory.
     pub fn delete(&self, id: &str, token: Option<&str>) -> Result<()> {
-        let entry = {
+        let serving = {
             let mut map = self.lock();
             Self::authorize(&map, id, token)?;
-            map.remove(id)
+            self.start_closing(&mut map, id)
         };
-        self.finish(id, entry, "deleted");
+        self.finish(id, serving, "deleted");
         Ok(())
     }
 
     /// Ends session `id` because its worker exited (`reason`: "client_gone", ...). Unknown ids
     /// (already deleted) are ignored.
     pub fn end(&self, id: &str, reason: &'static str) {
-        let entry = self.lock().remove(id);
-        self.finish(id, entry, reason);
+        let serving = self.start_closing(&mut self.lock(), id);
+        self.finish(id, serving, reason);
     }
 
-    /// Drops `entry` outside the map's lock (stopping a worker can take a moment).
-    fn finish(&self, id: &str, entry: Option<Entry>, reason: &'static str) {
-        let Some(entry) = entry else { return };
-        let freed = entry.session.reserved_bytes();
-        drop(entry);
+    /// Moves session `id` from the live map (held locked by the caller) to the closing one, in
+    /// one step for `/stats`, and returns what serves it.
+    fn start_closing(
+        &self,
+        map: &mut HashMap<String, Entry>,
+        id: &str,
+    ) -> Option<Box<dyn Serving>> {
+        let entry = map.remove(id)?;
+        self.lock_closing().insert(id.to_string(), entry.listing);
+        Some(entry.serving)
+    }
+
+    /// Stops what serves a closing session outside the live map's lock (stopping a worker can
+    /// take a moment), then releases its memory and unlists it together: the closing map stays
+    /// locked while the session drops, so `/stats` lists it for as long as its memory is held.
+    fn finish(&self, id: &str, serving: Option<Box<dyn Serving>>, reason: &'static str) {
+        let Some(serving) = serving else { return };
+        drop(serving);
+        let freed = {
+            let mut closing = self.lock_closing();
+            let listing = closing.remove(id);
+            let freed = listing.as_ref().map_or(0, |l| l.session.reserved_bytes());
+            drop(listing);
+            freed
+        };
         self.metrics.sessions.set(self.len() as i64);
         self.metrics
             .sessions_ended
@@ -344,10 +396,18 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Every session's state, for `/stats`.
+    /// Every session's state, for `/stats`: the open ones and those still closing (whose
+    /// memory is not released yet), by id.
     pub fn all(&self) -> Vec<SessionInfo> {
         let map = self.lock();
-        let mut v: Vec<SessionInfo> = map.iter().map(|(id, e)| Self::describe(id, e)).collect();
+        let closing = self.lock_closing();
+        let open = map
+            .iter()
+            .map(|(id, e)| Self::describe(id, SessionState::Open, &e.listing));
+        let ending = closing
+            .iter()
+            .map(|(id, l)| Self::describe(id, SessionState::Closing, l));
+        let mut v: Vec<SessionInfo> = open.chain(ending).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }
@@ -359,22 +419,36 @@ impl Registry {
 
     /// Refuses new sessions and ends every live one (shutdown).
     pub fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        let all: Vec<(String, Entry)> = self.lock().drain().collect();
-        for (id, e) in all {
-            self.finish(&id, Some(e), "shutdown");
+        self.shutting_down.store(true, Ordering::Release);
+        let all: Vec<(String, Box<dyn Serving>)> = {
+            let mut map = self.lock();
+            let mut closing = self.lock_closing();
+            map.drain()
+                .map(|(id, e)| {
+                    closing.insert(id.clone(), e.listing);
+                    (id, e.serving)
+                })
+                .collect()
+        };
+        for (id, serving) in all {
+            self.finish(&id, Some(serving), "shutdown");
         }
     }
 
     /// True once [`Registry::close`] has begun.
     pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
+        self.shutting_down.load(Ordering::Acquire)
     }
 
     /// Updates the memory and session gauges from the live state (before a scrape).
     pub fn refresh_gauges(&self) {
         let map = self.lock();
-        let resident: u64 = map.values().map(|e| e.session.resident_bytes()).sum();
+        let resident: u64 = map
+            .values()
+            .map(|e| &e.listing)
+            .chain(self.lock_closing().values())
+            .map(|l| l.session.resident_bytes())
+            .sum();
         self.metrics
             .resident_bytes
             .set(resident.min(i64::MAX as u64) as i64);

@@ -217,7 +217,7 @@ fn put(op: Opcode, out: &mut [u8], parts: &[&[u8]]) -> Result<usize> {
 }
 
 fn multiple_of_4(op: Opcode, what: &str, b: &[u8]) -> Result<()> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(KvdexError::BadRequest(format!(
             "{} {what} is {} bytes, not a multiple of 4",
             op.name(),

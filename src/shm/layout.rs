@@ -16,8 +16,11 @@ use bytemuck::{Pod, Zeroable};
 
 /// "KVDEXSHM", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KVDEXSHM");
-/// Layout version; bumped on any incompatible change.
-pub const VERSION: u64 = 1;
+/// Protocol version: bumped on any incompatible change of the layout or of the request bodies
+/// it carries, so that a client and a daemon of different versions fail at attach with a
+/// message naming both versions instead of misreading fields. 2: the retrieve body's `SCALE`
+/// flag ([`crate::decode::wire`]; version 1 sent scale 0 for "default").
+pub const VERSION: u64 = 2;
 /// Bytes of the header (a multiple of the cache-line pair size).
 pub const HEADER_BYTES: u64 = 1024;
 /// u64 words in one ring slot (one 64-byte cache line).
@@ -157,7 +160,7 @@ pub struct Descriptor {
     pub out_offset: u64,
     /// Response space length (submission) or bytes written (completion).
     pub out_len: u64,
-    /// Zero in version 1.
+    /// Zero (reserved).
     pub reserved: [u64; 2],
 }
 

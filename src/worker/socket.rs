@@ -38,8 +38,9 @@ use crate::worker::Observer;
 pub const FRAME_HEADER: usize = std::mem::size_of::<Descriptor>();
 /// First word of a [`Hello`]: "KVDXSOCK".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"KVDXSOCK");
-/// Version of the data-socket protocol.
-pub const HELLO_VERSION: u32 = 1;
+/// Version of the data-socket protocol; follows [`crate::shm::layout::VERSION`], since both
+/// carry the same request bodies (2: the retrieve body's `SCALE` flag).
+pub const HELLO_VERSION: u32 = crate::shm::layout::VERSION as u32;
 /// How long a new connection may take to send its [`Hello`].
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -211,11 +211,16 @@ fn a_client_killed_mid_request_is_reaped_and_others_keep_being_served() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    // The session leaves the map first; its memory is freed and the end counted when its
-    // entry is dropped a moment later (that joins the worker): wait for all of it.
+    // The reaped session stays listed (as closing) until its worker has stopped and its memory
+    // is released: once it is unlisted, its memory is back.
     let after = wait_stats(&d.base, "the dead client's session to be reaped", |s| {
-        s["sessions"] == 1 && s["budget_used_bytes"] == before["budget_used_bytes"]
+        s["per_session"].as_array().is_some_and(|v| v.len() == 1)
     });
+    assert_eq!(
+        (&after["sessions"], &after["sessions_closing"]),
+        (&json!(1), &json!(0))
+    );
+    assert_eq!(after["budget_used_bytes"], before["budget_used_bytes"]);
     assert_eq!(
         after["per_session"][0]["id"],
         before["per_session"][0]["id"]

@@ -171,6 +171,25 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
 }
 
 #[test]
+fn cli_errors_print_no_backtrace_even_when_one_is_asked_for() {
+    // RUST_BACKTRACE=1 (set on many developer machines) made every CLI error end in a stack
+    // trace of `main`, anyhow's `Debug`.
+    let out = kvdex()
+        .args(["bench", "decode", "--steps", "0"])
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.ends_with("Error: config: --steps must be at least 1\n"),
+        "{err}"
+    );
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+}
+
+#[test]
 fn region_files_of_gone_daemons_are_removed_at_start_up() {
     let dir = std::env::temp_dir().join(format!("kvdex-stale-shm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -165,3 +165,93 @@ fn bad_input_gets_clear_errors_or_defined_answers() {
     // The session still serves.
     assert_eq!(dc.h.retrieve(0, &q, &fixed(3)).unwrap().header.stride, 3);
 }
+
+/// Sends a raw retrieve body, as a client of the wire alone would: fixed k 4 with attention,
+/// `flags` added, `scale` in its field. `id` is the request id (bumped past the ping's).
+fn raw_retrieve(
+    h: &mut kvdex::client::SessionHandle,
+    id: &mut u64,
+    q: &[f32],
+    flags: u32,
+    scale: f32,
+) -> kvdex::error::Result<()> {
+    use kvdex::decode::wire::{ATTEND, RETRIEVE_HEADER};
+    let mut body = vec![0u8; RETRIEVE_HEADER + 4 * q.len()];
+    let words = [0, ATTEND | flags, 4, 0, 0, 0, scale.to_bits(), 0];
+    for (i, w) in words.iter().enumerate() {
+        body[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    body[RETRIEVE_HEADER..].copy_from_slice(bytemuck::cast_slice(q));
+    // A ping leaves its body at the start of the arena: send it there as a retrieve.
+    h.ping(&body)?;
+    *id += 16;
+    let out_offset = body.len().next_multiple_of(64) as u64;
+    h.submit(kvdex::shm::Descriptor {
+        request_id: *id,
+        code: kvdex::proto::Opcode::Retrieve as u32,
+        in_offset: 0,
+        in_len: body.len() as u64,
+        out_offset,
+        out_len: h.arena_len() - out_offset,
+        ..Default::default()
+    })
+    .map(|_| ())
+}
+
+#[test]
+fn scale_and_budget_have_explicit_encodings_on_the_wire() {
+    use kvdex::decode::wire::SCALE;
+    let (hq, kv, d, n) = (2usize, 1usize, 8usize, 100usize);
+    let mut dc = serve_decode(f32_shape(1, hq as u32, kv as u32, d as u32), "wire");
+    fill(&mut dc.h, kv, n, d, 6);
+    let q = values(hq * d, 2);
+    let msg = |e: KvdexError| e.to_string();
+    let mut id = 1 << 40;
+    // Protocol version 1 read scale 0 as "default": now the SCALE flag says a scale is there,
+    // and 0 or NaN with it is refused by name.
+    for bad in [0.0f32, f32::NAN] {
+        let e = msg(raw_retrieve(&mut dc.h, &mut id, &q, SCALE, bad).unwrap_err());
+        assert!(
+            e.contains(&format!(
+                "attention scale {bad} must be finite and positive"
+            )),
+            "{e}"
+        );
+    }
+    // A scale without the flag (a version-1 client) is refused rather than ignored.
+    let e = msg(raw_retrieve(&mut dc.h, &mut id, &q, 0, 0.5).unwrap_err());
+    assert!(e.contains("scale field is 0.5 but the SCALE flag"), "{e}");
+    raw_retrieve(&mut dc.h, &mut id, &q, SCALE, 0.5).unwrap();
+    raw_retrieve(&mut dc.h, &mut id, &q, 0, 0.0).unwrap();
+    // The Rust client: an explicit 0 is refused (not sent as "default"), and a k over u32
+    // is refused naming it (it was sent as `k as u32`, i.e. 0).
+    let p = |budget, scale| RetrieveParams {
+        budget,
+        attend: true,
+        gather: false,
+        scale,
+    };
+    let e = msg(dc
+        .h
+        .retrieve(0, &q, &p(Budget::Fixed(4), Some(0.0)))
+        .unwrap_err());
+    assert!(
+        e.contains("attention scale 0 must be finite and positive"),
+        "{e}"
+    );
+    let e = msg(dc
+        .h
+        .retrieve(0, &q, &p(Budget::Fixed(1 << 32), None))
+        .unwrap_err());
+    assert!(e.contains("budget k = 4294967296 does not fit"), "{e}");
+    // An explicit scale reaches the daemon: scale 1/8 = the default for head_dim 64 differs
+    // from this session's default 1/sqrt(8), and so does the partial attention.
+    let mut with = |s| {
+        dc.h.retrieve(0, &q, &p(Budget::Fixed(4), s))
+            .map(|r| r.lse.to_vec())
+    };
+    let (default, explicit) = (with(None).unwrap(), with(Some(0.125)).unwrap());
+    let same_as_default = with(Some(1.0 / (d as f32).sqrt())).unwrap();
+    assert_eq!(default, same_as_default);
+    assert_ne!(default, explicit);
+}

@@ -3,12 +3,17 @@
 //! | op       | request body | response body |
 //! |----------|--------------|---------------|
 //! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
-//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, 0 u32, query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
+//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, reserved u32 (0), query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
 //!
 //! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
 //!
 //! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
-//! `min_k..=max_k`; otherwise exactly `k`). A scale of 0 means `1/sqrt(head_dim)`.
+//! `min_k..=max_k`; otherwise exactly `k`), [`SCALE`] (the `scale` field is the softmax scale,
+//! finite and positive; without the flag the daemon uses `1/sqrt(head_dim)` and the field must be
+//! 0). Every value has its own encoding, so none stands for "default": an explicit scale of 0 or
+//! NaN is refused by name rather than read as "no scale", and a budget that does not fit a u32 is
+//! refused by the encoder rather than truncated. (Protocol version 2, see
+//! [`crate::shm::layout::VERSION`]; version 1 had no [`SCALE`] flag and sent 0 for "default".)
 
 use kvdex_index::IndexKind;
 
@@ -18,6 +23,8 @@ pub const ATTEND: u32 = 1;
 pub const GATHER: u32 = 2;
 /// Retrieve flag: adaptive budget.
 pub const ADAPTIVE: u32 = 4;
+/// Retrieve flag: the `scale` field holds the softmax scale (otherwise `1/sqrt(head_dim)`).
+pub const SCALE: u32 = 8;
 
 /// Bytes of the seal request header.
 pub const SEAL_HEADER: usize = 16;

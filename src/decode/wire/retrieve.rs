@@ -2,8 +2,9 @@
 
 use kvdex_index::attend::BudgetParams;
 
-use super::{f32_at, u32_at, ADAPTIVE, ATTEND, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER};
+use super::{f32_at, u32_at, ADAPTIVE, ATTEND, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER, SCALE};
 use crate::error::{KvdexError, Result};
+use crate::proto::read_u32s;
 use crate::store::retrieve::{Budget, RetrieveParams};
 
 /// A decoded retrieve header; the query is the bytes after it.
@@ -16,23 +17,26 @@ pub struct RetrieveHeader {
 }
 
 impl RetrieveHeader {
-    /// Decodes the header (validating the budget) and returns the query bytes.
+    /// Decodes the header (validating the budget and the scale) and returns the query bytes.
     pub fn decode(body: &[u8]) -> Result<(Self, &[u8])> {
-        let field = |at| u32_at(body, at);
-        let (Some(layer), Some(flags), Some(k), Some(min_k), Some(max_k)) =
-            (field(0), field(4), field(8), field(12), field(16))
-        else {
+        let Some((head, query)) = body.split_at_checked(RETRIEVE_HEADER) else {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve body is {} bytes, needs at least {RETRIEVE_HEADER}",
                 body.len()
             )));
         };
-        let (Some(coverage), Some(scale)) = (f32_at(body, 20), f32_at(body, 24)) else {
-            return Err(KvdexError::BadRequest("retrieve body too short".into()));
-        };
-        if flags & !(ATTEND | GATHER | ADAPTIVE) != 0 {
+        let mut words = [0u32; RETRIEVE_HEADER / 4];
+        read_u32s(head, &mut words);
+        let [layer, flags, k, min_k, max_k, coverage, scale, reserved] = words;
+        let (coverage, scale) = (f32::from_bits(coverage), f32::from_bits(scale));
+        if flags & !(ATTEND | GATHER | ADAPTIVE | SCALE) != 0 {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve flags {flags:#x} are unknown"
+            )));
+        }
+        if reserved != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve header word 7 is reserved and must be 0, got {reserved:#x}"
             )));
         }
         let budget = if flags & ADAPTIVE != 0 {
@@ -44,8 +48,18 @@ impl RetrieveHeader {
         } else {
             Budget::Fixed(k as usize)
         };
-        let query = body.get(RETRIEVE_HEADER..).unwrap_or(&[]);
-        if query.len() % 4 != 0 {
+        let scale = if flags & SCALE != 0 {
+            Some(checked_scale(scale)?)
+        } else if scale.to_bits() != 0 {
+            // A version-1 client sent its scale without the flag: refuse rather than ignore it.
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve scale field is {scale} but the SCALE flag ({SCALE:#x}) is not set: set \
+                 it to use this scale, or send 0 for 1/sqrt(head_dim)"
+            )));
+        } else {
+            None
+        };
+        if !query.len().is_multiple_of(4) {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve query is {} bytes, not a multiple of 4",
                 query.len()
@@ -55,29 +69,38 @@ impl RetrieveHeader {
             budget,
             attend: flags & ATTEND != 0,
             gather: flags & GATHER != 0,
-            scale: (scale != 0.0).then_some(scale),
+            scale,
         };
         Ok((Self { layer, params }, query))
     }
 
-    /// Writes the header and `query` into `out`; returns the length.
+    /// Writes the header and `query` into `out`; returns the length. Refuses (naming the value)
+    /// a scale that is not finite and positive and a budget that does not fit the wire's u32,
+    /// rather than sending something the daemon would read differently.
     pub fn encode(&self, query: &[f32], out: &mut [u8]) -> Result<usize> {
         let p = &self.params;
+        let mut flags = ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER);
+        let (k, min_k, max_k, coverage) = match p.budget {
+            Budget::Fixed(k) => (wire_count("k", k)?, 0, 0, 0.0f32),
+            Budget::Adaptive(b) => {
+                flags |= ADAPTIVE;
+                let min_k = wire_count("min_k", b.min_k)?;
+                (0, min_k, wire_count("max_k", b.max_k)?, b.coverage)
+            }
+        };
+        let scale = match p.scale {
+            Some(s) => {
+                flags |= SCALE;
+                checked_scale(s)?
+            }
+            None => 0.0,
+        };
         let need = RETRIEVE_HEADER + 4 * query.len();
         let out = out.get_mut(..need).ok_or_else(|| {
             KvdexError::BadRequest(format!(
                 "retrieve request of {need} bytes does not fit the arena"
             ))
         })?;
-        let mut flags = ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER);
-        let (k, min_k, max_k, coverage) = match p.budget {
-            Budget::Fixed(k) => (k as u32, 0, 0, 0.0f32),
-            Budget::Adaptive(b) => {
-                flags |= ADAPTIVE;
-                (0, b.min_k as u32, b.max_k as u32, b.coverage)
-            }
-        };
-        let scale = p.scale.unwrap_or(0.0);
         let head = [
             self.layer,
             flags,
@@ -94,6 +117,29 @@ impl RetrieveHeader {
         out[RETRIEVE_HEADER..].copy_from_slice(bytemuck::cast_slice(query));
         Ok(need)
     }
+}
+
+/// An explicit softmax scale: finite and positive (0 or NaN never mean "default").
+fn checked_scale(scale: f32) -> Result<f32> {
+    if scale.is_finite() && scale > 0.0 {
+        Ok(scale)
+    } else {
+        Err(KvdexError::BadRequest(format!(
+            "attention scale {scale} must be finite and positive (leave it out for \
+             1/sqrt(head_dim))"
+        )))
+    }
+}
+
+/// A budget count as the wire's u32, or an error naming it (never truncated: a `Fixed(1 << 32)`
+/// would otherwise travel as k 0).
+fn wire_count(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        KvdexError::BadRequest(format!(
+            "budget {what} = {n} does not fit the retrieve wire (at most {})",
+            u32::MAX
+        ))
+    })
 }
 
 /// Byte ranges of a retrieve response, computed identically by the worker (to write) and the

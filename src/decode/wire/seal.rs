@@ -56,7 +56,7 @@ fn take_words<'a>(rest: &'a [u8], n: u32, what: &str) -> Result<(&'a [u8], &'a [
 }
 
 fn whole_words<'a>(b: &'a [u8], what: &str) -> Result<&'a [u8]> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return Err(KvdexError::BadRequest(format!(
             "seal {what} are {} bytes, not a multiple of 4",
             b.len()

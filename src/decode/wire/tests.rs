@@ -3,6 +3,7 @@
 use super::*;
 use crate::store::retrieve::{Budget, RetrieveParams};
 use kvdex_index::attend::BudgetParams;
+use proptest::prelude::*;
 
 #[test]
 fn retrieve_header_round_trips_and_refuses_bad_budgets() {
@@ -38,6 +39,167 @@ fn retrieve_header_round_trips_and_refuses_bad_budgets() {
         .unwrap_err()
         .to_string()
         .contains("flags"));
+}
+
+fn fixed(k: usize, scale: Option<f32>) -> RetrieveHeader {
+    RetrieveHeader {
+        layer: 0,
+        params: RetrieveParams {
+            budget: Budget::Fixed(k),
+            attend: true,
+            gather: false,
+            scale,
+        },
+    }
+}
+
+fn put_word(buf: &mut [u8], word: usize, v: u32) {
+    buf[word * 4..word * 4 + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn no_scale_and_an_explicit_scale_have_distinct_encodings() {
+    let mut buf = vec![0u8; 64];
+    // Version 1 sent scale 0 for "default", so an explicit 0 silently meant 1/sqrt(head_dim).
+    for bad in [0.0f32, -0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let e = fixed(4, Some(bad)).encode(&[], &mut buf).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "attention scale {bad} must be finite and positive"
+            )),
+            "{e}"
+        );
+    }
+    let n = fixed(4, None).encode(&[], &mut buf).unwrap();
+    assert_eq!(
+        u32_at(&buf, 4),
+        Some(ATTEND),
+        "no SCALE flag without a scale"
+    );
+    assert_eq!(u32_at(&buf, 24), Some(0));
+    assert_eq!(
+        RetrieveHeader::decode(&buf[..n]).unwrap().0.params.scale,
+        None
+    );
+    let n = fixed(4, Some(0.25)).encode(&[], &mut buf).unwrap();
+    assert_eq!(u32_at(&buf, 4), Some(ATTEND | SCALE));
+    assert_eq!(
+        RetrieveHeader::decode(&buf[..n]).unwrap().0.params.scale,
+        Some(0.25)
+    );
+    // A raw-wire client: the SCALE flag with 0 or NaN is refused by name, never "default".
+    for bad in [0.0f32, f32::NAN, -2.0] {
+        put_word(&mut buf, 6, bad.to_bits());
+        let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
+        assert!(e.contains(&format!("scale {bad} must be finite")), "{e}");
+    }
+    // A scale without the flag (what a version-1 client sends) is refused, not ignored.
+    put_word(&mut buf, 1, ATTEND);
+    put_word(&mut buf, 6, 0.5f32.to_bits());
+    let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
+    assert!(e.contains("scale field is 0.5 but the SCALE flag"), "{e}");
+    // The reserved word must stay 0 (room for later fields).
+    put_word(&mut buf, 6, 0);
+    put_word(&mut buf, 7, 3);
+    let e = RetrieveHeader::decode(&buf[..n]).unwrap_err().to_string();
+    assert!(e.contains("reserved and must be 0, got 0x3"), "{e}");
+}
+
+#[test]
+fn budgets_over_u32_are_refused_not_truncated() {
+    let mut buf = vec![0u8; 64];
+    let big = 1usize << 32;
+    // `k as u32` used to send Fixed(1 << 32) as k 0.
+    let e = fixed(big, None).encode(&[], &mut buf).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("budget k = 4294967296 does not fit the retrieve wire (at most 4294967295)"),
+        "{e}"
+    );
+    let n = fixed(u32::MAX as usize, None)
+        .encode(&[], &mut buf)
+        .unwrap();
+    let (back, _) = RetrieveHeader::decode(&buf[..n]).unwrap();
+    assert_eq!(back.params.budget, Budget::Fixed(u32::MAX as usize));
+    for (min_k, max_k, what) in [
+        (1, big + 5, "max_k = 4294967301"),
+        (big, big, "min_k = 4294967296"),
+    ] {
+        let mut h = fixed(1, None);
+        h.params.budget = Budget::Adaptive(BudgetParams::new(0.9, min_k, max_k).unwrap());
+        let e = h.encode(&[], &mut buf).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+}
+
+fn any_header() -> impl Strategy<Value = RetrieveHeader> {
+    let fixed = (1..=u32::MAX).prop_map(|k| Budget::Fixed(k as usize));
+    let adaptive = (1e-6f32..=1.0, 1..=u32::MAX, any::<u32>()).prop_map(|(c, lo, extra)| {
+        let hi = lo.saturating_add(extra);
+        Budget::Adaptive(BudgetParams::new(c, lo as usize, hi as usize).unwrap())
+    });
+    let scale = prop_oneof![Just(None), (f32::MIN_POSITIVE..=f32::MAX).prop_map(Some)];
+    (
+        any::<u32>(),
+        prop_oneof![fixed, adaptive],
+        any::<bool>(),
+        any::<bool>(),
+        scale,
+    )
+        .prop_map(|(layer, budget, attend, gather, scale)| RetrieveHeader {
+            layer,
+            params: RetrieveParams {
+                budget,
+                attend,
+                gather,
+                scale,
+            },
+        })
+}
+
+proptest! {
+    #[test]
+    fn retrieve_headers_round_trip(
+        h in any_header(),
+        q in proptest::collection::vec(any::<f32>(), 0..40),
+    ) {
+        let mut buf = vec![0u8; RETRIEVE_HEADER + 4 * q.len()];
+        let n = h.encode(&q, &mut buf).unwrap();
+        prop_assert_eq!(n, buf.len());
+        let (back, query) = RetrieveHeader::decode(&buf).unwrap();
+        prop_assert_eq!(back, h);
+        prop_assert_eq!(query, &buf[RETRIEVE_HEADER..]);
+        // Too small a buffer is an error, never a panic or a partial write past it.
+        prop_assert!(h.encode(&q, &mut buf[..n - 1]).is_err());
+    }
+
+    /// Any body either decodes to a header that re-encodes and decodes to itself, or is refused
+    /// with a message; it never panics.
+    #[test]
+    fn any_retrieve_body_decodes_consistently_or_is_refused(
+        words in proptest::collection::vec(any::<u32>(), 0..12),
+        flags in 0u32..32,
+        tail in 0usize..4,
+    ) {
+        let mut body: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        if body.len() >= 8 {
+            body[4..8].copy_from_slice(&flags.to_le_bytes());
+        }
+        body.extend(std::iter::repeat_n(0u8, tail));
+        match RetrieveHeader::decode(&body) {
+            Ok((h, query)) => {
+                let q: Vec<f32> = query.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let mut again = vec![0u8; body.len()];
+                let n = h.encode(&q, &mut again).unwrap();
+                let (back, _) = RetrieveHeader::decode(&again[..n]).unwrap();
+                prop_assert_eq!(back, h);
+                prop_assert_eq!(&again[RETRIEVE_HEADER..n], query);
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+    }
 }
 
 #[test]
