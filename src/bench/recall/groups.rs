@@ -102,7 +102,7 @@ pub(super) fn synth_groups(
     let data = crate::bench::decode_data::Synth::generate(n, hq, kv, d, a.synth_seed);
     let sets = data.recall_sets(
         hq,
-        (sinks, window),
+        sinks,
         a.synth_train,
         a.synth_tests,
         a.synth_seed,
