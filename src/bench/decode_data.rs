@@ -216,8 +216,7 @@ impl Synth {
         let src = if values { &self.v } else { &self.k };
         let from = g * len;
         let to = from + tokens.min(self.n) * self.head_dim;
-        KeySlice::new(KeyRows::F16(&src[from..to]), self.head_dim)
-            .map_err(KvdexError::from)
+        KeySlice::new(KeyRows::F16(&src[from..to]), self.head_dim).map_err(KvdexError::from)
     }
 }
 

@@ -72,7 +72,6 @@ pub(super) fn decode_steps(
                 continue;
             }
             lat.push(ms);
-            if std::env::var_os("KVDEX_TRACE_STEPS").is_some() { eprintln!("step {step} len {} ms {ms:.3}", *len); }
             search.push(r.header.search_us as f64 / 1e3);
             attn.push(r.header.attend_us as f64 / 1e3);
             copy.push(r.header.copy_us as f64 / 1e3);
