@@ -59,6 +59,9 @@ pub struct DecodeSection {
     /// Decode queries per KV head captured between insert batches to guide them (0: keys
     /// only).
     pub insert_guide_queries: u64,
+    /// Indices up to this many bytes (per KV head) are extended on a copy swapped in after
+    /// the insert, so no search waits; larger ones in place under an exclusive lock.
+    pub insert_copy_max_bytes: u64,
     /// Spread a layer's query heads over cores during a retrieve.
     pub parallel_heads: bool,
     /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
@@ -79,6 +82,8 @@ impl DecodeSection {
             window: self.window as usize,
             insert_batch: self.insert_batch.max(1) as usize,
             insert_guide_queries: self.insert_guide_queries as usize,
+            insert_copy_max_bytes: usize::try_from(self.insert_copy_max_bytes)
+                .unwrap_or(usize::MAX),
             parallel_heads: self.parallel_heads,
             tail_sample: self.tail_sample as usize,
             ..Default::default()

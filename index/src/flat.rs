@@ -195,6 +195,10 @@ impl MipsIndexMut for FlatIndex {
         self.len = keys.len();
         Ok(())
     }
+
+    fn try_clone_box(&self) -> Option<Box<dyn MipsIndexMut>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 #[cfg(test)]

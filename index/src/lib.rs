@@ -193,4 +193,13 @@ pub trait MipsIndexMut: MipsIndex {
         let _ = guide;
         self.insert(keys)
     }
+
+    /// A copy of this index, for a copy-on-write insert: the daemon inserts into the copy
+    /// while searches go on over the original, then swaps the copy in under a lock held for
+    /// the swap alone, so that no search waits for an insert. The price is one copy of the
+    /// index's memory per insert batch, off the request path. `None` when the index cannot be
+    /// copied (hnsw_rs's graph): the caller then inserts in place under an exclusive lock.
+    fn try_clone_box(&self) -> Option<Box<dyn MipsIndexMut>> {
+        None
+    }
 }

@@ -103,6 +103,25 @@ pub struct DecodeArgs {
     /// driven by its own client thread issuing retrieves back to back while the timed one runs.
     #[arg(long, default_value_t = 1)]
     pub sessions: usize,
+    /// Append one token to every layer before each step, as an engine's decode loop does, so
+    /// that the daemon's background inserts (a batch every `decode.insert_batch` tokens) run
+    /// during the timed steps and show in their latency. The context then starts at
+    /// `--context` and grows by one token per step (with --data: starts that many tokens
+    /// before the data set's context).
+    #[arg(long)]
+    pub append: bool,
+}
+
+impl DecodeArgs {
+    /// Tokens appended during the run beyond the starting context: one per step (warm-up
+    /// steps included) for each method, since every method runs on the same session.
+    pub(crate) fn appended_tokens(&self) -> usize {
+        if self.append {
+            (self.steps + 2) * self.methods.len()
+        } else {
+            0
+        }
+    }
 }
 
 /// Refuses arguments that would panic or print NaN rows, before any data is generated (at
@@ -140,7 +159,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             a.kv_heads = ds.meta.kv_heads() as u32;
             a.head_dim = ds.meta.dim as u32;
             a.layers = 1;
-            a.context = vec![data.n];
+            a.context = vec![data.n.saturating_sub(a.appended_tokens())];
             Some(data)
         }
         None => None,
@@ -174,12 +193,12 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         report::print_header();
     }
     match real {
-        Some(data) => run_context(&a, data, &kinds, &exe)?,
+        Some(data) => run_context(&a, data, a.context[0], &kinds, &exe)?,
         None => {
             for &n in &a.context {
                 let t = Instant::now();
                 let data = Synth::generate(
-                    n,
+                    n + a.appended_tokens(),
                     a.q_heads as usize,
                     a.kv_heads as usize,
                     a.head_dim as usize,
@@ -189,7 +208,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                     "# context {n}: generated in {:.1}s",
                     t.elapsed().as_secs_f64()
                 );
-                run_context(&a, data, &kinds, &exe)?;
+                run_context(&a, data, n, &kinds, &exe)?;
             }
         }
     }

@@ -117,28 +117,26 @@ impl Synth {
         }
     }
 
-    /// `[q_heads][head_dim]` decode queries at position n: each head looks back at a drawn
-    /// position of the context (`lo..hi`, the non-static range, is kept for the real data's
-    /// signature and unused by the model, whose queries may also look at static tokens).
-    pub fn decode_queries(
-        &self,
-        q_heads: usize,
-        lo: usize,
-        hi: usize,
-        rng: &mut StdRng,
-        out: &mut [f32],
-    ) {
-        let (d, group) = (self.head_dim, q_heads / self.kv_heads);
+    /// `[q_heads][head_dim]` decode queries of the token after a context of `len` tokens.
+    /// Synthetic: each head looks back at a drawn position before `len` (static tokens
+    /// included). Real data: the recorded query of position `len` when the data set holds
+    /// that token's keys (an `--append` run, which has not appended them all yet), else a
+    /// drawn test position after the context (the benchmark split).
+    pub fn decode_queries(&self, q_heads: usize, len: usize, rng: &mut StdRng, out: &mut [f32]) {
+        let d = self.head_dim;
         if let Some((_, t)) = &self.real_q {
-            let pos = rng.gen_range(self.n..*t);
+            let pos = if len < self.n {
+                len
+            } else {
+                rng.gen_range(self.n..*t)
+            };
             for h in 0..q_heads {
                 self.real_query(h, pos, &mut out[h * d..(h + 1) * d]);
             }
             return;
         }
-        let _ = (lo, hi, group);
         for h in 0..q_heads {
-            self.synth_query(h, self.n, rng, &mut out[h * d..(h + 1) * d]);
+            self.synth_query(h, len, rng, &mut out[h * d..(h + 1) * d]);
         }
     }
 
@@ -171,7 +169,7 @@ impl Synth {
     pub fn recall_sets(
         &self,
         q_heads: usize,
-        (sinks, window): (usize, usize),
+        sinks: usize,
         train: usize,
         tests: usize,
         seed: u64,
@@ -180,12 +178,11 @@ impl Synth {
         let group = (q_heads / self.kv_heads.max(1)).max(1);
         let positions = train_positions(n, train);
         let vectors = self.training(q_heads, &positions, seed ^ 0x5eed);
-        let end = n.saturating_sub(window).max(sinks);
         let mut rng = StdRng::seed_from_u64(seed.wrapping_add(7));
         let mut per_head: Vec<Vec<f32>> = vec![Vec::with_capacity(tests * d); q_heads];
         let mut q = vec![0f32; q_heads * d];
         for _ in 0..tests {
-            self.decode_queries(q_heads, sinks, end, &mut rng, &mut q);
+            self.decode_queries(q_heads, n, &mut rng, &mut q);
             for (h, t) in per_head.iter_mut().enumerate() {
                 t.extend_from_slice(&q[h * d..(h + 1) * d]);
             }
@@ -212,12 +209,14 @@ impl Synth {
             .collect()
     }
 
-    /// Keys or values of KV head `g` as a store.
-    pub fn rows(&self, values: bool, g: usize) -> Result<KeySlice<'_>> {
+    /// Keys or values of KV head `g`, its first `tokens` rows, as a store (the context an
+    /// `--append` run has appended so far).
+    pub fn rows(&self, values: bool, g: usize, tokens: usize) -> Result<KeySlice<'_>> {
         let len = self.n * self.head_dim;
         let src = if values { &self.v } else { &self.k };
-        KeySlice::new(KeyRows::F16(&src[g * len..(g + 1) * len]), self.head_dim)
-            .map_err(KvdexError::from)
+        let from = g * len;
+        let to = from + tokens.min(self.n) * self.head_dim;
+        KeySlice::new(KeyRows::F16(&src[from..to]), self.head_dim).map_err(KvdexError::from)
     }
 }
 

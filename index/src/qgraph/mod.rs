@@ -288,6 +288,10 @@ impl MipsIndex for QueryGuidedGraph {
 }
 
 impl MipsIndexMut for QueryGuidedGraph {
+    fn try_clone_box(&self) -> Option<Box<dyn MipsIndexMut>> {
+        Some(Box::new(self.clone()))
+    }
+
     fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError> {
         insert::insert(self, keys)
     }

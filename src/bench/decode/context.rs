@@ -18,26 +18,28 @@ use crate::error::{KvdexError, Result};
 use crate::store::retrieve::{Budget, RetrieveParams};
 
 /// Runs every method on one context: one daemon, `a.sessions` sessions, one row per method.
+/// The first `n` tokens of `data` are appended before the steps (with `--append`, the rest
+/// one per step).
 pub(super) fn run_context(
     a: &DecodeArgs,
     data: Synth,
+    n: usize,
     kinds: &[(String, Option<IndexKind>)],
     exe: &std::path::Path,
 ) -> Result<()> {
     let (hq, kv, d) = (a.q_heads as usize, a.kv_heads as usize, a.head_dim as usize);
     let (sinks, window) = (a.sinks, a.window);
-    let n = data.n;
-    let kv_bytes = (a.layers as usize * n * kv * d * 2 * 2) as u64;
+    let kv_bytes = (a.layers as usize * data.n * kv * d * 2 * 2) as u64;
     let daemon = start_daemon(exe, kv_bytes, a)?;
     let payload: u64 = 64 << 20;
     let (mut h, id, token) = create(&daemon, a, payload)?;
     let t = Instant::now();
-    append_all(a, &mut h, &data, payload)?;
+    append_all(a, &mut h, &data, n, payload)?;
     let append_s = t.elapsed().as_secs_f64();
     let mut others = Vec::new();
     for _ in 1..a.sessions.max(1) {
         let (mut o, oid, otoken) = create(&daemon, a, payload)?;
-        append_all(a, &mut o, &data, payload)?;
+        append_all(a, &mut o, &data, n, payload)?;
         others.push((o, oid, otoken));
     }
     let positions = crate::bench::decode_data::train_positions(n, a.train);
@@ -57,6 +59,8 @@ pub(super) fn run_context(
         a.layers
     )];
     let mut index_bytes = 0u64;
+    // The timed session's length: `n`, plus one token per step with --append.
+    let mut grown = n;
     for (name, kind) in kinds {
         if let Some(kind) = kind {
             let t = Instant::now();
@@ -113,10 +117,9 @@ pub(super) fn run_context(
                     sc.spawn(move || -> Result<u64> {
                         let mut rng = StdRng::seed_from_u64(a.seed.wrapping_add(100 + i as u64));
                         let mut q = vec![0f32; hq * d];
-                        let end = n.saturating_sub(window).max(sinks);
                         let mut done = 0u64;
                         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                            data.decode_queries(hq, sinks, end, &mut rng, &mut q);
+                            data.decode_queries(hq, n, &mut rng, &mut q);
                             for layer in 0..a.layers {
                                 o.retrieve(layer, &q, params)?;
                             }
@@ -126,7 +129,7 @@ pub(super) fn run_context(
                     })
                 })
                 .collect();
-            let row = decode_steps(a, n, name, &mut h, &data, &params, (sinks, window));
+            let row = decode_steps(a, &mut grown, name, &mut h, &data, &params, (sinks, window));
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut steps = 0;
             for b in busy {
@@ -156,28 +159,41 @@ pub(super) fn run_context(
     Ok(())
 }
 
-/// Appends the whole context to every layer, in blocks that fit the arena: `[kv][block][d]`
-/// K then V.
+/// Appends the first `n` tokens of `data` to every layer, in blocks that fit the arena:
+/// `[kv][block][d]` K then V.
 pub(super) fn append_all(
     a: &DecodeArgs,
     h: &mut SessionHandle,
     data: &Synth,
+    n: usize,
     payload: u64,
 ) -> Result<()> {
-    let (kv, d, n) = (a.kv_heads as usize, a.head_dim as usize, data.n);
+    append_range(a, h, data, 0..n, payload)
+}
+
+/// Appends tokens `range` of `data` to every layer (see [`append_all`]).
+pub(super) fn append_range(
+    a: &DecodeArgs,
+    h: &mut SessionHandle,
+    data: &Synth,
+    range: std::ops::Range<usize>,
+    payload: u64,
+) -> Result<()> {
+    let (kv, d, total) = (a.kv_heads as usize, a.head_dim as usize, data.n);
+    let n = range.end.min(total);
     let block = ((payload as usize / 2) / (2 * kv * d * 2)).min(n).max(1);
     let (mut kb, mut vb) = (
         Vec::with_capacity(kv * block * d),
         Vec::with_capacity(kv * block * d),
     );
     for layer in 0..a.layers {
-        let mut start = 0;
+        let mut start = range.start;
         while start < n {
             let len = block.min(n - start);
             kb.clear();
             vb.clear();
             for g in 0..kv {
-                let r = (g * n + start) * d..(g * n + start + len) * d;
+                let r = (g * total + start) * d..(g * total + start + len) * d;
                 kb.extend_from_slice(&data.k[r.clone()]);
                 vb.extend_from_slice(&data.v[r]);
             }

@@ -13,6 +13,9 @@ use crate::client::{merge, SessionHandle};
 use crate::error::Result;
 use crate::store::retrieve::RetrieveParams;
 
+/// The payload size `append_range` plans its blocks for (one token always fits).
+const APPEND_PAYLOAD: u64 = 64 << 20;
+
 /// The `p` quantile of `v` (sorted in place); NaN when empty.
 pub(super) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -23,10 +26,12 @@ pub(super) fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Times `a.steps` decode steps of method `name` on the session `h` and evaluates layer 0
-/// of each against the exact answer; `statics` is (sinks, window).
+/// of each against the exact answer; `statics` is (sinks, window). `len` is the session's
+/// length; with `--append` each step first appends the next token of `data` to every layer
+/// (untimed) and `len` grows.
 pub(super) fn decode_steps(
     a: &DecodeArgs,
-    n: usize,
+    len: &mut usize,
     name: &str,
     h: &mut SessionHandle,
     data: &Synth,
@@ -35,8 +40,7 @@ pub(super) fn decode_steps(
 ) -> Result<Row> {
     let (hq, kv, d) = (a.q_heads as usize, a.kv_heads as usize, a.head_dim as usize);
     let group = hq / kv;
-    let (sinks, window) = statics;
-    let end = n.saturating_sub(window).max(sinks);
+    let n0 = *len;
     let mut rng = StdRng::seed_from_u64(a.seed.wrapping_add(7));
     let mut q = vec![0f32; hq * d];
     let (mut lat, mut search, mut attn, mut copy) =
@@ -52,7 +56,12 @@ pub(super) fn decode_steps(
     let mut truth = Truth::default();
     // Two warm-up steps, untimed.
     for step in 0..a.steps + 2 {
-        data.decode_queries(hq, sinks, end, &mut rng, &mut q);
+        if a.append && *len < data.n {
+            super::context::append_range(a, h, data, *len..*len + 1, APPEND_PAYLOAD)?;
+            *len += 1;
+        }
+        let n = *len;
+        data.decode_queries(hq, n, &mut rng, &mut q);
         let mut bounds = vec![0usize];
         ids.clear();
         for layer in 0..a.layers {
@@ -84,7 +93,7 @@ pub(super) fn decode_steps(
         let (mut e2, mut n2) = (0.0f64, 0.0f64);
         for hh in 0..hq {
             let g = hh / group;
-            let (keys, values) = (data.rows(false, g)?, data.rows(true, g)?);
+            let (keys, values) = (data.rows(false, g, n)?, data.rows(true, g, n)?);
             let r = hh * d..(hh + 1) * d;
             let (t, l) = truth.head(
                 &keys,
@@ -109,7 +118,7 @@ pub(super) fn decode_steps(
     let steps = a.steps.max(1) as f64;
     let heads = steps * hq as f64;
     Ok(Row {
-        context: n,
+        context: n0,
         method: name.to_owned(),
         layers: a.layers,
         q_heads: a.q_heads,

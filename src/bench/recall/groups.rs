@@ -100,13 +100,7 @@ pub(super) fn synth_groups(
         )));
     }
     let data = crate::bench::decode_data::Synth::generate(n, hq, kv, d, a.synth_seed);
-    let sets = data.recall_sets(
-        hq,
-        (sinks, window),
-        a.synth_train,
-        a.synth_tests,
-        a.synth_seed,
-    );
+    let sets = data.recall_sets(hq, sinks, a.synth_train, a.synth_tests, a.synth_seed);
     let end = n - window;
     let used = a.kv_heads.unwrap_or(kv).min(kv);
     for (g, (tests, train)) in sets.into_iter().enumerate().take(used) {

@@ -19,6 +19,10 @@ pub struct DecodeConfig {
     /// (`MipsIndexMut::insert_guided`); 0 inserts keys only, through the build's remembered
     /// prefill queries.
     pub insert_guide_queries: usize,
+    /// Indices up to this many bytes are extended on a copy that is then swapped in, so no
+    /// search waits for an insert; larger ones are extended in place under the head's
+    /// exclusive lock (a copy per batch would cost more memory traffic than the searches).
+    pub insert_copy_max_bytes: usize,
     /// Index parameters (graph and hnsw).
     pub params: IndexParams,
     /// Spread one layer's query heads over cores (rayon) during a retrieve.
@@ -35,6 +39,7 @@ impl Default for DecodeConfig {
             build_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             insert_batch: 64,
             insert_guide_queries: 16,
+            insert_copy_max_bytes: 16 << 20,
             params: IndexParams::default(),
             parallel_heads: true,
             tail_sample: 256,

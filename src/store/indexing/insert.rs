@@ -80,7 +80,11 @@ impl Session {
 
     /// One insert batch of KV head `g` of layer `l` (None: nothing waits, or no index). The
     /// guide queries (taken, so that each is used once) are prepared under the head's shared
-    /// lock, so searches go on meanwhile; the exclusive lock is held for the insert alone.
+    /// lock, so searches go on meanwhile. The insert itself runs on a copy of the index with
+    /// no lock held, and the copy is swapped in under the exclusive lock (see
+    /// [`insert_copy_on_write`]): no search waits for an insert. An index that cannot be
+    /// copied (hnsw), or is larger than `decode.insert_copy_max_bytes`, is extended in place
+    /// under the exclusive lock.
     fn insert_batch(
         &self,
         l: &LayerKv,
@@ -92,7 +96,7 @@ impl Session {
         let (s, d) = (self.shape, self.shape.head_dim as usize);
         let end = cfg.retrievable_end(l.len);
         let t = Instant::now();
-        let (from, to, keys, guide) = {
+        let (from, to, keys, guide, copy) = {
             let h = head.read().map_err(poisoned)?;
             let HeadIndex::Ready(index) = &*h else {
                 return Ok(None);
@@ -110,23 +114,38 @@ impl Session {
             } else {
                 index.guide_insert(&keys, &q)?
             };
-            (from, to, keys, guide)
+            let copy = (index.memory_bytes() <= cfg.insert_copy_max_bytes)
+                .then(|| index.try_clone_box())
+                .flatten()
+                .map(|c| (c, origin_of(index.as_ref()), index.len()));
+            (from, to, keys, guide, copy)
         };
         let guide_secs = t.elapsed().as_secs_f64();
-        let mut h = head.write().map_err(poisoned)?;
-        let HeadIndex::Ready(index) = &mut *h else {
-            return Ok(None);
-        };
         let t = Instant::now();
-        // A rebuild replaced the index meanwhile: the next round starts over from its length.
-        let inserted = cfg.sinks + index.len() == from;
-        if inserted {
+        let insert = |index: &mut dyn MipsIndexMut| -> Result<()> {
             if guide.is_empty() {
                 index.insert(&keys)?;
             } else {
                 index.insert_guided(&keys, &guide)?;
             }
-        }
+            Ok(())
+        };
+        let inserted = match copy {
+            Some((copy, origin, len)) => insert_copy_on_write(head, copy, (origin, len), insert)?,
+            None => {
+                let mut h = head.write().map_err(poisoned)?;
+                let HeadIndex::Ready(index) = &mut *h else {
+                    return Ok(None);
+                };
+                // A rebuild replaced the index meanwhile: the next round starts over from its
+                // length.
+                let same = cfg.sinks + index.len() == from;
+                if same {
+                    insert(index.as_mut())?;
+                }
+                same
+            }
+        };
         Ok(Some(BatchDone {
             inserted,
             more: to < end || !inserted,
@@ -137,6 +156,40 @@ impl Session {
     }
 }
 
+/// The address of an index, to tell after an insert whether a rebuild replaced it.
+fn origin_of(index: &dyn MipsIndexMut) -> usize {
+    index as *const dyn MipsIndexMut as *const () as usize
+}
+
+/// Runs `insert` on `copy` (a copy of the head's index at address `origin`, `len` keys) with
+/// no lock held, so searches go on over the original meanwhile, then swaps the copy in under
+/// the exclusive lock, held for the swap alone; the original is freed after the lock is
+/// released. Returns false, dropping the copy, when a rebuild replaced the original meanwhile
+/// (a different index, or one of another length): the caller retries against the new one.
+/// (A rebuild's index is allocated while the one it replaces is alive, so it cannot reuse the
+/// original's address; only two rebuilds within one batch could, and then the length must
+/// match too.)
+fn insert_copy_on_write(
+    head: &RwLock<HeadIndex>,
+    mut copy: Box<dyn MipsIndexMut>,
+    (origin, len): (usize, usize),
+    insert: impl FnOnce(&mut dyn MipsIndexMut) -> Result<()>,
+) -> Result<bool> {
+    insert(copy.as_mut())?;
+    let original = {
+        let mut h = head.write().map_err(poisoned)?;
+        let HeadIndex::Ready(index) = &mut *h else {
+            return Ok(false);
+        };
+        if origin_of(index.as_ref()) != origin || index.len() != len {
+            return Ok(false);
+        }
+        std::mem::replace(index, copy)
+    };
+    drop(original);
+    Ok(true)
+}
+
 /// What one insert batch did.
 struct BatchDone {
     /// The batch went in.
@@ -145,7 +198,95 @@ struct BatchDone {
     more: bool,
     /// Guide queries it used.
     guides: usize,
-    /// Seconds preparing the guide (shared lock), and inserting (exclusive lock).
+    /// Seconds preparing the guide (shared lock), and inserting (on a copy, or in place under
+    /// the exclusive lock).
     guide_secs: f64,
     insert_secs: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvdex_index::keys::{KeyRows, KeySlice};
+    use kvdex_index::FlatIndex;
+
+    fn head_of(len: usize) -> RwLock<HeadIndex> {
+        let mut f = FlatIndex::new(0);
+        let keys = vec![0f32; len];
+        let slice = KeySlice::new(KeyRows::F32(&keys), 1).expect("keys");
+        kvdex_index::MipsIndexMut::insert(&mut f, &slice).expect("insert");
+        RwLock::new(HeadIndex::Ready(Box::new(f)))
+    }
+
+    fn copy_of(head: &RwLock<HeadIndex>) -> (Box<dyn MipsIndexMut>, (usize, usize)) {
+        let h = head.read().expect("lock");
+        let HeadIndex::Ready(index) = &*h else {
+            panic!("not ready")
+        };
+        let copy = index.try_clone_box().expect("flat copies");
+        (copy, (origin_of(index.as_ref()), index.len()))
+    }
+
+    #[test]
+    fn the_insert_runs_with_no_lock_held_and_the_copy_is_swapped_in() {
+        let head = head_of(10);
+        let (copy, origin) = copy_of(&head);
+        let keys = vec![0f32; 20];
+        let done = insert_copy_on_write(&head, copy, origin, |index| {
+            // A search (shared) and even a writer could take the lock now.
+            assert!(
+                head.try_write().is_ok(),
+                "the head is locked during the insert"
+            );
+            let slice = KeySlice::new(KeyRows::F32(&keys), 1)?;
+            index.insert(&slice)?;
+            Ok(())
+        })
+        .expect("insert");
+        assert!(done);
+        let h = head.read().expect("lock");
+        let HeadIndex::Ready(index) = &*h else {
+            panic!("not ready")
+        };
+        assert_eq!(index.len(), 20);
+    }
+
+    #[test]
+    fn a_rebuild_during_the_insert_wins_and_the_batch_is_retried() {
+        let head = head_of(10);
+        let (copy, origin) = copy_of(&head);
+        let done = insert_copy_on_write(&head, copy, origin, |_| {
+            // A rebuild installs a new index of the same length while the copy is extended.
+            let mut f = FlatIndex::new(0);
+            let keys = vec![0f32; 10];
+            kvdex_index::MipsIndexMut::insert(&mut f, &KeySlice::new(KeyRows::F32(&keys), 1)?)?;
+            *head.write().expect("lock") = HeadIndex::Ready(Box::new(f));
+            Ok(())
+        })
+        .expect("insert");
+        assert!(
+            !done,
+            "the copy of the replaced index must not be installed"
+        );
+        // A head that went back to exact scans (a rebuild under way) is left alone too.
+        let (copy, origin) = copy_of(&head);
+        *head.write().expect("lock") = HeadIndex::Exact;
+        assert!(!insert_copy_on_write(&head, copy, origin, |_| Ok(())).expect("insert"));
+        assert!(matches!(*head.read().expect("lock"), HeadIndex::Exact));
+    }
+
+    #[test]
+    fn a_failed_insert_leaves_the_original() {
+        let head = head_of(10);
+        let (copy, origin) = copy_of(&head);
+        let r = insert_copy_on_write(&head, copy, origin, |_| {
+            Err(KvdexError::BadRequest("boom".into()))
+        });
+        assert!(r.is_err());
+        let h = head.read().expect("lock");
+        let HeadIndex::Ready(index) = &*h else {
+            panic!("not ready")
+        };
+        assert_eq!(index.len(), 10);
+    }
 }
