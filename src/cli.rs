@@ -11,8 +11,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Top-level commands.
+/// Top-level commands. (Parsed once at start-up, so the variants' size difference costs
+/// nothing worth a box.)
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the daemon.
     Serve(crate::daemon::ServeArgs),
@@ -23,8 +25,9 @@ pub enum Command {
     GenSynth(crate::synth::SynthArgs),
 }
 
-/// `kvdex bench …`.
+/// `kvdex bench …` (parsed once, like [`Command`]).
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
 pub enum BenchCommand {
     /// Recall against cost of every index, on a data set.
     Recall(crate::bench::recall::RecallArgs),

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! kvdex: a sidecar daemon that keeps an LLM's KV cache in host memory and serves
 //! attention-aware retrieval from it.
 //!

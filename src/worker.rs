@@ -176,7 +176,7 @@ impl Worker {
 
     /// True once the thread has stopped serving.
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, |t| t.is_finished())
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Asks the thread to stop and waits for it (unless called from the worker thread itself,

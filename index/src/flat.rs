@@ -96,7 +96,7 @@ impl FlatIndex {
         outs: &mut [Hits],
     ) -> Result<SearchStats, IndexError> {
         let d = keys.dim();
-        if d == 0 || queries.len() % d != 0 || queries.is_empty() {
+        if d == 0 || !queries.len().is_multiple_of(d) || queries.is_empty() {
             return Err(IndexError::DimMismatch {
                 expected: d,
                 got: queries.len(),

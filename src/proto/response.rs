@@ -3,6 +3,8 @@
 use super::{decoded_elsewhere, put, short, u32_at, u64_at, Opcode};
 use crate::error::{KvdexError, Result};
 
+/// A decoded response body, borrowing its arrays from the completion's payload so the client
+/// reads results in place (one variant per request opcode that answers with data).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Response<'a> {
     /// The echoed bytes.

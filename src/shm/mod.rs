@@ -406,7 +406,7 @@ mod tests {
         let r = Region::create(&path, 4096).unwrap();
         let long = "é".repeat(200);
         let n = r.write_error(0, &long) as usize;
-        assert!(n <= ERR_BYTES && n % 2 == 0);
+        assert!(n <= ERR_BYTES && n.is_multiple_of(2));
         let mut buf = [0u8; ERR_BYTES];
         let len = r.read_error(0, n as u32, &mut buf);
         assert!(std::str::from_utf8(&buf[..len]).is_ok());

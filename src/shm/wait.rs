@@ -112,7 +112,7 @@ pub fn wait_watching(
                 return true;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 let spent = start.elapsed();
                 if spent >= policy.spin {
                     break;

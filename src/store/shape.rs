@@ -50,7 +50,7 @@ impl Shape {
                 "shape has a zero dimension: {self:?}"
             )));
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(KvdexError::BadRequest(format!(
                 "q_heads ({}) is not a multiple of kv_heads ({})",
                 self.q_heads, self.kv_heads

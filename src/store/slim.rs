@@ -176,7 +176,7 @@ impl Session {
             )));
         }
         let d = s.kv_heads as usize * s.head_dim as usize;
-        if rows.len() % d != 0 {
+        if !rows.len().is_multiple_of(d) {
             return Err(KvdexError::BadRequest(format!(
                 "set_wkv chunk of {} floats is not whole rows of D = kv_heads x head_dim = {d}",
                 rows.len()

@@ -30,7 +30,7 @@ pub struct Dispatcher {
 }
 
 fn check_range(what: &str, offset: u64, len: u64, arena: usize) -> Result<std::ops::Range<usize>> {
-    if offset % PAYLOAD_ALIGN != 0 {
+    if !offset.is_multiple_of(PAYLOAD_ALIGN) {
         return Err(KvdexError::BadRequest(format!(
             "{what}_offset {offset} is not a multiple of {PAYLOAD_ALIGN}"
         )));

@@ -197,7 +197,7 @@ mod tests {
         let p = BudgetParams::new(0.9, 1, 100).unwrap();
         // One dominant key: k = 1 covers > 0.9.
         let mut sharp = vec![10.0f32];
-        sharp.extend(std::iter::repeat(0.0).take(99));
+        sharp.extend(std::iter::repeat_n(0.0, 99));
         assert_eq!(
             choose_k(&sharp, f32::NEG_INFINITY, f32::NEG_INFINITY, &p)
                 .unwrap()

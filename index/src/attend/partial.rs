@@ -180,7 +180,7 @@ pub struct LayerShape {
 impl LayerShape {
     /// Validates the counts: all non-zero, `kv_heads` dividing `q_heads`.
     pub fn new(q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self, IndexError> {
-        if q_heads == 0 || kv_heads == 0 || head_dim == 0 || q_heads % kv_heads != 0 {
+        if q_heads == 0 || kv_heads == 0 || head_dim == 0 || !q_heads.is_multiple_of(kv_heads) {
             return Err(IndexError::BadShape(format!(
                 "q_heads {q_heads}, kv_heads {kv_heads}, head_dim {head_dim}: all must be \
                  non-zero and kv_heads must divide q_heads"

@@ -117,7 +117,7 @@ fn gather<T: Lanes>(q: &[f32], keys: &[T], dim: usize, ids: &[u32], out: &mut [f
 #[target_feature(enable = "avx2,fma,f16c")]
 fn group<T: Lanes>(qs: &[f32], keys: &[T], dim: usize, out: &mut [f32]) {
     let g = qs.len() / dim;
-    if g == 0 || dim % 8 != 0 {
+    if g == 0 || !dim.is_multiple_of(8) {
         for (j, q) in qs.chunks_exact(dim).enumerate() {
             let n = out.len() / g.max(1);
             block(q, keys, dim, &mut out[j * n..(j + 1) * n]);

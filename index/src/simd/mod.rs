@@ -152,7 +152,7 @@ impl Kernels {
     /// start+i>` with `n = out.len() / g`. Each key row is read from memory once for the group.
     pub fn group(&self, qs: &[f32], rows: KeyRows<'_>, dim: usize, start: usize, out: &mut [f32]) {
         out.fill(f32::NEG_INFINITY);
-        if dim == 0 || qs.len() % dim != 0 || qs.is_empty() {
+        if dim == 0 || !qs.len().is_multiple_of(dim) || qs.is_empty() {
             return;
         }
         let n = out.len() / (qs.len() / dim);

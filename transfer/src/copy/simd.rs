@@ -31,7 +31,7 @@ const INLINE_ROW_MAX_BYTES: usize = 512;
 #[inline]
 pub(super) unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize) {
     use std::arch::x86_64::{__m256i, _mm256_loadu_si256, _mm256_storeu_si256};
-    if len <= INLINE_ROW_MAX_BYTES && len % 32 == 0 {
+    if len <= INLINE_ROW_MAX_BYTES && len.is_multiple_of(32) {
         let mut i = 0;
         // SAFETY: `i + 32 <= len` for every access, inside both ranges (the caller's
         // contract); unaligned loads and stores are allowed.
@@ -104,7 +104,10 @@ pub(super) unsafe fn copy_stream_avx2(src: *const u8, dst: *mut u8, len: usize) 
     // SAFETY: the caller's contract; AVX2 is present; the line-aligned case is exactly what
     // `stream_lines_avx2` requires.
     unsafe {
-        if len < STREAM_MIN_RUN_BYTES && len % LINE == 0 && (dst as usize) % LINE == 0 {
+        if len < STREAM_MIN_RUN_BYTES
+            && len.is_multiple_of(LINE)
+            && (dst as usize).is_multiple_of(LINE)
+        {
             stream_lines_avx2(src, dst, len)
         } else {
             stream_other_avx2(src, dst, len)
