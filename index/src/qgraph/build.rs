@@ -16,7 +16,7 @@
 //! [`super::train`], step 3 in [`super::prune`].
 
 use super::connect::{connect, link_sequence};
-use super::prune::{key_norms, prune};
+use super::prune::{key_norms_from, prune, Norms};
 use super::train::{density_alpha, sparse_lerp, training_lists};
 use super::{GraphParams, QueryGuidedGraph};
 use crate::{IndexError, KeyStore, TrainingSignal};
@@ -53,7 +53,7 @@ pub fn build(
         ),
         ..params.clone()
     };
-    let norms = key_norms(keys);
+    let norms = key_norms_from(keys, 0);
     // Hub keys: most frequent in the training top lists (DESIGN.md, "hub entry points").
     let mut freq = vec![0u32; n];
     lists
@@ -78,9 +78,11 @@ pub fn build(
         params: params.clone(),
         edges: vec![0; n * m],
         deg: vec![0; n],
+        norms,
         entries,
         memory: Default::default(),
     };
+    let norms = &g.norms;
     g.edges
         .par_chunks_mut(m)
         .zip(g.deg.par_iter_mut())
@@ -93,7 +95,7 @@ pub fn build(
             c.retain(|&x| x as usize != p);
             let kept = prune(
                 keys,
-                &|i| norms[i as usize],
+                Norms::of_table(norms),
                 p as u32,
                 c,
                 m,

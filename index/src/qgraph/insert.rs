@@ -21,7 +21,7 @@
 
 use super::build::candidates;
 use super::connect::{connect, link_sequence};
-use super::prune::{norm_on_demand, prune};
+use super::prune::{prune, sq_norm, Norms};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::train::training_lists;
 use super::QueryGuidedGraph;
@@ -67,7 +67,8 @@ pub fn insert_with_queries(
     Ok(())
 }
 
-/// Adds empty slots for keys `g.len()..keys.len()`; returns the old length.
+/// Adds empty slots for keys `g.len()..keys.len()`, with their squared norms (each new row
+/// is read once, to refuse non-finite keys and for its norm); returns the old length.
 pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexError> {
     let (old, n, m) = (g.deg.len(), keys.len(), g.params.degree);
     if n < old {
@@ -76,14 +77,18 @@ pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usiz
         )));
     }
     let mut row = vec![0.0f32; keys.dim()];
+    let mut norms = Vec::with_capacity(n - old);
     for u in old..n {
         keys.row_f32(u as u32, &mut row);
         check_finite("key", &row)?;
+        norms.push(sq_norm(&row));
     }
     g.edges.reserve_exact((n - old) * m);
     g.deg.reserve_exact(n - old);
+    g.norms.reserve_exact(n - old);
     g.edges.resize(n * m, 0);
     g.deg.resize(n, 0);
+    g.norms.extend_from_slice(&norms);
     Ok(old)
 }
 
@@ -91,10 +96,10 @@ pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usiz
 /// edges and its candidates together, then takes reverse edges while it has room.
 fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) {
     let n = g.deg.len();
-    let norm = norm_on_demand(keys);
     let cands = candidates(lists, n, g.params.rank_window);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
+    let norms = Norms::of_table(&snap.norms);
     let updates: Vec<(u32, Vec<u32>)> = (0..n)
         .into_par_iter()
         .filter(|&p| !cands.of(p).is_empty())
@@ -104,7 +109,7 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            (p as u32, prune(keys, &norm, p as u32, &c, m, (alpha, fill)))
+            (p as u32, prune(keys, norms, p as u32, &c, m, (alpha, fill)))
         })
         .collect();
     for (p, a) in &updates {
@@ -129,7 +134,6 @@ pub(super) fn link_unlinked(
     let mut q = vec![0.0f32; d];
     let mut qscores = vec![0.0f32; g.memory.len()];
     let mut picks: Vec<(f32, usize)> = Vec::new();
-    let norm = norm_on_demand(keys);
     let w = g.params.rank_window.max(1);
     // Nodes that lost an edge into them with no replacement path (see `take_candidate`).
     let mut orphans: Vec<u32> = Vec::new();
@@ -200,7 +204,7 @@ pub(super) fn link_unlinked(
         // Step 4: u's out-edges, edges into u, reverse edges.
         let kept = prune(
             keys,
-            &norm,
+            Norms::of_table(&g.norms),
             uid,
             &cands,
             m,
@@ -209,7 +213,7 @@ pub(super) fn link_unlinked(
         g.set_neighbours(u, &kept);
         let mut into_u = false;
         for &c in &takers {
-            into_u |= take_candidate(g, keys, &norm, (c, uid), &mut orphans);
+            into_u |= take_candidate(g, keys, (c, uid), &mut orphans);
         }
         for &t in &kept {
             into_u |= g.link(t, uid);
@@ -238,7 +242,6 @@ pub(super) fn link_unlinked(
 fn take_candidate(
     g: &mut QueryGuidedGraph,
     keys: &dyn KeyStore,
-    norm: &dyn Fn(u32) -> f32,
     (c, u): (u32, u32),
     orphans: &mut Vec<u32>,
 ) -> bool {
@@ -249,7 +252,7 @@ fn take_candidate(
     pool.push(u);
     let kept = prune(
         keys,
-        norm,
+        Norms::of_table(&g.norms),
         c,
         &pool,
         g.params.degree,
