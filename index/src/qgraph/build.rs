@@ -16,7 +16,7 @@
 //! [`super::train`], step 3 in [`super::prune`].
 
 use super::connect::{connect, link_sequence};
-use super::prune::{key_norms_from, prune, Norms};
+use super::prune::{key_norms_from, prune, Norms, PruneScratch};
 use super::train::{density_alpha, sparse_lerp, training_lists};
 use super::{GraphParams, QueryGuidedGraph};
 use crate::{IndexError, KeyStore, TrainingSignal};
@@ -87,24 +87,28 @@ pub fn build(
         .par_chunks_mut(m)
         .zip(g.deg.par_iter_mut())
         .enumerate()
-        .for_each_init(Vec::new, |c, (p, (slot, deg))| {
-            c.clear();
-            c.extend_from_slice(cands.of(p));
-            c.sort_unstable();
-            c.dedup();
-            c.retain(|&x| x as usize != p);
-            let kept = prune(
-                keys,
-                Norms::of_table(norms),
-                p as u32,
-                c,
-                m,
-                (params.alpha, params.fill_degree),
-            );
-            let d = kept.len().min(m);
-            slot[..d].copy_from_slice(&kept[..d]);
-            *deg = d as u8;
-        });
+        .for_each_init(
+            || (Vec::new(), PruneScratch::default()),
+            |(c, s), (p, (slot, deg))| {
+                c.clear();
+                c.extend_from_slice(cands.of(p));
+                c.sort_unstable();
+                c.dedup();
+                c.retain(|&x| x as usize != p);
+                let kept = prune(
+                    keys,
+                    Norms::of_table(norms),
+                    p as u32,
+                    c,
+                    m,
+                    (params.alpha, params.fill_degree),
+                    s,
+                );
+                let d = kept.len().min(m);
+                slot[..d].copy_from_slice(&kept[..d]);
+                *deg = d as u8;
+            },
+        );
     drop(cands);
     // Reverse edges while the target has room (each node's own edges as they stand when it
     // is reached, reverse ones from earlier nodes included).

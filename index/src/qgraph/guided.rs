@@ -40,7 +40,7 @@
 use super::build::for_each_candidate;
 use super::connect::{connect, link_sequence};
 use super::insert::{grow, link_unlinked};
-use super::prune::{key_norms_from, prune, Norms};
+use super::prune::{key_norms_from, prune, Norms, PruneScratch};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
@@ -203,7 +203,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     groups
         .par_iter()
-        .map(|grp| {
+        .map_init(PruneScratch::default, |s, grp| {
             let node = grp[0].0;
             let before = g.neighbours(node).to_vec();
             let cands: Vec<u32> = grp.iter().map(|x| x.1).collect();
@@ -211,7 +211,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
             c.extend_from_slice(&before);
             c.sort_unstable();
             c.dedup();
-            let kept = prune(keys, norms, node, &c, m, (alpha, fill));
+            let kept = prune(keys, norms, node, &c, m, (alpha, fill), s).to_vec();
             NodeUpdate {
                 node,
                 cands,
@@ -229,6 +229,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
 /// no node with room (then a connectivity pass is due).
 fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate]) -> Vec<u32> {
     let norms = Norms::of_table(&g.norms);
+    let mut s = PruneScratch::default();
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let mut updates: Vec<(u32, Vec<u32>, Vec<u32>)> = Vec::with_capacity(plan.len());
     for up in plan {
@@ -240,7 +241,7 @@ fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate
             c.extend_from_slice(now);
             c.sort_unstable();
             c.dedup();
-            prune(keys, norms, up.node, &c, m, (alpha, fill))
+            prune(keys, norms, up.node, &c, m, (alpha, fill), &mut s).to_vec()
         };
         let dropped = now.iter().copied().filter(|x| !kept.contains(x)).collect();
         updates.push((up.node, kept, dropped));

@@ -21,7 +21,7 @@
 
 use super::build::candidates;
 use super::connect::{connect, link_sequence};
-use super::prune::{prune, sq_norm, Norms};
+use super::prune::{prune, sq_norm, Norms, PruneScratch};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::train::training_lists;
 use super::QueryGuidedGraph;
@@ -103,13 +103,14 @@ fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]
     let updates: Vec<(u32, Vec<u32>)> = (0..n)
         .into_par_iter()
         .filter(|&p| !cands.of(p).is_empty())
-        .map(|p| {
+        .map_init(PruneScratch::default, |s, p| {
             let mut c = cands.of(p).to_vec();
             c.extend_from_slice(snap.neighbours(p as u32));
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            (p as u32, prune(keys, norms, p as u32, &c, m, (alpha, fill)))
+            let kept = prune(keys, norms, p as u32, &c, m, (alpha, fill), s);
+            (p as u32, kept.to_vec())
         })
         .collect();
     for (p, a) in &updates {
@@ -135,6 +136,8 @@ pub(super) fn link_unlinked(
     let mut qscores = vec![0.0f32; g.memory.len()];
     let mut picks: Vec<(f32, usize)> = Vec::new();
     let w = g.params.rank_window.max(1);
+    let mut ps = PruneScratch::default();
+    let mut kept: Vec<u32> = Vec::new();
     // Nodes that lost an edge into them with no replacement path (see `take_candidate`).
     let mut orphans: Vec<u32> = Vec::new();
     for u in old..n {
@@ -202,18 +205,20 @@ pub(super) fn link_unlinked(
         takers.sort_unstable();
         takers.dedup();
         // Step 4: u's out-edges, edges into u, reverse edges.
-        let kept = prune(
+        kept.clear();
+        kept.extend_from_slice(prune(
             keys,
             Norms::of_table(&g.norms),
             uid,
             &cands,
             m,
             (g.params.alpha, g.params.fill_degree),
-        );
+            &mut ps,
+        ));
         g.set_neighbours(u, &kept);
         let mut into_u = false;
         for &c in &takers {
-            into_u |= take_candidate(g, keys, (c, uid), &mut orphans);
+            into_u |= take_candidate(g, keys, (c, uid), &mut orphans, &mut ps);
         }
         for &t in &kept {
             into_u |= g.link(t, uid);
@@ -244,6 +249,7 @@ fn take_candidate(
     keys: &dyn KeyStore,
     (c, u): (u32, u32),
     orphans: &mut Vec<u32>,
+    ps: &mut PruneScratch,
 ) -> bool {
     if g.link(c, u) {
         return true;
@@ -257,6 +263,7 @@ fn take_candidate(
         &pool,
         g.params.degree,
         (g.params.alpha, g.params.fill_degree),
+        ps,
     );
     if !kept.contains(&u) {
         return false;
