@@ -21,7 +21,7 @@
 
 use super::build::candidates;
 use super::connect::{connect, link_sequence};
-use super::prune::{prune, sq_norm, Norms, PruneScratch};
+use super::prune::{prune, prune_admits, sq_norm, Norms, PruneScratch};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::train::training_lists;
 use super::QueryGuidedGraph;
@@ -256,15 +256,17 @@ fn take_candidate(
     }
     let mut pool: Vec<u32> = g.neighbours(c).to_vec();
     pool.push(u);
-    let kept = prune(
+    let Some(kept) = prune_admits(
         keys,
         Norms::of_table(&g.norms),
-        c,
+        (c, u),
         &pool,
         g.params.degree,
         (g.params.alpha, g.params.fill_degree),
         ps,
-    );
+    ) else {
+        return false;
+    };
     if !kept.contains(&u) {
         return false;
     }

@@ -96,9 +96,42 @@ pub(crate) fn prune<'s>(
     p: u32,
     cands: &[u32],
     m: usize,
-    (alpha, fill): (f32, usize),
+    alpha_fill: (f32, usize),
     scratch: &'s mut PruneScratch,
 ) -> &'s [u32] {
+    prune_watching(keys, norms, (p, None), cands, m, alpha_fill, scratch);
+    &scratch.kept
+}
+
+/// [`prune`] of pivot `p`'s candidates when only a result that keeps `u` (one of them) is
+/// wanted: insert offers a new key u to a full node p, which keeps its edges unless u
+/// survives. Returns `None` as soon as u is known to be dropped, skipping the rest of the
+/// prune: at once when p's nearest candidate (always kept) occludes u, else when u's own turn
+/// finds it occluded. Otherwise the same edges as [`prune`], u among them or not.
+pub(crate) fn prune_admits<'s>(
+    keys: &dyn KeyStore,
+    norms: Norms<'_>,
+    (p, u): (u32, u32),
+    cands: &[u32],
+    m: usize,
+    alpha_fill: (f32, usize),
+    scratch: &'s mut PruneScratch,
+) -> Option<&'s [u32]> {
+    prune_watching(keys, norms, (p, Some(u)), cands, m, alpha_fill, scratch)
+        .then_some(&scratch.kept)
+}
+
+/// The prune itself; with a watched candidate u, returns false (result incomplete) once u is
+/// known not to be in the result.
+fn prune_watching(
+    keys: &dyn KeyStore,
+    norms: Norms<'_>,
+    (p, watch): (u32, Option<u32>),
+    cands: &[u32],
+    m: usize,
+    (alpha, fill): (f32, usize),
+    scratch: &mut PruneScratch,
+) -> bool {
     let PruneScratch {
         row,
         ip,
@@ -109,7 +142,7 @@ pub(crate) fn prune<'s>(
     } = scratch;
     kept.clear();
     if cands.is_empty() {
-        return kept;
+        return true;
     }
     let d = keys.dim();
     row.resize(d, 0.0);
@@ -126,6 +159,24 @@ pub(crate) fn prune<'s>(
             .map(|(i, (&c, &s))| (np + norms.get(c) - 2.0 * s, i as u32)),
     );
     let nearer = |a: &(f32, u32), b: &(f32, u32)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let fill = fill.min(m);
+    // A watched u is dropped for sure, with no fill to bring it back, when the nearest
+    // candidate (the first kept, whatever else happens) occludes it: the same test, on the
+    // same inner product, that u's own turn would make.
+    let watched = watch.and_then(|u| order.iter().find(|e| cands[e.1 as usize] == u));
+    if let (Some(&(dist_pu, iu)), Some(&first)) =
+        (watched, order.iter().min_by(|a, b| nearer(a, b)))
+    {
+        if fill == 0 && first.1 != iu {
+            let c0 = cands[first.1 as usize];
+            keys.row_f32(cands[iu as usize], row);
+            keys.score_ids(row, &[c0], &mut ip[..1]);
+            let nu = norms.get(cands[iu as usize]);
+            if alpha * (norms.get(c0) + nu - 2.0 * ip[0]) < dist_pu {
+                return false;
+            }
+        }
+    }
     kept_norm.clear();
     occluded.clear();
     let (mut done, mut slice) = (0, (FIRST_SLICE * m).max(1));
@@ -152,6 +203,9 @@ pub(crate) fn prune<'s>(
             if !is_occluded {
                 kept.push(c);
                 kept_norm.push(nc);
+            } else if Some(c) == watch && kept.len() >= fill {
+                // Occluded, and the fill will not bring it back: kept only grows.
+                return false;
             } else {
                 occluded.push(c);
             }
@@ -159,18 +213,17 @@ pub(crate) fn prune<'s>(
         done += take;
         slice *= 2;
     }
-    let fill = fill.min(m);
     if kept.len() < fill {
         // Nearest first: `occluded` is in distance order.
         let room = fill - kept.len();
         kept.extend(occluded.iter().take(room));
     }
-    kept
+    true
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{prune, Norms, PruneScratch};
+    use super::{prune, prune_admits, Norms, PruneScratch};
     use crate::keys::KeyRows;
     use crate::KeySlice;
 
@@ -261,6 +314,7 @@ mod tests {
             fresh: &table[500..],
         };
         let s = &mut PruneScratch::default();
+        let mut admitted = 0;
         for round in 0..60 {
             let p = rng.gen_range(0..n as u32);
             let len = [3usize, 40, 300, 599][round % 4];
@@ -273,6 +327,15 @@ mod tests {
             let af = ([1.0f32, 1.2][round / 2 % 2], [0usize, 8][round / 4 % 2]);
             let want = reference(&keys, p, &cands, m, af);
             assert_eq!(prune(&keys, norms, p, &cands, m, af, s), want.as_slice());
+            // Watching a candidate: the same edges, or None only when they leave it out.
+            let u = cands[rng.gen_range(0..cands.len())];
+            match prune_admits(&keys, norms, (p, u), &cands, m, af, s) {
+                Some(got) => assert_eq!(got, want.as_slice()),
+                None => assert!(!want.contains(&u), "round {round}: u {u} dropped but kept"),
+            }
+            admitted += usize::from(want.contains(&u));
         }
+        // Both outcomes were exercised.
+        assert!(admitted > 0 && admitted < 60, "admitted {admitted} of 60");
     }
 }
