@@ -162,9 +162,17 @@ pub(super) fn link_unlinked(
                     .enumerate()
                     .map(|(i, (&sc, &bar))| (sc - bar, i)),
             );
-            picks.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let qualified = picks.iter().take_while(|p| p.0 >= 0.0).count();
-            picks.truncate(qualified.clamp(1, g.params.insert_queries.max(1)));
+            // The best `take` margins in order (as a stable sort by margin, best first, would
+            // give them), without sorting the whole memory for every key.
+            let qualified = picks.iter().filter(|p| p.0 >= 0.0).count();
+            let take = qualified.clamp(1, g.params.insert_queries.max(1));
+            let better =
+                |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if take < picks.len() {
+                picks.select_nth_unstable_by(take - 1, better);
+                picks.truncate(take);
+            }
+            picks.sort_unstable_by(better);
         }
         // Step 3: candidates of u, and the nodes that take u as a candidate.
         let mut cands: Vec<u32> = Vec::new();

@@ -163,16 +163,16 @@ fn prune_watching(
     // A watched u is dropped for sure, with no fill to bring it back, when the nearest
     // candidate (the first kept, whatever else happens) occludes it: the same test, on the
     // same inner product, that u's own turn would make.
-    let watched = watch.and_then(|u| order.iter().find(|e| cands[e.1 as usize] == u));
-    if let (Some(&(dist_pu, iu)), Some(&first)) =
-        (watched, order.iter().min_by(|a, b| nearer(a, b)))
-    {
-        if fill == 0 && first.1 != iu {
-            let c0 = cands[first.1 as usize];
-            keys.row_f32(cands[iu as usize], row);
+    let watched = watch
+        .filter(|_| fill == 0)
+        .and_then(|u| order.iter().find(|e| cands[e.1 as usize] == u));
+    if let Some(&(dist_pu, iu)) = watched {
+        let first = order.iter().min_by(|a, b| nearer(a, b)).map_or(iu, |e| e.1);
+        if first != iu {
+            let (c0, cu) = (cands[first as usize], cands[iu as usize]);
+            keys.row_f32(cu, row);
             keys.score_ids(row, &[c0], &mut ip[..1]);
-            let nu = norms.get(cands[iu as usize]);
-            if alpha * (norms.get(c0) + nu - 2.0 * ip[0]) < dist_pu {
+            if alpha * (norms.get(c0) + norms.get(cu) - 2.0 * ip[0]) < dist_pu {
                 return false;
             }
         }
