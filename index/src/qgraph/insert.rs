@@ -278,7 +278,7 @@ fn take_candidate(
     if !kept.contains(&u) {
         return false;
     }
-    g.set_neighbours(c as usize, &kept);
+    g.set_neighbours(c as usize, kept);
     pool.pop(); // c's old targets
     for x in pool.into_iter().filter(|x| !kept.contains(x)) {
         if !g.link(u, x) {
