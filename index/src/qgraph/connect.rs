@@ -122,6 +122,7 @@ mod tests {
             },
             edges: vec![0; n * m],
             deg: vec![0; n],
+            norms: vec![0.0; n], // (connect reads no norms)
             entries: vec![0],
             memory: Default::default(),
         };

@@ -40,7 +40,7 @@
 use super::build::for_each_candidate;
 use super::connect::{connect, link_sequence};
 use super::insert::{grow, link_unlinked};
-use super::prune::{key_norms_of, norm_on_demand, prune};
+use super::prune::{key_norms_from, prune, Norms, PruneScratch};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::QueryGuidedGraph;
 use crate::error::check_finite;
@@ -194,22 +194,16 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
     pairs.sort_unstable();
     pairs.dedup();
     let groups: Vec<&[(u32, u32)]> = pairs.chunk_by(|a, b| a.0 == b.0).collect();
-    // Squared norms of every node a prune reads (the touched nodes, their candidates and
-    // their edges), computed once: sorted ids and their norms.
-    let mut ids: Vec<u32> = pairs.iter().flat_map(|&(p, c)| [p, c]).collect();
-    ids.extend(
-        groups
-            .iter()
-            .flat_map(|grp| g.neighbours(grp[0].0).iter().copied()),
-    );
-    ids.sort_unstable();
-    ids.dedup();
-    let norms = key_norms_of(keys, &ids);
-    let norm = |id: u32| ids.binary_search(&id).map_or(0.0, |i| norms[i]);
+    // The graph's norm table, and the norms of the keys it does not index yet (the batch).
+    let fresh = key_norms_from(keys, g.norms.len());
+    let norms = Norms {
+        indexed: &g.norms,
+        fresh: &fresh,
+    };
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     groups
         .par_iter()
-        .map(|grp| {
+        .map_init(PruneScratch::default, |s, grp| {
             let node = grp[0].0;
             let before = g.neighbours(node).to_vec();
             let cands: Vec<u32> = grp.iter().map(|x| x.1).collect();
@@ -217,7 +211,7 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
             c.extend_from_slice(&before);
             c.sort_unstable();
             c.dedup();
-            let kept = prune(keys, &norm, node, &c, m, (alpha, fill));
+            let kept = prune(keys, norms, node, &c, m, (alpha, fill), s).to_vec();
             NodeUpdate {
                 node,
                 cands,
@@ -234,7 +228,8 @@ fn plan_merge(g: &QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) -> 
 /// candidate takes a reverse edge while it has room. Returns the dropped targets that found
 /// no node with room (then a connectivity pass is due).
 fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate]) -> Vec<u32> {
-    let norm = norm_on_demand(keys);
+    let norms = Norms::of_table(&g.norms);
+    let mut s = PruneScratch::default();
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let mut updates: Vec<(u32, Vec<u32>, Vec<u32>)> = Vec::with_capacity(plan.len());
     for up in plan {
@@ -246,7 +241,7 @@ fn apply_merge(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, plan: &[NodeUpdate
             c.extend_from_slice(now);
             c.sort_unstable();
             c.dedup();
-            prune(keys, &norm, up.node, &c, m, (alpha, fill))
+            prune(keys, norms, up.node, &c, m, (alpha, fill), &mut s).to_vec()
         };
         let dropped = now.iter().copied().filter(|x| !kept.contains(x)).collect();
         updates.push((up.node, kept, dropped));

@@ -21,7 +21,7 @@
 
 use super::build::candidates;
 use super::connect::{connect, link_sequence};
-use super::prune::{norm_on_demand, prune};
+use super::prune::{prune, prune_admits, sq_norm, Norms, PruneScratch};
 use super::search::{beam_search, Adjacency, GraphScratch};
 use super::train::training_lists;
 use super::QueryGuidedGraph;
@@ -67,7 +67,8 @@ pub fn insert_with_queries(
     Ok(())
 }
 
-/// Adds empty slots for keys `g.len()..keys.len()`; returns the old length.
+/// Adds empty slots for keys `g.len()..keys.len()`, with their squared norms (each new row
+/// is read once, to refuse non-finite keys and for its norm); returns the old length.
 pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usize, IndexError> {
     let (old, n, m) = (g.deg.len(), keys.len(), g.params.degree);
     if n < old {
@@ -76,14 +77,18 @@ pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usiz
         )));
     }
     let mut row = vec![0.0f32; keys.dim()];
+    let mut norms = Vec::with_capacity(n - old);
     for u in old..n {
         keys.row_f32(u as u32, &mut row);
         check_finite("key", &row)?;
+        norms.push(sq_norm(&row));
     }
     g.edges.reserve_exact((n - old) * m);
     g.deg.reserve_exact(n - old);
+    g.norms.reserve_exact(n - old);
     g.edges.resize(n * m, 0);
     g.deg.resize(n, 0);
+    g.norms.extend_from_slice(&norms);
     Ok(old)
 }
 
@@ -91,20 +96,21 @@ pub(super) fn grow(g: &mut QueryGuidedGraph, keys: &dyn KeyStore) -> Result<usiz
 /// edges and its candidates together, then takes reverse edges while it has room.
 fn merge_lists(g: &mut QueryGuidedGraph, keys: &dyn KeyStore, lists: &[Vec<u32>]) {
     let n = g.deg.len();
-    let norm = norm_on_demand(keys);
     let cands = candidates(lists, n, g.params.rank_window);
     let (m, alpha, fill) = (g.params.degree, g.params.alpha, g.params.fill_degree);
     let snap: &QueryGuidedGraph = g;
+    let norms = Norms::of_table(&snap.norms);
     let updates: Vec<(u32, Vec<u32>)> = (0..n)
         .into_par_iter()
         .filter(|&p| !cands.of(p).is_empty())
-        .map(|p| {
+        .map_init(PruneScratch::default, |s, p| {
             let mut c = cands.of(p).to_vec();
             c.extend_from_slice(snap.neighbours(p as u32));
             c.sort_unstable();
             c.dedup();
             c.retain(|&x| x as usize != p);
-            (p as u32, prune(keys, &norm, p as u32, &c, m, (alpha, fill)))
+            let kept = prune(keys, norms, p as u32, &c, m, (alpha, fill), s);
+            (p as u32, kept.to_vec())
         })
         .collect();
     for (p, a) in &updates {
@@ -129,8 +135,9 @@ pub(super) fn link_unlinked(
     let mut q = vec![0.0f32; d];
     let mut qscores = vec![0.0f32; g.memory.len()];
     let mut picks: Vec<(f32, usize)> = Vec::new();
-    let norm = norm_on_demand(keys);
     let w = g.params.rank_window.max(1);
+    let mut ps = PruneScratch::default();
+    let mut kept: Vec<u32> = Vec::new();
     // Nodes that lost an edge into them with no replacement path (see `take_candidate`).
     let mut orphans: Vec<u32> = Vec::new();
     for u in old..n {
@@ -155,9 +162,17 @@ pub(super) fn link_unlinked(
                     .enumerate()
                     .map(|(i, (&sc, &bar))| (sc - bar, i)),
             );
-            picks.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let qualified = picks.iter().take_while(|p| p.0 >= 0.0).count();
-            picks.truncate(qualified.clamp(1, g.params.insert_queries.max(1)));
+            // The best `take` margins in order (as a stable sort by margin, best first, would
+            // give them), without sorting the whole memory for every key.
+            let qualified = picks.iter().filter(|p| p.0 >= 0.0).count();
+            let take = qualified.clamp(1, g.params.insert_queries.max(1));
+            let better =
+                |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if take < picks.len() {
+                picks.select_nth_unstable_by(take - 1, better);
+                picks.truncate(take);
+            }
+            picks.sort_unstable_by(better);
         }
         // Step 3: candidates of u, and the nodes that take u as a candidate.
         let mut cands: Vec<u32> = Vec::new();
@@ -198,18 +213,20 @@ pub(super) fn link_unlinked(
         takers.sort_unstable();
         takers.dedup();
         // Step 4: u's out-edges, edges into u, reverse edges.
-        let kept = prune(
+        kept.clear();
+        kept.extend_from_slice(prune(
             keys,
-            &norm,
+            Norms::of_table(&g.norms),
             uid,
             &cands,
             m,
             (g.params.alpha, g.params.fill_degree),
-        );
+            &mut ps,
+        ));
         g.set_neighbours(u, &kept);
         let mut into_u = false;
         for &c in &takers {
-            into_u |= take_candidate(g, keys, &norm, (c, uid), &mut orphans);
+            into_u |= take_candidate(g, keys, (c, uid), &mut orphans, &mut ps);
         }
         for &t in &kept {
             into_u |= g.link(t, uid);
@@ -238,27 +255,30 @@ pub(super) fn link_unlinked(
 fn take_candidate(
     g: &mut QueryGuidedGraph,
     keys: &dyn KeyStore,
-    norm: &dyn Fn(u32) -> f32,
     (c, u): (u32, u32),
     orphans: &mut Vec<u32>,
+    ps: &mut PruneScratch,
 ) -> bool {
     if g.link(c, u) {
         return true;
     }
     let mut pool: Vec<u32> = g.neighbours(c).to_vec();
     pool.push(u);
-    let kept = prune(
+    let Some(kept) = prune_admits(
         keys,
-        norm,
-        c,
+        Norms::of_table(&g.norms),
+        (c, u),
         &pool,
         g.params.degree,
         (g.params.alpha, g.params.fill_degree),
-    );
+        ps,
+    ) else {
+        return false;
+    };
     if !kept.contains(&u) {
         return false;
     }
-    g.set_neighbours(c as usize, &kept);
+    g.set_neighbours(c as usize, kept);
     pool.pop(); // c's old targets
     for x in pool.into_iter().filter(|x| !kept.contains(x)) {
         if !g.link(u, x) {
