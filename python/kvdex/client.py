@@ -281,10 +281,10 @@ class Session:
                  scale: Optional[float] = None) -> Retrieved:
         """The decode-step request for ``layer``, all query heads at once.
 
-        The daemon searches the non-static tokens (``sinks .. len - window`` of its decode
-        configuration) through the layer's index (an exact scan before a build, and for tokens
-        not inserted yet), picks the budget, and computes the partial attention and/or copies
-        the chosen K/V rows.
+        The daemon searches the non-static tokens (``sinks .. len - window``: the session's own
+        values from :meth:`Client.create_session`, or the daemon's ``[decode]`` ones) through
+        the layer's index (an exact scan before a build, and for tokens not inserted yet), picks
+        the budget, and computes the partial attention and/or copies the chosen K/V rows.
 
         Args:
             q: ``[q_heads, head_dim]`` the step's queries (post-RoPE), converted to float32.
@@ -434,7 +434,8 @@ class Client:
 
     def create_session(self, layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str = "f16",
                        payload_bytes: Optional[int] = None, *, slim: bool = False,
-                       slim_rope: Optional[Tuple[float, int]] = None) -> Session:
+                       slim_rope: Optional[Tuple[float, int]] = None, sinks: Optional[int] = None,
+                       window: Optional[int] = None) -> Session:
         """Creates a session and attaches its shared-memory region.
 
         Args:
@@ -447,17 +448,28 @@ class Client:
                 appending to it; ``/stats`` reports the bytes saved.
             slim_rope: ``(theta, rope_dim)`` when the stored keys are post-RoPE (undone before
                 ``K @ W_KV``).
+            sinks: S, the first tokens of every layer that the engine keeps and retrieval never
+                returns; the daemon's ``[decode] sinks`` when ``None``. It must equal what the
+                engine attends to itself (e.g. 4 for a StreamingLLM-tuned model), or the merge
+                counts tokens twice or never.
+            window: W, the most recent tokens that the engine keeps and retrieval never returns;
+                the daemon's ``[decode] window`` when ``None``. ``GET /v1/sessions/{id}`` and
+                ``/stats`` report the values a session uses.
 
         Raises:
-            kvdex.BadRequestError: a bad shape or dtype, or ``slim`` for a GQA shape, with the
-            daemon's message; kvdex.BudgetError: no room for another session.
+            kvdex.BadRequestError: a bad shape or dtype, ``slim`` for a GQA shape, or ``sinks``
+            or ``window`` negative or over 2**24, with the daemon's message; kvdex.BudgetError:
+            no room for another session.
         """
         layers, q_heads, kv_heads, head_dim = (_u32(x, name) for x, name in (
             (layers, "layers"), (q_heads, "q_heads"), (kv_heads, "kv_heads"), (head_dim, "head_dim")))
         if payload_bytes is not None:
             payload_bytes = _u32(payload_bytes, "payload_bytes", 2**64 - 1)
+        # The daemon checks the bound (MAX_STATIC_TOKENS) and names the field; here only the type.
+        sinks, window = (None if x is None else _u32(x, name, 2**64 - 1)
+                         for x, name in ((sinks, "sinks"), (window, "window")))
         return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
-                                              slim, slim_rope), slim=slim)
+                                              slim, slim_rope, sinks, window), slim=slim)
 
 
 def connect(url: str) -> Client:

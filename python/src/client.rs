@@ -36,8 +36,9 @@ impl Client {
 
     /// Creates a session (HTTP POST) and attaches its shared-memory region.
     /// `slim`: store K alone (MHA only), with `slim_rope = (theta, rope_dim)` when the keys
-    /// are stored post-RoPE.
-    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None, slim = false, slim_rope = None))]
+    /// are stored post-RoPE. `sinks` and `window`: the session's own static tokens (the
+    /// daemon's `[decode]` values when `None`).
+    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None, slim = false, slim_rope = None, sinks = None, window = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn create_session(
         &self,
@@ -50,6 +51,8 @@ impl Client {
         payload_bytes: Option<u64>,
         slim: bool,
         slim_rope: Option<(f64, usize)>,
+        sinks: Option<u64>,
+        window: Option<u64>,
     ) -> PyResult<Session> {
         let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         shape.validate().map_err(|e| to_py(py, e))?;
@@ -63,6 +66,8 @@ impl Client {
         let opts = SessionOptions {
             payload_bytes,
             slim,
+            sinks,
+            window,
             ..Default::default()
         };
         let handle = py

@@ -66,8 +66,7 @@ pub(super) fn create(
     agent: &ureq::Agent,
     base_url: &str,
     shape: &Shape,
-    payload_bytes: Option<u64>,
-    slim: Option<&crate::store::SlimSpec>,
+    opts: &super::SessionOptions,
 ) -> Result<CreatedSession> {
     let route = format!("{base_url}/v1/sessions");
     let mut body = serde_json::json!({
@@ -77,10 +76,16 @@ pub(super) fn create(
         "head_dim": shape.head_dim,
         "dtype": crate::store::dtype_serde::name(shape.dtype),
     });
-    if let Some(p) = payload_bytes {
-        body["payload_bytes"] = p.into();
+    for (key, value) in [
+        ("payload_bytes", opts.payload_bytes),
+        ("sinks", opts.sinks),
+        ("window", opts.window),
+    ] {
+        if let Some(v) = value {
+            body[key] = v.into();
+        }
     }
-    if let Some(slim) = slim {
+    if let Some(slim) = &opts.slim {
         body["slim"] = true.into();
         if let Some(r) = slim.rope {
             body["slim_rope"] = serde_json::json!({ "theta": r.theta, "rope_dim": r.rope_dim });

@@ -45,6 +45,12 @@ pub struct SessionOptions {
     /// Slim mode (MHA only): the daemon stores K alone; upload each layer's W_KV with
     /// [`SessionHandle::set_wkv`] before appending to it.
     pub slim: Option<crate::store::SlimSpec>,
+    /// S: the first tokens of every layer the engine keeps and retrieval never returns; the
+    /// daemon's `decode.sinks` when `None`. Must equal what the engine attends to itself.
+    pub sinks: Option<u64>,
+    /// W: the most recent tokens the engine keeps and retrieval never returns; the daemon's
+    /// `decode.window` when `None`.
+    pub window: Option<u64>,
 }
 
 /// A connection to a daemon's control plane.
@@ -71,13 +77,7 @@ impl Client {
 
     /// Creates a session of `shape` over HTTP, then maps and attaches its region.
     pub fn create_session(&self, shape: Shape, opts: SessionOptions) -> Result<SessionHandle> {
-        let created = http::create(
-            &self.agent,
-            &self.base_url,
-            &shape,
-            opts.payload_bytes,
-            opts.slim.as_ref(),
-        )?;
+        let created = http::create(&self.agent, &self.base_url, &shape, &opts)?;
         let token = parse_token(&created.token)?;
         let http = http::HttpSession {
             agent: self.agent.clone(),

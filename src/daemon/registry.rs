@@ -14,7 +14,9 @@ use super::dataplane::{DataPlane, DataPlaneSpec, ExitNotice, Serving};
 use crate::config::{Config, MIN_PAYLOAD_BYTES};
 use crate::error::{KvdexError, Result};
 use crate::metrics::Metrics;
-use crate::store::{dtype_serde, LayerStats, Session, Shape, SlimSpec, SlimStats, Store};
+use crate::store::{
+    dtype_serde, LayerStats, Session, SessionSpec, Shape, SlimSpec, SlimStats, Store,
+};
 use kvdex_index::attend::RopeSpec;
 
 /// Bytes of a session token: 128 bits from the OS RNG.
@@ -43,6 +45,14 @@ pub struct CreateRequest {
     /// RoPE of the keys a Slim session stores, undone before K·W_KV (absent: pre-RoPE keys).
     #[serde(default)]
     pub slim_rope: Option<SlimRope>,
+    /// S: the first tokens of every layer the engine keeps, never retrieved; the daemon's
+    /// `decode.sinks` when absent. At most [`crate::config::MAX_STATIC_TOKENS`].
+    #[serde(default)]
+    pub sinks: Option<u64>,
+    /// W: the most recent tokens the engine keeps, never retrieved; the daemon's
+    /// `decode.window` when absent. At most [`crate::config::MAX_STATIC_TOKENS`].
+    #[serde(default)]
+    pub window: Option<u64>,
 }
 
 /// `"slim_rope": {"theta": 100000.0, "rope_dim": 64}` of `POST /v1/sessions`.
@@ -102,6 +112,11 @@ pub struct SessionInfo {
     pub reserved_bytes: u64,
     /// Seconds since creation.
     pub age_secs: f64,
+    /// S: the first tokens of every layer the engine keeps (the session's own, or the daemon's
+    /// `decode.sinks`).
+    pub sinks: usize,
+    /// W: the most recent tokens the engine keeps (the session's own, or `decode.window`).
+    pub window: usize,
     /// Per layer: tokens, capacity, index kind and index progress.
     pub layers: Vec<LayerStats>,
     /// Slim mode's memory account (absent for a K+V session).
@@ -239,7 +254,18 @@ impl Registry {
                 rope_dim: r.rope_dim,
             }),
         });
-        let session = Arc::new(self.store.session_with(shape, slim)?);
+        // A value past usize (32-bit targets) is refused by the store's bound like any other.
+        let statics = |v: Option<u64>| v.map(|v| usize::try_from(v).unwrap_or(usize::MAX));
+        let spec = SessionSpec {
+            slim,
+            sinks: statics(req.sinks),
+            window: statics(req.window),
+        };
+        let session = Arc::new(self.store.session_spec(shape, spec)?);
+        let (sinks, window) = (
+            session.decode_config().sinks,
+            session.decode_config().window,
+        );
         let mut id_bytes = [0u8; 8];
         let mut token = [0u8; TOKEN_BYTES];
         OsRng
@@ -282,7 +308,7 @@ impl Registry {
             },
         );
         self.metrics.sessions.set(map.len() as i64);
-        tracing::info!(%id, ?shape, payload_bytes, "session created");
+        tracing::info!(%id, ?shape, payload_bytes, sinks, window, "session created");
         Ok(Created {
             id,
             token: hex(&token),
@@ -330,6 +356,8 @@ impl Registry {
             resident_bytes: e.session.resident_bytes(),
             reserved_bytes: e.session.reserved_bytes(),
             age_secs: e.created.elapsed().as_secs_f64(),
+            sinks: e.session.decode_config().sinks,
+            window: e.session.decode_config().window,
             layers: e.session.layer_stats(),
             slim: e.session.slim_stats(),
         }

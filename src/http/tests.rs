@@ -471,3 +471,5 @@ fn long_request_targets_get_a_json_414() {
     assert_eq!((st, e), (414, Value::String(String::new())));
     assert_eq!(call(ureq::get(&format!("{}/healthz", s.base)), None).0, 200);
 }
+
+mod statics;

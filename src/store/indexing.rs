@@ -220,7 +220,7 @@ impl Session {
                 )));
             }
         }
-        let (group, sinks) = (s.group() as usize, self.store.decode.sinks);
+        let (group, sinks) = (s.group() as usize, self.decode.sinks);
         self.seal_with(layer, kind, |_, _| {
             Ok((0..s.kv_heads as usize)
                 .map(|g| {
@@ -304,7 +304,7 @@ impl Session {
     ) -> Result<()> {
         let s = self.shape;
         let d = s.head_dim as usize;
-        let cfg = self.store.decode.clone();
+        let cfg = self.decode.clone();
         let li = self.index_of(layer)?;
         let pool = self.store.pool.get(cfg.build_threads)?;
         let (copies, training) = {

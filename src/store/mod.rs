@@ -9,6 +9,8 @@
 //! - `layer`: one layer's arenas (contiguous, 64-byte aligned, per KV head) and its indices.
 //! - `shape`: a session's [`Shape`] and its limits.
 //! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
+//! - `spec`: what a session is created with beyond its shape ([`SessionSpec`]: Slim mode, its
+//!   own static tokens).
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
 //!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
 //!   (growth copies into a larger arena under it), searches and gathers its read lock.
@@ -21,6 +23,7 @@ mod layer;
 pub mod retrieve;
 mod shape;
 pub mod slim;
+mod spec;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
@@ -37,6 +40,7 @@ pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
 use layer::LayerKv;
 pub use shape::{dtype_serde, Shape};
 pub use slim::{SlimSpec, SlimStats};
+pub use spec::SessionSpec;
 
 use crate::error::{KvdexError, Result};
 
@@ -98,10 +102,25 @@ impl Store {
     /// A new empty session of `shape`, in Slim mode (K only, V recomputed from `W_KV`) when
     /// `slim` is given. Errors: a bad shape, or Slim mode asked for a GQA shape.
     pub fn session_with(&self, shape: Shape, slim: Option<SlimSpec>) -> Result<Session> {
+        self.session_spec(
+            shape,
+            SessionSpec {
+                slim,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// A new empty session of `shape` as `spec` asks: Slim mode, and static tokens of its own
+    /// (the store's decode settings otherwise). Errors: a bad shape, Slim mode asked for a GQA
+    /// shape, or static tokens over [`crate::config::MAX_STATIC_TOKENS`].
+    pub fn session_spec(&self, shape: Shape, spec: SessionSpec) -> Result<Session> {
         shape.validate()?;
+        let slim = spec.slim;
         if let Some(spec) = &slim {
             spec.validate(&shape)?;
         }
+        let decode = spec.decode_config(&self.decode)?;
         let layers = (0..shape.layers)
             .map(|_| {
                 let indices = (0..shape.q_heads)
@@ -117,6 +136,7 @@ impl Store {
                 .map(|_| LayerIndex::new(shape.kv_heads as usize))
                 .collect(),
             store: self.clone(),
+            decode,
             held: AtomicU64::new(0),
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
         })
@@ -140,6 +160,9 @@ pub struct Session {
     /// Per layer: the decode-path indices (per KV head) and their build state.
     index: Vec<LayerIndex>,
     store: Store,
+    /// The store's decode settings with this session's static tokens (shared with the store
+    /// when the session keeps its defaults): every decode-path use reads these.
+    decode: Arc<DecodeConfig>,
     /// Bytes reserved from the budget for this session's arenas; released on drop.
     held: AtomicU64,
     /// Slim mode: per-layer `W_KV` (None: K and V stored).
@@ -175,9 +198,10 @@ impl Session {
         &self.store.link
     }
 
-    /// The store's decode-path settings (static tokens, budgets).
+    /// This session's decode-path settings: the store's, with the session's own static tokens
+    /// (sinks, window) when it was created with them.
     pub fn decode_config(&self) -> &DecodeConfig {
-        &self.store.decode
+        &self.decode
     }
 
     /// Tokens stored for `layer`.

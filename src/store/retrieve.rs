@@ -185,7 +185,7 @@ impl Session {
             Budget::Fixed(k) => *k,
             Budget::Adaptive(p) => p.max_k,
         };
-        let cfg = &self.store.decode;
+        let cfg = &self.decode;
         let len = self.len(layer)?;
         Ok(want.min(cfg.retrievable_end(len) - cfg.sinks))
     }
@@ -225,7 +225,7 @@ impl Session {
         let stride = self.retrieve_stride(layer, &params.budget)?;
         let rb = s.row_bytes();
         check_out(&out, hq, d, stride, rb, params)?;
-        let cfg = &self.store.decode;
+        let cfg = &self.decode;
         let li = self.index_of(layer)?;
         let wkv = self.wkv(layer)?;
         let rope = self.slim.as_ref().and_then(|sl| sl.rope);

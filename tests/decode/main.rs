@@ -1,18 +1,21 @@
 //! The decode path through a real region and worker: seal, background build, retrieve with
 //! partial attention merged against full attention, adaptive budgets, incremental inserts,
-//! and bad input.
+//! bad input, and sessions with static tokens of their own through the real daemon.
 //!
 //! One test binary (each file under `tests/` links the whole crate): this file holds the
 //! harness the groups share (a session served by a real worker, filling it, waiting for a
 //! build, the merge-against-full-attention check); the groups are `retrieve`, `seal`,
-//! `slim` and `guide`.
+//! `slim`, `guide` and `statics`.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod guide;
 mod retrieve;
 mod seal;
 #[path = "../shm_common/mod.rs"]
 mod shm_common;
 mod slim;
+mod statics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -167,23 +170,42 @@ fn check_merge_is_exact(
     kv: usize,
     d: usize,
 ) {
+    check_merge_exact_with(every, &mut dc.h, (S, W), q, k, v, n, hq, kv, d);
+    // The rows were copied by the link's gather into the registered payload arena.
+    assert_eq!(dc.session.link().dest_stats().destinations, 1);
+}
+
+#[allow(clippy::too_many_arguments)]
+/// [`check_merge_is_exact`] for any session handle (one served by the daemon too) whose
+/// static tokens are `(sinks, window)`: the retrieve never returns one of them, and (`every`)
+/// returns every other token.
+fn check_merge_exact_with(
+    every: bool,
+    h: &mut SessionHandle,
+    (sinks, window): (usize, usize),
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    hq: usize,
+    kv: usize,
+    d: usize,
+) {
     let params = RetrieveParams {
         budget: Budget::Fixed(n),
         attend: true,
         gather: true,
         scale: None,
     };
-    let r = dc.h.retrieve(0, q, &params).unwrap();
-    // The rows were copied by the link's gather into the registered payload arena.
-    assert_eq!(dc.session.link().dest_stats().destinations, 1);
+    let r = h.retrieve(0, q, &params).unwrap();
     assert_eq!(
         r.header.stride as usize,
-        n - S - W,
+        n - sinks - window,
         "clamped to the retrievable tokens"
     );
     let (kv_out, kv_lse) = (r.out.to_vec(), r.lse.to_vec());
     let group = hq / kv;
-    let statics: Vec<usize> = (0..S).chain(n - W..n).collect();
+    let statics: Vec<usize> = (0..sinks).chain(n - window..n).collect();
     let (mut eng_out, mut eng_lse) = (vec![0f32; hq * d], vec![0f32; hq]);
     let mut want = vec![0f64; hq * d];
     for h in 0..hq {
@@ -193,13 +215,13 @@ fn check_merge_is_exact(
         sorted.dedup();
         assert_eq!(sorted.len(), ids.len(), "head {h}: no token twice");
         assert!(
-            sorted.iter().all(|t| (S..n - W).contains(t)),
+            sorted.iter().all(|t| (sinks..n - window).contains(t)),
             "head {h}: no static token"
         );
         if every {
             assert_eq!(
                 sorted,
-                (S..n - W).collect::<Vec<_>>(),
+                (sinks..n - window).collect::<Vec<_>>(),
                 "head {h}: every token"
             );
         }

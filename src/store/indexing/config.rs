@@ -3,7 +3,10 @@
 
 use super::*;
 
-/// Static-token and build settings shared by every session of a store.
+/// Static-token and build settings of a store. The build settings are shared by every session;
+/// `sinks` and `window` are the defaults a session may replace with its own
+/// ([`crate::store::SessionSpec`]), and a session's [`crate::store::Session::decode_config`]
+/// holds the values it uses.
 #[derive(Clone, Debug)]
 pub struct DecodeConfig {
     /// S: the first tokens of every layer, kept by the engine and never retrieved.

@@ -9,7 +9,7 @@ impl Session {
     /// Schedules a background insert of the tokens that left `layer`'s window since its index
     /// was built or last extended, when at least `insert_batch` are waiting. Never blocks.
     pub fn schedule_insert(self: &Arc<Self>, layer: u32) {
-        let cfg = &self.store.decode;
+        let cfg = &self.decode;
         let (Ok(li), Ok(len)) = (self.index_of(layer), self.len(layer)) else {
             return;
         };
@@ -92,7 +92,7 @@ impl Session {
         head: &RwLock<HeadIndex>,
         guides: &mut Vec<f32>,
     ) -> Result<Option<BatchDone>> {
-        let cfg = &self.store.decode;
+        let cfg = &self.decode;
         let (s, d) = (self.shape, self.shape.head_dim as usize);
         let end = cfg.retrievable_end(l.len);
         let t = Instant::now();
