@@ -29,3 +29,10 @@ def kvdex_bin() -> str:
         pytest.skip(f"no kvdex binary: {e}")
     finally:
         os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def daemon(kvdex_bin: str):
+    """A daemon on a free port for one test module (its sessions do not leak into others)."""
+    with kvdex.Daemon(binary=kvdex_bin) as d:
+        yield d

@@ -17,12 +17,6 @@ SCALE = 1.0 / np.sqrt(D)
 
 
 @pytest.fixture(scope="module")
-def daemon(kvdex_bin: str):
-    with kvdex.Daemon(binary=kvdex_bin) as d:
-        yield d
-
-
-@pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(7)
     k = rng.standard_normal((KV, N, D)).astype(np.float32)

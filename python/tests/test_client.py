@@ -18,12 +18,6 @@ import kvdex
 SHAPE = dict(layers=2, q_heads=4, kv_heads=2, head_dim=8)
 
 
-@pytest.fixture(scope="module")
-def daemon(kvdex_bin: str):
-    with kvdex.Daemon(binary=kvdex_bin) as d:
-        yield d
-
-
 def new_session(client: kvdex.Client, dtype: str = "f16") -> kvdex.Session:
     try:
         return client.create_session(dtype=dtype, **SHAPE)

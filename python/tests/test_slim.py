@@ -11,12 +11,6 @@ SINKS, WINDOW = 128, 512
 H, D, N = 2, 16, 1000
 
 
-@pytest.fixture(scope="module")
-def daemon(kvdex_bin: str):
-    with kvdex.Daemon(binary=kvdex_bin) as d:
-        yield d
-
-
 def slim_data():
     rng = np.random.default_rng(3)
     k = rng.standard_normal((H, N, D)).astype(np.float32)

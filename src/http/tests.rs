@@ -103,6 +103,18 @@ fn server(max_sessions: u64) -> Server {
 }
 
 /// (status, JSON body or the text as a JSON string).
+/// Creates a session of [`shape`]: the 201 body, its id and its token.
+fn create(s: &Server) -> (Value, String, String) {
+    let (st, created) = call(
+        ureq::post(&format!("{}/v1/sessions", s.base)),
+        Some(shape()),
+    );
+    assert_eq!(st, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let token = created["token"].as_str().unwrap().to_string();
+    (created, id, token)
+}
+
 fn call(req: ureq::Request, body: Option<Value>) -> (u16, Value) {
     let r = match body {
         Some(b) => req
@@ -130,13 +142,7 @@ fn shape() -> Value {
 #[test]
 fn session_lifecycle_with_tokens() {
     let s = server(8);
-    let (st, created) = call(
-        ureq::post(&format!("{}/v1/sessions", s.base)),
-        Some(shape()),
-    );
-    assert_eq!(st, 201, "{created}");
-    let id = created["id"].as_str().unwrap().to_string();
-    let token = created["token"].as_str().unwrap().to_string();
+    let (created, id, token) = create(&s);
     assert_eq!(token.len(), 32);
     assert!(created["shm_path"].as_str().unwrap().ends_with(&id));
     assert_eq!(created["payload_bytes"], json!(16777216));
@@ -386,13 +392,8 @@ fn unknown_routes_and_wrong_methods_get_json_errors() {
 #[test]
 fn a_closing_session_stays_listed_until_its_memory_is_released() {
     let s = server(8);
-    let (st, created) = call(
-        ureq::post(&format!("{}/v1/sessions", s.base)),
-        Some(shape()),
-    );
-    assert_eq!(st, 201, "{created}");
-    let id = created["id"].as_str().unwrap().to_string();
-    let auth = format!("Bearer {}", created["token"].as_str().unwrap());
+    let (_, id, token) = create(&s);
+    let auth = format!("Bearer {token}");
     let stats = || call(ureq::get(&format!("{}/stats", s.base)), None).1;
     // One token in layer 0 (2 KV heads x 8 f16): the layer reserves its first arena.
     let session = s.started.lock().unwrap()[0].upgrade().unwrap();
