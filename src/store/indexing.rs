@@ -74,11 +74,12 @@ pub struct BuildStatus {
     pub guided_inserts: u64,
     /// Decode queries handed to guided inserts.
     pub guide_queries: u64,
-    /// Seconds spent preparing guided inserts (approximate top lists of the guide queries),
-    /// under the KV head index's shared lock: searches go on meanwhile.
+    /// Seconds spent under the KV head index's shared lock before an insert (searches go on
+    /// meanwhile): the guide queries' approximate top lists and the copy of the index.
     pub guide_secs: f64,
-    /// Seconds spent in insert calls, holding a KV head index's exclusive lock (a search of
-    /// that head waits for at most one such call).
+    /// Seconds spent in insert calls: on the copy with no lock held, or, for an index over
+    /// `decode.insert_copy_max_bytes` (or hnsw), in place under the exclusive lock (a search
+    /// of that head then waits for at most one such call).
     pub insert_secs: f64,
 }
 
