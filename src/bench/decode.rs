@@ -81,10 +81,10 @@ pub struct DecodeArgs {
     /// Prefill query positions sampled for the graph build (per query head).
     #[arg(long, default_value_t = 1024)]
     pub train: usize,
-    /// S: sinks the engine keeps (passed to the daemon).
+    /// S: sinks the engine keeps (set on the session).
     #[arg(long, default_value_t = 128)]
     pub sinks: usize,
-    /// W: recent window the engine keeps (passed to the daemon).
+    /// W: recent window the engine keeps (set on the session).
     #[arg(long, default_value_t = 512)]
     pub window: usize,
     /// Graph beam width L (passed to the daemon; the daemon's default).

@@ -36,8 +36,6 @@ pub(super) fn start_daemon(exe: &std::path::Path, kv_bytes: u64, a: &DecodeArgs)
             "KVDEX_MEMORY__BUDGET_BYTES",
             (kv_bytes * 3 + (1 << 30)).to_string(),
         )
-        .env("KVDEX_DECODE__SINKS", a.sinks.to_string())
-        .env("KVDEX_DECODE__WINDOW", a.window.to_string())
         .env("KVDEX_DECODE__GRAPH_SEARCH_LIST", a.search_list.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -94,6 +92,8 @@ pub(super) fn create(
     let body = serde_json::json!({
         "layers": a.layers, "q_heads": a.q_heads, "kv_heads": a.kv_heads,
         "head_dim": a.head_dim, "dtype": "f16", "payload_bytes": payload,
+        // The static tokens the bench's engine side keeps, as an engine sets its own.
+        "sinks": a.sinks, "window": a.window,
     });
     let v: serde_json::Value = ureq::post(&format!("{}/v1/sessions", d.url))
         .set("Content-Type", "application/json")
