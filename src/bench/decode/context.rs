@@ -17,6 +17,9 @@ use crate::client::SessionHandle;
 use crate::error::{KvdexError, Result};
 use crate::store::retrieve::{Budget, RetrieveParams};
 
+/// Payload arena of every session the bench creates; appends are cut into blocks that fit it.
+pub(super) const PAYLOAD: u64 = 64 << 20;
+
 /// Runs every method on one context: one daemon, `a.sessions` sessions, one row per method.
 /// The first `n` tokens of `data` are appended before the steps (with `--append`, the rest
 /// one per step).
@@ -31,15 +34,14 @@ pub(super) fn run_context(
     let (sinks, window) = (a.sinks, a.window);
     let kv_bytes = (a.layers as usize * data.n * kv * d * 2 * 2) as u64;
     let daemon = start_daemon(exe, kv_bytes, a)?;
-    let payload: u64 = 64 << 20;
-    let (mut h, id, token) = create(&daemon, a, payload)?;
+    let (mut h, id, token) = create(&daemon, a, PAYLOAD)?;
     let t = Instant::now();
-    append_all(a, &mut h, &data, n, payload)?;
+    append_range(a, &mut h, &data, 0..n)?;
     let append_s = t.elapsed().as_secs_f64();
     let mut others = Vec::new();
     for _ in 1..a.sessions.max(1) {
-        let (mut o, oid, otoken) = create(&daemon, a, payload)?;
-        append_all(a, &mut o, &data, n, payload)?;
+        let (mut o, oid, otoken) = create(&daemon, a, PAYLOAD)?;
+        append_range(a, &mut o, &data, 0..n)?;
         others.push((o, oid, otoken));
     }
     let positions = crate::bench::decode_data::train_positions(n, a.train);
@@ -159,29 +161,20 @@ pub(super) fn run_context(
     Ok(())
 }
 
-/// Appends the first `n` tokens of `data` to every layer, in blocks that fit the arena:
+/// Appends tokens `range` of `data` to every layer, in blocks that fit the payload arena:
 /// `[kv][block][d]` K then V.
-pub(super) fn append_all(
-    a: &DecodeArgs,
-    h: &mut SessionHandle,
-    data: &Synth,
-    n: usize,
-    payload: u64,
-) -> Result<()> {
-    append_range(a, h, data, 0..n, payload)
-}
-
-/// Appends tokens `range` of `data` to every layer (see [`append_all`]).
 pub(super) fn append_range(
     a: &DecodeArgs,
     h: &mut SessionHandle,
     data: &Synth,
     range: std::ops::Range<usize>,
-    payload: u64,
 ) -> Result<()> {
     let (kv, d, total) = (a.kv_heads as usize, a.head_dim as usize, data.n);
     let n = range.end.min(total);
-    let block = ((payload as usize / 2) / (2 * kv * d * 2)).min(n).max(1);
+    // A block's K and V fill at most half the arena; a one-token append needs one row.
+    let block = ((PAYLOAD as usize / 2) / (2 * kv * d * 2))
+        .min(n.saturating_sub(range.start))
+        .max(1);
     let (mut kb, mut vb) = (
         Vec::with_capacity(kv * block * d),
         Vec::with_capacity(kv * block * d),

@@ -13,9 +13,6 @@ use crate::client::{merge, SessionHandle};
 use crate::error::Result;
 use crate::store::retrieve::RetrieveParams;
 
-/// The payload size `append_range` plans its blocks for (one token always fits).
-const APPEND_PAYLOAD: u64 = 64 << 20;
-
 /// The `p` quantile of `v` (sorted in place); NaN when empty.
 pub(super) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -57,7 +54,7 @@ pub(super) fn decode_steps(
     // Two warm-up steps, untimed.
     for step in 0..a.steps + 2 {
         if a.append && *len < data.n {
-            super::context::append_range(a, h, data, *len..*len + 1, APPEND_PAYLOAD)?;
+            super::context::append_range(a, h, data, *len..*len + 1)?;
             *len += 1;
         }
         let n = *len;
