@@ -8,10 +8,31 @@
 # `decode.parallel_heads` buys). KVDEX_CHECK_DECODE=0 skips that part (about 2-4 minutes).
 # GPU boxes often have no network: the build uses the cargo registry already on the machine
 # (run `cargo fetch` beforehand on a connected machine sharing ~/.cargo if needed).
+# A GPU box with no Rust toolchain at all: build on another x86-64 Linux machine with
+#   scripts/gpu-check.sh --prebuild DIR
+# (the release `kvdex` and kvdex-transfer's test binaries, stripped), copy DIR over, and run
+#   KVDEX_PREBUILT=DIR scripts/gpu-check.sh
+# With nvcc on the GPU box, it also times the mapped-memory gather kernel (scripts/gpu/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--prebuild" ]; then
+    dir="${2:?usage: scripts/gpu-check.sh --prebuild DIR}"
+    mkdir -p "$dir/tests"
+    cargo build --release --bin kvdex
+    strip -o "$dir/kvdex" target/release/kvdex
+    cargo test --release -p kvdex-transfer --no-run --message-format=json \
+        | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' \
+        | while read -r exe; do strip -o "$dir/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')" "$exe"; done
+    ls -la "$dir" "$dir/tests"
+    exit 0
+fi
 out="${OUT:-target/gpu-check}"
 mkdir -p "$out"
+prebuilt="${KVDEX_PREBUILT:-}"
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -19,48 +40,74 @@ else
     echo "warning: nvidia-smi not found; the CUDA tests will fail if no driver loads" >&2
 fi
 
-if ! command -v cargo >/dev/null 2>&1; then
-    if [ -x "$HOME/.cargo/bin/cargo" ]; then
-        export PATH="$HOME/.cargo/bin:$PATH"
-    else
-        cat >&2 <<'MSG'
+status=0
+if [ -n "$prebuilt" ]; then
+    kvdex="$prebuilt/kvdex"
+    echo "== CUDA tests (kvdex-transfer, prebuilt in $prebuilt, KVDEX_REQUIRE_CUDA=1)"
+    : >"$out/tests.txt"
+    for t in "$prebuilt"/tests/*; do
+        echo "-- $(basename "$t")" | tee -a "$out/tests.txt"
+        KVDEX_REQUIRE_CUDA=1 timeout 300 "$t" --nocapture 2>&1 | tee -a "$out/tests.txt" || status=1
+    done
+else
+    kvdex=./target/release/kvdex
+    if ! command -v cargo >/dev/null 2>&1; then
+        if [ -x "$HOME/.cargo/bin/cargo" ]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        else
+            cat >&2 <<'MSG'
 cargo is not installed here. Install a Rust toolchain (https://rustup.rs:
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
-or, without network, copy ~/.rustup and ~/.cargo from a machine that has them), then rerun.
+or, without network, copy ~/.rustup and ~/.cargo from a machine that has them), or build
+elsewhere with `scripts/gpu-check.sh --prebuild DIR` and rerun with KVDEX_PREBUILT=DIR.
 MSG
-        exit 2
+            exit 2
+        fi
     fi
-fi
 
-offline=()
-if ! timeout 5 bash -c 'exec 3<>/dev/tcp/index.crates.io/443' 2>/dev/null; then
-    offline=(--offline)
-    echo "no network: building with --offline from the local cargo registry"
-fi
+    offline=()
+    if ! timeout 5 bash -c 'exec 3<>/dev/tcp/index.crates.io/443' 2>/dev/null; then
+        offline=(--offline)
+        echo "no network: building with --offline from the local cargo registry"
+    fi
 
-# "${offline[@]+...}": an empty array under `set -u` is an error in bash < 4.4.
-echo "== build"
-cargo build --release ${offline[@]+"${offline[@]}"} --bin kvdex
-# A failing test must not stop the benchmarks: record its status, report it at the end.
-status=0
-echo "== CUDA tests (kvdex-transfer, KVDEX_REQUIRE_CUDA=1)"
-KVDEX_REQUIRE_CUDA=1 cargo test --release ${offline[@]+"${offline[@]}"} -p kvdex-transfer \
-    -- --nocapture 2>&1 | tee "$out/tests.txt" || status=1
+    # "${offline[@]+...}": an empty array under `set -u` is an error in bash < 4.4.
+    echo "== build"
+    cargo build --release ${offline[@]+"${offline[@]}"} --bin kvdex
+    # A failing test must not stop the benchmarks: record its status, report it at the end.
+    echo "== CUDA tests (kvdex-transfer, KVDEX_REQUIRE_CUDA=1)"
+    KVDEX_REQUIRE_CUDA=1 cargo test --release ${offline[@]+"${offline[@]}"} -p kvdex-transfer \
+        -- --nocapture 2>&1 | tee "$out/tests.txt" || status=1
+fi
 echo "== bench: cuda"
-./target/release/kvdex bench transfer --backend cuda --json | tee "$out/bench-cuda.jsonl" \
+"$kvdex" bench transfer --backend cuda --json | tee "$out/bench-cuda.jsonl" \
     || status=1
 echo "== bench: host (same machine, for reference)"
-./target/release/kvdex bench transfer --backend host --json | tee "$out/bench-host.jsonl" \
+"$kvdex" bench transfer --backend host --json | tee "$out/bench-host.jsonl" \
     || status=1
+
+if command -v nvcc >/dev/null 2>&1; then
+    echo "== gather kernel over mapped pinned memory (nvcc $(nvcc --version | grep -o 'release [0-9.]*'))"
+    if nvcc -O3 -arch=native -o "$out/gather_bench" scripts/gpu/gather_bench.cu 2>&1; then
+        timeout 120 "$out/gather_bench" | tee "$out/gather-kernel.jsonl" || status=1
+    else
+        status=1
+    fi
+    nvcc -ptx -arch=compute_80 -o "$out/gather_kernel.ptx" scripts/gpu/gather_kernel.cu || status=1
+fi
+
+echo "== decode through the daemon on the CUDA link (pinned arenas, gather)"
+timeout 180 "$kvdex" bench decode --context 32768 --steps 32 --gather --json \
+    | tee "$out/decode-32k-gather.jsonl" || status=1
 
 if [ "${KVDEX_CHECK_DECODE:-1}" != "0" ]; then
     # The issue-5 settings of BENCHMARKS.md ("Session 5", 128K), so the ratio compares.
     decode=(bench decode --context 131072 --steps 64 --coverage 0.98 --min-k 8 --max-k 64
             --search-list 256 --train 2048 --json)
     echo "== decode 128K, parallel heads ($(nproc) cores)"
-    ./target/release/kvdex "${decode[@]}" | tee "$out/decode-128k-parallel.jsonl" || status=1
+    timeout 300 "$kvdex" "${decode[@]}" | tee "$out/decode-128k-parallel.jsonl" || status=1
     echo "== decode 128K, heads in sequence"
-    KVDEX_DECODE__PARALLEL_HEADS=false ./target/release/kvdex "${decode[@]}" --methods graph \
+    KVDEX_DECODE__PARALLEL_HEADS=false timeout 200 "$kvdex" "${decode[@]}" --methods graph \
         | tee "$out/decode-128k-sequential.jsonl" || status=1
 fi
 
@@ -83,7 +130,7 @@ for path in sys.argv[1:]:
         if "overlap" in r:
             ok = "ok" if r["overlap"] <= 1.15 else "ABOVE 1.15x"
             ovl = f" overlap {r['overlap']:.2f}x ({ok})"
-        print(f"{r['backend']:5} {r['device'][:24]:24} {b:>8} B  {r['gbps']:7.2f} GB/s  "
+        print(f"{r['backend']:5} {r['device'][:34]:34} {b:>8} B  {r['gbps']:7.2f} GB/s  "
               f"limit {r['limit_gbps']:7.2f}  {ratio:6.1%}{ovl}  {target}")
 PY
 for f in "$out"/decode-128k-*.jsonl; do

@@ -147,7 +147,10 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
         _ => None,
     };
     let (link, device): (Arc<dyn DeviceLink>, String) = match &cuda_link {
-        Some(c) => (c.clone(), c.device_name().to_string()),
+        Some(c) => (
+            c.clone(),
+            format!("{} ({})", c.device_name(), c.gather_path()),
+        ),
         None => {
             let mut cfg = HostConfig::default();
             cfg.threads = args.threads.unwrap_or(cfg.threads);

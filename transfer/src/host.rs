@@ -260,6 +260,7 @@ impl DeviceLink for HostLink {
     fn register_ipc(
         &self,
         _mem: &IpcMemHandle,
+        _offset: usize,
         _len: usize,
         _event: Option<&IpcEventHandle>,
     ) -> Result<DestId, TransferError> {

@@ -92,12 +92,16 @@ pub trait DeviceLink: Send + Sync {
     /// that gather is in flight (until `poll` says done or `wait` returns).
     unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<DestId, TransferError>;
 
-    /// Opens an engine's GPU buffer of `len` bytes from its CUDA IPC handle (and, when the
-    /// engine asks for one, its IPC event) as a gather destination. The host link refuses
-    /// with [`TransferError::Unsupported`].
+    /// Opens an engine's GPU buffer from its CUDA IPC handle (and, when the engine asks for
+    /// one, its IPC event) as a gather destination: the `len` bytes at `offset` into the
+    /// allocation the handle names. The offset is there because an engine's caching allocator
+    /// (PyTorch's) hands out tensors inside larger allocations, and a handle always names the
+    /// whole allocation. A range past the allocation's end is refused with
+    /// [`TransferError::OutOfRange`]; the host link refuses with [`TransferError::Unsupported`].
     fn register_ipc(
         &self,
         mem: &IpcMemHandle,
+        offset: usize,
         len: usize,
         event: Option<&IpcEventHandle>,
     ) -> Result<DestId, TransferError>;

@@ -11,8 +11,9 @@ use crate::TransferError;
 pub const RUN_ALIGN: u64 = 16;
 
 /// One contiguous copy: `len` bytes from `src_offset` in an arena to `dst_offset` in a
-/// destination.
+/// destination. `repr(C)`: the CUDA gather kernel reads these as its descriptors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
 pub struct Run {
     /// Byte offset in the source arena.
     pub src_offset: u64,

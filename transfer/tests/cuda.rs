@@ -62,9 +62,19 @@ fn cuda_random_gathers_land_in_device_memory() {
     assert_eq!(src.backing(), Backing::CudaPinned);
     let host = fill(&src, 1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    // Single rows (staged), whole blocks (direct DMA), and batches spanning many chunks.
-    // (50,000 rows span several staging chunks: the double-buffered path.)
-    for &(n, max_units) in &[(1, 16), (50_000, 16), (300, 8192), (40, 100_000)] {
+    // Single rows, whole blocks, and batches spanning many chunks: 50,000 rows span several
+    // staging chunks (the double-buffered path), 100,000 rows more than one kernel launch's
+    // descriptors, runs up to 128 KiB and 1.6 MB are cut into kernel pieces, and runs up to
+    // 4.8 MB reach the DMA threshold.
+    eprintln!("gather path: {}", link.gather_path());
+    for &(n, max_units) in &[
+        (1, 16),
+        (50_000, 16),
+        (100_000, 16),
+        (300, 8192),
+        (40, 100_000),
+        (6, 300_000),
+    ] {
         let (runs, dst_len) = random_runs(&mut rng, src.len() as u64, n, max_units);
         assert!(n != 50_000 || dst_len > 2 * CHUNK_BYTES);
         let dst = link.alloc_device(dst_len as usize).unwrap();
@@ -155,7 +165,7 @@ fn cuda_bad_input_and_lifetimes() {
     );
     assert!(matches!(bad, Err(TransferError::Misaligned(_))));
     let e = link
-        .register_ipc(&kvdex_transfer::IpcMemHandle([0; 64]), 4096, None)
+        .register_ipc(&kvdex_transfer::IpcMemHandle([0; 64]), 0, 4096, None)
         .unwrap_err();
     assert!(
         matches!(

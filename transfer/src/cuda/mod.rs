@@ -3,6 +3,7 @@
 //! cudarc loads the driver at run time, so nothing here is needed to build or run without one.
 
 mod driver;
+mod kernel;
 mod staging;
 
 use std::ffi::{c_char, c_void};
@@ -14,6 +15,7 @@ use cudarc::driver::sys;
 pub(crate) use driver::free_pinned as free_pinned_raw;
 pub use driver::probe_driver_library;
 use driver::{check, no_panic, Handle};
+pub use kernel::DMA_BYTES;
 pub use staging::{CHUNK_BYTES, DIRECT_BYTES};
 
 use crate::arena::AllocTracker;
@@ -25,6 +27,7 @@ use crate::{
     check_runs, AllocStats, Arena, Backing, DestId, DeviceLink, IpcEventHandle, IpcMemHandle, Run,
     Ticket, TransferError,
 };
+use kernel::GatherKernel;
 use staging::Staging;
 
 /// The primary context of the device in use, made current before freeing pinned memory on
@@ -52,7 +55,10 @@ enum Dest {
     /// GPU memory: opened from an IPC handle (`ipc`), or allocated here (`cuMemAlloc`), with
     /// the engine's IPC event to record after each gather, if it sent one.
     Device {
+        /// Where gathers write: `base` plus the engine's offset into its allocation.
         ptr: sys::CUdeviceptr,
+        /// The allocation's start, which `cuIpcCloseMemHandle` / `cuMemFree` take.
+        base: sys::CUdeviceptr,
         ipc: bool,
         event: Option<Handle<sys::CUevent_st>>,
     },
@@ -79,6 +85,9 @@ pub struct CudaLink {
     device_name: String,
     stream: Handle<sys::CUstream_st>,
     staging: Mutex<Staging>,
+    /// The device gather kernel, used for pinned sources; `None` if it failed to load (then
+    /// pinned sources are packed through `staging` too). Locked after `staging`.
+    kernel: Option<Mutex<GatherKernel>>,
     tracker: Arc<AllocTracker>,
     dests: Registry<(Dest, u64)>,
     tickets: Arc<Tickets>,
@@ -130,6 +139,13 @@ impl CudaLink {
             sys::cuStreamCreate(&mut stream, flags)
         })?;
         let staging = Staging::new()?;
+        let kernel = match GatherKernel::new(dev) {
+            Ok(k) => Some(Mutex::new(k)),
+            Err(e) => {
+                tracing::warn!("CUDA gather kernel unavailable, packing through staging: {e}");
+                None
+            }
+        };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -145,6 +161,7 @@ impl CudaLink {
             device_name,
             stream: Handle(stream),
             staging: Mutex::new(staging),
+            kernel,
             tracker: Arc::new(AllocTracker::default()),
             dests: Registry::new(),
             host: HostEngine::new(
@@ -160,6 +177,17 @@ impl CudaLink {
     /// The device's name, as the driver reports it (for logs and benchmark reports).
     pub fn device_name(&self) -> &str {
         &self.device_name
+    }
+
+    /// How gathers from pinned arenas reach the device: `"kernel"` (the device gather kernel
+    /// reads mapped pinned memory) or `"staging"` (packed by the CPU, then copied), for logs
+    /// and benchmark reports.
+    pub fn gather_path(&self) -> &'static str {
+        if self.kernel.is_some() {
+            "kernel"
+        } else {
+            "staging"
+        }
     }
 
     fn make_current(&self) -> Result<(), TransferError> {
@@ -181,6 +209,7 @@ impl CudaLink {
         })?;
         let dest = Dest::Device {
             ptr,
+            base: ptr,
             ipc: false,
             event: None,
         };
@@ -237,9 +266,19 @@ impl CudaLink {
         let ticket = self.tickets.submit(false)?;
         let submitted = (|| {
             let mut staging = self.staging.lock().unwrap_or_else(PoisonError::into_inner);
-            // SAFETY: runs were checked against both buffers; the context is current; the
-            // arena stays alive until the callback below drops its use.
-            unsafe { staging.gather(self.stream, Some(&self.pool), src, runs, ptr)? };
+            match &self.kernel {
+                Some(kernel) if src.backing() == Backing::CudaPinned => {
+                    let mut kernel = kernel.lock().unwrap_or_else(PoisonError::into_inner);
+                    // SAFETY: runs were checked against both buffers (16-byte multiples);
+                    // `ptr` is 16-byte aligned (cuMemAlloc, or an IPC offset checked at
+                    // registration); pinned arenas are mapped (DEVICEMAP); the context is
+                    // current; the arena stays alive until the callback below drops its use.
+                    unsafe { kernel.gather(self.stream, src, runs, ptr)? }
+                }
+                // SAFETY: runs were checked against both buffers; the context is current; the
+                // arena stays alive until the callback below drops its use.
+                _ => unsafe { staging.gather(self.stream, Some(&self.pool), src, runs, ptr)? },
+            }
             if let Some(ev) = event {
                 // SAFETY: an opened IPC event and our stream.
                 check("cuEventRecord", unsafe {
@@ -274,7 +313,10 @@ impl CudaLink {
     }
 
     fn release(&self, dest: Dest) {
-        let Dest::Device { ptr, ipc, event } = dest else {
+        let Dest::Device {
+            base, ipc, event, ..
+        } = dest
+        else {
             return;
         };
         if self.make_current().is_err() {
@@ -287,9 +329,9 @@ impl CudaLink {
                 sys::cuEventDestroy_v2(ev.0);
             }
             if ipc {
-                ("cuIpcCloseMemHandle", sys::cuIpcCloseMemHandle(ptr))
+                ("cuIpcCloseMemHandle", sys::cuIpcCloseMemHandle(base))
             } else {
-                ("cuMemFree", sys::cuMemFree_v2(ptr))
+                ("cuMemFree", sys::cuMemFree_v2(base))
             }
         };
         if let Err(e) = check(call, rc) {
@@ -300,6 +342,8 @@ impl CudaLink {
 
 impl Drop for CudaLink {
     fn drop(&mut self) {
+        // The staging and kernel buffers are freed after this, on this thread.
+        let _ = self.make_current();
         for (dest, _) in self.dests.drain() {
             self.release(dest);
         }
@@ -368,6 +412,7 @@ impl DeviceLink for CudaLink {
     fn register_ipc(
         &self,
         mem: &IpcMemHandle,
+        offset: usize,
         len: usize,
         event: Option<&IpcEventHandle>,
     ) -> Result<DestId, TransferError> {
@@ -376,11 +421,38 @@ impl DeviceLink for CudaLink {
             reserved: mem.0.map(|b| b as c_char),
         };
         let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
-        let mut ptr = 0;
+        let mut base = 0;
         // SAFETY: out-pointer to a local; the handle is plain bytes the driver validates.
         check("cuIpcOpenMemHandle", unsafe {
-            sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, flags)
+            sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags)
         })?;
+        if !(offset as u64).is_multiple_of(crate::RUN_ALIGN) {
+            // SAFETY: opened just above, closed once, on this error path only.
+            unsafe { sys::cuIpcCloseMemHandle(base) };
+            return Err(TransferError::Misaligned(format!(
+                "IPC destination offset {offset} is not a multiple of {}",
+                crate::RUN_ALIGN
+            )));
+        }
+        let close = |e: TransferError| {
+            // SAFETY: opened just above, closed once, on this error path only.
+            unsafe { sys::cuIpcCloseMemHandle(base) };
+            Err(e)
+        };
+        let (mut start, mut size) = (0, 0);
+        // SAFETY: out-pointers to locals; `base` is a live mapping.
+        let rc = unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, base) };
+        if let Err(e) = check("cuMemGetAddressRange", rc) {
+            return close(e);
+        }
+        // Bytes from the opened pointer to the end of the engine's allocation.
+        let avail = (start + size as u64).saturating_sub(base);
+        if offset as u128 + len as u128 > avail as u128 {
+            return close(TransferError::OutOfRange(format!(
+                "IPC destination of {len} bytes at offset {offset} runs past its allocation \
+                 of {avail} bytes"
+            )));
+        }
         let ev = match event {
             None => None,
             Some(h) => {
@@ -391,24 +463,18 @@ impl DeviceLink for CudaLink {
                 // SAFETY: out-pointer to a local.
                 let rc = unsafe { sys::cuIpcOpenEventHandle(&mut ev, handle) };
                 if let Err(e) = check("cuIpcOpenEventHandle", rc) {
-                    // SAFETY: opened just above, closed once.
-                    unsafe { sys::cuIpcCloseMemHandle(ptr) };
-                    return Err(e);
+                    return close(e);
                 }
                 Some(Handle(ev))
             }
         };
-        Ok(self.dests.insert(
-            (
-                Dest::Device {
-                    ptr,
-                    ipc: true,
-                    event: ev,
-                },
-                len as u64,
-            ),
-            len as u64,
-        ))
+        let dest = Dest::Device {
+            ptr: base + offset as u64,
+            base,
+            ipc: true,
+            event: ev,
+        };
+        Ok(self.dests.insert((dest, len as u64), len as u64))
     }
 
     fn unregister(&self, dest: DestId) -> Result<(), TransferError> {

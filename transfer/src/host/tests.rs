@@ -156,7 +156,7 @@ fn bad_input_gets_a_clear_error_and_copies_nothing() {
         "unknown handle: {e}"
     );
     let e = link
-        .register_ipc(&IpcMemHandle([0; 64]), 64, None)
+        .register_ipc(&IpcMemHandle([0; 64]), 0, 64, None)
         .unwrap_err();
     assert!(matches!(e, TransferError::Unsupported { .. }));
     assert!(matches!(
