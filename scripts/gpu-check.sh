@@ -27,7 +27,10 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
         print(m["executable"])' \
         | while read -r exe; do strip -o "$dir/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')" "$exe"; done
-    ls -la "$dir" "$dir/tests"
+    # The Python package, for the GPU box's Python (PYTHON=python3.12 ... to pick another).
+    rm -rf "$dir/whl"
+    maturin build --release -q -i "${PYTHON:-python3}" -m python/Cargo.toml -o "$dir/whl"
+    ls -la "$dir" "$dir/tests" "$dir/whl"
     exit 0
 fi
 out="${OUT:-target/gpu-check}"
@@ -95,6 +98,17 @@ if command -v nvcc >/dev/null 2>&1; then
     fi
     nvcc -ptx -arch=compute_80 -o "$out/gather_kernel.ptx" scripts/gpu/gather_kernel.cu || status=1
 fi
+
+echo "== Python: retrieve rows into a torch CUDA tensor (CUDA IPC), and the client suite"
+pyenv=()
+if [ -n "$prebuilt" ] && ls "$prebuilt"/whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$prebuilt/site" \
+        "$prebuilt"/whl/*.whl && pyenv=(env "PYTHONPATH=$prebuilt/site")
+fi
+# Everything but the SmolLM2 end-to-end test (it needs the model's weights).
+${pyenv[@]+"${pyenv[@]}"} env KVDEX_BIN="$kvdex" KVDEX_REQUIRE_CUDA=1 timeout 300 \
+    python3 -m pytest -q -p no:cacheprovider python/tests --ignore=python/tests/test_e2e_smollm2.py \
+    2>&1 | tee "$out/pytest.txt" || status=1
 
 echo "== decode through the daemon on the CUDA link (pinned arenas, gather)"
 timeout 180 "$kvdex" bench decode --context 32768 --steps 32 --gather --json \

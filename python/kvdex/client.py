@@ -80,6 +80,9 @@ class Retrieved:
     """Daemon microseconds copying results out."""
     scored: int
     """Keys the searches scored, all heads."""
+    stride: int = 0
+    """Candidates per head: the row pitch of ``ids``/``scores``, and of the rows written into
+    an engine destination (``into=``), laid out ``[H, 2, stride, head_dim]``."""
 
 
 def as_numpy(x: Any, what: str) -> np.ndarray:
@@ -130,6 +133,11 @@ def _u32(x: Any, what: str, most: int = U32_MAX) -> int:
     if not 0 <= i <= most:
         raise BadRequestError(f"{what} = {i} is out of range (0 ..= {most})")
     return i
+
+
+def _u64(x: Any, what: str) -> int:
+    """``x`` as a byte offset or length of the wire (0 ..= 2**64-1), or a BadRequestError."""
+    return _u32(x, what, 2**64 - 1)
 
 
 def _ids(ids: Any) -> List[int]:
@@ -278,7 +286,7 @@ class Session:
 
     def retrieve(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
                  min_k: int = 1, max_k: Optional[int] = None, attend: bool = True, gather: bool = False,
-                 scale: Optional[float] = None) -> Retrieved:
+                 scale: Optional[float] = None, into: Optional[Tuple[int, int]] = None) -> Retrieved:
         """The decode-step request for ``layer``, all query heads at once.
 
         The daemon searches the non-static tokens (``sinks .. len - window``: the session's own
@@ -293,6 +301,12 @@ class Session:
                 estimated attention mass (static tokens included), within ``min_k ..= max_k``.
             attend: compute ``out``/``lse``; gather: copy the candidates' K/V rows.
             scale: softmax scale; ``None`` is ``1/sqrt(head_dim)``.
+            into: ``(handle, offset_bytes)``: with ``gather=True``, write the K/V rows straight
+                into an engine GPU buffer registered with :meth:`register_cuda_tensor` (or
+                :meth:`register_cuda_dest`), at that byte offset, laid out
+                ``[H, 2, stride, head_dim]`` in the session dtype; ``rows`` is then None. The
+                rows have landed when this returns (and the buffer's IPC event, if one was
+                registered, is recorded after them).
 
         Raises:
             kvdex.BadRequestError: no budget, a zero budget, bad bounds, a wrong query shape or a
@@ -300,9 +314,60 @@ class Session:
         """
         k = None if k is None else _u32(k, "k")
         max_k = None if max_k is None else _u32(max_k, "max_k")
+        if into is not None:
+            into = (_u32(into[0], "into handle"), _u64(into[1], "into offset"))
         r: Dict[str, Any] = self._s.retrieve(_u32(layer, "layer"), _query(q), k, coverage, _u32(min_k, "min_k"),
-                                             max_k, attend, gather, scale)
+                                             max_k, attend, gather, scale, into)
         return Retrieved(**r)
+
+    def register_cuda_dest(self, mem_handle: bytes, offset: int, nbytes: int,
+                           event_handle: Optional[bytes] = None) -> int:
+        """Offers engine GPU memory to this session as a destination of ``retrieve(into=...)``.
+
+        Args:
+            mem_handle: the 64-byte ``cudaIpcGetMemHandle`` of the allocation.
+            offset: byte offset of the buffer in that allocation (a multiple of 16).
+            nbytes: bytes of the buffer.
+            event_handle: optional 64-byte ``cudaIpcGetEventHandle`` of an interprocess event;
+                the daemon records it after each gather into the buffer.
+
+        Returns the handle to pass as ``into=(handle, offset)``. The daemon must run the cuda
+        transfer backend (a CUDA driver and device); otherwise this raises BadRequestError
+        saying so. Ending the session releases every registration.
+        """
+        return self._s.register_cuda_dest(bytes(mem_handle), _u64(offset, "offset"), _u64(nbytes, "nbytes"),
+                                          None if event_handle is None else bytes(event_handle))
+
+    def register_cuda_tensor(self, tensor: Any, event: Any = None) -> int:
+        """Offers a contiguous CUDA ``torch.Tensor`` as a destination (see
+        :meth:`register_cuda_dest`); ``event``: an optional ``torch.cuda.Event(interprocess=True)``.
+
+        The IPC handle names the caching allocator's whole block; the tensor's offset in it is
+        sent along. Keep the tensor alive until :meth:`unregister_dest` (or the session's end).
+        """
+        if not getattr(tensor, "is_cuda", False):
+            raise BadRequestError("register_cuda_tensor needs a CUDA torch.Tensor")
+        if not tensor.is_contiguous():
+            raise BadRequestError("register_cuda_tensor needs a contiguous tensor")
+        shared = tensor.untyped_storage()._share_cuda_()
+        handle, storage_offset = bytes(shared[1]), shared[3]
+        # PyTorch >= 2.5 prefixes the cudaIpcMemHandle with a version byte and a type byte
+        # ('c': cudaMalloc'd segment; 'e': an expandable segment, which has no such handle).
+        if len(handle) == 66 and handle[1:2] == b"c":
+            handle = handle[2:]
+        if len(handle) != 64:
+            raise BadRequestError(
+                f"this PyTorch allocator's IPC handle is {len(handle)} bytes, not a 64-byte "
+                "cudaIpcMemHandle (expandable segments?): use register_cuda_dest with a handle from "
+                "cudaIpcGetMemHandle")
+        offset = storage_offset + tensor.storage_offset() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        ev = None if event is None else bytes(event.ipc_handle())
+        return self.register_cuda_dest(handle, offset, nbytes, ev)
+
+    def unregister_dest(self, handle: int) -> int:
+        """Releases a destination (after any gather still writing it); returns how many remain."""
+        return self._s.unregister_dest(_u32(handle, "handle"))
 
     def attend(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
                min_k: int = 1, max_k: Optional[int] = None,

@@ -7,6 +7,7 @@
 
 use half::{bf16, f16};
 use kvdex::client::SessionHandle;
+use kvdex::decode::wire::{EngineRows, GATHER};
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::Shape;
 use kvdex_index::attend::BudgetParams;
@@ -116,7 +117,8 @@ fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound
 /// Runs one retrieve and copies its sections out as a dict of numpy arrays: `k` uint32
 /// `[H]`, `coverage` float32 `[H]`, `ids` uint32 `[H, stride]`, `scores` float32 `[H, stride]`,
 /// `out` float32 `[H, d]` and `lse` float32 `[H]` (None unless `attend`), `rows`
-/// `[H, 2, stride, d]` (K then V; None unless `gather`), and the daemon's `search_us`,
+/// `[H, 2, stride, d]` (K then V; None unless `gather`, and None when `into` sent them to an
+/// engine destination), `stride`, and the daemon's `search_us`,
 /// `attend_us`, `copy_us`, `scored`.
 pub fn retrieve<'py>(
     py: Python<'py>,
@@ -124,10 +126,14 @@ pub fn retrieve<'py>(
     layer: u32,
     q: &[f32],
     params: &RetrieveParams,
+    into: Option<EngineRows>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = h.shape().dtype;
     let r = py
-        .detach(move || h.retrieve(layer, q, params))
+        .detach(move || match into {
+            Some(rows) => h.retrieve_into(layer, q, params, rows),
+            None => h.retrieve(layer, q, params),
+        })
         .map_err(|e| to_py(py, e))?;
     let hd = &r.header;
     let (hq, stride, d) = (
@@ -153,12 +159,14 @@ pub fn retrieve<'py>(
         dict.set_item("out", py.None())?;
         dict.set_item("lse", py.None())?;
     }
-    if params.gather {
+    // Rows sent into an engine destination are not in the response.
+    if hd.flags & GATHER != 0 {
         let rows = rows_array(py, dtype, r.rows)?;
         dict.set_item("rows", rows.call_method1("reshape", ((hq, 2, stride, d),))?)?;
     } else {
         dict.set_item("rows", py.None())?;
     }
+    dict.set_item("stride", hd.stride)?;
     dict.set_item("search_us", hd.search_us)?;
     dict.set_item("attend_us", hd.attend_us)?;
     dict.set_item("copy_us", hd.copy_us)?;

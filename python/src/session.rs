@@ -281,7 +281,7 @@ impl Session {
     /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`; budget `k`
     /// (fixed) or `coverage` + `max_k` (adaptive, at least `min_k`). Returns a dict of new
     /// arrays (see `kvdex.Session.retrieve`).
-    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None))]
+    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None, into = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn retrieve<'py>(
         &self,
@@ -295,6 +295,7 @@ impl Session {
         attend: bool,
         gather: bool,
         scale: Option<f32>,
+        into: Option<(u32, u64)>,
     ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
         let (h, d) = (self.shape.q_heads as usize, self.shape.head_dim as usize);
         check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
@@ -307,8 +308,47 @@ impl Session {
             gather,
             scale,
         };
+        let into = into.map(|(dest, offset)| kvdex::decode::wire::EngineRows { dest, offset });
         self.with(py, |o| {
-            crate::decode::retrieve(py, &mut o.handle, layer, qs, &params)
+            crate::decode::retrieve(py, &mut o.handle, layer, qs, &params, into)
+        })
+    }
+
+    /// Offers an engine GPU buffer (CUDA IPC memory handle `mem`, 64 bytes; the `nbytes` at
+    /// `offset` of its allocation; optional IPC event handle) as a gather destination of this
+    /// session; returns its handle.
+    #[pyo3(signature = (mem, offset, nbytes, event = None))]
+    fn register_cuda_dest(
+        &self,
+        py: Python<'_>,
+        mem: &[u8],
+        offset: u64,
+        nbytes: u64,
+        event: Option<&[u8]>,
+    ) -> PyResult<u32> {
+        let handle = |what: &str, b: &[u8]| -> PyResult<[u8; 64]> {
+            b.try_into().map_err(|_| {
+                bad_request(
+                    py,
+                    format!("{what} handle is {} bytes; a CUDA IPC handle is 64", b.len()),
+                )
+            })
+        };
+        let mem = handle("memory", mem)?;
+        let event = event.map(|e| handle("event", e)).transpose()?;
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.register_cuda_dest(mem, offset, nbytes, event))
+                .map_err(|e| to_py(py, e))
+        })
+    }
+
+    /// Releases an engine destination; returns how many the session still holds.
+    fn unregister_dest(&self, py: Python<'_>, handle: u32) -> PyResult<u64> {
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.unregister_dest(handle))
+                .map_err(|e| to_py(py, e))
         })
     }
 

@@ -4,9 +4,10 @@
 use kvdex_index::IndexKind;
 
 use super::SessionHandle;
+use crate::decode::wire::dest::encode_unregister;
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader, SetWkvHeader, ATTEND, GATHER,
-    SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
+    EngineRows, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader,
+    SetWkvHeader, ATTEND, GATHER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
@@ -156,6 +157,47 @@ impl SessionHandle {
         Ok(u64::from_le_bytes(v))
     }
 
+    /// Offers an engine GPU buffer to this session as a gather destination: the `len` bytes at
+    /// `offset` of the allocation whose CUDA IPC memory handle is `mem`
+    /// (`cudaIpcGetMemHandle`). With `event` (`cudaIpcGetEventHandle` of an event made with
+    /// `cudaEventInterprocess`), the daemon records it after each gather into the buffer, so
+    /// the engine's stream can wait for the rows without a round trip. Returns the handle for
+    /// [`SessionHandle::retrieve_into`]. Needs a daemon on the cuda transfer backend.
+    pub fn register_cuda_dest(
+        &mut self,
+        mem: [u8; 64],
+        offset: u64,
+        len: u64,
+        event: Option<[u8; 64]>,
+    ) -> Result<u32> {
+        let body = RegisterDest {
+            offset,
+            len,
+            mem,
+            event,
+        };
+        let n = body.encode(self.arena_mut())?;
+        let v = self.call_u64(Opcode::RegisterDest, n)?;
+        Ok(v as u32)
+    }
+
+    /// Releases a destination from [`SessionHandle::register_cuda_dest`], after any gather
+    /// still writing it; returns how many the session still holds. Ending the session
+    /// releases them all.
+    pub fn unregister_dest(&mut self, handle: u32) -> Result<u64> {
+        let n = encode_unregister(handle, self.arena_mut())?;
+        self.call_u64(Opcode::UnregisterDest, n)
+    }
+
+    fn call_u64(&mut self, op: Opcode, n: usize) -> Result<u64> {
+        let r = self.call_raw(op, n as u64)?;
+        let b = &self.arena_mut()[r];
+        let v: [u8; 8] = b.try_into().map_err(|_| {
+            KvdexError::Protocol(format!("{} response is {} bytes, not 8", op.name(), b.len()))
+        })?;
+        Ok(u64::from_le_bytes(v))
+    }
+
     /// The decode-step request for `layer`: `q` is `[q_heads][head_dim]`.
     pub fn retrieve(
         &mut self,
@@ -163,11 +205,36 @@ impl SessionHandle {
         q: &[f32],
         params: &RetrieveParams,
     ) -> Result<Retrieved<'_>> {
+        self.retrieve_to(layer, q, params, None)
+    }
+
+    /// [`SessionHandle::retrieve`] with the gathered rows written straight into engine
+    /// destination `rows.dest` at `rows.offset`, laid out `[q_heads][2][stride][row_bytes]`
+    /// (`stride` is in the response header), instead of into the response. `params.gather`
+    /// must be set. When this returns, the rows have landed.
+    pub fn retrieve_into(
+        &mut self,
+        layer: u32,
+        q: &[f32],
+        params: &RetrieveParams,
+        rows: EngineRows,
+    ) -> Result<Retrieved<'_>> {
+        self.retrieve_to(layer, q, params, Some(rows))
+    }
+
+    fn retrieve_to(
+        &mut self,
+        layer: u32,
+        q: &[f32],
+        params: &RetrieveParams,
+        engine_rows: Option<EngineRows>,
+    ) -> Result<Retrieved<'_>> {
         // The encoder refuses a scale that is not finite and positive and a budget over u32,
         // naming it, before anything is sent.
         let h = RetrieveHeader {
             layer,
             params: *params,
+            engine_rows,
         };
         let n = h.encode(q, self.arena_mut())?;
         let r = self.call_raw(Opcode::Retrieve, n as u64)?;

@@ -122,6 +122,8 @@ pub struct SessionInfo {
     /// Slim mode's memory account (absent for a K+V session).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slim: Option<SlimStats>,
+    /// Engine GPU buffers registered as retrieve destinations (open CUDA IPC mappings).
+    pub engine_dests: usize,
 }
 
 /// What `/stats` shows of a session, open or closing; holds the session (and so its memory).
@@ -360,6 +362,7 @@ impl Registry {
             window: e.session.decode_config().window,
             layers: e.session.layer_stats(),
             slim: e.session.slim_stats(),
+            engine_dests: e.session.engine_dest_count(),
         }
     }
 

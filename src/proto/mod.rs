@@ -43,11 +43,16 @@ pub enum Opcode {
     Retrieve = 6,
     /// Upload rows of a Slim session's per-layer `W_KV` (body: [`crate::decode::wire`]).
     SetWkv = 7,
+    /// Offer an engine GPU buffer (a CUDA IPC handle) as a destination of retrieve gathers
+    /// (body: [`crate::decode::wire::dest`]).
+    RegisterDest = 8,
+    /// Release a destination registered with `RegisterDest`.
+    UnregisterDest = 9,
 }
 
 impl Opcode {
     /// Every opcode, for tests and metrics.
-    pub const ALL: [Opcode; 7] = [
+    pub const ALL: [Opcode; 9] = [
         Opcode::Ping,
         Opcode::Append,
         Opcode::Search,
@@ -55,6 +60,8 @@ impl Opcode {
         Opcode::Seal,
         Opcode::Retrieve,
         Opcode::SetWkv,
+        Opcode::RegisterDest,
+        Opcode::UnregisterDest,
     ];
 
     /// The opcode with wire value `code`, if any.
@@ -72,6 +79,8 @@ impl Opcode {
             Opcode::Seal => "seal",
             Opcode::Retrieve => "retrieve",
             Opcode::SetWkv => "set_wkv",
+            Opcode::RegisterDest => "register_dest",
+            Opcode::UnregisterDest => "unregister_dest",
         }
     }
 }

@@ -147,7 +147,11 @@ impl<'a> Request<'a> {
                     ids,
                 })
             }
-            Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv => Err(decoded_elsewhere(op)),
+            Opcode::Seal
+            | Opcode::Retrieve
+            | Opcode::SetWkv
+            | Opcode::RegisterDest
+            | Opcode::UnregisterDest => Err(decoded_elsewhere(op)),
         }
     }
 }

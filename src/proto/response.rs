@@ -169,7 +169,11 @@ impl<'a> Response<'a> {
                     v: &body[8 + n..],
                 })
             }
-            Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv => Err(decoded_elsewhere(op)),
+            Opcode::Seal
+            | Opcode::Retrieve
+            | Opcode::SetWkv
+            | Opcode::RegisterDest
+            | Opcode::UnregisterDest => Err(decoded_elsewhere(op)),
         }
     }
 }

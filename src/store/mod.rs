@@ -17,6 +17,7 @@
 
 mod accounting;
 pub mod budget;
+pub mod engine_dest;
 mod finite;
 pub mod indexing;
 mod layer;
@@ -139,6 +140,7 @@ impl Store {
             decode,
             held: AtomicU64::new(0),
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
+            engine_dests: engine_dest::new_dests(),
         })
     }
 
@@ -167,6 +169,9 @@ pub struct Session {
     held: AtomicU64,
     /// Slim mode: per-layer `W_KV` (None: K and V stored).
     slim: Option<slim::SlimState>,
+    /// Engine GPU buffers registered as gather destinations (dropped, so unregistered, with
+    /// the session).
+    engine_dests: std::sync::Mutex<engine_dest::EngineDests>,
 }
 
 impl Session {

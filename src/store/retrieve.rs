@@ -93,6 +93,10 @@ pub struct RowsDest {
     pub id: DestId,
     /// Byte offset of `rows[0]` in it.
     pub offset: u64,
+    /// The destination is the engine's own buffer ([`Session::register_cuda_dest`]), not
+    /// `rows`: `rows` may then be empty, and a batch the link cannot gather is an error
+    /// rather than a CPU copy into `rows`.
+    pub engine: bool,
 }
 
 /// Server-side timings and counters of one retrieve.

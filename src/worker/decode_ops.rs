@@ -2,15 +2,16 @@
 
 use std::sync::Arc;
 
+use crate::decode::wire::dest::decode_unregister;
 use crate::decode::wire::{
-    ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader, SetWkvHeader, ATTEND,
-    GATHER,
+    RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader,
+    SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
 use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest};
 use crate::store::{SealNeighbours, SealTraining, Session};
-use kvdex_transfer::{DestId, DeviceLink};
+use kvdex_transfer::{DestId, DeviceLink, IpcEventHandle, IpcMemHandle};
 
 /// Per-connection buffers of the decode ops, reused across requests.
 #[derive(Default)]
@@ -92,6 +93,8 @@ impl DecodeOps {
             Opcode::Seal => Self::seal(session, body, out),
             Opcode::Retrieve => self.retrieve(session, body, out),
             Opcode::SetWkv => self.set_wkv(session, body, out),
+            Opcode::RegisterDest => Self::register_dest(session, body, out),
+            Opcode::UnregisterDest => Self::unregister_dest(session, body, out),
             other => Err(KvdexError::BadRequest(format!(
                 "{} is not a decode-path op",
                 other.name()
@@ -136,6 +139,29 @@ impl DecodeOps {
         Ok(8)
     }
 
+    fn register_dest(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let r = RegisterDest::decode(body)?;
+        let dst = out.get_mut(..8).ok_or_else(|| {
+            KvdexError::BadRequest("register_dest response needs 8 bytes".into())
+        })?;
+        let event = r.event.map(IpcEventHandle);
+        let handle =
+            session.register_cuda_dest(&IpcMemHandle(r.mem), r.offset, r.len, event.as_ref())?;
+        dst[..4].copy_from_slice(&handle.to_le_bytes());
+        dst[4..].copy_from_slice(&0u32.to_le_bytes());
+        Ok(8)
+    }
+
+    fn unregister_dest(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let handle = decode_unregister(body)?;
+        let dst = out.get_mut(..8).ok_or_else(|| {
+            KvdexError::BadRequest("unregister_dest response needs 8 bytes".into())
+        })?;
+        let left = session.unregister_dest(handle)?;
+        dst.copy_from_slice(&(left as u64).to_le_bytes());
+        Ok(8)
+    }
+
     fn set_wkv(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
         let s = session.shape();
         let dim = s.kv_heads as usize * s.head_dim as usize;
@@ -168,8 +194,18 @@ impl DecodeOps {
         }
         let stride = session.retrieve_stride(h.layer, &p.budget)?;
         let rb = shape.row_bytes();
+        // Rows into an engine destination leave the response without a rows section.
+        let engine = match h.engine_rows {
+            Some(e) => Some(RowsDest {
+                id: session.engine_dest(e.dest)?,
+                offset: e.offset,
+                engine: true,
+            }),
+            None => None,
+        };
+        let rows_here = p.gather && engine.is_none();
         let layout =
-            RetrieveLayout::new(hq, stride, d, rb, p.attend, p.gather).ok_or_else(|| {
+            RetrieveLayout::new(hq, stride, d, rb, p.attend, rows_here).ok_or_else(|| {
                 KvdexError::BadRequest(format!("retrieve of {stride} per head overflows"))
             })?;
         if out.len() < layout.len() {
@@ -201,11 +237,13 @@ impl DecodeOps {
                 scores: cast_mut("scores", scores)?,
                 out: cast_mut("out", o)?,
                 lse: cast_mut("lse", lse)?,
-                rows_dest: self.dest.as_ref().and_then(|dst| {
+                rows_dest: engine.or_else(|| {
+                    let dst = self.dest.as_ref()?;
                     let at = (rows.as_ptr() as usize).checked_sub(dst.base)?;
                     (at + rows.len() <= dst.len).then_some(RowsDest {
                         id: dst.id,
                         offset: at as u64,
+                        engine: false,
                     })
                 }),
                 rows,
@@ -216,7 +254,9 @@ impl DecodeOps {
             stride: stride as u32,
             head_dim: d as u32,
             row_bytes: rb as u32,
-            flags: ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER),
+            flags: ((p.attend as u32) * ATTEND)
+                | ((rows_here as u32) * GATHER)
+                | ((engine.is_some() as u32) * ENGINE_ROWS),
             scored: stats.scored,
             search_us: stats.search_us as f32,
             attend_us: stats.attend_us as f32,

@@ -155,7 +155,14 @@ impl Dispatcher {
             self.decode.bind_arena(&self.session, arena);
         }
         let (body, out) = split(arena, input, output)?;
-        if matches!(op, Opcode::Seal | Opcode::Retrieve | Opcode::SetWkv) {
+        if matches!(
+            op,
+            Opcode::Seal
+                | Opcode::Retrieve
+                | Opcode::SetWkv
+                | Opcode::RegisterDest
+                | Opcode::UnregisterDest
+        ) {
             return self
                 .decode
                 .serve(&self.session, op, body, out)

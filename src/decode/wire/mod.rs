@@ -5,6 +5,7 @@
 //! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
 //! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, reserved u32 (0), query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
 //!
+//! | register_dest, unregister_dest | see [`dest`] | see [`dest`] |
 //! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
 //!
 //! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
@@ -25,6 +26,10 @@ pub const GATHER: u32 = 2;
 pub const ADAPTIVE: u32 = 4;
 /// Retrieve flag: the `scale` field holds the softmax scale (otherwise `1/sqrt(head_dim)`).
 pub const SCALE: u32 = 8;
+/// Retrieve flag (with [`GATHER`]): write the rows into a registered engine destination
+/// instead of the response ([`dest`]); the response then has no rows section, and its
+/// header's flags carry `ENGINE_ROWS` instead of `GATHER`.
+pub const ENGINE_ROWS: u32 = 16;
 
 /// Bytes of the seal request header.
 pub const SEAL_HEADER: usize = 16;
@@ -57,10 +62,12 @@ pub const SIGNAL_QUERIES: u32 = 0;
 /// Seal signal code: neighbour lists the engine computed.
 pub const SIGNAL_NEIGHBOURS: u32 = 1;
 
+pub mod dest;
 mod retrieve;
 mod seal;
 #[cfg(test)]
 mod tests;
 
+pub use dest::{EngineRows, RegisterDest};
 pub use retrieve::{ResponseHeader, RetrieveHeader, RetrieveLayout};
 pub use seal::{SealBody, SealHeader, SetWkvHeader};

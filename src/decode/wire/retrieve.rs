@@ -2,7 +2,10 @@
 
 use kvdex_index::attend::BudgetParams;
 
-use super::{f32_at, u32_at, ADAPTIVE, ATTEND, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER, SCALE};
+use super::dest::{EngineRows, ENGINE_ROWS_EXT};
+use super::{
+    f32_at, u32_at, ADAPTIVE, ATTEND, ENGINE_ROWS, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER, SCALE,
+};
 use crate::error::{KvdexError, Result};
 use crate::proto::read_u32s;
 use crate::store::retrieve::{Budget, RetrieveParams};
@@ -14,6 +17,8 @@ pub struct RetrieveHeader {
     pub layer: u32,
     /// What to compute.
     pub params: RetrieveParams,
+    /// Rows into an engine destination instead of the response ([`ENGINE_ROWS`]).
+    pub engine_rows: Option<EngineRows>,
 }
 
 impl RetrieveHeader {
@@ -29,7 +34,7 @@ impl RetrieveHeader {
         read_u32s(head, &mut words);
         let [layer, flags, k, min_k, max_k, coverage, scale, reserved] = words;
         let (coverage, scale) = (f32::from_bits(coverage), f32::from_bits(scale));
-        if flags & !(ATTEND | GATHER | ADAPTIVE | SCALE) != 0 {
+        if flags & !(ATTEND | GATHER | ADAPTIVE | SCALE | ENGINE_ROWS) != 0 {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve flags {flags:#x} are unknown"
             )));
@@ -59,6 +64,7 @@ impl RetrieveHeader {
         } else {
             None
         };
+        let (engine_rows, query) = EngineRows::split(flags, query)?;
         if !query.len().is_multiple_of(4) {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve query is {} bytes, not a multiple of 4",
@@ -71,7 +77,14 @@ impl RetrieveHeader {
             gather: flags & GATHER != 0,
             scale,
         };
-        Ok((Self { layer, params }, query))
+        Ok((
+            Self {
+                layer,
+                params,
+                engine_rows,
+            },
+            query,
+        ))
     }
 
     /// Writes the header and `query` into `out`; returns the length. Refuses (naming the value)
@@ -95,7 +108,19 @@ impl RetrieveHeader {
             }
             None => 0.0,
         };
-        let need = RETRIEVE_HEADER + 4 * query.len();
+        let ext = match self.engine_rows {
+            Some(_) if !p.gather => {
+                return Err(KvdexError::BadRequest(
+                    "rows into an engine destination need gather".into(),
+                ))
+            }
+            Some(_) => {
+                flags |= ENGINE_ROWS;
+                ENGINE_ROWS_EXT
+            }
+            None => 0,
+        };
+        let need = RETRIEVE_HEADER + ext + 4 * query.len();
         let out = out.get_mut(..need).ok_or_else(|| {
             KvdexError::BadRequest(format!(
                 "retrieve request of {need} bytes does not fit the arena"
@@ -114,7 +139,10 @@ impl RetrieveHeader {
         for (i, w) in head.iter().enumerate() {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
-        out[RETRIEVE_HEADER..].copy_from_slice(bytemuck::cast_slice(query));
+        if let Some(e) = &self.engine_rows {
+            e.write(&mut out[RETRIEVE_HEADER..RETRIEVE_HEADER + ext]);
+        }
+        out[RETRIEVE_HEADER + ext..].copy_from_slice(bytemuck::cast_slice(query));
         Ok(need)
     }
 }

@@ -15,6 +15,7 @@ fn retrieve_header_round_trips_and_refuses_bad_budgets() {
             gather: false,
             scale: Some(0.125),
         },
+        engine_rows: None,
     };
     let q = [1.0f32, -2.0, 3.5];
     let mut buf = vec![0u8; 64];
@@ -50,6 +51,7 @@ fn fixed(k: usize, scale: Option<f32>) -> RetrieveHeader {
             gather: false,
             scale,
         },
+        engine_rows: None,
     }
 }
 
@@ -145,8 +147,9 @@ fn any_header() -> impl Strategy<Value = RetrieveHeader> {
         any::<bool>(),
         any::<bool>(),
         scale,
+        proptest::option::of((any::<u32>(), any::<u64>())),
     )
-        .prop_map(|(layer, budget, attend, gather, scale)| RetrieveHeader {
+        .prop_map(|(layer, budget, attend, gather, scale, into)| RetrieveHeader {
             layer,
             params: RetrieveParams {
                 budget,
@@ -154,6 +157,10 @@ fn any_header() -> impl Strategy<Value = RetrieveHeader> {
                 gather,
                 scale,
             },
+            // Rows into an engine destination only with gather (the encoder refuses it alone).
+            engine_rows: into
+                .filter(|_| gather)
+                .map(|(dest, offset)| EngineRows { dest, offset }),
         })
 }
 
@@ -163,12 +170,13 @@ proptest! {
         h in any_header(),
         q in proptest::collection::vec(any::<f32>(), 0..40),
     ) {
-        let mut buf = vec![0u8; RETRIEVE_HEADER + 4 * q.len()];
+        let ext = if h.engine_rows.is_some() { dest::ENGINE_ROWS_EXT } else { 0 };
+        let mut buf = vec![0u8; RETRIEVE_HEADER + ext + 4 * q.len()];
         let n = h.encode(&q, &mut buf).unwrap();
         prop_assert_eq!(n, buf.len());
         let (back, query) = RetrieveHeader::decode(&buf).unwrap();
         prop_assert_eq!(back, h);
-        prop_assert_eq!(query, &buf[RETRIEVE_HEADER..]);
+        prop_assert_eq!(query, &buf[RETRIEVE_HEADER + ext..]);
         // Too small a buffer is an error, never a panic or a partial write past it.
         prop_assert!(h.encode(&q, &mut buf[..n - 1]).is_err());
     }
@@ -299,4 +307,70 @@ fn layout_sections_follow_each_other_and_overflow_is_none() {
     let mut b = [0u8; RESPONSE_HEADER];
     h.encode(&mut b).unwrap();
     assert_eq!(ResponseHeader::decode(&b).unwrap(), h);
+}
+
+proptest! {
+    #[test]
+    fn register_dest_bodies_round_trip(
+        offset in any::<u64>(),
+        len in 1..u64::MAX,
+        mem in proptest::array::uniform32(any::<u8>()),
+        event in proptest::option::of(proptest::array::uniform32(any::<u8>())),
+    ) {
+        // 64-byte handles from two 32-byte halves (proptest's arrays stop at 32).
+        let wide = |h: [u8; 32]| {
+            let mut w = [0u8; 64];
+            w[..32].copy_from_slice(&h);
+            w[32..].copy_from_slice(&h);
+            w
+        };
+        let r = RegisterDest { offset, len, mem: wide(mem), event: event.map(wide) };
+        let mut buf = [0u8; dest::REGISTER_DEST_BODY];
+        prop_assert_eq!(r.encode(&mut buf).unwrap(), dest::REGISTER_DEST_BODY);
+        prop_assert_eq!(RegisterDest::decode(&buf).unwrap(), r);
+        prop_assert!(RegisterDest::decode(&buf[..dest::REGISTER_DEST_BODY - 1]).is_err());
+        prop_assert!(r.encode(&mut buf[..100]).is_err());
+    }
+}
+
+#[test]
+fn bad_destination_bodies_are_refused_by_name() {
+    let r = RegisterDest { offset: 0, len: 64, mem: [1; 64], event: None };
+    let mut buf = [0u8; dest::REGISTER_DEST_BODY];
+    r.encode(&mut buf).unwrap();
+    let refused = |b: &[u8], what: &str| {
+        let e = RegisterDest::decode(b).unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    let mut kind = buf;
+    kind[0] = 9;
+    refused(&kind, "kind 9");
+    let mut flags = buf;
+    flags[4] = 6;
+    refused(&flags, "flags");
+    let mut empty = buf;
+    empty[16..24].fill(0);
+    refused(&empty, "len is 0");
+    let mut stray = buf;
+    stray[100] = 1;
+    refused(&stray, "has-event flag");
+    assert_eq!(dest::decode_unregister(&[5, 0, 0, 0, 0, 0, 0, 0]).unwrap(), 5);
+    assert!(dest::decode_unregister(&[5, 0, 0, 0, 1, 0, 0, 0]).is_err());
+    // ENGINE_ROWS without GATHER, a short extension, and a non-zero reserved word.
+    let mut h = fixed(4, None);
+    h.params.gather = true;
+    h.engine_rows = Some(EngineRows { dest: 2, offset: 4096 });
+    let mut b = vec![0u8; 64];
+    let n = h.encode(&[1.0; 4], &mut b).unwrap();
+    let mut no_gather = b.clone();
+    no_gather[4..8].copy_from_slice(&(ATTEND | ENGINE_ROWS).to_le_bytes());
+    let e = RetrieveHeader::decode(&no_gather[..n]).unwrap_err().to_string();
+    assert!(e.contains("needs GATHER"), "{e}");
+    assert!(RetrieveHeader::decode(&b[..RETRIEVE_HEADER + 8]).is_err());
+    let mut reserved = b.clone();
+    reserved[RETRIEVE_HEADER + 4] = 1;
+    let e = RetrieveHeader::decode(&reserved[..n]).unwrap_err().to_string();
+    assert!(e.contains("reserved"), "{e}");
+    h.params.gather = false;
+    assert!(h.encode(&[1.0; 4], &mut b).is_err());
 }

@@ -31,6 +31,23 @@ pub(super) fn copy_rows(
 ) -> Result<()> {
     let (stride, rb) = (o.stride, o.rb);
     let align = RUN_ALIGN as usize;
+    let engine = o.dest.is_some_and(|d| d.engine);
+    if let Some(dst) = o.dest.filter(|d| d.engine) {
+        if o.slim {
+            return Err(KvdexError::BadRequest(
+                "rows into an engine destination are not available in Slim mode (V rows are \
+                 recomputed on the CPU): gather into the response instead"
+                    .into(),
+            ));
+        }
+        if rb % align != 0 || dst.offset % RUN_ALIGN != 0 {
+            return Err(KvdexError::BadRequest(format!(
+                "rows into an engine destination need row bytes ({rb}) and the offset ({}) \
+                 to be multiples of {RUN_ALIGN}",
+                dst.offset
+            )));
+        }
+    }
     let dest = o
         .dest
         .filter(|dst| rb % align == 0 && dst.offset % RUN_ALIGN == 0);
@@ -102,6 +119,11 @@ pub(super) fn copy_rows(
         }
     }
     match failed {
+        // The engine chose the destination and offset: a range it got wrong is its bad
+        // request. Into the response, the daemon chose them, so a failure is the daemon's.
+        Some(e) if engine => Err(KvdexError::BadRequest(format!(
+            "retrieve gather into the engine destination: {e}"
+        ))),
         Some(e) => Err(KvdexError::Protocol(format!("retrieve gather: {e}"))),
         None => Ok(()),
     }
@@ -126,7 +148,11 @@ pub(super) fn check_out(
         (
             "rows",
             out.rows.len(),
-            if p.gather { hq * 2 * stride * rb } else { 0 },
+            if p.gather && !out.rows_dest.is_some_and(|d| d.engine) {
+                hq * 2 * stride * rb
+            } else {
+                0
+            },
         ),
     ];
     for (what, got, need) in want {
