@@ -266,3 +266,6 @@ impl DecodeOps {
         Ok(layout.len())
     }
 }
+
+#[cfg(test)]
+mod tests;
