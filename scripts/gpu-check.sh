@@ -3,6 +3,9 @@
 # step, it builds, runs the CUDA tests (which fail, not skip, when CUDA is missing:
 # KVDEX_REQUIRE_CUDA=1), runs `kvdex bench transfer --backend cuda` (and host, for reference),
 # and prints a summary with the issue's targets. Output files go to ${OUT:-target/gpu-check}.
+# It also runs the Python suite (but the SmolLM2 test) against the daemon on the cuda link,
+# including python/tests/test_cuda_dest.py: retrieved rows written into a torch CUDA tensor
+# through CUDA IPC (needs torch with CUDA; KVDEX_REQUIRE_CUDA=1 makes a skip a failure).
 # It then re-measures the decode request (issue 5) on this many-core host: flat vs graph at
 # 128K, with the heads spread over cores and without (the 2-vCPU dev box cannot show what
 # `decode.parallel_heads` buys). KVDEX_CHECK_DECODE=0 skips that part (about 2-4 minutes).
@@ -104,11 +107,18 @@ pyenv=()
 if [ -n "$prebuilt" ] && ls "$prebuilt"/whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$prebuilt/site" \
         "$prebuilt"/whl/*.whl && pyenv=(env "PYTHONPATH=$prebuilt/site")
+elif [ -z "$prebuilt" ]; then
+    python3 -m pip install -q ./python || echo "warning: could not build the Python package"
 fi
-# Everything but the SmolLM2 end-to-end test (it needs the model's weights).
-${pyenv[@]+"${pyenv[@]}"} env KVDEX_BIN="$kvdex" KVDEX_REQUIRE_CUDA=1 timeout 300 \
-    python3 -m pytest -q -p no:cacheprovider python/tests --ignore=python/tests/test_e2e_smollm2.py \
-    2>&1 | tee "$out/pytest.txt" || status=1
+if ${pyenv[@]+"${pyenv[@]}"} python3 -c "import kvdex" 2>/dev/null; then
+    # Everything but the SmolLM2 end-to-end test (it needs the model's weights).
+    ${pyenv[@]+"${pyenv[@]}"} env KVDEX_BIN="$kvdex" KVDEX_REQUIRE_CUDA=1 timeout 300 \
+        python3 -m pytest -q -p no:cacheprovider python/tests \
+        --ignore=python/tests/test_e2e_smollm2.py 2>&1 | tee "$out/pytest.txt" || status=1
+else
+    echo "FAIL: the kvdex Python package is not importable: the CUDA IPC tests did not run"
+    status=1
+fi
 
 echo "== decode through the daemon on the CUDA link (pinned arenas, gather)"
 timeout 180 "$kvdex" bench decode --context 32768 --steps 32 --gather --json \
