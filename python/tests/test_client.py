@@ -286,6 +286,13 @@ def test_ctrl_c_interrupts_a_request_to_a_hung_daemon(kvdex_bin: str) -> None:
 
     d = kvdex.Daemon(binary=kvdex_bin).start()
     stopped = False
+    # A process started in the background by a non-interactive shell (`cmd &`, some CI
+    # runners) inherits SIGINT ignored, and Python then leaves it ignored: install Python's
+    # own handler for this test, so that the SIGINT below is a KeyboardInterrupt wherever the
+    # suite runs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # If the interrupt is lost anyway, resume the daemon so the test fails instead of hanging.
+    watchdog = threading.Timer(30.0, lambda: os.kill(d.pid, signal.SIGCONT))
     try:
         s = new_session(kvdex.connect(d.url))
         assert s.ping(b"x") == b"x"
@@ -293,6 +300,7 @@ def test_ctrl_c_interrupts_a_request_to_a_hung_daemon(kvdex_bin: str) -> None:
         stopped = True
         while Path(f"/proc/{d.pid}/stat").read_text().rsplit(") ", 1)[1][0] != "T":
             time.sleep(0.005)  # kill(2) only queues the signal
+        watchdog.start()
         threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             s.ping(b"hung")
@@ -302,6 +310,8 @@ def test_ctrl_c_interrupts_a_request_to_a_hung_daemon(kvdex_bin: str) -> None:
         stopped = False
         s.close()
     finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGINT, previous)
         if stopped:
             os.kill(d.pid, signal.SIGCONT)
         d.stop()
