@@ -78,9 +78,11 @@ pub struct DecodeArgs {
     /// A fixed k per head instead of the adaptive budget.
     #[arg(long)]
     pub fixed_k: Option<usize>,
-    /// Prefill query positions sampled for the graph build (per query head).
-    #[arg(long, default_value_t = 1024)]
-    pub train: usize,
+    /// Prefill query positions sampled for the graph build (per query head). Default: one per
+    /// 128 tokens of the context, at least 1024 (BENCHMARKS.md, session 8: at 1M tokens 8192
+    /// reach mass recall 0.95 at L 512, where 2048 needed L 1536).
+    #[arg(long)]
+    pub train: Option<usize>,
     /// S: sinks the engine keeps (set on the session).
     #[arg(long, default_value_t = 128)]
     pub sinks: usize,
@@ -113,6 +115,12 @@ pub struct DecodeArgs {
 }
 
 impl DecodeArgs {
+    /// Training query positions per query head for a context of `n` tokens (`--train`, or one
+    /// per 128 tokens, at least 1024).
+    pub(crate) fn train_for(&self, n: usize) -> usize {
+        self.train.unwrap_or((n / 128).max(1024))
+    }
+
     /// Tokens appended during the run beyond the starting context: one per step (warm-up
     /// steps included) for each method, since every method runs on the same session.
     pub(crate) fn appended_tokens(&self) -> usize {

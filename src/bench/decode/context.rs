@@ -36,7 +36,8 @@ pub(super) fn run_context(
     let daemon = start_daemon(exe, kv_bytes, a)?;
     // The seal request carries every training query at once: a large --train needs more room
     // than the appends do (header, positions and queries, plus the response's 8 bytes).
-    let seal_bytes = (64 + a.train * 4 + a.train * hq * d * 4) as u64;
+    let train = a.train_for(n);
+    let seal_bytes = (64 + train * 4 + train * hq * d * 4) as u64;
     let payload = PAYLOAD.max(seal_bytes.next_multiple_of(1 << 20));
     let (mut h, id, token) = create(&daemon, a, payload)?;
     let t = Instant::now();
@@ -48,7 +49,7 @@ pub(super) fn run_context(
         append_range(a, &mut o, &data, 0..n)?;
         others.push((o, oid, otoken));
     }
-    let positions = crate::bench::decode_data::train_positions(n, a.train);
+    let positions = crate::bench::decode_data::train_positions(n, train);
     let training = data.training(hq, &positions, a.seed ^ 0x5eed);
     let budget = match a.fixed_k {
         Some(k) => Budget::Fixed(k),
