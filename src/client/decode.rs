@@ -193,7 +193,11 @@ impl SessionHandle {
         let r = self.call_raw(op, n as u64)?;
         let b = &self.arena_mut()[r];
         let v: [u8; 8] = b.try_into().map_err(|_| {
-            KvdexError::Protocol(format!("{} response is {} bytes, not 8", op.name(), b.len()))
+            KvdexError::Protocol(format!(
+                "{} response is {} bytes, not 8",
+                op.name(),
+                b.len()
+            ))
         })?;
         Ok(u64::from_le_bytes(v))
     }

@@ -137,7 +137,10 @@ mod tests {
             .to_string();
         // Without a GPU the host link says why; with one, the zeroed handle is refused.
         if s.link().name() == "host" {
-            assert!(e.contains("cuda transfer backend") && e.contains("`host`"), "{e}");
+            assert!(
+                e.contains("cuda transfer backend") && e.contains("`host`"),
+                "{e}"
+            );
         } else {
             assert!(e.contains("cuIpcOpenMemHandle"), "{e}");
         }

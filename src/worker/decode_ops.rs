@@ -141,9 +141,9 @@ impl DecodeOps {
 
     fn register_dest(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
         let r = RegisterDest::decode(body)?;
-        let dst = out.get_mut(..8).ok_or_else(|| {
-            KvdexError::BadRequest("register_dest response needs 8 bytes".into())
-        })?;
+        let dst = out
+            .get_mut(..8)
+            .ok_or_else(|| KvdexError::BadRequest("register_dest response needs 8 bytes".into()))?;
         let event = r.event.map(IpcEventHandle);
         let handle =
             session.register_cuda_dest(&IpcMemHandle(r.mem), r.offset, r.len, event.as_ref())?;

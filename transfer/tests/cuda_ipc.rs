@@ -71,7 +71,10 @@ fn ipc_engine_process() {
             | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
         ok("cuEventCreate", sys::cuEventCreate(&mut ev, flags));
         let mut evh = sys::CUipcEventHandle { reserved: [0; 64] };
-        ok("cuIpcGetEventHandle", sys::cuIpcGetEventHandle(&mut evh, ev));
+        ok(
+            "cuIpcGetEventHandle",
+            sys::cuIpcGetEventHandle(&mut evh, ev),
+        );
         let bytes = |r: [c_char; 64]| r.map(|c| c as u8);
         println!(
             "HANDLES {} {}",
@@ -103,7 +106,10 @@ fn cuda_ipc_gather_lands_in_another_process() {
         Ok(link) => link,
         Err(e) => {
             let required = std::env::var("KVDEX_REQUIRE_CUDA").is_ok_and(|v| v == "1");
-            assert!(!required, "KVDEX_REQUIRE_CUDA=1 but CUDA is unavailable: {e}");
+            assert!(
+                !required,
+                "KVDEX_REQUIRE_CUDA=1 but CUDA is unavailable: {e}"
+            );
             let _ = writeln!(
                 std::io::stderr(),
                 "SKIPPED: cuda_ipc_gather_lands_in_another_process: no CUDA ({e})"
@@ -112,7 +118,12 @@ fn cuda_ipc_gather_lands_in_another_process() {
         }
     };
     let mut engine = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "ipc_engine_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "ipc_engine_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -169,7 +180,11 @@ fn cuda_ipc_gather_lands_in_another_process() {
 
     let mut want = vec![0xABu8; ALLOC];
     for r in &runs {
-        let (s, d, l) = (r.src_offset as usize, OFFSET + r.dst_offset as usize, r.len as usize);
+        let (s, d, l) = (
+            r.src_offset as usize,
+            OFFSET + r.dst_offset as usize,
+            r.len as usize,
+        );
         want[d..d + l].copy_from_slice(&arena[s..s + l]);
     }
     // Closing the daemon's mapping leaves the engine's memory as written.
@@ -178,7 +193,11 @@ fn cuda_ipc_gather_lands_in_another_process() {
     writeln!(stdin, "GATHERED").expect("write");
     stdin.flush().expect("flush");
     let hash = tagged("HASH ");
-    assert_eq!(hash[0], format!("{:016x}", fnv(&want)), "engine memory differs");
+    assert_eq!(
+        hash[0],
+        format!("{:016x}", fnv(&want)),
+        "engine memory differs"
+    );
     assert!(engine.wait().expect("engine").success());
     assert_eq!(link.dest_stats(), kvdex_transfer::DestStats::default());
 }

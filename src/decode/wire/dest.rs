@@ -91,9 +91,9 @@ impl RegisterDest {
 
     /// Writes the body into `out`; returns its length.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        let out = out.get_mut(..REGISTER_DEST_BODY).ok_or_else(|| {
-            KvdexError::BadRequest("register_dest does not fit the arena".into())
-        })?;
+        let out = out
+            .get_mut(..REGISTER_DEST_BODY)
+            .ok_or_else(|| KvdexError::BadRequest("register_dest does not fit the arena".into()))?;
         let flags = if self.event.is_some() {
             DEST_HAS_EVENT
         } else {

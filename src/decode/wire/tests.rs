@@ -149,19 +149,21 @@ fn any_header() -> impl Strategy<Value = RetrieveHeader> {
         scale,
         proptest::option::of((any::<u32>(), any::<u64>())),
     )
-        .prop_map(|(layer, budget, attend, gather, scale, into)| RetrieveHeader {
-            layer,
-            params: RetrieveParams {
-                budget,
-                attend,
-                gather,
-                scale,
+        .prop_map(
+            |(layer, budget, attend, gather, scale, into)| RetrieveHeader {
+                layer,
+                params: RetrieveParams {
+                    budget,
+                    attend,
+                    gather,
+                    scale,
+                },
+                // Rows into an engine destination only with gather (the encoder refuses it alone).
+                engine_rows: into
+                    .filter(|_| gather)
+                    .map(|(dest, offset)| EngineRows { dest, offset }),
             },
-            // Rows into an engine destination only with gather (the encoder refuses it alone).
-            engine_rows: into
-                .filter(|_| gather)
-                .map(|(dest, offset)| EngineRows { dest, offset }),
-        })
+        )
 }
 
 proptest! {
@@ -335,7 +337,12 @@ proptest! {
 
 #[test]
 fn bad_destination_bodies_are_refused_by_name() {
-    let r = RegisterDest { offset: 0, len: 64, mem: [1; 64], event: None };
+    let r = RegisterDest {
+        offset: 0,
+        len: 64,
+        mem: [1; 64],
+        event: None,
+    };
     let mut buf = [0u8; dest::REGISTER_DEST_BODY];
     r.encode(&mut buf).unwrap();
     let refused = |b: &[u8], what: &str| {
@@ -354,22 +361,32 @@ fn bad_destination_bodies_are_refused_by_name() {
     let mut stray = buf;
     stray[100] = 1;
     refused(&stray, "has-event flag");
-    assert_eq!(dest::decode_unregister(&[5, 0, 0, 0, 0, 0, 0, 0]).unwrap(), 5);
+    assert_eq!(
+        dest::decode_unregister(&[5, 0, 0, 0, 0, 0, 0, 0]).unwrap(),
+        5
+    );
     assert!(dest::decode_unregister(&[5, 0, 0, 0, 1, 0, 0, 0]).is_err());
     // ENGINE_ROWS without GATHER, a short extension, and a non-zero reserved word.
     let mut h = fixed(4, None);
     h.params.gather = true;
-    h.engine_rows = Some(EngineRows { dest: 2, offset: 4096 });
+    h.engine_rows = Some(EngineRows {
+        dest: 2,
+        offset: 4096,
+    });
     let mut b = vec![0u8; 64];
     let n = h.encode(&[1.0; 4], &mut b).unwrap();
     let mut no_gather = b.clone();
     no_gather[4..8].copy_from_slice(&(ATTEND | ENGINE_ROWS).to_le_bytes());
-    let e = RetrieveHeader::decode(&no_gather[..n]).unwrap_err().to_string();
+    let e = RetrieveHeader::decode(&no_gather[..n])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("needs GATHER"), "{e}");
     assert!(RetrieveHeader::decode(&b[..RETRIEVE_HEADER + 8]).is_err());
     let mut reserved = b.clone();
     reserved[RETRIEVE_HEADER + 4] = 1;
-    let e = RetrieveHeader::decode(&reserved[..n]).unwrap_err().to_string();
+    let e = RetrieveHeader::decode(&reserved[..n])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("reserved"), "{e}");
     h.params.gather = false;
     assert!(h.encode(&[1.0; 4], &mut b).is_err());

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use kvdex_index::KeyDtype;
 use kvdex_transfer::{
-    AllocStats, Arena, DestId, DestStats, DeviceLink, HostLink, IpcEventHandle, IpcMemHandle,
-    Run, Ticket, TransferError,
+    AllocStats, Arena, DestId, DestStats, DeviceLink, HostLink, IpcEventHandle, IpcMemHandle, Run,
+    Ticket, TransferError,
 };
 
 use super::*;
@@ -104,13 +104,12 @@ fn rows_land_in_an_engine_destination_and_bad_ones_are_refused() {
         host: HostLink::new(),
         engine: Mutex::new(vec![0xEE; 4096]),
     });
-    let store = Store::new(link.clone(), Arc::new(MemBudget::unlimited()), 4).with_decode(
-        DecodeConfig {
+    let store =
+        Store::new(link.clone(), Arc::new(MemBudget::unlimited()), 4).with_decode(DecodeConfig {
             sinks: 2,
             window: 4,
             ..Default::default()
-        },
-    );
+        });
     let shape = Shape {
         layers: 1,
         q_heads: H as u32,
@@ -119,7 +118,9 @@ fn rows_land_in_an_engine_destination_and_bad_ones_are_refused() {
         dtype: KeyDtype::F32,
     };
     let session = Arc::new(store.session(shape).unwrap());
-    let kv: Vec<f32> = (0..2 * 40 * D).map(|i| (i % 23) as f32 * 0.25 - 2.0).collect();
+    let kv: Vec<f32> = (0..2 * 40 * D)
+        .map(|i| (i % 23) as f32 * 0.25 - 2.0)
+        .collect();
     let bytes: &[u8] = bytemuck::cast_slice(&kv);
     session.append(0, 40, bytes, bytes).unwrap();
     let mut ops = DecodeOps::default();
@@ -154,7 +155,12 @@ fn rows_land_in_an_engine_destination_and_bad_ones_are_refused() {
         offset: 64,
     };
     let n = ops
-        .serve(&session, Opcode::Retrieve, &retrieve_body(Some(into)), &mut out)
+        .serve(
+            &session,
+            Opcode::Retrieve,
+            &retrieve_body(Some(into)),
+            &mut out,
+        )
         .unwrap();
     let h = ResponseHeader::decode(&out[..n]).unwrap();
     assert_eq!(h.flags & GATHER, 0, "no rows in the response");
@@ -167,18 +173,41 @@ fn rows_land_in_an_engine_destination_and_bad_ones_are_refused() {
     let engine = link.engine_bytes();
     let at = 512 + 64;
     assert_eq!(&engine[at..at + rows_len], &want[..]);
-    assert!(engine[..at].iter().all(|&b| b == 0xEE), "wrote before the rows");
-    assert!(engine[at + rows_len..].iter().all(|&b| b == 0xEE), "wrote after them");
+    assert!(
+        engine[..at].iter().all(|&b| b == 0xEE),
+        "wrote before the rows"
+    );
+    assert!(
+        engine[at + rows_len..].iter().all(|&b| b == 0xEE),
+        "wrote after them"
+    );
 
     // Past the destination's end, a misaligned offset, an unknown handle: refused by name, and
     // the session keeps serving.
     for (into, what) in [
-        (EngineRows { dest: handle, offset: 2048 - 64 }, "engine destination"),
-        (EngineRows { dest: handle, offset: 8 }, "multiples of 16"),
+        (
+            EngineRows {
+                dest: handle,
+                offset: 2048 - 64,
+            },
+            "engine destination",
+        ),
+        (
+            EngineRows {
+                dest: handle,
+                offset: 8,
+            },
+            "multiples of 16",
+        ),
         (EngineRows { dest: 9, offset: 0 }, "engine destination 9"),
     ] {
         let e = ops
-            .serve(&session, Opcode::Retrieve, &retrieve_body(Some(into)), &mut out)
+            .serve(
+                &session,
+                Opcode::Retrieve,
+                &retrieve_body(Some(into)),
+                &mut out,
+            )
             .unwrap_err();
         assert!(e.to_string().contains(what), "{e}");
         assert!(!matches!(e, KvdexError::Protocol(_)), "{e}");

@@ -198,7 +198,10 @@ impl GatherKernel {
             (&mut n as *mut u64).cast::<c_void>(),
         ];
         let warps_per_block = (BLOCK_THREADS / 32) as usize;
-        let blocks = self.filled.div_ceil(warps_per_block).min(self.max_blocks as usize) as u32;
+        let blocks = self
+            .filled
+            .div_ceil(warps_per_block)
+            .min(self.max_blocks as usize) as u32;
         // SAFETY: four parameters matching the kernel's four u64s, read at launch; the
         // descriptors and buffers are valid per the contract; the event is ours.
         unsafe {
