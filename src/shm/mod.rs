@@ -88,12 +88,12 @@ impl Region {
         let region = (|| {
             file.set_len(geometry.total_bytes)
                 .map_err(|e| io_err("size region", path, e))?;
-            // SAFETY: the file was just created by us with O_EXCL and mode 0600; the mapping is
-            // only ever accessed through atomics (header, slots, error slots) or bounds-checked
-            // byte slices (arena), so a peer writing concurrently cannot cause out-of-bounds
-            // access. Truncation by another process is not defended against (same uid only).
-            let map =
-                unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("map region", path, e))?;
+            // The mapping is only ever accessed through atomics (header, slots, error slots) or
+            // bounds-checked byte slices (arena), so a peer writing concurrently cannot cause
+            // out-of-bounds access. Truncation by another process is not defended against.
+            // SAFETY: we just created the file (O_EXCL, mode 0600; same uid only), see above.
+            let map = unsafe { MmapMut::map_mut(&file) };
+            let map = map.map_err(|e| io_err("map region", path, e))?;
             Ok::<_, KvdexError>(Self {
                 map,
                 geometry,
@@ -197,10 +197,11 @@ impl Region {
         debug_assert!(
             offset + count * std::mem::size_of::<T>() as u64 <= self.geometry.total_bytes
         );
-        // SAFETY: `offset` and `count` come from the validated geometry, so the range lies
-        // inside the mapping, and offsets are page-aligned (>= 8-byte alignment of the atomic
-        // words T is used with). T is an array of AtomicU64: any bits are valid and shared
-        // mutation is defined.
+        // `offset` and `count` come from the validated geometry, so the range lies inside the
+        // mapping, and offsets are page-aligned (>= 8-byte alignment of the atomic words T is
+        // used with).
+        // SAFETY: in bounds and aligned (above); T is an array of AtomicU64, so any bits are
+        // valid and shared mutation is defined.
         unsafe {
             std::slice::from_raw_parts(
                 self.map.as_ptr().add(offset as usize) as *const T,

@@ -62,13 +62,15 @@ impl DecodeOps {
         }
         self.dest = None;
         let link = session.link().clone();
-        // SAFETY: the arena is the region's payload mapping, which stays mapped until the
-        // worker thread that owns this DecodeOps (through its Dispatcher) has exited: the
-        // registration is dropped, and unregistered, before the mapping goes. It is shared
-        // memory, never one of the link's arenas, so no gather source overlaps it. Gathers into
-        // it run only inside `retrieve`, which waits for each before returning, and the worker
-        // neither reads nor writes the response rows meanwhile.
-        match unsafe { link.register_host(arena.as_mut_ptr(), len) } {
+        // The arena is the region's payload mapping, which stays mapped until the worker
+        // thread that owns this DecodeOps (through its Dispatcher) has exited: the registration
+        // is dropped, and unregistered, before the mapping goes. It is shared memory, never one
+        // of the link's arenas, so no gather source overlaps it. Gathers into it run only
+        // inside `retrieve`, which waits for each before returning, and the worker neither
+        // reads nor writes the response rows meanwhile.
+        // SAFETY: valid for the registration's life, no overlap, no concurrent access (above).
+        let registered = unsafe { link.register_host(arena.as_mut_ptr(), len) };
+        match registered {
             Ok(id) => {
                 self.dest = Some(ArenaDest {
                     link,

@@ -269,10 +269,10 @@ impl CudaLink {
             match &self.kernel {
                 Some(kernel) if src.backing() == Backing::CudaPinned => {
                     let mut kernel = kernel.lock().unwrap_or_else(PoisonError::into_inner);
-                    // SAFETY: runs were checked against both buffers (16-byte multiples);
                     // `ptr` is 16-byte aligned (cuMemAlloc, or an IPC offset checked at
-                    // registration); pinned arenas are mapped (DEVICEMAP); the context is
-                    // current; the arena stays alive until the callback below drops its use.
+                    // registration); pinned arenas are mapped (DEVICEMAP).
+                    // SAFETY: runs checked against both buffers (16-byte multiples); context
+                    // current; the arena lives until the callback below drops its use.
                     unsafe { kernel.gather(self.stream, src, runs, ptr)? }
                 }
                 // SAFETY: runs were checked against both buffers; the context is current; the

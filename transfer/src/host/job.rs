@@ -98,10 +98,10 @@ impl Job {
             let start = c * self.runs_per_chunk;
             let end = (start + self.runs_per_chunk).min(self.runs.len());
             let (src, dst, runs) = (self.src.get(), self.dst.get(), &self.runs[start..end]);
-            // SAFETY: runs were checked against the arena and the destination (check_runs)
-            // with disjoint ascending destinations, so chunks write disjoint bytes; the uses
-            // held in `self.uses` keep both alive until the last chunk is done. The streaming
-            // loop fences its stores before the counter below publishes the chunk as done.
+            // The uses held in `self.uses` keep both buffers alive until the last chunk is
+            // done; the streaming loop fences its stores before the counter below publishes it.
+            // SAFETY: runs were checked (check_runs) with disjoint ascending destinations, so
+            // chunks write disjoint bytes of live buffers (above).
             unsafe {
                 if self.stream {
                     copy_runs_streaming(src, dst, runs)
