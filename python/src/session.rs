@@ -330,7 +330,10 @@ impl Session {
             b.try_into().map_err(|_| {
                 bad_request(
                     py,
-                    format!("{what} handle is {} bytes; a CUDA IPC handle is 64", b.len()),
+                    format!(
+                        "{what} handle is {} bytes; a CUDA IPC handle is 64",
+                        b.len()
+                    ),
                 )
             })
         };

@@ -80,7 +80,7 @@ impl SessionHandle {
             signal: SIGNAL_QUERIES,
         };
         let n = h.encode(&[p], q, self.arena_mut())?;
-        self.seal_call(n)
+        self.call_u64(Opcode::Seal, n)
     }
 
     /// Seals `layer`'s prefill with neighbour lists the engine computed itself (the exact top
@@ -109,7 +109,7 @@ impl SessionHandle {
             signal: SIGNAL_NEIGHBOURS,
         };
         let n = h.encode(&[heads, lens, ids], &[], self.arena_mut())?;
-        self.seal_call(n)
+        self.call_u64(Opcode::Seal, n)
     }
 
     /// Uploads `layer`'s `W_KV` to a Slim session: `w` is the row-major `D × D` f32 matrix
@@ -136,25 +136,9 @@ impl SessionHandle {
                 rows: (rows.len() / dim) as u32,
             };
             let n = h.encode(rows, self.arena_mut())?;
-            let r = self.call_raw(Opcode::SetWkv, n as u64)?;
-            let b = &self.arena_mut()[r];
-            if b.len() != 8 {
-                return Err(KvdexError::Protocol(format!(
-                    "set_wkv response is {} bytes, not 8",
-                    b.len()
-                )));
-            }
+            self.call_u64(Opcode::SetWkv, n)?;
         }
         Ok(())
-    }
-
-    fn seal_call(&mut self, n: usize) -> Result<u64> {
-        let r = self.call_raw(Opcode::Seal, n as u64)?;
-        let b = &self.arena_mut()[r];
-        let v: [u8; 8] = b.try_into().map_err(|_| {
-            KvdexError::Protocol(format!("seal response is {} bytes, not 8", b.len()))
-        })?;
-        Ok(u64::from_le_bytes(v))
     }
 
     /// Offers an engine GPU buffer to this session as a gather destination: the `len` bytes at
@@ -189,6 +173,8 @@ impl SessionHandle {
         self.call_u64(Opcode::UnregisterDest, n)
     }
 
+    /// Sends the `n`-byte request in the arena and reads its 8-byte response (seal, set_wkv,
+    /// register_dest, unregister_dest).
     fn call_u64(&mut self, op: Opcode, n: usize) -> Result<u64> {
         let r = self.call_raw(op, n as u64)?;
         let b = &self.arena_mut()[r];

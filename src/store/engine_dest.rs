@@ -7,7 +7,7 @@
 //! stale handle is an error rather than someone else's buffer.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::PoisonError;
 
 use kvdex_transfer::{DestId, IpcEventHandle, IpcMemHandle, Registration, TransferError};
 
@@ -70,17 +70,14 @@ impl Session {
     /// Releases destination `handle` (after gathers still writing it); returns how many the
     /// session still holds.
     pub fn unregister_dest(&self, handle: u32) -> Result<usize> {
-        let mut dests = self.lock_dests();
-        let gone = dests.by_handle.remove(&handle);
-        let left = dests.by_handle.len();
-        drop(dests);
-        match gone {
-            Some(reg) => {
-                drop(reg);
-                Ok(left)
-            }
-            None => Err(Self::unknown(handle)),
-        }
+        let (gone, left) = {
+            let mut dests = self.lock_dests();
+            let gone = dests.by_handle.remove(&handle);
+            (gone, dests.by_handle.len())
+        };
+        // The registration drops here, outside the lock: unregistering waits for gathers.
+        gone.map(|_registration| left)
+            .ok_or_else(|| Self::unknown(handle))
     }
 
     /// The link's id of destination `handle`.
@@ -108,11 +105,6 @@ impl Session {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Wraps the dests for a session under construction.
-pub(crate) fn new_dests() -> Mutex<EngineDests> {
-    Mutex::new(EngineDests::default())
 }
 
 #[cfg(test)]

@@ -140,7 +140,7 @@ impl Store {
             decode,
             held: AtomicU64::new(0),
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
-            engine_dests: engine_dest::new_dests(),
+            engine_dests: Default::default(),
         })
     }
 

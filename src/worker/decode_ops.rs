@@ -149,8 +149,8 @@ impl DecodeOps {
         let event = r.event.map(IpcEventHandle);
         let handle =
             session.register_cuda_dest(&IpcMemHandle(r.mem), r.offset, r.len, event.as_ref())?;
-        dst[..4].copy_from_slice(&handle.to_le_bytes());
-        dst[4..].copy_from_slice(&0u32.to_le_bytes());
+        // handle u32, 0 u32: the u64 the client reads.
+        dst.copy_from_slice(&u64::from(handle).to_le_bytes());
         Ok(8)
     }
 

@@ -31,8 +31,8 @@ pub(super) fn copy_rows(
 ) -> Result<()> {
     let (stride, rb) = (o.stride, o.rb);
     let align = RUN_ALIGN as usize;
-    let engine = o.dest.is_some_and(|d| d.engine);
-    if let Some(dst) = o.dest.filter(|d| d.engine) {
+    let engine = o.dest.filter(|d| d.engine);
+    if let Some(dst) = engine {
         if o.slim {
             return Err(KvdexError::BadRequest(
                 "rows into an engine destination are not available in Slim mode (V rows are \
@@ -121,7 +121,7 @@ pub(super) fn copy_rows(
     match failed {
         // The engine chose the destination and offset: a range it got wrong is its bad
         // request. Into the response, the daemon chose them, so a failure is the daemon's.
-        Some(e) if engine => Err(KvdexError::BadRequest(format!(
+        Some(e) if engine.is_some() => Err(KvdexError::BadRequest(format!(
             "retrieve gather into the engine destination: {e}"
         ))),
         Some(e) => Err(KvdexError::Protocol(format!("retrieve gather: {e}"))),

@@ -39,6 +39,8 @@ pub(crate) struct GatherKernel {
     module: Handle<sys::CUmod_st>,
     func: Handle<sys::CUfunc_st>,
     descs: [Handle<Run>; 2],
+    /// The buffers' device addresses, looked up once.
+    descs_dev: [sys::CUdeviceptr; 2],
     events: [Handle<sys::CUevent_st>; 2],
     cur: usize,
     filled: usize,
@@ -63,6 +65,7 @@ impl GatherKernel {
             module: Handle(std::ptr::null_mut()),
             func: Handle(std::ptr::null_mut()),
             descs: [Handle(std::ptr::null_mut()); 2],
+            descs_dev: [0; 2],
             events: [Handle(std::ptr::null_mut()); 2],
             cur: 0,
             filled: 0,
@@ -94,6 +97,10 @@ impl GatherKernel {
                     sys::cuMemHostAlloc(&mut p, bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP),
                 )?;
                 me.descs[i] = Handle(p.cast());
+                check(
+                    "cuMemHostGetDevicePointer",
+                    sys::cuMemHostGetDevicePointer_v2(&mut me.descs_dev[i], p, 0),
+                )?;
                 let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
                 check(
                     "cuEventCreate",
@@ -185,11 +192,7 @@ impl GatherKernel {
         if self.filled == 0 {
             return Ok(());
         }
-        let mut descs_dev = 0;
-        // SAFETY: the buffer is mapped pinned memory made in `new`; out-pointer to a local.
-        check("cuMemHostGetDevicePointer", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut descs_dev, self.descs[self.cur].0.cast(), 0)
-        })?;
+        let mut descs_dev = self.descs_dev[self.cur];
         let (mut arena, mut out, mut n) = (src_dev, dst, self.filled as u64);
         let mut params = [
             (&mut arena as *mut u64).cast::<c_void>(),

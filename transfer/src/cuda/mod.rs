@@ -416,6 +416,12 @@ impl DeviceLink for CudaLink {
         len: usize,
         event: Option<&IpcEventHandle>,
     ) -> Result<DestId, TransferError> {
+        if !(offset as u64).is_multiple_of(crate::RUN_ALIGN) {
+            return Err(TransferError::Misaligned(format!(
+                "IPC destination offset {offset} is not a multiple of {}",
+                crate::RUN_ALIGN
+            )));
+        }
         self.make_current()?;
         let handle = sys::CUipcMemHandle {
             reserved: mem.0.map(|b| b as c_char),
@@ -426,14 +432,6 @@ impl DeviceLink for CudaLink {
         check("cuIpcOpenMemHandle", unsafe {
             sys::cuIpcOpenMemHandle_v2(&mut base, handle, flags)
         })?;
-        if !(offset as u64).is_multiple_of(crate::RUN_ALIGN) {
-            // SAFETY: opened just above, closed once, on this error path only.
-            unsafe { sys::cuIpcCloseMemHandle(base) };
-            return Err(TransferError::Misaligned(format!(
-                "IPC destination offset {offset} is not a multiple of {}",
-                crate::RUN_ALIGN
-            )));
-        }
         let close = |e: TransferError| {
             // SAFETY: opened just above, closed once, on this error path only.
             unsafe { sys::cuIpcCloseMemHandle(base) };
