@@ -342,26 +342,23 @@ class Session:
         """Offers a contiguous CUDA ``torch.Tensor`` as a destination (see
         :meth:`register_cuda_dest`); ``event``: an optional ``torch.cuda.Event(interprocess=True)``.
 
-        The IPC handle names the caching allocator's whole block; the tensor's offset in it is
-        sent along. Keep the tensor alive until :meth:`unregister_dest` (or the session's end).
+        The IPC handle names the whole ``cudaMalloc`` segment that holds the tensor, and the
+        tensor's offset in it is sent along. It is taken through the CUDA driver
+        (``cuIpcGetMemHandle``), so PyTorch keeps no IPC reference to the storage: freeing the
+        tensor returns its block to PyTorch's cache as usual. Keep the tensor alive until
+        :meth:`unregister_dest` (or the session's end): the daemon writes wherever it points.
+        Where the driver cannot name the memory, PyTorch's own ``_share_cuda_`` is used; that
+        pins the block in PyTorch's cache for the rest of the process.
         """
         if not getattr(tensor, "is_cuda", False):
             raise BadRequestError("register_cuda_tensor needs a CUDA torch.Tensor")
         if not tensor.is_contiguous():
             raise BadRequestError("register_cuda_tensor needs a contiguous tensor")
-        shared = tensor.untyped_storage()._share_cuda_()
-        handle, storage_offset = bytes(shared[1]), shared[3]
-        # PyTorch >= 2.5 prefixes the cudaIpcMemHandle with a version byte and a type byte
-        # ('c': cudaMalloc'd segment; 'e': an expandable segment, which has no such handle).
-        if len(handle) == 66 and handle[1:2] == b"c":
-            handle = handle[2:]
-        if len(handle) != 64:
-            raise BadRequestError(
-                f"this PyTorch allocator's IPC handle is {len(handle)} bytes, not a 64-byte "
-                "cudaIpcMemHandle (expandable segments?): use register_cuda_dest with a handle from "
-                "cudaIpcGetMemHandle")
-        offset = storage_offset + tensor.storage_offset() * tensor.element_size()
         nbytes = tensor.numel() * tensor.element_size()
+        named = _driver_ipc_handle(tensor)
+        if named is None:
+            named = _torch_ipc_handle(tensor)
+        handle, offset = named
         ev = None if event is None else bytes(event.ipc_handle())
         return self.register_cuda_dest(handle, offset, nbytes, ev)
 
@@ -556,3 +553,46 @@ def attach(shm_path: str, token: str) -> Session:
 
 
 __all__ = ["Client", "Session", "Retrieved", "connect", "attach", "as_numpy"]
+
+
+def _driver_ipc_handle(tensor: Any) -> Optional[Tuple[bytes, int]]:
+    """``(cuIpcGetMemHandle of the allocation holding tensor, tensor's byte offset in it)``
+    through the CUDA driver, or None where the driver cannot name it (no libcuda, memory from
+    an allocator without IPC handles such as PyTorch's expandable segments)."""
+    import ctypes  # noqa: PLC0415 (only engines with CUDA tensors get here)
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    import torch  # noqa: PLC0415 (the tensor is a torch tensor)
+
+    ptr = tensor.data_ptr()
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    handle = (ctypes.c_char * 64)()
+    # The driver calls act on the thread's current context: make it the tensor's device's.
+    with torch.cuda.device(tensor.device):
+        torch.cuda.current_stream()  # initialises the runtime on this thread if it was not yet
+        if cuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)) != 0:
+            return None
+        if cuda.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(base.value)) != 0:
+            return None
+    return bytes(handle), ptr - base.value
+
+
+def _torch_ipc_handle(tensor: Any) -> Tuple[bytes, int]:
+    """PyTorch's own IPC handle of the tensor's block (``_share_cuda_``) and the tensor's
+    offset in it. PyTorch then counts a consumer that never lets go, so the block stays out of
+    its cache for the rest of the process."""
+    shared = tensor.untyped_storage()._share_cuda_()
+    handle, storage_offset = bytes(shared[1]), shared[3]
+    # PyTorch >= 2.5 prefixes the cudaIpcMemHandle with a version byte and a type byte
+    # ('c': cudaMalloc'd segment; 'e': an expandable segment, which has no such handle).
+    if len(handle) == 66 and handle[1:2] == b"c":
+        handle = handle[2:]
+    if len(handle) != 64:
+        raise BadRequestError(
+            f"this PyTorch allocator's IPC handle is {len(handle)} bytes, not a 64-byte "
+            "cudaIpcMemHandle (expandable segments?): use register_cuda_dest with a handle from "
+            "cudaIpcGetMemHandle")
+    return handle, storage_offset + tensor.storage_offset() * tensor.element_size()

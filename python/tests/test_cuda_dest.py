@@ -94,3 +94,23 @@ def test_rows_land_in_a_torch_cuda_tensor(daemon, data) -> None:
         # Registrations still held end with the session.
         s.register_cuda_tensor(big[0])
     assert (big[0] == -7.0).all()
+
+
+def test_a_registered_tensor_returns_to_the_torch_cache_when_freed(daemon, data) -> None:
+    """The IPC handle comes from the CUDA driver, not PyTorch's ``_share_cuda_`` (whose consumer
+    count nothing decrements): once unregistered and freed, the block is PyTorch's again."""
+    torch = cuda_torch()
+    k, v, q = data
+    with kvdex.connect(daemon.url).create_session(1, H, KV, D, dtype="f16", sinks=SINKS, window=WINDOW) as s:
+        s.append(0, k, v)
+        want = s.retrieve(0, q, 32, gather=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        buf = torch.zeros((H, 2, 32, D), dtype=torch.float16, device="cuda")
+        handle = s.register_cuda_tensor(buf)
+        s.retrieve(0, q, 32, gather=True, into=(handle, 0))
+        np.testing.assert_array_equal(buf.cpu().numpy(), want.rows)
+        assert s.unregister_dest(handle) == 0
+        del buf
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before, "the registered block was kept"
