@@ -16,6 +16,8 @@
 # (the release `kvdex` and kvdex-transfer's test binaries, stripped), copy DIR over, and run
 #   KVDEX_PREBUILT=DIR scripts/gpu-check.sh
 # With nvcc on the GPU box, it also times the mapped-memory gather kernel (scripts/gpu/).
+# It compares the gather paths side by side (KVDEX_CHECK_AB rounds, default 3, ~20 s each; 0
+# skips).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prebuild" ]; then
@@ -91,6 +93,40 @@ echo "== bench: cuda"
 echo "== bench: host (same machine, for reference)"
 "$kvdex" bench transfer --backend host --json | tee "$out/bench-host.jsonl" \
     || status=1
+
+# The ways a gather can reach the device, side by side, alternated so that drift in the limit
+# hits them alike: the kernel launched over growing slices of the runs while the CPU writes
+# the next descriptors (the default), the kernel launched once per 65536 runs (as before
+# session 9), and the CPU packing through pinned staging (the fallback when the kernel does
+# not load).
+rounds="${KVDEX_CHECK_AB:-3}"
+if [ "$rounds" -gt 0 ]; then
+    echo "== bench: cuda gather paths side by side ($rounds rounds)"
+    for i in $(seq "$rounds"); do
+        for path in pipelined onelaunch staging; do
+            case $path in
+                pipelined) vars=() ;;
+                onelaunch) vars=(KVDEX_GATHER_LAUNCH_DESCS=65536) ;;
+                staging) vars=(KVDEX_GATHER_PTX=/nonexistent/kvdex-no-kernel.ptx) ;;
+            esac
+            env ${vars[@]+"${vars[@]}"} timeout 120 "$kvdex" bench transfer --backend cuda --json \
+                2>/dev/null >"$out/ab-$path-$i.jsonl" || status=1
+        done
+    done
+    python3 - "$out" <<'PY' || true
+import glob, json, statistics, sys
+rows = {}
+for f in sorted(glob.glob(sys.argv[1] + "/ab-*.jsonl")):
+    path = f.rsplit("/", 1)[-1].split("-")[1]
+    for line in open(f):
+        r = json.loads(line)
+        rows.setdefault((r["block_bytes"], path), []).append(r)
+print(f"{'block':>8}  {'path':8} {'GB/s':>7} {'ratio':>6} {'overlap':>7}  (medians of {len(glob.glob(sys.argv[1] + '/ab-pipelined-*.jsonl'))} runs)")
+for (b, path), rs in sorted(rows.items()):
+    med = lambda k: statistics.median(r[k] for r in rs)
+    print(f"{b:>8}  {path:8} {med('gbps'):7.2f} {med('ratio'):6.1%} {med('overlap'):6.2f}x")
+PY
+fi
 
 if command -v nvcc >/dev/null 2>&1; then
     echo "== gather kernel over mapped pinned memory (nvcc $(nvcc --version | grep -o 'release [0-9.]*'))"

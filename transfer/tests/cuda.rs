@@ -94,6 +94,37 @@ fn cuda_random_gathers_land_in_device_memory() {
 }
 
 #[test]
+fn cuda_back_to_back_gathers_reuse_descriptor_buffers_safely() {
+    let Some(link) = link_or_skip("cuda_back_to_back_gathers_reuse_descriptor_buffers_safely")
+    else {
+        return;
+    };
+    let src = link.alloc_arena(32 << 20).unwrap();
+    let host = fill(&src, 5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    // Four gathers submitted before any is waited for: each spans several pipelined launches
+    // and the later ones rewrite descriptor buffers that earlier kernels read, so a missing
+    // wait would show up as rows from the wrong run.
+    let mut pending = Vec::new();
+    for n in [70_000, 3_000, 90_000, 1_500] {
+        let (runs, dst_len) = random_runs(&mut rng, src.len() as u64, n, 16);
+        let dst = link.alloc_device(dst_len as usize).unwrap();
+        let t = link.gather(&src, &runs, dst).unwrap();
+        pending.push((runs, dst, dst_len, t));
+    }
+    for (runs, dst, dst_len, t) in pending {
+        link.wait(t).unwrap();
+        let mut got = vec![0u8; dst_len as usize];
+        link.read_device(dst, 0, &mut got).unwrap();
+        for (i, r) in runs.iter().enumerate() {
+            let (s, d, l) = (r.src_offset as usize, r.dst_offset as usize, r.len as usize);
+            assert!(got[d..d + l] == host[s..s + l], "run {i} of {}", runs.len());
+        }
+        link.unregister(dst).unwrap();
+    }
+}
+
+#[test]
 fn cuda_gathers_from_unpinned_arenas_and_into_host_memory() {
     let Some(link) = link_or_skip("cuda_gathers_from_unpinned_arenas_and_into_host_memory") else {
         return;

@@ -22,8 +22,17 @@ pub const DMA_BYTES: u64 = 2 << 20;
 /// Longer runs are cut into pieces of this size, one warp each: a warp alone reads host
 /// memory at well under 1 GB/s (latency-bound), so long runs need many warps.
 const PIECE_BYTES: u64 = 16 << 10;
-/// Run descriptors per launch buffer (24 bytes each: 1.5 MiB per buffer).
+/// Run descriptors per buffer (24 bytes each: 1.5 MiB per buffer).
 const DESC_CAP: usize = 1 << 16;
+/// A gather launches the kernel over its first this many descriptors as soon as they are
+/// written, then over twice as many each time, up to [`MAX_LAUNCH_DESCS`]: the GPU moves rows
+/// while the CPU writes the next descriptors. Why: writing them all before one launch left the
+/// GPU idle for that time; on an H100, 256-byte rows reached 32% of pinned H2D through
+/// kvdex against 53% for the same kernel timed alone on the GPU (BENCHMARKS.md, issue 4).
+const FIRST_LAUNCH_DESCS: usize = 1024;
+/// The most descriptors per launch: each launch ends with a tail where the SMs drain, so a
+/// few long launches beat many short ones once the pipeline is running.
+const MAX_LAUNCH_DESCS: usize = 16384;
 /// Threads per block: 8 warps.
 const BLOCK_THREADS: u32 = 256;
 /// Blocks per SM at most: the kernel loops over runs, so more blocks only add scheduling.
@@ -33,8 +42,9 @@ const PTX: &str = include_str!("gather_runs.ptx");
 const ENTRY: &std::ffi::CStr = c"kvdex_gather_runs";
 
 /// The loaded kernel, and two descriptor buffers in mapped pinned memory, used in turn: the
-/// CPU fills one while a kernel may still read the other (an event per buffer says when it is
-/// free again). Nothing is allocated per gather.
+/// CPU fills one while kernels may still read the other (an event per buffer, recorded after
+/// each launch over it, says when it is free again). Within a buffer, launches cover
+/// consecutive ranges of descriptors. Nothing is allocated per gather.
 pub(crate) struct GatherKernel {
     module: Handle<sys::CUmod_st>,
     func: Handle<sys::CUfunc_st>,
@@ -43,7 +53,17 @@ pub(crate) struct GatherKernel {
     descs_dev: [sys::CUdeviceptr; 2],
     events: [Handle<sys::CUevent_st>; 2],
     cur: usize,
+    /// Descriptors written into the current buffer.
     filled: usize,
+    /// Of those, the ones a launch already covers.
+    launched: usize,
+    /// Launch once this many descriptors wait (grows from `first_launch` to `max_launch`).
+    batch: usize,
+    /// [`FIRST_LAUNCH_DESCS`] and [`MAX_LAUNCH_DESCS`], unless `KVDEX_GATHER_LAUNCH_DESCS`
+    /// sets both (so that a benchmark can compare launch sizes in one run; 65536 launches once
+    /// per buffer, as before the pipelining).
+    first_launch: usize,
+    max_launch: usize,
     max_blocks: u32,
 }
 
@@ -61,6 +81,10 @@ impl GatherKernel {
             call: "cuModuleLoadData",
             reason: "PTX holds a NUL byte".into(),
         })?;
+        let fixed = std::env::var("KVDEX_GATHER_LAUNCH_DESCS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|n| n.clamp(1, DESC_CAP));
         let mut me = Self {
             module: Handle(std::ptr::null_mut()),
             func: Handle(std::ptr::null_mut()),
@@ -69,6 +93,10 @@ impl GatherKernel {
             events: [Handle(std::ptr::null_mut()); 2],
             cur: 0,
             filled: 0,
+            launched: 0,
+            batch: FIRST_LAUNCH_DESCS,
+            first_launch: fixed.unwrap_or(FIRST_LAUNCH_DESCS),
+            max_launch: fixed.unwrap_or(MAX_LAUNCH_DESCS),
             max_blocks: 0,
         };
         // SAFETY: out-pointers to fields of `me`, which frees whatever was made if a later
@@ -132,7 +160,10 @@ impl GatherKernel {
         check("cuMemHostGetDevicePointer", unsafe {
             sys::cuMemHostGetDevicePointer_v2(&mut src_dev, src.as_ptr().cast_mut().cast(), 0)
         })?;
-        self.filled = 0;
+        // Descriptors a failed gather wrote but never launched are dropped, not sent with
+        // this one's.
+        self.filled = self.launched;
+        self.batch = self.first_launch;
         for r in runs {
             if r.len >= DMA_BYTES {
                 // SAFETY: the caller's contract; the launch keeps stream order.
@@ -154,15 +185,19 @@ impl GatherKernel {
                 if self.filled == DESC_CAP {
                     // SAFETY: as above.
                     unsafe { self.launch(stream, src_dev, dst)? };
+                    self.switch_buffer();
                 }
                 if self.filled == 0 {
-                    // The kernel that last read this buffer must be done before it is rewritten.
+                    // The kernels that last read this buffer must be done before it is
+                    // rewritten.
                     // SAFETY: a live event (an unrecorded one completes at once).
                     check("cuEventSynchronize", unsafe {
                         sys::cuEventSynchronize(self.events[self.cur].0)
                     })?;
                 }
-                // SAFETY: filled < DESC_CAP, inside the buffer; no kernel reads it (above).
+                // SAFETY: filled < DESC_CAP, inside the buffer; no launch covers this slot
+                // (launches cover `..launched <= filled`, and the buffer's earlier kernels
+                // finished: above).
                 unsafe {
                     self.descs[self.cur].0.add(self.filled).write(Run {
                         src_offset: r.src_offset + off,
@@ -172,14 +207,30 @@ impl GatherKernel {
                 };
                 self.filled += 1;
                 off += len;
+                if self.filled - self.launched >= self.batch {
+                    // SAFETY: as above.
+                    unsafe { self.launch(stream, src_dev, dst)? };
+                    self.batch = (self.batch * 2).min(self.max_launch);
+                }
             }
         }
         // SAFETY: as above.
-        unsafe { self.launch(stream, src_dev, dst) }
+        unsafe { self.launch(stream, src_dev, dst)? };
+        // The next gather starts on the other buffer, so it need not wait for this one's
+        // kernels before writing its first descriptors.
+        self.switch_buffer();
+        Ok(())
     }
 
-    /// Launches the kernel over the filled descriptors of the current buffer, then switches
-    /// buffers.
+    /// Moves on to the other descriptor buffer (which is waited for before its first write).
+    fn switch_buffer(&mut self) {
+        self.cur ^= 1;
+        self.filled = 0;
+        self.launched = 0;
+    }
+
+    /// Launches the kernel over the current buffer's descriptors written since its last launch,
+    /// and records the buffer's event after it.
     ///
     /// # Safety
     /// As [`GatherKernel::gather`].
@@ -189,24 +240,24 @@ impl GatherKernel {
         src_dev: sys::CUdeviceptr,
         dst: sys::CUdeviceptr,
     ) -> Result<(), TransferError> {
-        if self.filled == 0 {
+        let n = self.filled - self.launched;
+        if n == 0 {
             return Ok(());
         }
-        let mut descs_dev = self.descs_dev[self.cur];
-        let (mut arena, mut out, mut n) = (src_dev, dst, self.filled as u64);
+        let mut descs_dev =
+            self.descs_dev[self.cur] + (self.launched * std::mem::size_of::<Run>()) as u64;
+        let (mut arena, mut out, mut n_runs) = (src_dev, dst, n as u64);
         let mut params = [
             (&mut arena as *mut u64).cast::<c_void>(),
             (&mut out as *mut u64).cast::<c_void>(),
             (&mut descs_dev as *mut u64).cast::<c_void>(),
-            (&mut n as *mut u64).cast::<c_void>(),
+            (&mut n_runs as *mut u64).cast::<c_void>(),
         ];
         let warps_per_block = (BLOCK_THREADS / 32) as usize;
-        let blocks = self
-            .filled
-            .div_ceil(warps_per_block)
-            .min(self.max_blocks as usize) as u32;
+        let blocks = n.div_ceil(warps_per_block).min(self.max_blocks as usize) as u32;
         // SAFETY: four parameters matching the kernel's four u64s, read at launch; the
-        // descriptors and buffers are valid per the contract; the event is ours.
+        // descriptors [launched, filled) are written and stay untouched until the buffer's
+        // event completes; the buffers are valid per the contract; the event is ours.
         unsafe {
             check(
                 "cuLaunchKernel",
@@ -229,8 +280,7 @@ impl GatherKernel {
                 sys::cuEventRecord(self.events[self.cur].0, stream.0),
             )?;
         }
-        self.cur ^= 1;
-        self.filled = 0;
+        self.launched = self.filled;
         Ok(())
     }
 }
