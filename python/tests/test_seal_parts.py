@@ -16,7 +16,9 @@ CAP = 1500             # the daemon's decode.seal_max_staged_queries here
 
 @pytest.fixture(scope="module")
 def capped_daemon(kvdex_bin: str):
-    env = {"KVDEX_DECODE__SEAL_MAX_STAGED_QUERIES": str(CAP)}
+    # A beam of 16: layers over 8 L = 128 tokens are searched through the graph, not scanned,
+    # so the answers depend on the training set.
+    env = {"KVDEX_DECODE__SEAL_MAX_STAGED_QUERIES": str(CAP), "KVDEX_DECODE__GRAPH_SEARCH_LIST": "16"}
     with kvdex.Daemon(binary=kvdex_bin, env=env) as d:
         yield d
 

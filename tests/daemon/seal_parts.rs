@@ -69,6 +69,9 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
         ("KVDEX_DECODE__SINKS", "4"),
         ("KVDEX_DECODE__WINDOW", "8"),
         ("KVDEX_DECODE__BUILD_THREADS", "1"),
+        // A beam of 16: layers over 8 L = 128 tokens are searched through the graph, not
+        // scanned, so the answers depend on the training set.
+        ("KVDEX_DECODE__GRAPH_SEARCH_LIST", "16"),
     ]);
     let client = Client::connect(&d.base).unwrap();
     let open = |payload| {
@@ -82,13 +85,15 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
             )
             .unwrap()
     };
-    let (mut big, mut small) = (open(16 << 20), open(SMALL));
-    let (big_id, small_id) = (
+    let (mut big, mut small, mut other) = (open(16 << 20), open(SMALL), open(16 << 20));
+    let (big_id, small_id, other_id) = (
         big.id().unwrap().to_string(),
         small.id().unwrap().to_string(),
+        other.id().unwrap().to_string(),
     );
     fill(&mut big);
     fill(&mut small);
+    fill(&mut other);
     let q = values(4 * TRAIN * 16, 5);
     let positions: Vec<u32> = (0..TRAIN as u32).map(|i| 2 * i).collect();
     assert!(
@@ -108,12 +113,23 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
             .unwrap(),
         sealed
     );
-    let st = wait_stats(&d.base, "both builds", |st| {
-        [&big_id, &small_id]
+    // Another training set, to show that the comparison below can tell training sets apart.
+    let q2 = values(4 * TRAIN * 16, 55);
+    other
+        .seal(0, IndexKind::Graph, Some((&q2, &positions)))
+        .unwrap();
+    let st = wait_stats(&d.base, "the builds", |st| {
+        [&big_id, &small_id, &other_id]
             .iter()
             .all(|id| layer0(st, id)["build"]["state"] == "ready")
     });
     assert_eq!(layer0(&st, &small_id)["staged_queries"], 0);
+    // One request per big arena; 3 parts of 251 positions and the seal for the small one.
+    let (_, metrics) = crate::common::http::get(&d.base, "/metrics");
+    assert!(
+        metrics.contains("kvdex_requests_total{op=\"seal\",status=\"ok\"} 6"),
+        "{metrics}"
+    );
     // The same training set gives the same index: the same answers to every query.
     let p = RetrieveParams {
         budget: Budget::Fixed(16),
@@ -121,12 +137,18 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
         gather: false,
         scale: None,
     };
-    for seed in 0..8 {
+    let mut differs = 0;
+    for seed in 0..16 {
         let x = values(4 * 16, 900 + seed);
         let a = big.retrieve(0, &x, &p).unwrap().ids.to_vec();
         let b = small.retrieve(0, &x, &p).unwrap().ids.to_vec();
         assert_eq!(a, b, "query {seed}");
+        differs += usize::from(other.retrieve(0, &x, &p).unwrap().ids != &a[..]);
     }
+    assert!(
+        differs > 0,
+        "another training set gave the same answers: the test is vacuous"
+    );
 
     // Bad parts on the wire, each refused by name; what a layer staged shows in /stats and
     // in the session's reserved bytes until it is discarded.
@@ -142,9 +164,10 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
     };
     let before = reserved(&stats(&d.base));
     let mut id = 1 << 40;
+    let three_heads = values(3 * TRAIN * 16, 6);
     let part = |range: std::ops::Range<usize>, q_heads| {
         let t = TrainingSlice {
-            queries: &q,
+            queries: if q_heads == 4 { &q } else { &three_heads },
             positions: &positions,
             q_heads,
             range,
@@ -167,12 +190,12 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
         "{e}"
     );
     assert_eq!(reserved(&stats(&d.base)), before);
-    // A part cut for 2 query heads (the session has 4): its floats do not match.
-    let e = raw_seal(&mut small, &mut id, &part(0..10, 2))
+    // A part of 3 query heads (the session has 4): its floats do not match.
+    let e = raw_seal(&mut small, &mut id, &part(0..10, 3))
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("positions x q_heads 4 x head_dim 16 need 2560"),
+        e.contains("seal part holds 480 floats; 10 positions x q_heads 4 x head_dim 16 need 640"),
         "{e}"
     );
     // Staged queries cannot train a neighbour-list seal.
@@ -181,14 +204,23 @@ fn training_larger_than_the_arena_is_sent_in_parts_and_builds_the_same_index() {
         .seal_neighbours(0, IndexKind::Graph, &[0], &[1], &[100])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("10 training positions staged by seal parts"), "{e}");
+    assert!(
+        e.contains("10 training positions staged by seal parts"),
+        "{e}"
+    );
     // The session still serves, and ending it with parts staged returns their bytes.
     raw_seal(&mut small, &mut id, &part(0..10, 4)).unwrap();
     let x = values(4 * 16, 1);
     assert_eq!(small.retrieve(0, &x, &p).unwrap().header.stride, 16);
     small.drop_session().unwrap();
     let st = wait_stats(&d.base, "the small session's end", |st| {
-        st["sessions"] == 1 && st["sessions_closing"] == 0
+        st["sessions"] == 2 && st["sessions_closing"] == 0
     });
-    assert_eq!(st["budget_used_bytes"], st["per_session"][0]["reserved_bytes"]);
+    let held: u64 = st["per_session"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["reserved_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(st["budget_used_bytes"], held);
 }

@@ -114,7 +114,11 @@ impl TrainingSlice<'_> {
                 self.range
             )));
         }
-        Ok(self.queries.len().checked_div(n * self.q_heads).unwrap_or(0))
+        Ok(self
+            .queries
+            .len()
+            .checked_div(n * self.q_heads)
+            .unwrap_or(0))
     }
 
     /// Bytes this slice takes in a request body after the header.

@@ -46,7 +46,10 @@ fn a_part_carries_its_positions_rows_of_every_head() {
     else {
         panic!("a seal expected")
     };
-    assert_eq!((h.kind, h.n, h.signal), (IndexKind::Hnsw, 3, SIGNAL_QUERIES));
+    assert_eq!(
+        (h.kind, h.n, h.signal),
+        (IndexKind::Hnsw, 3, SIGNAL_QUERIES)
+    );
     assert_eq!(bytemuck::cast_slice::<u8, f32>(queries), &want[..]);
     // Too small a buffer, a range past the positions, floats that do not split into heads.
     assert!(t.encode_part(7, &mut buf[..len - 1]).is_err());

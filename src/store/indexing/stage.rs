@@ -166,7 +166,6 @@ impl Session {
         let staged = li.staged.lock().map_err(poisoned)?.take();
         Ok(staged.filter(|s| s.len() > 0))
     }
-
 }
 
 impl LayerIndex {

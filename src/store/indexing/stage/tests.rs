@@ -29,7 +29,9 @@ fn session(n: usize, budget: u64, cap: usize) -> (Store, Arc<Session>) {
     };
     let s = Arc::new(store.session(shape).unwrap());
     if n > 0 {
-        let k: Vec<f32> = (0..2 * n * D).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let k: Vec<f32> = (0..2 * n * D)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         s.append(0, n, bytemuck::cast_slice(&k), bytemuck::cast_slice(&k))
             .unwrap();
     }
@@ -69,7 +71,10 @@ fn parts_give_the_training_set_of_one_seal_and_return_their_bytes() {
     let (q, p) = training(25);
     let cuts = [0..10, 10..11, 11..20];
     for c in &cuts {
-        assert_eq!(stage(&s, 0, c.start, &slice(&q, &p, c.clone())).unwrap(), c.end);
+        assert_eq!(
+            stage(&s, 0, c.start, &slice(&q, &p, c.clone())).unwrap(),
+            c.end
+        );
     }
     let bytes = (4 * 20 * (HQ * D + 1)) as u64;
     assert_eq!(s.index[0].staged_stats(), (20, bytes));
@@ -113,7 +118,9 @@ fn parts_give_the_training_set_of_one_seal_and_return_their_bytes() {
     // A part while the build runs is refused (the state is set here so the test does not
     // race the build).
     s.index[0].update(|st, _| st.state = "building");
-    let e = stage(&s, 0, 0, &slice(&q, &p, 0..2)).unwrap_err().to_string();
+    let e = stage(&s, 0, 0, &slice(&q, &p, 0..2))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("index build is in progress"), "{e}");
 }
 
@@ -129,7 +136,10 @@ fn bad_parts_are_refused_by_name_and_discard_the_staged_set() {
     let refused = |s: &Session, e: KvdexError, what: &str| {
         let e = e.to_string();
         assert!(e.contains(what), "{e}");
-        assert!(e.contains("the 4 training positions layer 0 had staged are discarded"), "{e}");
+        assert!(
+            e.contains("the 4 training positions layer 0 had staged are discarded"),
+            "{e}"
+        );
         assert_eq!(s.index[0].staged_stats(), (0, 0));
         assert_eq!(store.budget().used(), arenas);
     };
@@ -145,7 +155,11 @@ fn bad_parts_are_refused_by_name_and_discard_the_staged_set() {
     let mut short = slice(&q, &p, 4..6);
     short.0.pop();
     let e = stage(&s, 0, 4, &short).unwrap_err();
-    refused(&s, e, "seal part holds 63 floats; 2 positions x q_heads 4 x head_dim 8 need 64");
+    refused(
+        &s,
+        e,
+        "seal part holds 63 floats; 2 positions x q_heads 4 x head_dim 8 need 64",
+    );
     // A query that is not finite.
     restart(&s);
     let mut nan = slice(&q, &p, 4..6);
@@ -155,7 +169,9 @@ fn bad_parts_are_refused_by_name_and_discard_the_staged_set() {
     // Over the cap of 12 positions.
     restart(&s);
     assert_eq!(stage(&s, 0, 4, &slice(&q, &p, 4..10)).unwrap(), 10);
-    let e = stage(&s, 0, 10, &slice(&q, &p, 10..13)).unwrap_err().to_string();
+    let e = stage(&s, 0, 10, &slice(&q, &p, 10..13))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("would stage 13 training positions for layer 0; decode.seal_max_staged_queries allows 12")
             && e.contains("the 10 training positions"),
@@ -173,14 +189,19 @@ fn bad_parts_are_refused_by_name_and_discard_the_staged_set() {
         .seal_with_neighbours(0, IndexKind::Graph, lists)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("4 training positions staged by seal parts"), "{e}");
+    assert!(
+        e.contains("4 training positions staged by seal parts"),
+        "{e}"
+    );
     assert_eq!(s.index[0].staged_stats(), (0, 0));
     // Start 0 begins a new set; parts of different layers are kept apart; an unknown layer.
     restart(&s);
     restart(&s);
     assert_eq!(stage(&s, 1, 0, &slice(&q, &p, 0..3)).unwrap(), 3);
     assert_eq!(s.index[0].staged_stats().0, 4);
-    let e = stage(&s, 2, 0, &slice(&q, &p, 0..1)).unwrap_err().to_string();
+    let e = stage(&s, 2, 0, &slice(&q, &p, 0..1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("layer 2 (session has 2)"), "{e}");
     // A seal that fails (layer 1 holds no tokens) still releases its layer's parts.
     assert!(s.seal(1, IndexKind::Graph, None).is_err());
@@ -198,8 +219,13 @@ fn a_part_over_the_budget_is_refused_and_a_zero_cap_refuses_parts() {
     assert_eq!(stage(&s, 0, 0, &slice(&q, &p, 0..20)).unwrap(), 20);
     let e = stage(&s, 0, 20, &slice(&q, &p, 0..20)).unwrap_err();
     assert!(matches!(e, KvdexError::Budget { .. }), "{e}");
-    assert_eq!((s.index[0].staged_stats(), store.budget().used()), ((0, 0), 0));
+    assert_eq!(
+        (s.index[0].staged_stats(), store.budget().used()),
+        ((0, 0), 0)
+    );
     let (_, none) = session(0, u64::MAX, 0);
-    let e = stage(&none, 0, 0, &slice(&q, &p, 0..1)).unwrap_err().to_string();
+    let e = stage(&none, 0, 0, &slice(&q, &p, 0..1))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("allows 0"), "{e}");
 }
