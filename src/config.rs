@@ -72,6 +72,8 @@ pub struct DecodeSection {
     pub graph_degree: u64,
     /// Graph: training queries used at most per KV head.
     pub graph_max_train_queries: u64,
+    /// Training positions a layer may stage in seal parts before its seal (0: no parts).
+    pub seal_max_staged_queries: u64,
 }
 
 impl DecodeSection {
@@ -86,6 +88,7 @@ impl DecodeSection {
                 .unwrap_or(usize::MAX),
             parallel_heads: self.parallel_heads,
             tail_sample: self.tail_sample as usize,
+            seal_max_staged_queries: self.seal_max_staged_queries as usize,
             ..Default::default()
         };
         if self.build_threads > 0 {
@@ -103,7 +106,7 @@ impl DecodeSection {
     /// Refuses `[decode]` values outside what the daemon can honour, naming the key (the
     /// store would otherwise clamp them silently: a degree of 1000 would become 255).
     fn validate(&self) -> Result<()> {
-        let ranges: [(&str, u64, u64, u64); 9] = [
+        let ranges: [(&str, u64, u64, u64); 10] = [
             ("decode.sinks", self.sinks, 0, MAX_STATIC_TOKENS),
             ("decode.window", self.window, 0, MAX_STATIC_TOKENS),
             ("decode.build_threads", self.build_threads, 0, 1024),
@@ -128,6 +131,12 @@ impl DecodeSection {
                 "decode.graph_max_train_queries",
                 self.graph_max_train_queries,
                 1,
+                1 << 24,
+            ),
+            (
+                "decode.seal_max_staged_queries",
+                self.seal_max_staged_queries,
+                0,
                 1 << 24,
             ),
         ];

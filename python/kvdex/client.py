@@ -260,12 +260,15 @@ class Session:
                 head), or a sequence of ``(query_head, ids)`` pairs with ids best first.
                 Ids are absolute token positions; static ones (sinks, window) are ignored.
 
+            A training set larger than the session's arena is sent in parts, which the daemon
+            keeps until the seal (at most its ``decode.seal_max_staged_queries`` positions).
+
         Returns:
             The tokens indexed per KV head.
 
         Raises:
-            kvdex.BadRequestError: an unknown kind, mismatched shapes, or a request larger than
-            the session's arena.
+            kvdex.BadRequestError: an unknown kind, mismatched shapes, more training positions
+            than the daemon stages, or neighbour lists larger than the session's arena.
         """
         layer = _u32(layer, "layer")
         if neighbours is not None:

@@ -7,7 +7,8 @@ use super::SessionHandle;
 use crate::decode::wire::dest::encode_unregister;
 use crate::decode::wire::{
     EngineRows, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader,
-    SetWkvHeader, ATTEND, GATHER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
+    SetWkvHeader, TrainingSlice, ATTEND, GATHER, SEAL_HEADER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS,
+    SIGNAL_QUERIES,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
@@ -66,6 +67,11 @@ impl SessionHandle {
     /// `training` is `(queries [q_heads][n][head_dim], positions [n])`, a sample of the prefill
     /// queries (causal); `None` builds from the keys alone. Returns the tokens indexed per KV
     /// head; progress shows in `/stats`.
+    ///
+    /// A training set that fits the arena goes in one request; a larger one is sent as parts
+    /// of whole positions (each with its positions' rows of every head), staged by the daemon
+    /// until the last part, which is the seal (see [`crate::decode::wire`]). The daemon bounds
+    /// what a layer may stage (`decode.seal_max_staged_queries` positions).
     pub fn seal(
         &mut self,
         layer: u32,
@@ -73,13 +79,48 @@ impl SessionHandle {
         training: Option<(&[f32], &[u32])>,
     ) -> Result<u64> {
         let (q, p) = training.unwrap_or((&[], &[]));
-        let h = SealHeader {
-            layer,
-            kind,
-            n: p.len() as u32,
-            signal: SIGNAL_QUERIES,
+        // Whole positions per request, leaving room for the 8-byte response after it.
+        let room = (self.arena_len() as usize).saturating_sub(SEAL_HEADER + 256);
+        if p.is_empty() || 4 * (p.len() + q.len()) <= room {
+            // One request, as before parts existed (the daemon checks the shapes).
+            let h = SealHeader {
+                layer,
+                kind,
+                n: p.len() as u32,
+                signal: SIGNAL_QUERIES,
+            };
+            let n = h.encode(&[p], q, self.arena_mut())?;
+            return self.call_u64(Opcode::Seal, n);
+        }
+        let all = TrainingSlice {
+            queries: q,
+            positions: p,
+            q_heads: self.shape().q_heads as usize,
+            range: 0..p.len(),
         };
-        let n = h.encode(&[p], q, self.arena_mut())?;
+        let per_position = all.bytes()? / p.len();
+        let per = (room / per_position).max(1);
+        let mut at = 0;
+        while p.len() - at > per {
+            let part = TrainingSlice {
+                range: at..at + per,
+                ..all.clone()
+            };
+            let n = part.encode_part(layer, self.arena_mut())?;
+            let staged = self.call_u64(Opcode::Seal, n)?;
+            at += per;
+            if staged != at as u64 {
+                return Err(KvdexError::Protocol(format!(
+                    "seal part of layer {layer}: the daemon has {staged} training positions \
+                     staged, {at} were sent"
+                )));
+            }
+        }
+        let last = TrainingSlice {
+            range: at..p.len(),
+            ..all
+        };
+        let n = last.encode_seal(layer, kind, self.arena_mut())?;
         self.call_u64(Opcode::Seal, n)
     }
 

@@ -197,6 +197,11 @@ fn bad_values_are_refused_with_key_and_reason() {
         ),
         ("KVDEX_DECODE__WINDOW", "99999999999", "`decode.window`"),
         (
+            "KVDEX_DECODE__SEAL_MAX_STAGED_QUERIES",
+            "99999999",
+            "`decode.seal_max_staged_queries`: 99999999 is not in 0..=16777216",
+        ),
+        (
             "KVDEX_DECODE__TAIL_SAMPLE",
             "1000000",
             "`decode.tail_sample`",

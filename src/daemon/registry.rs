@@ -108,7 +108,7 @@ pub struct SessionInfo {
     pub payload_bytes: u64,
     /// K/V bytes stored.
     pub resident_bytes: u64,
-    /// Bytes of budget held (arena capacity).
+    /// Bytes of budget held (arena capacity, and training queries staged by seal parts).
     pub reserved_bytes: u64,
     /// Seconds since creation.
     pub age_secs: f64,

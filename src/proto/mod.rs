@@ -35,8 +35,8 @@ pub enum Opcode {
     Search = 3,
     /// K/V rows of given ids of one KV head, copied into the arena.
     Gather = 4,
-    /// Seal a layer's prefill and build its indices in the background
-    /// (body: [`crate::decode::wire`]).
+    /// Seal a layer's prefill and build its indices in the background, or stage a part of
+    /// its training queries for that seal (body: [`crate::decode::wire`]).
     Seal = 5,
     /// The decode-step request: ids, scores, partial attention and gathered rows for every
     /// query head of a layer (body: [`crate::decode::wire`]).

@@ -26,6 +26,8 @@ pub struct LayerStats {
     pub index_bytes: usize,
     /// The decode-path index build (seal) and its progress.
     pub build: BuildStatus,
+    /// Training positions staged by seal parts for the layer's next seal.
+    pub staged_queries: usize,
 }
 
 impl Session {
@@ -64,9 +66,11 @@ impl Session {
             .sum()
     }
 
-    /// Bytes of arena this session holds, charged to the budget (capacity, not just rows).
+    /// Bytes this session holds, charged to the budget: arena capacity (not just rows), and
+    /// training queries staged by seal parts.
     pub fn reserved_bytes(&self) -> u64 {
-        self.held.load(Ordering::Acquire)
+        let staged: u64 = self.index.iter().map(|li| li.staged_stats().1).sum();
+        self.held.load(Ordering::Acquire) + staged
     }
 
     /// Per-layer tokens, capacity and index state.
@@ -93,6 +97,7 @@ impl Session {
                     },
                     index_bytes: bytes + l.indices.iter().map(|i| i.memory_bytes()).sum::<usize>(),
                     build,
+                    staged_queries: li.staged_stats().0,
                 }
             })
             .collect()

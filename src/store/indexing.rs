@@ -37,11 +37,13 @@ mod build;
 mod config;
 mod guide;
 mod insert;
+mod stage;
 
 use build::{group_training, BuildJob, HeadTraining, OwnedKeys};
 pub(super) use config::BuildPool;
 pub use config::DecodeConfig;
 pub(super) use guide::Guides;
+pub(super) use stage::Staged;
 
 /// One KV head's index, if built.
 pub(super) enum HeadIndex {
@@ -91,6 +93,8 @@ pub(super) struct LayerIndex {
     inserting: AtomicBool,
     /// Decode queries captured by retrieves to guide the next insert.
     pub(super) guides: Guides,
+    /// Training queries staged by seal parts for the next seal.
+    pub(super) staged: Mutex<Option<Staged>>,
 }
 
 impl LayerIndex {
@@ -109,6 +113,7 @@ impl LayerIndex {
             )),
             inserting: AtomicBool::new(false),
             guides: Guides::new(kv_heads),
+            staged: Mutex::new(None),
         }
     }
 
@@ -192,17 +197,20 @@ pub struct SealNeighbours<'a> {
 
 impl Session {
     /// Seals `layer`'s prefill: queues a background build of a `kind` index per KV head over
-    /// the non-static tokens stored now, trained on `training` (None: a key-only build).
+    /// the non-static tokens stored now, trained on the queries staged by
+    /// [`Session::stage_training`] followed by `training` (neither: a key-only build).
     ///
     /// Returns at once; [`Session::build_status`] reports progress. Errors: an unknown layer,
     /// a layer with no non-static token, malformed training queries, or a build of this layer
-    /// already running (searches meanwhile use the previous index, or scan exactly).
+    /// already running (searches meanwhile use the previous index, or scan exactly). The
+    /// staged queries are released either way.
     pub fn seal(
         self: &Arc<Self>,
         layer: u32,
         kind: IndexKind,
         training: Option<SealTraining<'_>>,
     ) -> Result<()> {
+        let staged = self.take_staged(layer)?;
         let s = self.shape;
         let (d, hq) = (s.head_dim as usize, s.q_heads as usize);
         if let Some(t) = training {
@@ -221,11 +229,13 @@ impl Session {
                 )));
             }
         }
+        let mut parts = staged.as_ref().map_or_else(Vec::new, Staged::parts);
+        parts.extend(training);
         let (group, sinks) = (s.group() as usize, self.decode.sinks);
         self.seal_with(layer, kind, |_, _| {
             Ok((0..s.kv_heads as usize)
                 .map(|g| {
-                    let (v, p) = group_training(training, g, group, hq, d, sinks);
+                    let (v, p) = group_training(&parts, g, group, hq, d, sinks);
                     HeadTraining::Queries(v, p)
                 })
                 .collect())
@@ -243,6 +253,14 @@ impl Session {
         kind: IndexKind,
         lists: SealNeighbours<'_>,
     ) -> Result<()> {
+        if let Some(st) = self.take_staged(layer)? {
+            return Err(KvdexError::BadRequest(format!(
+                "layer {layer} has {} training positions staged by seal parts, which a \
+                 neighbour-list seal cannot use; they are discarded (seal with queries to use \
+                 them)",
+                st.len()
+            )));
+        }
         let s = self.shape;
         if lists.heads.len() != lists.lens.len() {
             return Err(KvdexError::BadRequest(format!(
@@ -396,17 +414,36 @@ mod tests {
             .flat_map(|h| (0..2).map(move |i| (10 * h + i) as f32))
             .collect();
         let positions = [2u32, 7];
-        let t = Some(SealTraining {
+        let t = [SealTraining {
             vectors: &vectors,
             positions: &positions,
-        });
+        }];
         // KV head 1 of 2 reads query heads 2 and 3; position 2 saw only sinks (S = 3).
-        let (v, p) = group_training(t, 1, 2, 4, 1, 3);
+        let (v, p) = group_training(&t, 1, 2, 4, 1, 3);
         assert_eq!(v, vec![21.0, 31.0]);
         assert_eq!(p, vec![4, 4]);
-        assert_eq!(
-            group_training(None, 0, 2, 4, 1, 3),
-            (Vec::new(), Vec::new())
+        assert_eq!(group_training(&[], 0, 2, 4, 1, 3), (Vec::new(), Vec::new()));
+        // The same set in two parts (one position each) gives the same queries in the same
+        // order.
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            (0..4).map(|h| (10 * h) as f32).collect(),
+            (0..4).map(|h| (10 * h + 1) as f32).collect(),
         );
+        let parts = [
+            SealTraining {
+                vectors: &a,
+                positions: &positions[..1],
+            },
+            SealTraining {
+                vectors: &b,
+                positions: &positions[1..],
+            },
+        ];
+        for g in 0..2 {
+            assert_eq!(
+                group_training(&parts, g, 2, 4, 1, 1),
+                group_training(&t, g, 2, 4, 1, 1)
+            );
+        }
     }
 }

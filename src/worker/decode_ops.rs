@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use crate::decode::wire::dest::decode_unregister;
 use crate::decode::wire::{
-    RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody, SealHeader,
-    SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
+    QueriesPart, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody,
+    SealRequest, SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
@@ -105,7 +105,7 @@ impl DecodeOps {
     }
 
     fn seal(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
-        let (h, parts) = SealHeader::decode(body)?;
+        let req = SealRequest::decode(body)?;
         let dst = out.get_mut(..8).ok_or_else(|| {
             KvdexError::BadRequest("seal response needs 8 bytes of response space".into())
         })?;
@@ -115,11 +115,33 @@ impl DecodeOps {
             proto::read_u32s(b, &mut w);
             w
         };
+        let floats = |b: &[u8]| {
+            let mut v = vec![0f32; b.len() / 4];
+            proto::read_f32s(b, &mut v);
+            v
+        };
+        let (h, parts) = match req {
+            SealRequest::Seal(h, parts) => (h, parts),
+            SealRequest::Part(QueriesPart {
+                layer,
+                start,
+                positions,
+                queries,
+                ..
+            }) => {
+                let (pos, vectors) = (words(positions), floats(queries));
+                let part = SealTraining {
+                    vectors: &vectors,
+                    positions: &pos,
+                };
+                let staged = session.stage_training(layer, start as usize, part)?;
+                dst.copy_from_slice(&(staged as u64).to_le_bytes());
+                return Ok(8);
+            }
+        };
         match parts {
             SealBody::Queries { positions, queries } => {
-                let pos = words(positions);
-                let mut vectors = vec![0f32; queries.len() / 4];
-                proto::read_f32s(queries, &mut vectors);
+                let (pos, vectors) = (words(positions), floats(queries));
                 let training = (h.n > 0).then_some(SealTraining {
                     vectors: &vectors,
                     positions: &pos,

@@ -2,11 +2,19 @@
 //!
 //! | op       | request body | response body |
 //! |----------|--------------|---------------|
-//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
+//! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`, after any staged by parts; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
+//! | seal part (signal 2) | layer u32, start u32 (positions staged before it; 0 begins a new set), n u32, 2 u32, positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]` | positions staged so far, u64 |
 //! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, reserved u32 (0), query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
 //!
 //! | register_dest, unregister_dest | see [`dest`] | see [`dest`] |
 //! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
+//!
+//! A training set too large for the arena goes as parts ([`SIGNAL_QUERIES_PART`], op `seal`),
+//! then a seal with signal 0 and the last positions (n may be 0): the daemon keeps the parts
+//! for the layer (at most `decode.seal_max_staged_queries` positions, charged to the memory
+//! budget) and the seal trains on the parts' queries, in order, followed by its own. Any seal
+//! of the layer releases them; a refused part, a neighbour-list seal or the session's end
+//! discards them.
 //!
 //! Retrieve flags: [`ATTEND`], [`GATHER`], [`ADAPTIVE`] (budget `coverage` within
 //! `min_k..=max_k`; otherwise exactly `k`), [`SCALE`] (the `scale` field is the softmax scale,
@@ -61,13 +69,18 @@ pub fn kind_code(kind: IndexKind) -> u32 {
 pub const SIGNAL_QUERIES: u32 = 0;
 /// Seal signal code: neighbour lists the engine computed.
 pub const SIGNAL_NEIGHBOURS: u32 = 1;
+/// Seal-op signal code: a part of the training queries, staged for the layer's next seal
+/// (no build starts); word 1 is `start`, the positions staged before it, not an index kind.
+pub const SIGNAL_QUERIES_PART: u32 = 2;
 
 pub mod dest;
 mod retrieve;
 mod seal;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_seal;
 
 pub use dest::{EngineRows, RegisterDest};
 pub use retrieve::{ResponseHeader, RetrieveHeader, RetrieveLayout};
-pub use seal::{SealBody, SealHeader, SetWkvHeader};
+pub use seal::{QueriesPart, SealBody, SealHeader, SealRequest, SetWkvHeader, TrainingSlice};

@@ -1,9 +1,14 @@
-//! Seal (the training signal that starts a layer's index build) and set_wkv (Slim mode's
-//! per-layer W_KV) bodies.
+//! Seal (the training signal that starts a layer's index build), its training-query parts, and
+//! set_wkv (Slim mode's per-layer W_KV) bodies.
+
+use std::ops::Range;
 
 use kvdex_index::IndexKind;
 
-use super::{kind_code, u32_at, SEAL_HEADER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES};
+use super::{
+    kind_code, u32_at, SEAL_HEADER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
+    SIGNAL_QUERIES_PART,
+};
 use crate::error::{KvdexError, Result};
 
 /// A decoded seal header; the training signal is the bytes after it.
@@ -17,6 +22,164 @@ pub struct SealHeader {
     pub n: u32,
     /// [`SIGNAL_QUERIES`] or [`SIGNAL_NEIGHBOURS`].
     pub signal: u32,
+}
+
+/// A decoded training-query part ([`SIGNAL_QUERIES_PART`]): queries staged for `layer`'s
+/// next seal, which no build starts. The bytes are still shared memory's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueriesPart<'a> {
+    /// Layer the queries train.
+    pub layer: u32,
+    /// Positions staged by earlier parts (0 begins a new training set): lets the daemon refuse
+    /// a lost, repeated or stale part instead of training on it.
+    pub start: u32,
+    /// Positions in this part.
+    pub n: u32,
+    /// `positions` u32 `[n]`.
+    pub positions: &'a [u8],
+    /// `queries` f32 `[q_heads][n][head_dim]` (head-major for this part's own positions).
+    pub queries: &'a [u8],
+}
+
+/// A decoded seal-op request: a seal, or a part of a seal's training queries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SealRequest<'a> {
+    /// A seal: starts the build (queries staged by parts come first in its training set).
+    Seal(SealHeader, SealBody<'a>),
+    /// Training queries to stage for the next seal.
+    Part(QueriesPart<'a>),
+}
+
+impl<'a> SealRequest<'a> {
+    /// Decodes a seal-op body: word 3 (the signal) tells a part, whose word 1 is `start`, from
+    /// a seal, whose word 1 is the index kind.
+    pub fn decode(body: &'a [u8]) -> Result<Self> {
+        if u32_at(body, 12) != Some(SIGNAL_QUERIES_PART) {
+            return SealHeader::decode(body).map(|(h, b)| Self::Seal(h, b));
+        }
+        let (Some(layer), Some(start), Some(n)) =
+            (u32_at(body, 0), u32_at(body, 4), u32_at(body, 8))
+        else {
+            return Err(KvdexError::BadRequest(format!(
+                "seal part body is {} bytes, needs at least {SEAL_HEADER}",
+                body.len()
+            )));
+        };
+        let rest = body.get(SEAL_HEADER..).unwrap_or(&[]);
+        let (positions, queries) = take_words(rest, n, "training positions")?;
+        Ok(Self::Part(QueriesPart {
+            layer,
+            start,
+            n,
+            positions,
+            queries: whole_words(queries, "queries")?,
+        }))
+    }
+}
+
+/// Training queries `[q_heads][n][head_dim]` with their `n` positions, of which one request
+/// carries the positions `range`: per query head `h`, the rows `queries[h][range]`. The
+/// clients split a training set that does not fit the arena into such requests without
+/// copying it first.
+#[derive(Clone, Debug)]
+pub struct TrainingSlice<'a> {
+    /// `[q_heads][n][head_dim]` f32, the whole training set.
+    pub queries: &'a [f32],
+    /// `n` positions.
+    pub positions: &'a [u32],
+    /// Query heads in `queries`.
+    pub q_heads: usize,
+    /// The positions this request carries.
+    pub range: Range<usize>,
+}
+
+impl TrainingSlice<'_> {
+    /// f32 values per position and query head, or an error naming the shapes that disagree.
+    fn row(&self) -> Result<usize> {
+        let n = self.positions.len();
+        let per = n.checked_mul(self.q_heads);
+        let ok = match per {
+            Some(0) => self.queries.is_empty(),
+            Some(p) => self.queries.len().is_multiple_of(p),
+            None => false,
+        } && self.range.start <= self.range.end
+            && self.range.end <= n
+            && u32::try_from(n).is_ok();
+        if !ok {
+            return Err(KvdexError::BadRequest(format!(
+                "seal training: {} floats do not split into {} query heads x {n} positions, or \
+                 positions {:?} are not among them",
+                self.queries.len(),
+                self.q_heads,
+                self.range
+            )));
+        }
+        Ok(self
+            .queries
+            .len()
+            .checked_div(n * self.q_heads)
+            .unwrap_or(0))
+    }
+
+    /// Bytes this slice takes in a request body after the header.
+    pub fn bytes(&self) -> Result<usize> {
+        let (d, m) = (self.row()?, self.range.len());
+        Ok(4 * m + 4 * self.q_heads * m * d)
+    }
+
+    /// Writes positions then the head-major query rows of `range` into `out` (exactly
+    /// [`TrainingSlice::bytes`] long).
+    fn write(&self, out: &mut [u8]) -> Result<()> {
+        let (d, n, r) = (self.row()?, self.positions.len(), self.range.clone());
+        let (pos, mut rest) = out.split_at_mut(4 * r.len());
+        pos.copy_from_slice(bytemuck::cast_slice(&self.positions[r.clone()]));
+        for h in 0..self.q_heads {
+            let rows = &self.queries[(h * n + r.start) * d..(h * n + r.end) * d];
+            let (dst, tail) = rest.split_at_mut(4 * rows.len());
+            dst.copy_from_slice(bytemuck::cast_slice(rows));
+            rest = tail;
+        }
+        Ok(())
+    }
+
+    /// Writes a request: the header words, then this slice.
+    fn request(&self, head: [u32; 4], what: &str, out: &mut [u8]) -> Result<usize> {
+        let need = SEAL_HEADER + self.bytes()?;
+        let out = out.get_mut(..need).ok_or_else(|| {
+            KvdexError::BadRequest(format!(
+                "{what} request of {need} bytes does not fit the arena"
+            ))
+        })?;
+        for (i, w) in head.iter().enumerate() {
+            out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        self.write(&mut out[SEAL_HEADER..])?;
+        Ok(need)
+    }
+
+    /// Encodes this slice as a training part of `layer` whose `start` is `range.start` (parts
+    /// are sent in order from position 0); returns the length.
+    pub fn encode_part(&self, layer: u32, out: &mut [u8]) -> Result<usize> {
+        let head = [
+            layer,
+            self.range.start as u32,
+            self.range.len() as u32,
+            SIGNAL_QUERIES_PART,
+        ];
+        self.request(head, "seal part", out)
+    }
+
+    /// Encodes this slice as the queries of a seal of `layer` with `kind` (the training set's
+    /// last positions when parts came before); returns the length.
+    pub fn encode_seal(&self, layer: u32, kind: IndexKind, out: &mut [u8]) -> Result<usize> {
+        let head = [
+            layer,
+            kind_code(kind),
+            self.range.len() as u32,
+            SIGNAL_QUERIES,
+        ];
+        self.request(head, "seal", out)
+    }
 }
 
 /// The training signal of a seal body, still as little-endian bytes of shared memory (the
@@ -107,9 +270,15 @@ impl SealHeader {
                     ids: whole_words(ids, "neighbour ids")?,
                 }
             }
+            SIGNAL_QUERIES_PART => {
+                return Err(KvdexError::BadRequest(
+                    "a seal part (signal 2) has no seal header; decode it with SealRequest".into(),
+                ))
+            }
             other => {
                 return Err(KvdexError::BadRequest(format!(
-                    "seal training signal {other} is unknown (0 queries, 1 neighbour lists)"
+                    "seal training signal {other} is unknown (0 queries, 1 neighbour lists, 2 a \
+                     part of the queries)"
                 )))
             }
         };

@@ -123,29 +123,29 @@ impl BuildJob {
     }
 }
 
-/// The training queries of KV head `g`'s group, with positions made relative to the first
-/// non-static token; queries that saw only sinks are dropped.
+/// The training queries of KV head `g`'s group from `parts` (each `[q_heads][n_i][head_dim]`,
+/// taken in order, as if concatenated along the positions), with positions made relative to
+/// the first non-static token; queries that saw only sinks are dropped.
 pub(super) fn group_training(
-    t: Option<SealTraining<'_>>,
+    parts: &[SealTraining<'_>],
     g: usize,
     group: usize,
     q_heads: usize,
     d: usize,
     sinks: usize,
 ) -> (Vec<f32>, Vec<u32>) {
-    let Some(t) = t else {
-        return (Vec::new(), Vec::new());
-    };
-    let n = t.positions.len();
     let (mut vectors, mut positions) = (Vec::new(), Vec::new());
     for h in g * group..((g + 1) * group).min(q_heads) {
-        for (i, &p) in t.positions.iter().enumerate() {
-            if (p as usize) < sinks {
-                continue;
+        for t in parts {
+            let n = t.positions.len();
+            for (i, &p) in t.positions.iter().enumerate() {
+                if (p as usize) < sinks {
+                    continue;
+                }
+                let at = (h * n + i) * d;
+                vectors.extend_from_slice(&t.vectors[at..at + d]);
+                positions.push(p - sinks as u32);
             }
-            let at = (h * n + i) * d;
-            vectors.extend_from_slice(&t.vectors[at..at + d]);
-            positions.push(p - sinks as u32);
         }
     }
     (vectors, positions)

@@ -32,6 +32,10 @@ pub struct DecodeConfig {
     pub parallel_heads: bool,
     /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
     pub tail_sample: usize,
+    /// Training positions a layer may stage in seal parts before its seal (each position is
+    /// `q_heads` queries): bounds what a session holds between requests, beyond the budget
+    /// the staged bytes are charged to. 0 refuses parts.
+    pub seal_max_staged_queries: usize,
 }
 
 impl Default for DecodeConfig {
@@ -46,6 +50,7 @@ impl Default for DecodeConfig {
             params: IndexParams::default(),
             parallel_heads: true,
             tail_sample: 256,
+            seal_max_staged_queries: 1 << 16,
         }
     }
 }
