@@ -34,6 +34,11 @@ for line in sys.stdin:
         | while read -r exe; do strip -o "$dir/tests/$(basename "$exe" | sed 's/-[0-9a-f]*$//')" "$exe"; done
     # The Python package, for the GPU box's Python (PYTHON=python3.12 ... to pick another).
     rm -rf "$dir/whl"
+    if ! command -v maturin >/dev/null 2>&1; then
+        echo "maturin is not installed (python3 -m pip install maturin); the wheel is needed for" \
+             "the Python part of the check" >&2
+        exit 2
+    fi
     maturin build --release -q -i "${PYTHON:-python3}" -m python/Cargo.toml -o "$dir/whl"
     ls -la "$dir" "$dir/tests" "$dir/whl"
     exit 0
