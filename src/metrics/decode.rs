@@ -12,7 +12,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
-use super::{prom, reg, LATENCY_BUCKETS_US};
+use super::{prom, reg};
 use crate::error::Result;
 use crate::store::retrieve::RetrieveStats;
 use crate::store::{BuildOutcome, DecodeGauges};
@@ -28,6 +28,14 @@ pub const BUILD_BUCKETS_S: &[f64] = &[
 pub const K_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
     16384.0,
+];
+
+/// Retrieve stage buckets in microseconds: finer than the request buckets in the
+/// milliseconds, where a long context's retrieve spends them (a few ms at 128K tokens, tens at
+/// 1M).
+pub const STAGE_BUCKETS_US: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 2_000.0, 3_000.0, 5_000.0,
+    7_500.0, 10_000.0, 15_000.0, 20_000.0, 30_000.0, 50_000.0, 100_000.0, 250_000.0,
 ];
 
 /// The retrieve stages, the `stage` label of `kvdex_retrieve_stage_duration_microseconds`
@@ -100,7 +108,7 @@ impl DecodeMetrics {
                     "kvdex_retrieve_stage_duration_microseconds",
                     "Retrieve time by stage (search, attend, copy).",
                 )
-                .buckets(LATENCY_BUCKETS_US.to_vec()),
+                .buckets(STAGE_BUCKETS_US.to_vec()),
                 &["stage"],
             )
             .map_err(prom)?,
