@@ -135,7 +135,8 @@ pub async fn serve(
         Arc::new(Budget::new(config.memory.budget_bytes)),
         config.memory.initial_tokens as usize,
     )
-    .with_decode(config.decode.to_decode_config());
+    .with_decode(config.decode.to_decode_config())
+    .with_observer(metrics.clone());
     let (exit_tx, exit_rx) = mpsc::unbounded_channel();
     let registry = Arc::new(Registry::new(
         config.clone(),

@@ -1,8 +1,12 @@
-//! The Prometheus registry: request counts and latency per op, memory, sessions, bytes moved.
+//! The Prometheus registry: request counts and latency per op, memory, sessions, bytes moved,
+//! and the decode path ([`decode`]: index builds, retrieve internals, decode resources).
 //!
 //! The data-plane workers record each request through [`Metrics::record_request`] (the
-//! worker's observer hook); the memory and session gauges are set from the daemon's own state
-//! just before each scrape, so they are never stale and cost nothing between scrapes.
+//! worker's observer hook) and each retrieve's internals through a per-connection
+//! [`decode::RetrieveMetrics`]; the store reports builds and inserts as its
+//! [`BuildObserver`]. The memory, session and decode-resource gauges are set from the
+//! daemon's own state just before each scrape, so they are never stale and cost nothing
+//! between scrapes.
 //! `config/grafana/kvdex-dashboard.json` queries these names; a test checks that it queries
 //! nothing else.
 
@@ -12,6 +16,10 @@ use prometheus::{
 };
 
 use crate::error::{KvdexError, Result};
+use crate::store::{BuildObserver, BuildOutcome};
+use crate::worker::RetrieveRecorder;
+
+pub mod decode;
 
 /// Latency buckets in microseconds: from the sub-microsecond shared-memory round trip to a
 /// large append.
@@ -52,6 +60,8 @@ pub struct Metrics {
     pub gathered_bytes: IntCounter,
     /// Control-plane (HTTP) requests by `route` and `code`.
     pub http_requests: IntCounterVec,
+    /// The decode path: index builds, retrieve internals, decode-path resources.
+    pub decode: decode::DecodeMetrics,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> Result<T> {
@@ -145,6 +155,7 @@ impl Metrics {
                 )?,
             )?,
             http_requests: reg(&r, http_requests)?,
+            decode: decode::DecodeMetrics::new(&r)?,
             registry: r,
         })
     }
@@ -196,6 +207,24 @@ impl crate::worker::Observer for Metrics {
     fn on_request(&self, op: &'static str, ok: bool, micros: f64, bytes_in: u64, bytes_out: u64) {
         self.record_request(op, ok, micros, bytes_in, bytes_out);
     }
+
+    fn retrieve_recorder(&self) -> Box<dyn RetrieveRecorder> {
+        Box::new(self.decode.recorder())
+    }
+}
+
+impl BuildObserver for Metrics {
+    fn build_started(&self) {
+        self.decode.builds_started.inc();
+    }
+
+    fn build_ended(&self, outcome: BuildOutcome, secs: f64) {
+        self.decode.build_ended(outcome, secs);
+    }
+
+    fn keys_inserted(&self, keys: u64) {
+        self.decode.inserted_keys.inc_by(keys);
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +262,10 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(dashboard).unwrap();
         let mut names = Vec::new();
         for panel in json["panels"].as_array().unwrap() {
+            // Rows (the "Decode" row) group panels and query nothing.
+            if panel["type"] == "row" {
+                continue;
+            }
             for target in panel["targets"].as_array().unwrap() {
                 let expr = target["expr"].as_str().unwrap();
                 let mut rest = expr;
@@ -265,6 +298,86 @@ mod tests {
             "kvdex_request_duration_microseconds_count{op=\"search\"} 0",
             "kvdex_sessions_ended_total{reason=\"client_gone\"} 0",
             "kvdex_sessions_ended_total{reason=\"protocol_error\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_decode_path_is_exported_at_zero_then_recorded() {
+        use crate::store::retrieve::RetrieveStats;
+        use crate::store::DecodeGauges;
+        let m = Metrics::new().unwrap();
+        let text = m.encode().unwrap();
+        for line in [
+            "kvdex_index_builds_started_total 0",
+            "kvdex_index_builds_ended_total{outcome=\"ready\"} 0",
+            "kvdex_index_builds_ended_total{outcome=\"failed\"} 0",
+            "kvdex_index_builds_ended_total{outcome=\"abandoned\"} 0",
+            "kvdex_index_build_duration_seconds_count 0",
+            "kvdex_index_layers_building 0",
+            "kvdex_index_inserted_keys_total 0",
+            "kvdex_index_bytes 0",
+            "kvdex_retrieve_stage_duration_microseconds_count{stage=\"search\"} 0",
+            "kvdex_retrieve_stage_duration_microseconds_count{stage=\"attend\"} 0",
+            "kvdex_retrieve_stage_duration_microseconds_count{stage=\"copy\"} 0",
+            "kvdex_retrieve_chosen_tokens_count 0",
+            "kvdex_retrieve_scored_keys_total 0",
+            "kvdex_retrieve_exact_fallback_total 0",
+            "kvdex_engine_dests 0",
+            "kvdex_staged_training_positions 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Two retrieves through one connection's recorder, the first with an exact head.
+        let mut r = m.decode.recorder();
+        let st = RetrieveStats {
+            stride: 8,
+            scored: 100,
+            search_us: 30.0,
+            attend_us: 4.0,
+            copy_us: 1.0,
+            exact_heads: 1,
+        };
+        r.on_retrieve(&st, &[1, 8, 8, 3]);
+        let st = RetrieveStats {
+            exact_heads: 0,
+            ..st
+        };
+        r.on_retrieve(&st, &[2, 2, 2, 2]);
+        m.build_started();
+        m.build_started();
+        m.build_ended(BuildOutcome::Ready, 2.5);
+        m.build_ended(BuildOutcome::Abandoned, 0.5);
+        m.keys_inserted(16);
+        m.decode.set_gauges(DecodeGauges {
+            layers_building: 1,
+            index_bytes: 4096,
+            staged_positions: 50,
+            engine_dests: 2,
+        });
+        let text = m.encode().unwrap();
+        for line in [
+            "kvdex_retrieve_chosen_tokens_bucket{le=\"1\"} 1",
+            "kvdex_retrieve_chosen_tokens_bucket{le=\"4\"} 6",
+            "kvdex_retrieve_chosen_tokens_bucket{le=\"8\"} 8",
+            "kvdex_retrieve_chosen_tokens_sum 28",
+            "kvdex_retrieve_chosen_tokens_count 8",
+            "kvdex_retrieve_stage_duration_microseconds_bucket{stage=\"search\",le=\"50\"} 2",
+            "kvdex_retrieve_stage_duration_microseconds_sum{stage=\"attend\"} 8",
+            "kvdex_retrieve_stage_duration_microseconds_count{stage=\"copy\"} 2",
+            "kvdex_retrieve_scored_keys_total 200",
+            "kvdex_retrieve_exact_fallback_total 1",
+            "kvdex_index_builds_started_total 2",
+            "kvdex_index_builds_ended_total{outcome=\"ready\"} 1",
+            "kvdex_index_builds_ended_total{outcome=\"abandoned\"} 1",
+            "kvdex_index_build_duration_seconds_bucket{le=\"2.5\"} 1",
+            "kvdex_index_build_duration_seconds_count 1",
+            "kvdex_index_inserted_keys_total 16",
+            "kvdex_index_layers_building 1",
+            "kvdex_index_bytes 4096",
+            "kvdex_staged_training_positions 50",
+            "kvdex_engine_dests 2",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

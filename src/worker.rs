@@ -32,6 +32,7 @@ use crate::proto::{self, Opcode, Status};
 use crate::shm::layout::{attach_state, close_reason};
 use crate::shm::wait::{self, PidWatch, WaitPolicy};
 use crate::shm::{ConsumerState, Descriptor, ProducerState, Region};
+use crate::store::retrieve::RetrieveStats;
 use crate::store::Session;
 use dispatch::Dispatcher;
 
@@ -40,14 +41,33 @@ pub trait Observer: Send + Sync {
     /// One request finished: its op name ("ping", "append", ..., or "invalid"), whether it
     /// succeeded, its service time, and the payload bytes read and written.
     fn on_request(&self, op: &'static str, ok: bool, micros: f64, bytes_in: u64, bytes_out: u64);
+
+    /// A recorder of retrieve internals for one connection, made once when the connection
+    /// serves its first request (so that it may hold per-thread state and resolve its label
+    /// children up front: recording must not allocate). The default records nothing.
+    fn retrieve_recorder(&self) -> Box<dyn RetrieveRecorder> {
+        Box::new(NoopObserver)
+    }
 }
 
-/// An [`Observer`] that records nothing (tests, benchmarks).
+/// Records what a successful retrieve did, on the connection's thread, once per request: it
+/// must neither allocate nor block.
+pub trait RetrieveRecorder: Send {
+    /// `stats` as the store computed them; `k` the tokens chosen per query head (the
+    /// response's k section, just written).
+    fn on_retrieve(&mut self, stats: &RetrieveStats, k: &[u32]);
+}
+
+/// An [`Observer`] (and [`RetrieveRecorder`]) that records nothing (tests, benchmarks).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoopObserver;
 
 impl Observer for NoopObserver {
     fn on_request(&self, _: &'static str, _: bool, _: f64, _: u64, _: u64) {}
+}
+
+impl RetrieveRecorder for NoopObserver {
+    fn on_retrieve(&mut self, _: &RetrieveStats, _: &[u32]) {}
 }
 
 /// Why a worker stopped serving.

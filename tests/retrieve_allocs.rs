@@ -7,6 +7,9 @@
 //! the process (every thread: the client, the session's worker, the rayon pool) is counted
 //! while the timed requests run, after warm-up requests have grown every scratch buffer.
 //!
+//! The worker records into the daemon's real metrics ([`kvdex::metrics::Metrics`]), as in
+//! the daemon: the recording is counted with the rest.
+//!
 //! One allocation remains, and it is amortised, not per request: the worker thread is not a
 //! rayon thread, so each request hands its parallel pass to the pool through rayon's global
 //! injector, a crossbeam queue that allocates one new block (about 1.5 KiB) per 63 jobs pushed
@@ -21,10 +24,11 @@ use std::time::{Duration, Instant};
 mod shm_common;
 
 use kvdex::client::Client;
+use kvdex::metrics::Metrics;
 use kvdex::shm::Region;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::{DecodeConfig, Store};
-use kvdex::worker::{NoopObserver, Worker, WorkerConfig};
+use kvdex::worker::{Worker, WorkerConfig};
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
 use shm_common::*;
@@ -101,7 +105,12 @@ fn requests_allocations(parallel_heads: bool, requests: usize) -> u64 {
         parallel_heads,
         ..Default::default()
     };
-    let store = Store::unlimited().with_decode(cfg);
+    // The daemon's observer: every request and retrieve recorded in its prometheus metrics
+    // (the recording is part of the request path whose allocations are counted).
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let store = Store::unlimited()
+        .with_decode(cfg)
+        .with_observer(metrics.clone());
     let session = Arc::new(
         store
             .session(f32_shape(1, hq as u32, kv as u32, d as u32))
@@ -114,12 +123,11 @@ fn requests_allocations(parallel_heads: bool, requests: usize) -> u64 {
         wait: test_wait(),
         cpus: None,
     };
-    let noop = Arc::new(NoopObserver);
     let worker = Worker::spawn_with(
         region,
         session.clone(),
         token,
-        noop,
+        metrics.clone(),
         Box::new(|_| {}),
         config,
     );
@@ -176,5 +184,16 @@ fn requests_allocations(parallel_heads: bool, requests: usize) -> u64 {
         "scored {scored}"
     );
     assert!(chosen >= 4 * hq as u64 * requests, "chosen {chosen}");
+    // ... and the metrics recorded every one of them: one observation per stage per request,
+    // one per query head of the chosen k.
+    let all = requests + 2 * queries.len() as u64;
+    let d = &metrics.decode;
+    assert_eq!(d.chosen_tokens.get_sample_count(), hq as u64 * all);
+    assert_eq!(
+        d.stage_us.with_label_values(&["search"]).get_sample_count(),
+        all
+    );
+    assert!(d.scored_keys.get() >= scored);
+    assert_eq!(d.builds_started.get(), 1);
     allocs
 }

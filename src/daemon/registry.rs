@@ -471,15 +471,19 @@ impl Registry {
         self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Updates the memory and session gauges from the live state (before a scrape).
+    /// Updates the memory, session and decode-path gauges from the live state (before a
+    /// scrape). Sessions still closing count: their memory and indices are still held.
     pub fn refresh_gauges(&self) {
         let map = self.lock();
-        let resident: u64 = map
-            .values()
-            .map(|e| &e.listing)
-            .chain(self.lock_closing().values())
-            .map(|l| l.session.resident_bytes())
-            .sum();
+        let closing = self.lock_closing();
+        let mut resident = 0u64;
+        let mut decode = crate::store::DecodeGauges::default();
+        for l in map.values().map(|e| &e.listing).chain(closing.values()) {
+            resident += l.session.resident_bytes();
+            decode += l.session.decode_gauges();
+        }
+        drop(closing);
+        self.metrics.decode.set_gauges(decode);
         self.metrics
             .resident_bytes
             .set(resident.min(i64::MAX as u64) as i64);

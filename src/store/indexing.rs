@@ -30,6 +30,7 @@ use kvdex_index::keys::KeyRows;
 use kvdex_index::TrainingSignal;
 use kvdex_index::{build_index, IndexKind, IndexParams, KeySlice, MipsIndexMut};
 
+use super::observe::BuildReport;
 use super::{poisoned, Session};
 use crate::error::{KvdexError, Result};
 
@@ -133,6 +134,11 @@ impl LayerIndex {
                 ..Default::default()
             },
         }
+    }
+
+    /// True while a build of the layer is queued or running.
+    pub(super) fn is_building(&self) -> bool {
+        self.status.lock().is_ok_and(|g| g.0.state == "building")
     }
 
     /// Tokens indexed (least over KV heads) and bytes held by the indices.
@@ -326,7 +332,7 @@ impl Session {
         let cfg = self.decode.clone();
         let li = self.index_of(layer)?;
         let pool = self.store.pool.get(cfg.build_threads)?;
-        let (copies, training) = {
+        let (copies, training, sealed) = {
             let l = self.layer(layer)?.read().map_err(poisoned)?;
             let end = cfg.retrievable_end(l.len);
             if end <= cfg.sinks {
@@ -338,6 +344,7 @@ impl Session {
             }
             let training = training(cfg.sinks, (end, l.len))?;
             let mut started = false;
+            let sealed = Instant::now();
             li.update(|st, t| {
                 if st.state != "building" {
                     started = true;
@@ -348,7 +355,7 @@ impl Session {
                         sealed_tokens: end - cfg.sinks,
                         ..Default::default()
                     };
-                    *t = Some(Instant::now());
+                    *t = Some(sealed);
                 }
             });
             if !started {
@@ -362,9 +369,10 @@ impl Session {
             let copies = (0..s.kv_heads as usize)
                 .map(|g| Ok(OwnedKeys::copy_of(&l.keys(g, s.dtype, d)?, cfg.sinks..end)))
                 .collect::<Result<Vec<_>>>()?;
-            (copies, training)
+            (copies, training, sealed)
         };
         let job = BuildJob {
+            report: BuildReport::start(self.store.observer.clone(), sealed),
             session: Arc::downgrade(self),
             cfg,
             head_dim: d,

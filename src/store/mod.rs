@@ -11,6 +11,7 @@
 //! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
 //! - `spec`: what a session is created with beyond its shape ([`SessionSpec`]: Slim mode, its
 //!   own static tokens).
+//! - [`observe`]: how the store reports its background index work ([`BuildObserver`]).
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
 //!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
 //!   (growth copies into a larger arena under it), searches and gathers its read lock.
@@ -21,6 +22,7 @@ pub mod engine_dest;
 mod finite;
 pub mod indexing;
 mod layer;
+pub mod observe;
 pub mod retrieve;
 mod shape;
 pub mod slim;
@@ -39,6 +41,7 @@ pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
 pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
 use layer::LayerKv;
+pub use observe::{BuildObserver, BuildOutcome, DecodeGauges};
 pub use shape::{dtype_serde, Shape};
 pub use slim::{SlimSpec, SlimStats};
 pub use spec::SessionSpec;
@@ -60,6 +63,8 @@ pub struct Store {
     initial_tokens: usize,
     decode: Arc<DecodeConfig>,
     pool: Arc<BuildPool>,
+    /// Told of builds and inserts (the daemon's metrics; nothing by default).
+    observer: Arc<dyn BuildObserver>,
 }
 
 impl Store {
@@ -72,7 +77,15 @@ impl Store {
             initial_tokens: initial_tokens.max(1),
             decode: Arc::new(DecodeConfig::default()),
             pool: Arc::new(BuildPool::default()),
+            observer: Arc::new(observe::NoopBuildObserver),
         }
+    }
+
+    /// This store reporting its index builds and incremental inserts to `observer` (the
+    /// daemon's metrics).
+    pub fn with_observer(mut self, observer: Arc<dyn BuildObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// This store with decode-path settings `cfg` (static tokens, builds, retrieval).

@@ -114,6 +114,10 @@ pub struct RetrieveStats {
     pub attend_us: f64,
     /// Microseconds copying results and rows out.
     pub copy_us: f64,
+    /// KV heads answered by an exact scan because they had no index: the layer was never
+    /// sealed, or its build has not installed that head's index yet (the daemon counts these
+    /// retrieves as exact fallbacks).
+    pub exact_heads: u32,
 }
 
 /// One query head's reusable buffers.
@@ -255,9 +259,11 @@ impl Session {
         }
         let heads = &mut scratch.heads[..hq];
         let t0 = Instant::now();
+        let mut exact_heads = 0;
         // 1a. KV heads without an index: one GQA-batched exact scan for the whole group.
         for g in 0..s.kv_heads as usize {
             let exact = matches!(*li.heads[g].read().map_err(poisoned)?, HeadIndex::Exact);
+            exact_heads += u32::from(exact);
             let hs = &mut heads[g * group..(g + 1) * group];
             hs.iter_mut().for_each(|h| h.searched = exact);
             if !exact || stride == 0 {
@@ -390,6 +396,7 @@ impl Session {
             search_us: us(t0, t1) + pass * search_share,
             attend_us: pass * (1.0 - search_share),
             copy_us: us(t2, t3),
+            exact_heads,
         })
     }
 }

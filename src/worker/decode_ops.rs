@@ -11,6 +11,7 @@ use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
 use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest};
 use crate::store::{SealNeighbours, SealTraining, Session};
+use crate::worker::{Observer, RetrieveRecorder};
 use kvdex_transfer::{DestId, DeviceLink, IpcEventHandle, IpcMemHandle};
 
 /// Per-connection buffers of the decode ops, reused across requests.
@@ -19,6 +20,9 @@ pub struct DecodeOps {
     query: Vec<f32>,
     scratch: RetrieveScratch,
     dest: Option<ArenaDest>,
+    /// Records each retrieve's internals (the daemon's metrics); made by the first observed
+    /// request ([`DecodeOps::ensure_recorder`]), none for unobserved use.
+    recorder: Option<Box<dyn RetrieveRecorder>>,
 }
 
 /// The connection's payload arena, registered with the session's link as a host gather
@@ -48,6 +52,14 @@ fn cast_mut<'a, T: bytemuck::Pod>(what: &str, b: &'a mut [u8]) -> Result<&'a mut
 }
 
 impl DecodeOps {
+    /// Makes this connection's retrieve recorder from `observer`, once: the first request
+    /// allocates it, later ones find it.
+    pub fn ensure_recorder(&mut self, observer: &dyn Observer) {
+        if self.recorder.is_none() {
+            self.recorder = Some(observer.retrieve_recorder());
+        }
+    }
+
     /// Registers `arena` (the region's whole payload arena) with `session`'s link as the
     /// destination of retrieve gathers, once; again only if the arena moved. A link that
     /// refuses leaves gathers on the CPU copy.
@@ -273,6 +285,13 @@ impl DecodeOps {
                 rows,
             },
         )?;
+        if let Some(r) = &mut self.recorder {
+            // The k section as just written (read back from the response space: only the
+            // metrics see it, so a client scribbling over it can only skew its own numbers).
+            if let Ok(k) = bytemuck::try_cast_slice::<u8, u32>(k) {
+                r.on_retrieve(&stats, k);
+            }
+        }
         ResponseHeader {
             q_heads: hq as u32,
             stride: stride as u32,

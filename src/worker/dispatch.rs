@@ -127,6 +127,7 @@ impl Dispatcher {
         observer: &dyn Observer,
     ) -> Result<u64> {
         let started = Instant::now();
+        self.decode.ensure_recorder(observer);
         let result = self.serve(d, arena);
         let op = Opcode::from_code(d.code).map_or("invalid", Opcode::name);
         let micros = started.elapsed().as_secs_f64() * 1e6;

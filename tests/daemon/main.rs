@@ -4,11 +4,13 @@
 //! One test binary (each file under `tests/` links the whole crate): this file holds the
 //! data-plane helpers the groups share; the groups are `startup` (configuration, CLI,
 //! shutdown), `data_plane` (the client through the daemon, stats, metrics) and `sessions`
-//! (tokens, budget, dead clients), `seal_parts` (training queries larger than the arena).
+//! (tokens, budget, dead clients), `seal_parts` (training queries larger than the arena),
+//! `decode_metrics` (seal, build, retrieve and insert in `/metrics`).
 
 #[path = "../common/mod.rs"]
 mod common;
 mod data_plane;
+mod decode_metrics;
 mod seal_parts;
 mod sessions;
 mod startup;

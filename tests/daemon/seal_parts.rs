@@ -47,7 +47,11 @@ fn layer0<'a>(st: &'a Value, id: &str) -> &'a Value {
 
 /// Sends `body` as a raw seal-op request (a ping leaves it at the start of the arena), as a
 /// client of the wire alone would.
-fn raw_seal(s: &mut SessionHandle, id: &mut u64, body: &[u8]) -> kvdex::error::Result<()> {
+pub(crate) fn raw_seal(
+    s: &mut SessionHandle,
+    id: &mut u64,
+    body: &[u8],
+) -> kvdex::error::Result<()> {
     s.ping(body)?;
     *id += 16;
     let out_offset = body.len().next_multiple_of(64) as u64;

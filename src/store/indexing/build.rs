@@ -3,6 +3,7 @@
 //! finishes).
 
 use super::*;
+use crate::store::observe::BuildOutcome;
 
 /// Keys copied out of a layer so that a long build reads them without holding its lock.
 pub(super) enum OwnedKeys {
@@ -56,6 +57,8 @@ impl HeadTraining {
 /// frees the session's memory at once, and the job stops at the next KV head (or before it
 /// starts), dropping its private copy of the keys.
 pub(super) struct BuildJob {
+    /// Reports the build's end to the store's observer (abandoned if the job drops first).
+    pub(super) report: BuildReport,
     pub(super) session: Weak<Session>,
     pub(super) cfg: Arc<DecodeConfig>,
     pub(super) head_dim: usize,
@@ -64,7 +67,7 @@ pub(super) struct BuildJob {
 }
 
 impl BuildJob {
-    pub(super) fn run(self, copies: Vec<OwnedKeys>, training: Vec<HeadTraining>) {
+    pub(super) fn run(mut self, copies: Vec<OwnedKeys>, training: Vec<HeadTraining>) {
         let layer = self.layer;
         // Each head's private key copy is dropped once its index is built, so a long build
         // holds one head's copy at a time after the first.
@@ -98,6 +101,7 @@ impl BuildJob {
                 }
                 Err(e) => {
                     tracing::warn!(layer, kv_head = g, error = %e, "index build failed");
+                    self.report.end(BuildOutcome::Failed);
                     li.update(|st, t| {
                         st.state = "failed";
                         st.error = Some(format!("kv head {g}: {e}"));
@@ -114,6 +118,9 @@ impl BuildJob {
         let Ok(li) = session.index_of(layer) else {
             return;
         };
+        // Reported before the state turns: whoever sees "ready" in `/stats` finds the build
+        // counted in `/metrics` too.
+        self.report.end(BuildOutcome::Ready);
         li.update(|st, t| {
             st.state = "ready";
             st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());

@@ -56,6 +56,9 @@ impl Session {
             for ((g, head), q) in li.heads.iter().enumerate().zip(guides.iter_mut()) {
                 match self.insert_batch(&l, g, head, q) {
                     Ok(Some(done)) => {
+                        if done.keys > 0 {
+                            self.store.observer.keys_inserted(done.keys as u64);
+                        }
                         li.update(|st, _| {
                             st.inserts += u64::from(done.inserted);
                             st.guided_inserts += u64::from(done.guides > 0);
@@ -148,6 +151,7 @@ impl Session {
         };
         Ok(Some(BatchDone {
             inserted,
+            keys: if inserted { to - from } else { 0 },
             more: to < end || !inserted,
             guides: if inserted { guide.len() } else { 0 },
             guide_secs,
@@ -194,6 +198,8 @@ fn insert_copy_on_write(
 struct BatchDone {
     /// The batch went in.
     inserted: bool,
+    /// Keys it put in the index (0 if it did not go in).
+    keys: usize,
     /// Tokens still wait (or the batch must be retried).
     more: bool,
     /// Guide queries it used.
