@@ -344,10 +344,12 @@ impl Session {
             }
             let training = training(cfg.sinks, (end, l.len))?;
             let mut started = false;
+            let mut before = None;
             let sealed = Instant::now();
             li.update(|st, t| {
                 if st.state != "building" {
                     started = true;
+                    before = Some((st.clone(), *t));
                     *st = BuildStatus {
                         state: "building",
                         kind: Some(kind_name(kind)),
@@ -368,7 +370,16 @@ impl Session {
                 .prepare(cfg.insert_guide_queries, d, cfg.insert_batch.max(1));
             let copies = (0..s.kv_heads as usize)
                 .map(|g| Ok(OwnedKeys::copy_of(&l.keys(g, s.dtype, d)?, cfg.sinks..end)))
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>();
+            let copies = match copies {
+                Ok(c) => c,
+                Err(e) => {
+                    // No build will run: the layer goes back to where it stood, rather than
+                    // "building" for good (which would refuse every later seal).
+                    li.update(|st, t| (*st, *t) = before.take().unwrap_or_default());
+                    return Err(e);
+                }
+            };
             (copies, training, sealed)
         };
         let job = BuildJob {
