@@ -62,6 +62,18 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// The decode path: index builds, retrieve internals, decode-path resources.
     pub decode: decode::DecodeMetrics,
+    /// Each known op's children of `requests` (ok, error) and `latency_us`, resolved once:
+    /// `with_label_values` hashes the labels and takes the vector's shared lock, which every
+    /// worker would contend on per request.
+    per_op: Vec<OpChildren>,
+}
+
+/// One op's resolved metric children (see [`Metrics::per_op`]).
+struct OpChildren {
+    op: &'static str,
+    ok: IntCounter,
+    error: IntCounter,
+    latency_us: prometheus::Histogram,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> Result<T> {
@@ -118,6 +130,15 @@ impl Metrics {
         for reason in END_REASONS {
             sessions_ended.with_label_values(&[reason]);
         }
+        let per_op = crate::proto::Opcode::ALL
+            .iter()
+            .map(|op| OpChildren {
+                op: op.name(),
+                ok: requests.with_label_values(&[op.name(), "ok"]),
+                error: requests.with_label_values(&[op.name(), "error"]),
+                latency_us: latency_us.with_label_values(&[op.name()]),
+            })
+            .collect();
         let gauge = |n: &str, h: &str| IntGauge::new(n, h).map_err(prom);
         let counter = |n: &str, h: &str| IntCounter::new(n, h).map_err(prom);
         Ok(Self {
@@ -156,6 +177,7 @@ impl Metrics {
             )?,
             http_requests: reg(&r, http_requests)?,
             decode: decode::DecodeMetrics::new(&r)?,
+            per_op,
             registry: r,
         })
     }
@@ -170,9 +192,17 @@ impl Metrics {
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        let status = if ok { "ok" } else { "error" };
-        self.requests.with_label_values(&[op, status]).inc();
-        self.latency_us.with_label_values(&[op]).observe(micros);
+        match self.per_op.iter().find(|c| c.op == op) {
+            Some(c) => {
+                if ok { &c.ok } else { &c.error }.inc();
+                c.latency_us.observe(micros);
+            }
+            None => {
+                let status = if ok { "ok" } else { "error" };
+                self.requests.with_label_values(&[op, status]).inc();
+                self.latency_us.with_label_values(&[op]).observe(micros);
+            }
+        }
         if ok {
             match op {
                 "append" => self.appended_bytes.inc_by(bytes_in),
