@@ -106,26 +106,18 @@ impl Session {
 }
 
 impl Session {
-    /// Totals of the decode-path state for the daemon's gauges, read at scrape time: layers
-    /// building, index bytes (as [`LayerStats::index_bytes`] counts them), staged training
-    /// positions, engine destinations. Takes each layer's and index's lock briefly, one at a
-    /// time, like `/stats`.
+    /// Totals of the decode-path state for the daemon's gauges, read at scrape time: the
+    /// [`Session::layer_stats`] summed (layers building, index bytes, staged training
+    /// positions), and the engine destinations.
     pub fn decode_gauges(&self) -> DecodeGauges {
         let mut g = DecodeGauges {
             engine_dests: self.engine_dest_count() as u64,
             ..Default::default()
         };
-        for (l, li) in self.layers.iter().zip(&self.index) {
-            g.layers_building += u64::from(li.is_building());
-            g.index_bytes += li.coverage().1 as u64;
-            if let Ok(l) = l.read() {
-                g.index_bytes += l
-                    .indices
-                    .iter()
-                    .map(|i| i.memory_bytes() as u64)
-                    .sum::<u64>();
-            }
-            g.staged_positions += li.staged_stats().0 as u64;
+        for l in self.layer_stats() {
+            g.layers_building += u64::from(l.build.state == "building");
+            g.index_bytes += l.index_bytes as u64;
+            g.staged_positions += l.staged_queries as u64;
         }
         g
     }

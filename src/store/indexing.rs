@@ -175,6 +175,28 @@ pub struct SealTraining<'a> {
     pub positions: &'a [u32],
 }
 
+impl SealTraining<'_> {
+    /// Refuses a set whose floats are not `n x q_heads x head_dim`, or that holds a NaN or an
+    /// infinity; `what` names it in the message ("seal training", "seal part").
+    fn check(&self, what: &str, hq: usize, d: usize) -> Result<()> {
+        let n = self.positions.len();
+        let want = n.checked_mul(hq * d);
+        if want != Some(self.vectors.len()) {
+            return Err(KvdexError::BadRequest(format!(
+                "{what} holds {} floats; {n} positions x q_heads {hq} x head_dim {d} need {}",
+                self.vectors.len(),
+                want.map_or_else(|| "more than fit".into(), |w| w.to_string())
+            )));
+        }
+        if let Some(pos) = self.vectors.iter().position(|x| !x.is_finite()) {
+            return Err(KvdexError::BadRequest(format!(
+                "{what} query value {pos} is not finite"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Rows `sinks..end` of a KV head's keys as a key store whose id 0 is token `sinks`.
 pub(super) fn view<'a>(keys: &KeySlice<'a>, start: usize, end: usize) -> Result<KeySlice<'a>> {
     let d = kvdex_index::KeyStore::dim(keys);
@@ -219,21 +241,8 @@ impl Session {
         let staged = self.take_staged(layer)?;
         let s = self.shape;
         let (d, hq) = (s.head_dim as usize, s.q_heads as usize);
-        if let Some(t) = training {
-            let n = t.positions.len();
-            if t.vectors.len() != hq * n * d {
-                return Err(KvdexError::BadRequest(format!(
-                    "seal training holds {} floats; {n} positions x q_heads {hq} x head_dim {d} \
-                     need {}",
-                    t.vectors.len(),
-                    hq * n * d
-                )));
-            }
-            if let Some(pos) = t.vectors.iter().position(|x| !x.is_finite()) {
-                return Err(KvdexError::BadRequest(format!(
-                    "seal training query value {pos} is not finite"
-                )));
-            }
+        if let Some(t) = &training {
+            t.check("seal training", hq, d)?;
         }
         let mut parts = staged.as_ref().map_or_else(Vec::new, Staged::parts);
         parts.extend(training);

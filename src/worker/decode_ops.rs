@@ -141,12 +141,9 @@ impl DecodeOps {
                 queries,
                 ..
             }) => {
-                let (pos, vectors) = (words(positions), floats(queries));
-                let part = SealTraining {
-                    vectors: &vectors,
-                    positions: &pos,
-                };
-                let staged = session.stage_training(layer, start as usize, part)?;
+                let pos = words(positions);
+                let staged =
+                    session.stage_training(layer, start as usize, floats(queries), &pos)?;
                 dst.copy_from_slice(&(staged as u64).to_le_bytes());
                 return Ok(8);
             }

@@ -69,7 +69,8 @@ impl Staged {
 
 impl Session {
     /// Stages a part of `layer`'s training queries for its next seal (no build starts):
-    /// `part` covers the positions `start ..` of the training set, `start` being what earlier
+    /// `vectors` (`[q_heads][n][head_dim]`, kept as given) at `positions` cover the positions
+    /// `start ..` of the training set, `start` being what earlier
     /// parts staged (0 begins a new set, discarding any staged before). Returns the positions
     /// staged so far.
     ///
@@ -82,14 +83,15 @@ impl Session {
         &self,
         layer: u32,
         start: usize,
-        part: SealTraining<'_>,
+        vectors: Vec<f32>,
+        positions: &[u32],
     ) -> Result<usize> {
         let li = self.index_of(layer)?;
         let mut slot = li.staged.lock().map_err(poisoned)?;
         if start == 0 {
             *slot = None;
         }
-        match self.stage_into(li, layer, start, part, &mut slot) {
+        match self.stage_into(li, layer, start, (vectors, positions), &mut slot) {
             Ok(n) => Ok(n),
             Err(e) => {
                 let lost = slot.take().map_or(0, |s| s.len());
@@ -109,12 +111,12 @@ impl Session {
         li: &LayerIndex,
         layer: u32,
         start: usize,
-        part: SealTraining<'_>,
+        (vectors, positions): (Vec<f32>, &[u32]),
         slot: &mut Option<Staged>,
     ) -> Result<usize> {
         let s = self.shape;
         let (d, hq) = (s.head_dim as usize, s.q_heads as usize);
-        if li.status().state == "building" {
+        if li.is_building() {
             return Err(KvdexError::BadRequest(format!(
                 "layer {layer}: an index build is in progress; seal parts are refused until it \
                  is done"
@@ -126,20 +128,12 @@ impl Session {
                 "seal part of layer {layer} starts at position {start}, but {have} are staged"
             )));
         }
-        let n = part.positions.len();
-        let want = n.checked_mul(hq * d);
-        if want != Some(part.vectors.len()) {
-            return Err(KvdexError::BadRequest(format!(
-                "seal part holds {} floats; {n} positions x q_heads {hq} x head_dim {d} need {}",
-                part.vectors.len(),
-                want.map_or_else(|| "more than fit".into(), |w| w.to_string())
-            )));
+        SealTraining {
+            vectors: &vectors,
+            positions,
         }
-        if let Some(pos) = part.vectors.iter().position(|x| !x.is_finite()) {
-            return Err(KvdexError::BadRequest(format!(
-                "seal part query value {pos} is not finite"
-            )));
-        }
+        .check("seal part", hq, d)?;
+        let n = positions.len();
         let cap = self.decode.seal_max_staged_queries;
         if have + n > cap {
             return Err(KvdexError::BadRequest(format!(
@@ -152,11 +146,11 @@ impl Session {
         if n == 0 {
             return Ok(have);
         }
-        let bytes = 4 * (part.vectors.len() + n) as u64;
+        let bytes = 4 * (vectors.len() + n) as u64;
         self.store.budget.try_reserve(bytes)?;
         staged.bytes += bytes;
-        staged.parts.push((part.vectors.to_vec(), n));
-        staged.positions.extend_from_slice(part.positions);
+        staged.parts.push((vectors, n));
+        staged.positions.extend_from_slice(positions);
         Ok(staged.len())
     }
 

@@ -54,14 +54,7 @@ fn slice(q: &[f32], p: &[u32], r: std::ops::Range<usize>) -> (Vec<f32>, Vec<u32>
 }
 
 fn stage(s: &Session, layer: u32, start: usize, part: &(Vec<f32>, Vec<u32>)) -> Result<usize> {
-    s.stage_training(
-        layer,
-        start,
-        SealTraining {
-            vectors: &part.0,
-            positions: &part.1,
-        },
-    )
+    s.stage_training(layer, start, part.0.clone(), &part.1)
 }
 
 #[test]
