@@ -18,6 +18,11 @@ pub(super) struct Row {
     pub(super) attn_ms: f64,
     pub(super) copy_ms: f64,
     pub(super) k_mean: f64,
+    /// Key rows the daemon's searches read per query head per layer request (its `scored`
+    /// over q_heads), the median over steps: the search's cost in a unit no machine changes.
+    /// A GQA-batched flat scan reads each row once for its whole group, so flat shows the
+    /// non-static tokens / (q_heads / kv_heads).
+    pub(super) scored_per_head: f64,
     pub(super) mass_recall: f64,
     pub(super) mass_covered: f64,
     pub(super) out_rel_err: f64,
@@ -26,7 +31,7 @@ pub(super) struct Row {
 /// Prints the table header.
 pub(super) fn print_header() {
     println!(
-        "{:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>9}",
+        "{:>8} {:>6} {:>6} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9}",
         "context",
         "method",
         "layers",
@@ -36,6 +41,7 @@ pub(super) fn print_header() {
         "attn",
         "copy",
         "k_mean",
+        "scored",
         "recall",
         "covered",
         "rel_err"
@@ -51,9 +57,10 @@ pub(super) fn print_row(row: &Row, json: bool) -> Result<()> {
         );
     } else {
         println!(
-            "{:>8} {:>6} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>7.1} {:>8.4} {:>8.4} {:>9.2e}",
+            "{:>8} {:>6} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>7.1} {:>8.0} {:>8.4} {:>8.4} {:>9.2e}",
             row.context, row.method, row.layers, row.layer_p50_ms, row.layer_p99_ms, row.search_ms,
-            row.attn_ms, row.copy_ms, row.k_mean, row.mass_recall, row.mass_covered, row.out_rel_err
+            row.attn_ms, row.copy_ms, row.k_mean, row.scored_per_head, row.mass_recall,
+            row.mass_covered, row.out_rel_err
         );
     }
     std::io::stdout().flush()?;
