@@ -83,6 +83,9 @@ class Retrieved:
     stride: int = 0
     """Candidates per head: the row pitch of ``ids``/``scores``, and of the rows written into
     an engine destination (``into=``), laid out ``[H, 2, stride, head_dim]``."""
+    slowest_head_us: float = 0.0
+    """Daemon microseconds of the slowest query head's search, budget and attention:
+    ``search_us + attend_us`` less this is what spreading the heads over cores cost."""
 
 
 def as_numpy(x: Any, what: str) -> np.ndarray:

@@ -119,7 +119,7 @@ fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound
 /// `out` float32 `[H, d]` and `lse` float32 `[H]` (None unless `attend`), `rows`
 /// `[H, 2, stride, d]` (K then V; None unless `gather`, and None when `into` sent them to an
 /// engine destination), `stride`, and the daemon's `search_us`,
-/// `attend_us`, `copy_us`, `scored`.
+/// `attend_us`, `copy_us`, `slowest_head_us`, `scored`.
 pub fn retrieve<'py>(
     py: Python<'py>,
     h: &mut SessionHandle,
@@ -170,6 +170,7 @@ pub fn retrieve<'py>(
     dict.set_item("search_us", hd.search_us)?;
     dict.set_item("attend_us", hd.attend_us)?;
     dict.set_item("copy_us", hd.copy_us)?;
+    dict.set_item("slowest_head_us", hd.slowest_head_us)?;
     dict.set_item("scored", hd.scored)?;
     Ok(dict)
 }

@@ -108,6 +108,7 @@ fn the_decode_path_is_exported_at_zero_then_recorded() {
         search_us: 30.0,
         attend_us: 4.0,
         copy_us: 1.0,
+        slowest_head_us: 20.0,
         exact_heads: 1,
     };
     r.on_retrieve(&st, &[1, 8, 8, 3]);

@@ -114,6 +114,11 @@ pub struct RetrieveStats {
     pub attend_us: f64,
     /// Microseconds copying results and rows out.
     pub copy_us: f64,
+    /// Microseconds the slowest query head spent in the parallel pass (its search, budget and
+    /// attention). The pass's wall time less this is what spreading the heads over cores
+    /// costs (hand-offs to the pool, waiting for a busy core), which is how an operator tells
+    /// a slow search from a slow pool.
+    pub slowest_head_us: f64,
     /// KV heads answered by an exact scan because they had no index: the layer was never
     /// sealed, or its build has not installed that head's index yet (the daemon counts these
     /// retrieves as exact fallbacks).
@@ -384,6 +389,10 @@ impl Session {
         let (sum_search, sum_attend) = heads
             .iter()
             .fold((0.0, 0.0), |(a, b), h| (a + h.search_s, b + h.attend_s));
+        let slowest = heads
+            .iter()
+            .map(|h| h.search_s + h.attend_s)
+            .fold(0.0, f64::max);
         let search_share = if sum_search + sum_attend > 0.0 {
             sum_search / (sum_search + sum_attend)
         } else {
@@ -396,6 +405,7 @@ impl Session {
             search_us: us(t0, t1) + pass * search_share,
             attend_us: pass * (1.0 - search_share),
             copy_us: us(t2, t3),
+            slowest_head_us: slowest * 1e6,
             exact_heads,
         })
     }

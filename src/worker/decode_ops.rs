@@ -301,6 +301,7 @@ impl DecodeOps {
             search_us: stats.search_us as f32,
             attend_us: stats.attend_us as f32,
             copy_us: stats.copy_us as f32,
+            slowest_head_us: stats.slowest_head_us as f32,
         }
         .encode(head)?;
         Ok(layout.len())

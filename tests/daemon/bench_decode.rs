@@ -40,6 +40,7 @@ fn bench_decode_prints_every_field_for_flat_and_graph() {
             "search_ms",
             "attn_ms",
             "copy_ms",
+            "slowest_head_ms",
             "k_mean",
             "scored_per_head",
             "mass_recall",

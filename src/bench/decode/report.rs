@@ -17,6 +17,10 @@ pub(super) struct Row {
     pub(super) search_ms: f64,
     pub(super) attn_ms: f64,
     pub(super) copy_ms: f64,
+    /// The slowest query head's search, budget and attention, the median over requests: with
+    /// `search_ms + attn_ms`, the pass's wall time, it shows what spreading the heads over
+    /// cores costs (JSON only).
+    pub(super) slowest_head_ms: f64,
     pub(super) k_mean: f64,
     /// Key rows the daemon's searches read per query head per layer request (its `scored`
     /// over q_heads), the median over steps: the search's cost in a unit no machine changes.

@@ -40,8 +40,14 @@ pub(super) fn decode_steps(
     let n0 = *len;
     let mut rng = StdRng::seed_from_u64(a.seed.wrapping_add(7));
     let mut q = vec![0f32; hq * d];
-    let (mut lat, mut search, mut attn, mut copy, mut scored) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lat, mut search, mut attn, mut copy, mut scored, mut slowest) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let (mut ksum, mut kcount, mut recall, mut covered, mut err) = (0.0, 0usize, 0.0, 0.0, 0.0);
     let (mut ids, mut out, mut lse) = (Vec::new(), vec![0f32; hq * d], vec![0f32; hq]);
     let (mut full, mut stat, mut stat_lse, mut merged) = (
@@ -73,6 +79,7 @@ pub(super) fn decode_steps(
             attn.push(r.header.attend_us as f64 / 1e3);
             copy.push(r.header.copy_us as f64 / 1e3);
             scored.push(r.header.scored as f64 / hq as f64);
+            slowest.push(r.header.slowest_head_us as f64 / 1e3);
             if layer == 0 {
                 for hh in 0..hq {
                     ids.extend_from_slice(r.head_ids(hh));
@@ -126,6 +133,7 @@ pub(super) fn decode_steps(
         search_ms: percentile(&mut search, 0.5),
         attn_ms: percentile(&mut attn, 0.5),
         copy_ms: percentile(&mut copy, 0.5),
+        slowest_head_ms: percentile(&mut slowest, 0.5),
         k_mean: ksum / kcount.max(1) as f64,
         scored_per_head: percentile(&mut scored, 0.5),
         mass_recall: recall / heads,

@@ -246,7 +246,9 @@ impl RetrieveLayout {
     }
 }
 
-/// The retrieve response header.
+/// The retrieve response header: words q_heads, stride, head_dim, row_bytes, flags and one
+/// reserved (bytes 0..24), `scored` u64 (24..32), then f32 microseconds search, attend, copy
+/// and slowest head (32..48).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ResponseHeader {
     /// Query heads.
@@ -267,6 +269,9 @@ pub struct ResponseHeader {
     pub attend_us: f32,
     /// Daemon microseconds copying out.
     pub copy_us: f32,
+    /// Daemon microseconds of the slowest query head's search, budget and attention (see
+    /// [`crate::store::RetrieveStats::slowest_head_us`]); 0 from a daemon older than it.
+    pub slowest_head_us: f32,
 }
 
 impl ResponseHeader {
@@ -287,9 +292,14 @@ impl ResponseHeader {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
         out[24..32].copy_from_slice(&self.scored.to_le_bytes());
-        for (i, f) in [self.search_us, self.attend_us, self.copy_us, 0.0]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            self.search_us,
+            self.attend_us,
+            self.copy_us,
+            self.slowest_head_us,
+        ]
+        .iter()
+        .enumerate()
         {
             out[32 + i * 4..36 + i * 4].copy_from_slice(&f.to_le_bytes());
         }
@@ -320,6 +330,7 @@ impl ResponseHeader {
             search_us: f32_at(b, 32).ok_or_else(bad)?,
             attend_us: f32_at(b, 36).ok_or_else(bad)?,
             copy_us: f32_at(b, 40).ok_or_else(bad)?,
+            slowest_head_us: f32_at(b, 44).ok_or_else(bad)?,
         })
     }
 }

@@ -304,6 +304,7 @@ fn layout_sections_follow_each_other_and_overflow_is_none() {
         stride: 10,
         scored: 1 << 40,
         search_us: 1.5,
+        slowest_head_us: 0.75,
         ..Default::default()
     };
     let mut b = [0u8; RESPONSE_HEADER];
