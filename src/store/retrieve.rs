@@ -386,13 +386,14 @@ impl Session {
         let t3 = Instant::now();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
         // The pass's wall time, split in proportion to the heads' time in each step.
-        let (sum_search, sum_attend) = heads
-            .iter()
-            .fold((0.0, 0.0), |(a, b), h| (a + h.search_s, b + h.attend_s));
-        let slowest = heads
-            .iter()
-            .map(|h| h.search_s + h.attend_s)
-            .fold(0.0, f64::max);
+        let (sum_search, sum_attend, slowest) =
+            heads.iter().fold((0.0, 0.0, 0.0f64), |(a, b, m), h| {
+                (
+                    a + h.search_s,
+                    b + h.attend_s,
+                    m.max(h.search_s + h.attend_s),
+                )
+            });
         let search_share = if sum_search + sum_attend > 0.0 {
             sum_search / (sum_search + sum_attend)
         } else {
