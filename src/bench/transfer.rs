@@ -253,8 +253,8 @@ pub fn run(args: TransferArgs) -> crate::error::Result<()> {
                 memcpy = secs(|| Ok(link.wait(link.gather(&arena, &contiguous, dst_id)?)?))?;
                 (stream, many) = (memcpy, memcpy);
                 // Packing alone: what the CPU does for a gather, with no copy to overlap.
-                // SAFETY: runs were drawn inside the arena and the staging buffer, ascending.
                 other = secs(|| {
+                    // SAFETY: runs were drawn inside the arena and the staging buffer, ascending.
                     unsafe {
                         copy_runs_parallel(&pool, src.as_ptr(), staging.as_mut_ptr(), &runs, batch)
                     };
