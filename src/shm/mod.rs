@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::MmapMut;
 
 pub use layout::{Descriptor, Geometry, Header};
-pub use ring::{ConsumerState, ProducerState, RingError, RingRef};
+pub use ring::{ConsumerState, ProducerState, RingError, RingRef, RingWord};
 
 use crate::error::{KvdexError, Result};
 use layout::{ErrWords, SlotWords, ERR_BYTES, MAGIC, VERSION};

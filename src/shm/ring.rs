@@ -13,12 +13,33 @@
 //! Ordering: the producer writes the slot's words (relaxed), then publishes the head with
 //! release; the consumer loads the head with acquire, then reads the words. The consumer
 //! releases the tail after copying the slot out, and the producer acquires it before reusing
-//! the slot. The code is entirely safe Rust over `&[AtomicU64]`, so the same logic runs (and is
-//! tested, including under Miri) on an in-process buffer.
+//! the slot. The code is entirely safe Rust over atomic words, generic over [`RingWord`]: in the
+//! daemon and the client the words are `AtomicU64`s in the shared mapping; in
+//! `tests/loom_ring.rs` they are loom's atomics, so the loom model checker explores every
+//! interleaving and weak-memory outcome of this same code.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::layout::{Descriptor, SlotWords, SLOT_WORDS};
+use super::layout::{Descriptor, SLOT_WORDS};
+
+/// One atomic 64-bit word of a ring: its indices and its slots' words.
+pub trait RingWord: Sync {
+    /// Atomically loads the word.
+    fn load(&self, order: Ordering) -> u64;
+    /// Atomically stores `value`.
+    fn store(&self, value: u64, order: Ordering);
+}
+
+impl RingWord for AtomicU64 {
+    #[inline]
+    fn load(&self, order: Ordering) -> u64 {
+        AtomicU64::load(self, order)
+    }
+    #[inline]
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU64::store(self, value, order)
+    }
+}
 
 /// A ring index that cannot be right.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,22 +56,28 @@ pub struct RingError {
 }
 
 /// A view of one ring in (shared) memory.
-#[derive(Clone, Copy)]
-pub struct RingRef<'a> {
+pub struct RingRef<'a, W: RingWord = AtomicU64> {
     name: &'static str,
-    head: &'a AtomicU64,
-    tail: &'a AtomicU64,
-    slots: &'a [SlotWords],
+    head: &'a W,
+    tail: &'a W,
+    slots: &'a [[W; SLOT_WORDS]],
 }
 
-impl<'a> RingRef<'a> {
+impl<W: RingWord> Clone for RingRef<'_, W> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W: RingWord> Copy for RingRef<'_, W> {}
+
+impl<'a, W: RingWord> RingRef<'a, W> {
     /// A ring over `slots` (whose length must be a power of two) with the given indices.
     /// Returns `None` if the slot count is not a power of two.
     pub fn new(
         name: &'static str,
-        head: &'a AtomicU64,
-        tail: &'a AtomicU64,
-        slots: &'a [SlotWords],
+        head: &'a W,
+        tail: &'a W,
+        slots: &'a [[W; SLOT_WORDS]],
     ) -> Option<Self> {
         slots.len().is_power_of_two().then_some(Self {
             name,
@@ -65,7 +92,7 @@ impl<'a> RingRef<'a> {
         self.slots.len() as u64
     }
 
-    fn slot(&self, index: u64) -> &SlotWords {
+    fn slot(&self, index: u64) -> &[W; SLOT_WORDS] {
         &self.slots[(index & (self.capacity() - 1)) as usize]
     }
 
@@ -97,7 +124,7 @@ pub struct ProducerState {
 
 impl ProducerState {
     /// Starts at the ring's current head (zero for a fresh region).
-    pub fn new(ring: &RingRef<'_>) -> Self {
+    pub fn new<W: RingWord>(ring: &RingRef<'_, W>) -> Self {
         Self {
             head: ring.head.load(Ordering::Relaxed),
         }
@@ -109,7 +136,11 @@ impl ProducerState {
     }
 
     /// Writes `d` into the next slot and publishes it. `Ok(false)` when the ring is full.
-    pub fn try_push(&mut self, ring: &RingRef<'_>, d: &Descriptor) -> Result<bool, RingError> {
+    pub fn try_push<W: RingWord>(
+        &mut self,
+        ring: &RingRef<'_, W>,
+        d: &Descriptor,
+    ) -> Result<bool, RingError> {
         let tail = ring.tail.load(Ordering::Acquire);
         // A tail ahead of our head (entries read that were never written) wraps to a huge
         // distance and fails the check, as does one more than a ring behind.
@@ -126,7 +157,7 @@ impl ProducerState {
     }
 
     /// Entries pushed but not yet consumed, as the consumer's tail says.
-    pub fn in_flight(&self, ring: &RingRef<'_>) -> Result<u64, RingError> {
+    pub fn in_flight<W: RingWord>(&self, ring: &RingRef<'_, W>) -> Result<u64, RingError> {
         ring.check(self.head, ring.tail.load(Ordering::Acquire))
     }
 }
@@ -139,7 +170,7 @@ pub struct ConsumerState {
 
 impl ConsumerState {
     /// Starts at the ring's current tail (zero for a fresh region).
-    pub fn new(ring: &RingRef<'_>) -> Self {
+    pub fn new<W: RingWord>(ring: &RingRef<'_, W>) -> Self {
         Self {
             tail: ring.tail.load(Ordering::Relaxed),
         }
@@ -151,7 +182,10 @@ impl ConsumerState {
     }
 
     /// Copies the next entry out of the ring and frees its slot. `Ok(None)` when empty.
-    pub fn try_pop(&mut self, ring: &RingRef<'_>) -> Result<Option<(u64, Descriptor)>, RingError> {
+    pub fn try_pop<W: RingWord>(
+        &mut self,
+        ring: &RingRef<'_, W>,
+    ) -> Result<Option<(u64, Descriptor)>, RingError> {
         let head = ring.head.load(Ordering::Acquire);
         if ring.check(head, self.tail)? == 0 {
             return Ok(None);
@@ -171,6 +205,7 @@ impl ConsumerState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shm::layout::SlotWords;
 
     fn slots(n: usize) -> Vec<SlotWords> {
         (0..n).map(|_| Default::default()).collect()
