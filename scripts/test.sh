@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 (cd python && cargo fmt --check)
 cargo clippy --workspace --all-targets -- -D warnings
+(cd python && cargo clippy --all-targets -- -D warnings)
 cargo test --workspace --all-targets
 # The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN).
 cargo build --bin kvdex
