@@ -16,7 +16,7 @@ A number in a figure cell counts only when it stands alone: `1.27 ms`, `6.4×`, 
 `≤`, `<` or `>` is a threshold: those are not checked. Signs are ignored (`−0.008` is checked
 against -0.008).
 
-    python3 scripts/benchmarks.py             # check; exit 1 and name each problem otherwise
+    python3 scripts/benchmarks.py [--check]   # check; exit 1 and name each problem otherwise
     python3 scripts/benchmarks.py --list decode.jsonl   # the records' figures, to write a row
 """
 
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--page", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--results", type=Path, default=ROOT / "benches" / "results")
-    ap.add_argument("--list", metavar="FILE", help="print the records of one results file")
+    ap.add_argument("--check", action="store_true", help="check the page and the records (the default)")
+    ap.add_argument("--list", metavar="FILE", help="print the records of one results file instead")
     args = ap.parse_args(argv)
     problems: list[str] = []
     records = load_results(args.results, problems)
