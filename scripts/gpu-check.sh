@@ -101,9 +101,9 @@ echo "== bench: host (same machine, for reference)"
 
 # The ways a gather can reach the device, side by side, alternated so that drift in the limit
 # hits them alike: the kernel launched over growing slices of the runs while the CPU writes
-# the next descriptors (the default), the kernel launched once per 65536 runs (as before
-# session 9), and the CPU packing through pinned staging (the fallback when the kernel does
-# not load).
+# the next descriptors (the default), the kernel launched once per 65536 runs
+# (KVDEX_GATHER_LAUNCH_DESCS=65536; docs/design/0010-pipelined-gather-launches.md), and the
+# CPU packing through pinned staging (the fallback when the kernel does not load).
 rounds="${KVDEX_CHECK_AB:-3}"
 if [ "$rounds" -gt 0 ]; then
     echo "== bench: cuda gather paths side by side ($rounds rounds)"
@@ -166,7 +166,7 @@ timeout 180 "$kvdex" bench decode --context 32768 --steps 32 --gather --json \
     | tee "$out/decode-32k-gather.jsonl" || status=1
 
 if [ "${KVDEX_CHECK_DECODE:-1}" != "0" ]; then
-    # The issue-5 settings of BENCHMARKS.md (sessions 9-10, 128K), so the ratio compares.
+    # The 128K settings of benches/results/decode.jsonl (vm-128k, h100-128k), so the ratio compares.
     # slowest_head_ms against search_ms + attn_ms shows what spreading the heads costs.
     decode=(bench decode --context 131072 --steps 64 --coverage 0.98 --min-k 8 --max-k 64
             --search-list 192 --train 8192 --json)

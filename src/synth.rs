@@ -2,7 +2,7 @@
 //!
 //! The generative model (RoPE, recency, anisotropic low-rank content, a query offset, sinks,
 //! mild norm tails) is [`model`]; its difficulty was calibrated against real SmolLM2 vectors with
-//! `benches/peers/calib.py` and the peer script (notes/index.md, "Session 2"). Each layer is an
+//! `benches/peers/calib.py` and the peer script (`benches/peers/peers.py`). Each layer is an
 //! independent draw of the model, so a data set spans easy and hard heads as real layers do.
 //!
 //! Output per layer l: `K_L{l}.npy`, `V_L{l}.npy` (`[kv_heads, T, dim]`), `Q_L{l}.npy`

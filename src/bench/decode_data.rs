@@ -3,7 +3,7 @@
 //! # Synthetic out-of-distribution data
 //! The model of `kvdex gen-synth` ([`crate::synth::model`]: RoPE with θ = 5e5 as in Llama 3,
 //! recency, anisotropic low-rank content, query and key means at a negative cosine, a sink),
-//! calibrated against real SmolLM2 vectors (notes/index.md). Keys and values are generated for
+//! calibrated against real SmolLM2 vectors (`benches/peers/calib.py`). Keys and values are generated for
 //! the context; a prefill (training) query at position p looks back at an earlier position
 //! (causal); a decode query sits at position n and looks back anywhere in the context.
 //!

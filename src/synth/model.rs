@@ -1,7 +1,7 @@
 //! The generative model behind `kvdex gen-synth` and the synthetic data of `kvdex bench decode`.
 //!
 //! It reproduces the structure that makes real attention retrieval hard or easy, measured on
-//! SmolLM2 keys and queries with `benches/peers/calib.py` (notes/index.md, "Session 2"):
+//! SmolLM2 keys and queries with `benches/peers/calib.py`:
 //! - **RoPE** in the HF rotate_half layout (pairs `i, i + d/2` rotated by `pos · θ^(-2i/d)`), so
 //!   a score depends on the relative position `t - p`. Fast (high-frequency) pairs carry little
 //!   energy, slow ones carry the means and most of the content, as in the real heads.

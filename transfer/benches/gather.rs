@@ -22,7 +22,7 @@ const PAGE: usize = 4096;
 /// `BATCH` bytes of `buf` starting on a page boundary. Every destination here starts on one,
 /// so that no variant gains or loses from where the allocator put its buffer (glibc's `memcpy`
 /// runs ~8x slower on AMD Zen when the destination is 16 bytes past the source in a page,
-/// which is where a fresh 8 MiB `Vec` starts: see notes/transfer.md).
+/// which is where a fresh 8 MiB `Vec` starts: see `copy_runs_avx2` in src/copy.rs).
 fn page_aligned(buf: &mut [u8]) -> &mut [u8] {
     let skip = buf.as_ptr().align_offset(PAGE);
     &mut buf[skip..skip + BATCH as usize]

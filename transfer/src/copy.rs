@@ -11,7 +11,7 @@ use simd::{copy_avx2, copy_stream_avx2};
 
 /// How many runs ahead the small-run loop prefetches: enough rows in flight to cover a DRAM
 /// miss plus a page walk. Measured on random 256-byte rows from a 1 GiB arena
-/// (`examples/row_probe.rs`, notes/transfer.md): 16 was best or tied in paired rounds against
+/// (`examples/row_probe.rs`): 16 was best or tied in paired rounds against
 /// 4, 8 and 32 (the differences are near the noise of the loaded VM it was measured on).
 const PREFETCH_AHEAD: usize = 16;
 /// Bytes one parallel task copies: big enough to amortise a task, small enough to balance.
@@ -53,8 +53,8 @@ fn prefetch_read(p: *const u8) {
 /// Runs from 2 KiB to 1 MiB are copied by an AVX2 loop where the CPU has one, not by
 /// `memcpy`: glibc's `memcpy` uses `rep movsb` for mid-sized copies, and on AMD Zen that runs
 /// about 8x slower when the destination sits 16 bytes past the source within a 4 KiB page
-/// (measured here: 64 KiB runs into a `Vec` destination, 2.7 GB/s against 22 GB/s; see
-/// notes/transfer.md). Gathers from page-aligned arena blocks into a heap buffer hit exactly
+/// (64 KiB runs into a `Vec` destination: 2.7 GB/s against 22 GB/s on an AMD EPYC).
+/// Gathers from page-aligned arena blocks into a heap buffer hit exactly
 /// that case, so the loop must not depend on where the caller's buffer happens to start.
 ///
 /// # Safety

@@ -20,8 +20,8 @@ use job::Job;
 pub const INLINE_BYTES: u64 = 256 << 10;
 
 /// Machines with at most this many CPUs share only batches of [`SMALL_MACHINE_PARALLEL_BYTES`]
-/// and more with the pool. Measured on the 2-vCPU dev VM (notes/transfer.md, BENCHMARKS.md):
-/// when the box is quiet, two threads take runs of 64 KiB and more from 80-90% to 93-119% of the
+/// and more with the pool. On a 2-vCPU VM (docs/design/0012-host-gather.md), when the box is
+/// quiet, two threads take runs of 64 KiB and more from 80-90% to 93-119% of the
 /// all-threads contiguous limit; when it is loaded, a helper preempted mid-chunk can hold a batch
 /// back by a time slice. Two cores spent on a large gather is what an idle sidecar should do.
 pub const SMALL_MACHINE_MAX_CPUS: usize = 2;

@@ -1,11 +1,13 @@
 //! Joint beam search for the query heads of one GQA group over their shared KV head's graph.
 //!
 //! The heads of a group search the same graph over the same keys, and at long contexts the
-//! search is bound by scattered row reads (notes/search.md). Here the group shares one visited
+//! search is bound by scattered row reads. Here the group shares one visited
 //! set: when any head expands a node, each unvisited neighbour's row is read once and scored
 //! against every query of the group, and offered to every head's beam and top k. Rows read =
 //! the union of what the heads visit instead of the sum (measured on the decode bench's 128K
-//! synthetic data: union/sum 0.77 for 4 heads; on the real 8K data 0.53 for 3; notes/group.md).
+//! synthetic data: union/sum 0.77 for 4 heads; on the real 8K data 0.53 for 3). The daemon's
+//! request searches the heads separately: the joint search is slower per row offered, and
+//! docs/design/0015-group-retrieve.md gives the measurements.
 //! Each head still walks its own beam of width L; the heads take turns expanding one node
 //! each, so no head's walk runs ahead of the rows the others already brought in.
 

@@ -28,7 +28,7 @@
 //! Step 3 alone (keys only) loses recall against a rebuild: the new keys are linked only for the
 //! old training queries. Lists without step 3 were worse still with later queries as guides
 //! (real code set, batches of 64: recall@100 0.834 vs 0.861 keys only at L 96); both together
-//! reach 0.905 (rebuild 0.913). See notes/insertq.md.
+//! reach 0.905 (rebuild 0.913). See docs/design/0006-guided-insert.md.
 //!
 //! Cost, with Q guides, B new keys: [`guide_insert`] runs Q beam searches of width
 //! `max(Nq, build_list)` (about 8-15 x that many rows scored each, as scattered reads), Q x B

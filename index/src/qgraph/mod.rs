@@ -37,7 +37,7 @@ use crate::{Hits, IndexError, KeyStore, MipsIndex, MipsIndexMut, SearchScratch, 
 pub struct GraphParams {
     /// M: out-degree cap (at most 255). The default, 12, reaches a given recall with fewer
     /// keys scored than 16, 20 or 30 on every set measured (real 8K code and prose, synthetic
-    /// 128K and 256K; BENCHMARKS.md, "Session 5"), at under half the edge memory; it needs a
+    /// 128K and 256K; docs/design/0003-out-degree-and-small-graphs.md), at under half the edge memory; it needs a
     /// wider beam L for the same recall, and the decode request measured the same latency at
     /// equal attention mass (M 12 L 256 vs M 30 L 128 at 128K).
     pub degree: usize,
@@ -66,14 +66,14 @@ pub struct GraphParams {
     /// leaves nodes too few edges to navigate (128K synthetic: 0.912 -> 0.939 recall at ~2%
     /// scored); short ones (the real 8K set, ~50 entries per key) keep `alpha`. Default 1.0
     /// (off): with 1.5 the decode bench at 128K lost mass recall (0.96 -> 0.86 at k ~ 24), so it
-    /// stays opt-in until that is understood (notes/index.md, Session 2).
+    /// stays opt-in until that is understood (docs/design/0022-pruning-slack.md).
     pub sparse_alpha: f32,
     /// A node whose occlusion pruning kept fewer edges than this gets its nearest pruned
     /// candidates back up to this many (HNSW's "keep pruned connections"). When keys far
     /// outnumber the training lists (long contexts), most nodes have few candidates and strict
     /// pruning leaves them with too few edges to navigate. 0 (default) turns it off: on the real
-    /// 8K data it cost 0.01 recall at 10% scored, on 128K synthetic it gained 0.01-0.02
-    /// (notes/index.md, Session 2).
+    /// 8K data it costs 0.01 recall at 10% scored, on 128K synthetic it gains 0.01-0.02
+    /// (docs/design/0022-pruning-slack.md).
     pub fill_degree: usize,
     /// Nq used instead of `train_topk` when the training lists are sparse: with `e =
     /// training queries x train_topk / keys` list entries per key, Nq moves from `train_topk`
@@ -82,7 +82,7 @@ pub struct GraphParams {
     /// longer list per query costs the exact scan nothing extra (the scan dominates, the
     /// selection is a heap) and gives every listed key more co-relevant candidates. Measured
     /// on the decode bench's data at 256K (`bench recall --synth-context`): together with
-    /// `sparse_rank_window` 16, mass recall@64 0.827 -> 0.870 at L 128 (notes/scale.md). The
+    /// `sparse_rank_window` 16, mass recall@64 0.827 -> 0.870 at L 128. The
     /// real 8K set (e ~ 52) keeps `train_topk`.
     pub sparse_train_topk: usize,
     /// `rank_window` used when the training lists are sparse (same rule as
@@ -92,21 +92,21 @@ pub struct GraphParams {
     /// of the nodes its own search found (those with a free edge slot). With 1, such a key has
     /// a single way in; at long contexts most keys are in no training list and are reached only
     /// through this pass, and a query's true top keys among them were the ones the beam missed
-    /// (notes/scale1m.md: at 1M, 75% of the missed top keys had in-degree <= 2, against 2% of
-    /// the found ones). Default 4: +0.005 mass recall at equal cost at 256K; no change on the
+    /// (at 1M, 75% of the missed top keys have in-degree <= 2, against 2% of the found ones;
+    /// docs/design/0004-sequence-edges-and-in-links.md). Default 4: +0.005 mass recall at equal cost at 256K; no change on the
     /// real 8K set (few unreached keys there).
     pub connect_in_links: usize,
     /// Each key also links to its neighbours in token order (ids `i ± 1 ..= i ± s`, key ids
     /// being token positions, nearest first) in the edge slots left free after the
     /// connectivity pass. The slots are fixed width, so this costs no memory. Decode queries'
     /// top keys cluster by recency, and a key's nearest keys (L2) are almost all within a few
-    /// hundred positions of it (notes/scale1m.md), so these are cheap key-key neighbour edges.
+    /// hundred positions of it, so these are cheap key-key neighbour edges.
     /// Used as is on dense training lists (default 0: on the real 8K set they cost recall at
     /// equal scored fraction); see `sparse_sequence_edges`.
     pub sequence_edges: usize,
     /// `sequence_edges` used when the training lists are sparse (same rule as
     /// `sparse_train_topk`). Default 8: at 1M tokens of the decode bench's data, mass
-    /// recall@64 0.878 -> 0.936 at 0.88% scored (notes/scale1m.md).
+    /// recall@64 0.878 -> 0.936 at 0.88% scored (docs/design/0004-sequence-edges-and-in-links.md).
     pub sparse_sequence_edges: usize,
     /// Training (and later decode) queries remembered, in f16, to guide incremental insert.
     pub kept_queries: usize,
@@ -119,7 +119,7 @@ pub struct GraphParams {
     /// runs more beam searches; on the synthetic 64K set the time an insert batch holds the
     /// index exclusively went from ~41-58 to ~73-78 ms (keys only ~33-39) for +0.017
     /// recall@64 at L 128 (0.860 vs 0.843; keys only 0.633), and on the real code set +0.003
-    /// recall@100 (notes/insertq.md).
+    /// recall@100 (docs/design/0006-guided-insert.md).
     pub remember_guides: bool,
 }
 

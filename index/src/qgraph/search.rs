@@ -118,8 +118,8 @@ pub trait Adjacency {
 ///
 /// A beam at least k wide already holds them: it keeps the best `l` of every key scored (a
 /// key leaves it only for a better one), so its first k are the k best. The result heap is
-/// then filled from the beam once at the end instead of taking every scored key, which saved
-/// 6-10% of a 128K search (`notes/session10.md`).
+/// then filled from the beam once at the end instead of taking every scored key, which takes
+/// 6-10% off a 128K search (docs/design/0019-search-micro-structure.md).
 #[allow(clippy::too_many_arguments)]
 pub fn beam_search_k(
     graph: &dyn Adjacency,

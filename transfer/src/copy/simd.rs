@@ -176,9 +176,9 @@ unsafe fn stream_long_avx2(src: *const u8, dst: *mut u8, len: usize) {
 /// Copies whole cache lines with non-temporal stores: the path of single-token rows (256 B)
 /// in a large batch. Each line is written whole by two 32-byte streaming stores, so it leaves
 /// the write-combining buffer as one full-line write and the destination line is never read
-/// first. Measured (loaded 2-vCPU VM, notes/transfer.md "Session 2"): 1 KiB rows in a 32 MiB
-/// batch went from 27% to 46% of the limit (paired median of 3 runs); for 256-byte rows the
-/// gain over ordinary stores was within the noise there.
+/// first. On a loaded 2-vCPU VM this takes 1 KiB rows in a 32 MiB batch from 27% to 46% of the
+/// limit (paired median of 3 runs); for 256-byte rows the gain over ordinary stores is within
+/// the noise there (docs/design/0012-host-gather.md).
 /// The caller fences afterwards.
 ///
 /// # Safety

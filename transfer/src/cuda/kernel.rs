@@ -3,8 +3,9 @@
 //!
 //! Why: on an H100 (PCIe Gen5) packing rows into staging and copying the chunk reached 11% of
 //! pinned host-to-device bandwidth for 256-byte rows and 32% for 64 KiB runs (each 64 KiB run
-//! its own DMA). The kernel reached 51% and 93% (BENCHMARKS.md, issue 4). Runs of at least
-//! [`DMA_BYTES`] still go by DMA: they reach 95% that way and leave the SMs to the engine.
+//! its own DMA). The kernel reached 51% and 93% (docs/design/0009-device-gather-kernel.md).
+//! Runs of at least [`DMA_BYTES`] still go by DMA: they reach 95% that way and leave the SMs
+//! to the engine.
 //!
 //! The kernel is PTX (`gather_runs.ptx`), JIT-compiled by the driver when the link opens, so
 //! building kvdex needs no CUDA toolkit. `KVDEX_GATHER_PTX=<file>` loads another PTX instead
@@ -28,7 +29,8 @@ const DESC_CAP: usize = 1 << 16;
 /// written, then over twice as many each time, up to [`MAX_LAUNCH_DESCS`]: the GPU moves rows
 /// while the CPU writes the next descriptors. Why: writing them all before one launch left the
 /// GPU idle for that time; on an H100, 256-byte rows reached 32% of pinned H2D through
-/// kvdex against 53% for the same kernel timed alone on the GPU (BENCHMARKS.md, issue 4).
+/// kvdex against 53% for the same kernel timed alone on the GPU
+/// (docs/design/0010-pipelined-gather-launches.md).
 const FIRST_LAUNCH_DESCS: usize = 1024;
 /// The most descriptors per launch: each launch ends with a tail where the SMs drain, so a
 /// few long launches beat many short ones once the pipeline is running.
