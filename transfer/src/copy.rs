@@ -11,7 +11,8 @@ use simd::{copy_avx2, copy_stream_avx2};
 
 /// How many runs ahead the small-run loop prefetches: enough rows in flight to cover a DRAM
 /// miss plus a page walk. Measured on random 256-byte rows from a 1 GiB arena
-/// (`examples/row_probe.rs`): 16 was best or tied in paired rounds against
+/// (a probe, last in the tree at 1588eef^: `transfer/examples/row_probe.rs`): 16 was best or
+/// tied in paired rounds against
 /// 4, 8 and 32 (the differences are near the noise of the loaded VM it was measured on).
 const PREFETCH_AHEAD: usize = 16;
 /// Bytes one parallel task copies: big enough to amortise a task, small enough to balance.
