@@ -26,7 +26,7 @@ pub mod socket;
 
 use std::time::Duration;
 
-pub use decode::Retrieved;
+pub use decode::{PendingRetrieve, RetrieveRequest, Retrieved};
 pub use http::{format_token, parse_token};
 pub use session::{GatheredRows, SessionHandle, INTERRUPTED};
 pub use socket::SocketSession;

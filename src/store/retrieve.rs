@@ -38,8 +38,12 @@ use crate::error::{KvdexError, Result};
 mod head;
 mod output;
 
-use head::{budget_and_attend, search_indexed, Slim};
+use head::{budget_and_attend, search_indexed, ExactScan, Slim};
 use output::{check_out, copy_rows, RowsOut};
+
+/// A position's visibility limit meaning "every token" ([`Session::retrieve_at`]; on the wire,
+/// the `limits` entry of a multi-position retrieve, [`crate::decode::wire`]).
+pub const NO_LIMIT: u32 = u32::MAX;
 
 /// How many tokens each query head gets.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -204,7 +208,8 @@ impl Session {
     }
 
     /// The decode-step request for `layer` (see the module docs). `q` is `[q_heads][head_dim]`
-    /// f32; `out` is sized for `stride` candidates per head.
+    /// f32; `out` is sized for `stride` candidates per head. One query position with no limit:
+    /// [`Session::retrieve_at`] with `[NO_LIMIT]`.
     pub fn retrieve(
         &self,
         layer: u32,
@@ -213,19 +218,60 @@ impl Session {
         scratch: &mut RetrieveScratch,
         out: RetrieveOut<'_>,
     ) -> Result<RetrieveStats> {
+        self.retrieve_at(layer, q, &[NO_LIMIT], params, scratch, out)
+    }
+
+    /// The decode-step request for `P = limits.len()` query positions of one sequence at once
+    /// (chunked prefill, speculative decoding). `q` is `[P][q_heads][head_dim]` f32; every
+    /// output section gains a leading `P` axis (`out` rows are `P * q_heads`, position-major).
+    ///
+    /// Position `p` sees only tokens with id `< limits[p]` ([`NO_LIMIT`]: every token): its
+    /// retrievable range is `[sinks, min(limits[p], len - window))`, where `len` is the
+    /// layer's length now. The window stays relative to the sequence's length, since it is
+    /// what the engine holds; a limit inside the window only narrows what the engine itself
+    /// attends to (its causal mask). A limit beyond `len` is refused by name.
+    pub fn retrieve_at(
+        &self,
+        layer: u32,
+        q: &[f32],
+        limits: &[u32],
+        params: &RetrieveParams,
+        scratch: &mut RetrieveScratch,
+        out: RetrieveOut<'_>,
+    ) -> Result<RetrieveStats> {
         let s = self.shape;
         let (hq, d, group) = (s.q_heads as usize, s.head_dim as usize, s.group() as usize);
-        if q.len() != hq * d {
+        let np = limits.len();
+        if np == 0 {
+            return Err(KvdexError::BadRequest(
+                "retrieve positions P = 0: send at least one query position".into(),
+            ));
+        }
+        // Single-position messages as before positions existed; `position p, ` otherwise.
+        let at = |p: usize| {
+            if np == 1 {
+                String::new()
+            } else {
+                format!("position {p}, ")
+            }
+        };
+        if q.len() != np * hq * d {
+            let positions = if np == 1 {
+                String::new()
+            } else {
+                format!("positions {np} x ")
+            };
             return Err(KvdexError::BadRequest(format!(
-                "query has {} values, expected q_heads {hq} x head_dim {d} = {}",
+                "query has {} values, expected {positions}q_heads {hq} x head_dim {d} = {}",
                 q.len(),
-                hq * d
+                np * hq * d
             )));
         }
         if let Some(pos) = q.iter().position(|x| !x.is_finite()) {
             return Err(KvdexError::BadRequest(format!(
-                "query value {pos} (head {}) is {}",
-                pos / d,
+                "query value {pos} ({}head {}) is {}",
+                at(pos / (hq * d)),
+                pos / d % hq,
                 q[pos]
             )));
         }
@@ -237,12 +283,23 @@ impl Session {
         }
         let stride = self.retrieve_stride(layer, &params.budget)?;
         let rb = s.row_bytes();
-        check_out(&out, hq, d, stride, rb, params)?;
+        let items = np * hq;
+        check_out(&out, items, d, stride, rb, params)?;
         let cfg = &self.decode;
         let li = self.index_of(layer)?;
         let wkv = self.wkv(layer)?;
         let rope = self.slim.as_ref().and_then(|sl| sl.rope);
         let l = self.layer(layer)?.read().map_err(poisoned)?;
+        if let Some((p, &lim)) = limits
+            .iter()
+            .enumerate()
+            .find(|(_, &lim)| lim != NO_LIMIT && lim as usize > l.len)
+        {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve limits[{p}] = {lim} is beyond layer {layer}'s length {}",
+                l.len
+            )));
+        }
         let (start, end) = (cfg.sinks, cfg.retrievable_end(l.len));
         if end - start < stride {
             return Err(KvdexError::Protocol(format!(
@@ -251,53 +308,59 @@ impl Session {
         }
         if end <= start {
             // Only static tokens: an empty part (weight exp(-inf) = 0 in the merge).
-            out.k[..hq].fill(0);
-            out.coverage[..hq].fill(1.0);
+            out.k[..items].fill(0);
+            out.coverage[..items].fill(1.0);
             if params.attend {
-                out.out[..hq * d].fill(0.0);
-                out.lse[..hq].fill(f32::NEG_INFINITY);
+                out.out[..items * d].fill(0.0);
+                out.lse[..items].fill(f32::NEG_INFINITY);
             }
             return Ok(RetrieveStats::default());
         }
-        if scratch.heads.len() < hq {
-            scratch.heads.resize_with(hq, HeadScratch::default);
+        // Position p's own view: retrievable `start..ends[p]`, visible `0..lens[p]`.
+        let view_of = |p: usize| -> (usize, usize) {
+            let lim = match limits[p] {
+                NO_LIMIT => l.len,
+                lim => lim as usize,
+            };
+            (end.min(lim).max(start), l.len.min(lim))
+        };
+        if scratch.heads.len() < items {
+            scratch.heads.resize_with(items, HeadScratch::default);
         }
-        let heads = &mut scratch.heads[..hq];
+        let heads = &mut scratch.heads[..items];
         let t0 = Instant::now();
         let mut exact_heads = 0;
-        // 1a. KV heads without an index: one GQA-batched exact scan for the whole group.
+        // 1a. KV heads without an index: one GQA-batched exact scan per group and position.
         for g in 0..s.kv_heads as usize {
             let exact = matches!(*li.heads[g].read().map_err(poisoned)?, HeadIndex::Exact);
             exact_heads += u32::from(exact);
-            let hs = &mut heads[g * group..(g + 1) * group];
-            hs.iter_mut().for_each(|h| h.searched = exact);
-            if !exact || stride == 0 {
-                hs.iter_mut().for_each(|h| {
-                    h.hits.clear();
-                    h.scored = 0;
-                });
-                continue;
-            }
-            let keys = view(&l.keys(g, s.dtype, d)?, start, end)?;
-            scratch.group.resize_with(group, Hits::default);
-            let st = FlatIndex::new(end - start).search_group(
-                &keys,
-                &q[g * group * d..(g + 1) * group * d],
-                stride,
-                &mut scratch.flat,
-                &mut scratch.group,
-            )?;
-            for (h, hits) in hs.iter_mut().zip(scratch.group.iter_mut()) {
-                std::mem::swap(&mut h.hits, hits);
-                h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
-                h.scored = st.scored / group;
+            for p in 0..np {
+                let first = p * hq + g * group;
+                let hs = &mut heads[first..first + group];
+                let end_p = view_of(p).0;
+                hs.iter_mut().for_each(|h| h.searched = exact);
+                if !exact || stride == 0 || end_p == start {
+                    hs.iter_mut().for_each(|h| {
+                        h.hits.clear();
+                        h.scored = 0;
+                    });
+                    continue;
+                }
+                let qs = &q[first * d..(first + group) * d];
+                let scan = ExactScan {
+                    keys: &l.keys(g, s.dtype, d)?,
+                    range: (start, end_p),
+                    stride,
+                };
+                scan.run(qs, &mut scratch.flat, &mut scratch.group, hs)?;
             }
         }
         let t1 = Instant::now();
-        // 1b-3. One parallel pass over the query heads: the head's search (KV heads with an
-        // index: the graph plus the pending tokens), then its budget and attention. One pass
-        // instead of two halves the hand-offs to the thread pool (each a wake-up and a wait,
-        // tens of microseconds on a busy machine), and keeps a head's rows warm between steps.
+        // 1b-3. One parallel pass over the (position, query head) pairs: the head's search (KV
+        // heads with an index: the graph plus the pending tokens), then its budget and
+        // attention. One pass instead of two halves the hand-offs to the thread pool (each a
+        // wake-up and a wait, tens of microseconds on a busy machine), and keeps a head's rows
+        // warm between steps.
         let layer_keys = LayerKeys {
             layer: &l,
             dtype: s.dtype,
@@ -309,16 +372,24 @@ impl Session {
             rope: rope.as_ref(),
             keys: &layer_keys,
         });
-        let work = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
-            let g = h / group;
-            let qh = &q[h * d..(h + 1) * d];
+        let work = |(i, hs): (usize, &mut HeadScratch)| -> Result<()> {
+            let (p, g) = (i / hq, i % hq / group);
+            let qh = &q[i * d..(i + 1) * d];
+            let (end_p, len_p) = view_of(p);
             let ts = Instant::now();
+            if end_p == start {
+                // This position sees no retrievable token: an empty part.
+                hs.empty(d);
+                hs.search_s = 0.0;
+                hs.attend_s = 0.0;
+                return Ok(());
+            }
             if !hs.searched && stride > 0 {
                 let guard = li.heads[g].read().map_err(poisoned)?;
                 let HeadIndex::Ready(index) = &*guard else {
                     return Err(KvdexError::Protocol("index disappeared".into()));
                 };
-                search_indexed(&l, index.as_ref(), g, qh, stride, hs, self, (start, end))?;
+                search_indexed(&l, index.as_ref(), g, qh, stride, hs, self, (start, end_p))?;
             }
             let tm = Instant::now();
             let keys = l.keys(g, s.dtype, d)?;
@@ -330,7 +401,7 @@ impl Session {
                 qh,
                 scale,
                 params,
-                (start, end, l.len),
+                (start, end_p, len_p),
                 cfg.tail_sample,
                 hs,
             )?;
@@ -345,9 +416,10 @@ impl Session {
         }
         let t2 = Instant::now();
         // A sample of the queries that went through an index guides the next insert batch
-        // (never waits, never allocates: see `indexing::Guides`).
+        // (never waits, never allocates: see `indexing::Guides`); the last position's, the
+        // newest.
         if cfg.insert_guide_queries > 0 && heads.iter().any(|h| !h.searched) {
-            li.guides.capture(q, group, d);
+            li.guides.capture(&q[(np - 1) * hq * d..], group, d);
         }
         // 4. Copy out.
         let mut scored = 0u64;
@@ -370,18 +442,25 @@ impl Session {
             }
         }
         if params.gather {
-            let rows = RowsOut {
-                rows: out.rows,
-                dest: out.rows_dest,
-                stride,
-                rb,
-                d,
-                dtype: s.dtype,
-                slim: slim.is_some(),
-            };
+            // One position at a time: its heads' rows are `[q_heads][2][stride][row_bytes]`.
+            let per = hq * 2 * stride * rb;
             let link = self.store.link.as_ref();
-            let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
-            copy_rows(&l, link, heads, group, rows, runs, tickets)?;
+            for (p, hs) in heads.chunks(hq).enumerate() {
+                let rows = RowsOut {
+                    rows: out.rows.get_mut(p * per..(p + 1) * per).unwrap_or_default(),
+                    dest: out.rows_dest.map(|dst| RowsDest {
+                        offset: dst.offset + (p * per) as u64,
+                        ..dst
+                    }),
+                    stride,
+                    rb,
+                    d,
+                    dtype: s.dtype,
+                    slim: slim.is_some(),
+                };
+                let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
+                copy_rows(&l, link, hs, group, rows, runs, tickets)?;
+            }
         }
         let t3 = Instant::now();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
@@ -411,3 +490,6 @@ impl Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

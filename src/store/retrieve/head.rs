@@ -4,6 +4,51 @@
 
 use super::*;
 
+/// The exact scan of one GQA group's query heads (one position) over the retrievable tokens
+/// `range`, for a KV head with no index.
+pub(super) struct ExactScan<'a> {
+    pub(super) keys: &'a KeySlice<'a>,
+    pub(super) range: (usize, usize),
+    pub(super) stride: usize,
+}
+
+impl ExactScan<'_> {
+    /// Scans for the group's queries `q` (`[group][head_dim]`) into `hs` (one per head).
+    pub(super) fn run(
+        &self,
+        q: &[f32],
+        flat: &mut SearchScratch,
+        group: &mut Vec<Hits>,
+        hs: &mut [HeadScratch],
+    ) -> Result<()> {
+        let (start, end) = self.range;
+        let keys = view(self.keys, start, end)?;
+        let n = hs.len();
+        group.resize_with(n, Hits::default);
+        let st = FlatIndex::new(end - start).search_group(&keys, q, self.stride, flat, group)?;
+        for (h, hits) in hs.iter_mut().zip(group.iter_mut()) {
+            std::mem::swap(&mut h.hits, hits);
+            h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+            h.scored = st.scored / n.max(1);
+        }
+        Ok(())
+    }
+}
+
+impl HeadScratch {
+    /// An empty part for a position that sees no retrievable token: nothing chosen, the
+    /// merge's weight `exp(-inf) = 0`.
+    pub(super) fn empty(&mut self, d: usize) {
+        self.hits.clear();
+        self.k = 0;
+        self.coverage = 1.0;
+        self.scored = 0;
+        self.out.clear();
+        self.out.resize(d, 0.0);
+        self.lse = f32::NEG_INFINITY;
+    }
+}
+
 /// Graph (or other index) search of one head over the indexed tokens, merged with an exact
 /// scan of the tokens that left the window but are not inserted yet.
 #[allow(clippy::too_many_arguments)]
@@ -20,7 +65,22 @@ pub(super) fn search_indexed(
     let s = session.shape;
     let d = s.head_dim as usize;
     let full = l.keys(g, s.dtype, d)?;
-    let n = index.len().min(end - start);
+    if index.len() > end - start {
+        // A position whose limit cuts into the indexed tokens: the index would return ids it
+        // must not see, so scan its visible tokens exactly.
+        let keys = view(&full, start, end)?;
+        let st = FlatIndex::new(end - start).search_group(
+            &keys,
+            q,
+            stride,
+            &mut hs.search,
+            std::slice::from_mut(&mut hs.hits),
+        )?;
+        hs.scored = st.scored;
+        hs.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+        return Ok(());
+    }
+    let n = index.len();
     let indexed = view(&full, start, start + n)?;
     // A request for (nearly) every indexed token gains nothing from an approximate index, and
     // a graph beam cannot promise to reach them all: scan exactly instead.
