@@ -507,6 +507,33 @@ class Session:
         assert r.out is not None and r.lse is not None  # attend=True always returns them
         return r.out, r.lse, r.k
 
+    def truncate(self, tokens: int) -> int:
+        """Drops every layer's rows from token ``tokens`` on (speculative decoding's rollback,
+        beam pruning); returns the bytes the daemon gave back to its memory budget.
+
+        Retrieves never return the dropped ids. A cut that stays above what a layer's index
+        covers (a rollback within the recent window) keeps the index; a deeper one drops it, and
+        the layer scans exactly until it is sealed again. Layers shorter than ``tokens`` are left
+        as they are.
+
+        Raises:
+            kvdex.BadRequestError: ``tokens`` beyond the session's longest layer, or a cut into
+            tokens a running index build covers.
+        """
+        return self._s.truncate(_u64(tokens, "tokens"))
+
+    def fork(self) -> "Session":
+        """A new session (its own id, token and region) holding a copy of this one's rows and,
+        where the index kind can copy itself, its built indices, as they are now: beam search,
+        a shared prompt. The copy is charged to the daemon's memory budget; the two sessions
+        then diverge independently. Close it like any session.
+
+        Raises:
+            kvdex.BudgetError: no room for the copy; kvdex.BadRequestError: a Slim session;
+            kvdex.NotFoundError: a session attached without HTTP (:func:`attach`).
+        """
+        return Session(self._s.fork(), slim=self.slim)
+
     def close(self) -> None:
         """Drops the session on the daemon and detaches. Idempotent.
 

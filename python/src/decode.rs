@@ -151,7 +151,10 @@ pub fn positions<'a>(
             if limits.len() != p {
                 return Err(bad_request(
                     py,
-                    format!("limits has {} entries, q has P = {p} positions", limits.len()),
+                    format!(
+                        "limits has {} entries, q has P = {p} positions",
+                        limits.len()
+                    ),
                 ));
             }
             Ok((qs, Some(limits)))
@@ -218,7 +221,10 @@ pub fn results<'py>(
         PyArray1::from_slice(py, r.scores).reshape(shaped(&[stride]))?,
     )?;
     if hd.flags & ATTEND != 0 {
-        dict.set_item("out", PyArray1::from_slice(py, r.out).reshape(shaped(&[d]))?)?;
+        dict.set_item(
+            "out",
+            PyArray1::from_slice(py, r.out).reshape(shaped(&[d]))?,
+        )?;
         dict.set_item("lse", PyArray1::from_slice(py, r.lse).reshape(shaped(&[]))?)?;
     } else {
         dict.set_item("out", py.None())?;
@@ -227,7 +233,10 @@ pub fn results<'py>(
     // Rows sent into an engine destination are not in the response.
     if hd.flags & GATHER != 0 {
         let rows = rows_array(py, dtype, r.rows)?;
-        dict.set_item("rows", rows.call_method1("reshape", (shaped(&[2, stride, d]),))?)?;
+        dict.set_item(
+            "rows",
+            rows.call_method1("reshape", (shaped(&[2, stride, d]),))?,
+        )?;
     } else {
         dict.set_item("rows", py.None())?;
     }

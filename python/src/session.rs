@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use kvdex::client::{RetrieveRequest, SessionHandle};
 use kvdex::store::{dtype_serde, Shape};
-use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -372,6 +374,24 @@ impl Session {
     ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
         let dtype = self.shape.dtype;
         self.with(py, |o| pending.wait(py, dtype, &mut o.handle))
+    }
+
+    /// Drops every layer's rows from token `tokens` on; returns the bytes the daemon gave back
+    /// to its budget.
+    fn truncate(&self, py: Python<'_>, tokens: u64) -> PyResult<u64> {
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.truncate(tokens)).map_err(|e| to_py(py, e))
+        })
+    }
+
+    /// A new session holding a copy of this one's rows (`POST /v1/sessions/{id}/fork`).
+    fn fork(&self, py: Python<'_>) -> PyResult<Session> {
+        self.with(py, |o| {
+            let h = &o.handle;
+            let forked = py.detach(|| h.fork()).map_err(|e| to_py(py, e))?;
+            Ok(Session::new(forked))
+        })
     }
 
     /// Offers an engine GPU buffer (CUDA IPC memory handle `mem`, 64 bytes; the `nbytes` at

@@ -163,3 +163,42 @@ def test_bf16_torch_append_and_query(client):
         a = s.retrieve(0, q, k=8)
         b = s.retrieve(0, q.float().numpy(), k=8)
         np.testing.assert_array_equal(a.out, b.out)
+
+
+def test_truncate_then_append_equals_a_fresh_session_with_the_same_rows(client):
+    k, v = rows(8, 200)
+    k2, v2 = rows(9, 30)
+    q = np.random.default_rng(10).standard_normal((H, D)).astype(np.float32)
+    with make(client) as s, make(client) as fresh:
+        s.append(0, k, v)
+        s.append(1, k, v)
+        assert s.truncate(120) >= 0
+        s.append(0, k2, v2)
+        fresh.append(0, k[:, :120], v[:, :120])
+        fresh.append(0, k2, v2)
+        a, b = s.retrieve(0, q, k=1000), fresh.retrieve(0, q, k=1000)
+        np.testing.assert_array_equal(a.out, b.out)
+        np.testing.assert_array_equal(a.k, b.k)
+        ga, _ = s.gather(0, 1, list(range(150)))
+        np.testing.assert_array_equal(ga, np.concatenate([k[1, :120], k2[1]]))
+        with pytest.raises(kvdex.BadRequestError, match="tokens = 151 is beyond"):
+            s.truncate(151)
+
+
+def test_a_fork_diverges_and_leaves_its_source_untouched(client):
+    k, v = rows(11, 100)
+    q = np.random.default_rng(12).standard_normal((H, D)).astype(np.float32)
+    with make(client) as s:
+        s.append(0, k, v)
+        want = s.retrieve(0, q, k=1000)
+        with s.fork() as f:
+            assert f.id != s.id
+            np.testing.assert_array_equal(f.retrieve(0, q, k=1000).out, want.out)
+            f.truncate(50)
+            f.append(0, *rows(13, 10))
+            assert f.retrieve(0, q, k=1000).k[0] == 60 - SINKS - WINDOW
+        got = s.retrieve(0, q, k=1000)
+        np.testing.assert_array_equal(got.out, want.out)
+        np.testing.assert_array_equal(s.gather(0, 0, [99])[0], k[0, 99:100])
+    with pytest.raises(kvdex.KvdexError):
+        s.fork()  # closed

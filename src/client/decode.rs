@@ -223,6 +223,19 @@ impl SessionHandle {
         self.call_u64(Opcode::UnregisterDest, n)
     }
 
+    /// Drops every layer's rows from token `tokens` on (speculative decoding's rollback, beam
+    /// pruning); returns the bytes the daemon gave back to its budget. Indices stop returning
+    /// the dropped ids (see [`Session::truncate`](crate::store::Session::truncate)). Errors:
+    /// `tokens` beyond the session's longest layer.
+    pub fn truncate(&mut self, tokens: u64) -> Result<u64> {
+        let arena = self.arena_mut();
+        let body = arena
+            .get_mut(..8)
+            .ok_or_else(|| KvdexError::BadRequest("truncate needs 8 bytes of free arena".into()))?;
+        body.copy_from_slice(&tokens.to_le_bytes());
+        self.call_u64(Opcode::Truncate, 8)
+    }
+
     /// Sends the `n`-byte request in the arena and reads its 8-byte response (seal, set_wkv,
     /// register_dest, unregister_dest).
     fn call_u64(&mut self, op: Opcode, n: usize) -> Result<u64> {

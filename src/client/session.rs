@@ -93,6 +93,11 @@ impl SessionHandle {
         self.interrupt = Some(Box::new(interrupted));
     }
 
+    /// How this handle waits for completions.
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.wait
+    }
+
     /// The session's shape.
     pub fn shape(&self) -> &Shape {
         &self.shape

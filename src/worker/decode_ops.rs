@@ -111,6 +111,7 @@ impl DecodeOps {
             Opcode::SetWkv => self.set_wkv(session, body, out),
             Opcode::RegisterDest => Self::register_dest(session, body, out),
             Opcode::UnregisterDest => Self::unregister_dest(session, body, out),
+            Opcode::Truncate => Self::truncate(session, body, out),
             other => Err(KvdexError::BadRequest(format!(
                 "{} is not a decode-path op",
                 other.name()
@@ -194,6 +195,25 @@ impl DecodeOps {
         })?;
         let left = session.unregister_dest(handle)?;
         dst.copy_from_slice(&(left as u64).to_le_bytes());
+        Ok(8)
+    }
+
+    fn truncate(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let tokens: [u8; 8] = body.try_into().map_err(|_| {
+            KvdexError::BadRequest(format!(
+                "truncate body is {} bytes, expected 8 (tokens u64)",
+                body.len()
+            ))
+        })?;
+        let dst = out
+            .get_mut(..8)
+            .ok_or_else(|| KvdexError::BadRequest("truncate response needs 8 bytes".into()))?;
+        let tokens = u64::from_le_bytes(tokens);
+        let tokens = usize::try_from(tokens).map_err(|_| {
+            KvdexError::BadRequest(format!("truncate tokens = {tokens} does not fit usize"))
+        })?;
+        let freed = session.truncate(tokens)?;
+        dst.copy_from_slice(&freed.to_le_bytes());
         Ok(8)
     }
 

@@ -4,9 +4,11 @@
 //! # Layout
 //! - `positions`: several query positions in one retrieve, each with its visibility limit.
 //! - `pending`: retrieves submitted without waiting, overlapped with other requests.
+//! - `edit`: truncate and fork.
 
 #[path = "../common/mod.rs"]
 mod common;
+mod edit;
 mod pending;
 mod positions;
 

@@ -18,7 +18,9 @@ fn pending_retrieves_equal_waiting_ones_and_survive_other_requests() {
     let limits = [150, 190, 200];
     let want1: Owned = s.retrieve_positions(1, &q1, &limits, &p).unwrap().into();
     // Two in flight, one per layer; other requests meanwhile; waited in reverse order.
-    let a = s.submit_retrieve(&RetrieveRequest::new(0, &q0, &p)).unwrap();
+    let a = s
+        .submit_retrieve(&RetrieveRequest::new(0, &q0, &p))
+        .unwrap();
     let b = s
         .submit_retrieve(&RetrieveRequest {
             limits: Some(&limits),

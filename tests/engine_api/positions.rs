@@ -46,14 +46,18 @@ fn a_multi_position_retrieve_equals_one_retrieve_per_position() {
                 let row = i * HQ + h;
                 let ids = &all.ids[row * stride..row * stride + all.k[row] as usize];
                 assert!(
-                    ids.iter().all(|&id| (4..end.max(4)).contains(&(id as usize))),
+                    ids.iter()
+                        .all(|&id| (4..end.max(4)).contains(&(id as usize))),
                     "position {i} (limit {lim}) saw {ids:?}"
                 );
             }
         }
         // The unlimited position is the plain single-position retrieve.
         let plain: Owned = s.retrieve(0, &q[..HQ * D], &p).unwrap().into();
-        assert_eq!((plain.k, plain.lse), (all.k[..HQ].to_vec(), all.lse[..HQ].to_vec()));
+        assert_eq!(
+            (plain.k, plain.lse),
+            (all.k[..HQ].to_vec(), all.lse[..HQ].to_vec())
+        );
     }
 }
 
@@ -63,14 +67,20 @@ fn bad_positions_and_limits_are_refused_by_name() {
     let mut s = open(&d);
     fill(&mut s, 0, 50, 1);
     let p = attend(Budget::Fixed(4));
-    let e = s.retrieve_positions(0, &[], &[], &p).unwrap_err().to_string();
+    let e = s
+        .retrieve_positions(0, &[], &[], &p)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("positions P = 0"), "{e}");
     let q = values(2 * HQ * D, 3);
     let e = s
         .retrieve_positions(0, &q, &[10, 51], &p)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("limits[1] = 51") && e.contains("length 50"), "{e}");
+    assert!(
+        e.contains("limits[1] = 51") && e.contains("length 50"),
+        "{e}"
+    );
     let r = RetrieveRequest {
         limits: Some(&[1]),
         ..RetrieveRequest::new(0, &q, &p)

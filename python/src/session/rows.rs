@@ -25,7 +25,9 @@ pub(super) fn append(
     let tokens = ka.shape().get(1).copied().unwrap_or(0);
     let want = [s.kv_heads as usize, tokens, s.head_dim as usize];
     check_shape(py, "k", ka.shape(), &want, "kv_heads, tokens, head_dim")?;
-    let va = v.map(|v| FloatArray::extract(py, "v", v, bf16)).transpose()?;
+    let va = v
+        .map(|v| FloatArray::extract(py, "v", v, bf16))
+        .transpose()?;
     let vb = match &va {
         Some(va) => {
             check_shape(py, "v", va.shape(), &want, "kv_heads, tokens, head_dim")?;

@@ -20,7 +20,7 @@ impl SessionHandle {
         let arena = self.arena_mut();
         let in_len = req.encode(arena).map_err(|_| {
             KvdexError::BadRequest(format!(
-                "{} request of {} bytes does not fit the {}-byte free arena",
+                "{} request of {} bytes does not fit the {}-byte arena",
                 op.name(),
                 req.encoded_len(),
                 arena.len()

@@ -121,7 +121,8 @@ fn each_position_answers_as_its_own_request_and_sees_only_its_tokens() {
                 let row = i * HQ + h;
                 let ids = &all.ids[row * stride..row * stride + all.k[row] as usize];
                 assert!(
-                    ids.iter().all(|&id| (4..end.max(4)).contains(&(id as usize))),
+                    ids.iter()
+                        .all(|&id| (4..end.max(4)).contains(&(id as usize))),
                     "position {i} (limit {lim}) head {h} saw {ids:?}"
                 );
             }
@@ -144,7 +145,13 @@ fn zero_positions_and_limits_beyond_the_length_are_refused_by_name() {
     assert!(e.contains("positions P = 0"), "{e}");
     let q = rows(2 * HQ * D, 3);
     let e = run(&s, &q, &[10, 41], &p).err().unwrap().to_string();
-    assert!(e.contains("limits[1] = 41") && e.contains("length 40"), "{e}");
-    let e = run(&s, &q[..HQ * D], &[10, 20], &p).err().unwrap().to_string();
+    assert!(
+        e.contains("limits[1] = 41") && e.contains("length 40"),
+        "{e}"
+    );
+    let e = run(&s, &q[..HQ * D], &[10, 20], &p)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("expected positions 2"), "{e}");
 }
