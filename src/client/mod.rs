@@ -21,13 +21,14 @@
 pub mod decode;
 pub mod http;
 pub mod merge;
+pub mod retrieve;
 pub mod session;
 pub mod socket;
 
 use std::time::Duration;
 
-pub use decode::{PendingRetrieve, RetrieveRequest, Retrieved};
 pub use http::{format_token, parse_token};
+pub use retrieve::{PendingRetrieve, RetrieveRequest, Retrieved};
 pub use session::{GatheredRows, SessionHandle, INTERRUPTED};
 pub use socket::SocketSession;
 

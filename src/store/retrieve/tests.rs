@@ -1,6 +1,7 @@
 //! Multi-position retrieves: each position answers as its own single-position request would,
 //! sees only the tokens its limit allows, and bad positions or limits are refused by name.
 
+use kvdex_index::attend::BudgetParams;
 use kvdex_index::KeyDtype;
 
 use super::*;
