@@ -205,29 +205,52 @@ impl Session {
         let heads = &mut scratch.heads[..items];
         let t0 = Instant::now();
         let mut exact_heads = 0;
-        // 1a. KV heads without an index: one GQA-batched exact scan per group and position.
+        // 1a. KV heads without an index: one exact scan of the keys per KV head for the
+        // group's queries of every run of positions that see the same tokens (all of them, for
+        // a speculative chunk inside the window), so the keys are read once, not once per
+        // position.
         for g in 0..s.kv_heads as usize {
             let exact = matches!(*li.heads[g].read().map_err(poisoned)?, HeadIndex::Exact);
             exact_heads += u32::from(exact);
-            for p in 0..np {
-                let first = p * hq + g * group;
-                let hs = &mut heads[first..first + group];
+            let mut p = 0;
+            while p < np {
                 let end_p = view_of(p).0;
-                hs.iter_mut().for_each(|h| h.searched = exact);
-                if !exact || stride == 0 || end_p == start {
-                    hs.iter_mut().for_each(|h| {
-                        h.hits.clear();
-                        h.scored = 0;
-                    });
-                    continue;
+                let run_end = (p + 1..np).find(|&r| view_of(r).0 != end_p).unwrap_or(np);
+                let scan = exact && stride > 0 && end_p > start;
+                for r in p..run_end {
+                    let first = r * hq + g * group;
+                    for h in &mut heads[first..first + group] {
+                        h.searched = exact;
+                        if !scan {
+                            h.hits.clear();
+                            h.scored = 0;
+                        }
+                    }
                 }
-                let qs = &q[first * d..(first + group) * d];
-                let scan = ExactScan {
-                    keys: &l.keys(g, s.dtype, d)?,
-                    range: (start, end_p),
-                    stride,
-                };
-                scan.run(qs, &mut scratch.flat, &mut scratch.group, hs)?;
+                if scan {
+                    let runs = (p..run_end).map(|r| (r * hq + g * group) * d);
+                    scratch.queries.clear();
+                    for at in runs {
+                        scratch.queries.extend_from_slice(&q[at..at + group * d]);
+                    }
+                    let exact_scan = ExactScan {
+                        keys: &l.keys(g, s.dtype, d)?,
+                        range: (start, end_p),
+                        stride,
+                    };
+                    let mut outs = (p..run_end).flat_map(|r| {
+                        let first = r * hq + g * group;
+                        first..first + group
+                    });
+                    exact_scan.run(
+                        &scratch.queries,
+                        &mut scratch.flat,
+                        &mut scratch.group,
+                        heads,
+                        &mut outs,
+                    )?;
+                }
+                p = run_end;
             }
         }
         let t1 = Instant::now();

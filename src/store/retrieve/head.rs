@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// The exact scan of one GQA group's query heads (one position) over the retrievable tokens
-/// `range`, for a KV head with no index.
+/// The exact scan of one KV head's queries (its GQA group's heads, for one or several positions)
+/// over the retrievable tokens `range`, for a KV head with no index.
 pub(super) struct ExactScan<'a> {
     pub(super) keys: &'a KeySlice<'a>,
     pub(super) range: (usize, usize),
@@ -13,20 +13,24 @@ pub(super) struct ExactScan<'a> {
 }
 
 impl ExactScan<'_> {
-    /// Scans for the group's queries `q` (`[group][head_dim]`) into `hs` (one per head).
+    /// Scans for the queries `q` (`[n][head_dim]`) into `hs[i]` for the `n` indices `i`
+    /// that `outs` yields, in order.
     pub(super) fn run(
         &self,
         q: &[f32],
         flat: &mut SearchScratch,
         group: &mut Vec<Hits>,
         hs: &mut [HeadScratch],
+        outs: &mut dyn Iterator<Item = usize>,
     ) -> Result<()> {
         let (start, end) = self.range;
         let keys = view(self.keys, start, end)?;
-        let n = hs.len();
+        let n = q.len() / KeyStore::dim(&keys).max(1);
         group.resize_with(n, Hits::default);
+        let group = &mut group[..n];
         let st = FlatIndex::new(end - start).search_group(&keys, q, self.stride, flat, group)?;
-        for (h, hits) in hs.iter_mut().zip(group.iter_mut()) {
+        for (i, hits) in outs.zip(group.iter_mut()) {
+            let h = &mut hs[i];
             std::mem::swap(&mut h.hits, hits);
             h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
             h.scored = st.scored / n.max(1);

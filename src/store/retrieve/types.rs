@@ -122,6 +122,8 @@ pub(super) struct HeadScratch {
 pub struct RetrieveScratch {
     pub(super) heads: Vec<HeadScratch>,
     pub(super) group: Vec<Hits>,
+    /// The queries of one exact scan (a GQA group's heads for a run of positions).
+    pub(super) queries: Vec<f32>,
     pub(super) flat: SearchScratch,
     pub(super) runs: Vec<Run>,
     pub(super) tickets: Vec<Ticket>,
