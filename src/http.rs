@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/sessions", axum::routing::post(create_session))
         .route("/v1/sessions/{id}", get(get_session).delete(delete_session))
+        .route("/v1/sessions/{id}/fork", axum::routing::post(fork_session))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
@@ -168,6 +169,22 @@ fn session_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
             e.body_text()
         )))
     })
+}
+
+/// `POST /v1/sessions/{id}/fork` (the source's token): 201 with the new session, as create.
+async fn fork_session(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = session_id(path)?;
+    let token = bearer(&headers).map(str::to_owned);
+    let registry = st.registry.clone();
+    // The copy and the new region stay off the async workers.
+    let created = tokio::task::spawn_blocking(move || registry.fork(&id, token.as_deref()))
+        .await
+        .map_err(|e| KvdexError::Protocol(format!("session fork task failed: {e}")))??;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 async fn get_session(

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from . import _native
 from ._native import LocalSession
-from .client import Client, Retrieved, Session, attach, connect
+from .client import (Client, PendingRetrieve, Retrieved, Session, attach, bf16_to_float32, connect,
+                     float32_to_bf16)
 from .daemon import Daemon, find_binary
 from .errors import (
     BadRequestError,
@@ -39,6 +40,9 @@ __all__ = [
     "Client",
     "Session",
     "Retrieved",
+    "PendingRetrieve",
+    "bf16_to_float32",
+    "float32_to_bf16",
     "Daemon",
     "find_binary",
     "LocalSession",

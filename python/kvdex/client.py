@@ -53,7 +53,10 @@ class Retrieved:
     """One decode-step retrieve of a layer (new arrays, copied out of the shared-memory arena).
 
     ``H`` is the session's query heads, ``stride`` the candidates per head the daemon returned
-    (the fixed k, or the adaptive budget's cap, clamped to the retrievable tokens).
+    (the fixed k, or the adaptive budget's cap, clamped to the retrievable tokens). For a query
+    of several positions (``q`` shaped ``[P, H, head_dim]``), every array below gains a leading
+    ``P`` axis: ``k [P, H]``, ``ids [P, H, stride]``, ``out [P, H, head_dim]``, ``lse [P, H]``,
+    ``rows [P, H, 2, stride, head_dim]``.
     """
 
     k: np.ndarray
@@ -71,7 +74,8 @@ class Retrieved:
     """float32 ``[H]``: its log-sum-exp of scaled scores, ``-inf`` when nothing was chosen."""
     rows: Optional[np.ndarray]
     """``[H, 2, stride, head_dim]``: K then V rows of the candidates (``gather=True``), in the
-    session dtype (float32 for bf16)."""
+    session dtype; a bf16 session's are uint16 arrays of the bf16 bits (see
+    :func:`bf16_to_float32`)."""
     search_us: float
     """Daemon microseconds searching."""
     attend_us: float
@@ -91,39 +95,95 @@ class Retrieved:
 def as_numpy(x: Any, what: str) -> np.ndarray:
     """``x`` as a numpy array without copying where possible (numpy, DLPack, array protocol).
 
+    A torch ``bfloat16`` tensor (which numpy cannot hold) comes back as a uint16 array of its
+    bits; :func:`is_bf16` tells such a tensor apart.
+
     Raises:
         kvdex.BadRequestError: for objects that are neither, or a tensor not in host memory.
     """
     if isinstance(x, np.ndarray):
         return x
+    if is_bf16(x):
+        x = x.view(_torch_int16(x))
+        return as_numpy(x, what).view(np.uint16)
     if hasattr(x, "__dlpack__"):
         try:
             return np.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError) as e:
             raise BadRequestError(f"{what}: cannot view this tensor from numpy ({e}); "
-                                  "pass a CPU tensor of float16/float32") from e
+                                  "pass a CPU tensor of float16/float32/bfloat16") from e
     if hasattr(x, "__array__") or isinstance(x, (list, tuple)):
         return np.asarray(x)
     raise BadRequestError(f"{what} must be a numpy array or a tensor, got {type(x).__name__}")
 
 
-def _kv(x: Any, what: str) -> np.ndarray:
+def is_bf16(x: Any) -> bool:
+    """True for a torch ``bfloat16`` tensor (checked without importing torch)."""
+    return str(getattr(x, "dtype", "")) == "torch.bfloat16"
+
+
+def _torch_int16(x: Any) -> Any:
+    """``torch.int16``, from the module of the tensor ``x`` (kvdex does not import torch)."""
+    import sys  # noqa: PLC0415
+
+    return sys.modules["torch"].int16
+
+
+def bf16_to_float32(a: np.ndarray) -> np.ndarray:
+    """bf16 values held as uint16 bits (what a bf16 session's gather returns) -> float32."""
+    a = np.ascontiguousarray(a, dtype=np.uint16)
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(a: Any) -> np.ndarray:
+    """float32 -> bf16 bits as uint16, rounded to nearest even (as torch and ``half`` do), for
+    ``append(..., dtype="bf16")``."""
+    x = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = x + 0x7FFF + ((x >> 16) & 1)
+    nan = np.isnan(np.ascontiguousarray(a, dtype=np.float32))
+    return np.where(nan, (x >> 16) | 0x40, rounded >> 16).astype(np.uint16)
+
+
+def _kv(x: Any, what: str, dtype: Optional[str] = None) -> Tuple[np.ndarray, bool]:
+    """K or V as a C-contiguous array and whether it holds bf16 bits (a torch bfloat16
+    tensor, or a uint16 array with ``dtype="bf16"``)."""
+    bf16 = is_bf16(x) or dtype == "bf16"
+    if dtype not in (None, "bf16"):
+        raise BadRequestError(f"{what}: dtype must be None or \"bf16\", got {dtype!r}")
     a = as_numpy(x, what)
-    if a.dtype not in (np.float16, np.float32):
-        raise BadRequestError(f"{what} must be float16 or float32, got {a.dtype}")
-    return np.ascontiguousarray(a)
+    if bf16:
+        if a.dtype != np.uint16:
+            raise BadRequestError(f"{what} with dtype=\"bf16\" must be a uint16 array of bf16 bits, got {a.dtype}")
+    elif a.dtype not in (np.float16, np.float32):
+        hint = (" (pass dtype=\"bf16\" if it holds bf16 bits)" if a.dtype == np.uint16
+                else " (or bf16: a torch bfloat16 tensor, or uint16 bits with dtype=\"bf16\")")
+        raise BadRequestError(f"{what} must be float16 or float32, got {a.dtype}{hint}")
+    return np.ascontiguousarray(a), bf16
 
 
-def _query(x: Any) -> np.ndarray:
-    q = np.ascontiguousarray(as_numpy(x, "q"), dtype=np.float32)
-    if q.ndim != 2:
+def _query(x: Any, dtype: Optional[str] = None, positions: bool = False) -> np.ndarray:
+    """Queries as float32: ``[q_heads, head_dim]``, or with ``positions`` also
+    ``[P, q_heads, head_dim]``; bf16 (a torch bfloat16 tensor, or uint16 bits with
+    ``dtype="bf16"``) is converted."""
+    a = as_numpy(x, "q")
+    if is_bf16(x) or dtype == "bf16":
+        if a.dtype != np.uint16:
+            raise BadRequestError(f"q with dtype=\"bf16\" must be a uint16 array of bf16 bits, got {a.dtype}")
+        a = bf16_to_float32(a)
+    elif dtype is not None:
+        raise BadRequestError(f"q: dtype must be None or \"bf16\", got {dtype!r}")
+    q = np.ascontiguousarray(a, dtype=np.float32)
+    if q.ndim != 2 and not (positions and q.ndim == 3):
         # The binding takes 2-D arrays only; say which shape is wanted rather than let it raise
         # a TypeError about casting.
-        raise BadRequestError(f"q has shape {list(q.shape)}, expected 2 dimensions (q_heads, head_dim)")
+        want = "(q_heads, head_dim) or 3 (P, q_heads, head_dim)" if positions else "(q_heads, head_dim)"
+        raise BadRequestError(f"q has shape {list(q.shape)}, expected 2 dimensions {want}")
     return q
 
 
 U32_MAX = 2**32 - 1
+NO_LIMIT = U32_MAX
+"""A position's limit meaning "every token" (what ``None`` in ``limits`` sends)."""
 
 
 def _u32(x: Any, what: str, most: int = U32_MAX) -> int:
@@ -188,12 +248,16 @@ class Session:
         """Echoes ``data`` through the daemon: a round trip that does no work."""
         return self._s.ping(data)
 
-    def append(self, layer: int, k: Any, v: Any = None) -> int:
+    def append(self, layer: int, k: Any, v: Any = None, *, dtype: Optional[str] = None) -> int:
         """Appends tokens to ``layer``; returns the layer's token count afterwards.
 
         Args:
-            k, v: ``[kv_heads, tokens, head_dim]``, float16 or float32. A Slim session
-                (``create_session(..., slim=True)``) stores K alone: pass ``v=None``.
+            k, v: ``[kv_heads, tokens, head_dim]``: float16 or float32 arrays, torch
+                ``bfloat16`` CPU tensors, or uint16 arrays of bf16 bits with ``dtype="bf16"``.
+                Rows in the session's dtype are stored as they are; others are converted once.
+                A Slim session (``create_session(..., slim=True)``) stores K alone: pass
+                ``v=None``.
+            dtype: ``"bf16"`` to say that uint16 arrays hold bf16 bits.
 
         Raises:
             kvdex.BadRequestError: wrong dtype or shape; kvdex.NotFoundError: unknown layer;
@@ -206,7 +270,13 @@ class Session:
                                   "call append(layer, k) without v")
         if self.slim is False and v is None:
             raise BadRequestError("append: v is missing (only Slim sessions append K alone)")
-        return self._s.append(_u32(layer, "layer"), _kv(k, "k"), None if v is None else _kv(v, "v"))
+        ka, bf16 = _kv(k, "k", dtype)
+        va = None
+        if v is not None:
+            va, v_bf16 = _kv(v, "v", dtype)
+            if v_bf16 != bf16:
+                raise BadRequestError("append: k and v must both be bf16, or neither")
+        return self._s.append(_u32(layer, "layer"), ka, va, bf16)
 
     def set_wkv(self, layer: int, w_kv: Any) -> None:
         """Slim sessions: uploads ``layer``'s ``W_KV``, float32 ``[D, D]`` with
@@ -243,7 +313,9 @@ class Session:
 
     def gather(self, layer: int, kv_head: int, ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """K and V rows of token ``ids`` of one KV head: new arrays ``[len(ids), head_dim]`` in the
-        session dtype (float32 for bf16 sessions)."""
+        session dtype. A bf16 session's rows come back unconverted, as uint16 arrays of the bf16
+        bits: :func:`bf16_to_float32` converts them, and
+        ``torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)`` makes a bf16 tensor."""
         return self._s.gather(_u32(layer, "layer"), _u32(kv_head, "kv_head"), _ids(ids))
 
     def seal(self, layer: int, kind: str = "graph", queries: Any = None, positions: Any = None, *,
@@ -292,7 +364,8 @@ class Session:
 
     def retrieve(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
                  min_k: int = 1, max_k: Optional[int] = None, attend: bool = True, gather: bool = False,
-                 scale: Optional[float] = None, into: Optional[Tuple[int, int]] = None) -> Retrieved:
+                 scale: Optional[float] = None, into: Optional[Tuple[int, int]] = None,
+                 limits: Optional[Sequence[Optional[int]]] = None, dtype: Optional[str] = None) -> Retrieved:
         """The decode-step request for ``layer``, all query heads at once.
 
         The daemon searches the non-static tokens (``sinks .. len - window``: the session's own
@@ -300,8 +373,20 @@ class Session:
         the layer's index (an exact scan before a build, and for tokens not inserted yet), picks
         the budget, and computes the partial attention and/or copies the chosen K/V rows.
 
+        Several query positions of the sequence go in one request (chunked prefill, speculative
+        decoding) with ``q`` shaped ``[P, q_heads, head_dim]``: the heads of every position are
+        spread over the daemon's cores, and every result gains a leading ``P`` axis. Position
+        ``p`` sees only tokens with id ``< limits[p]`` (its causal limit, e.g. its own position
+        + 1 when the chunk's rows were appended first); its retrievable range is
+        ``[sinks, min(limits[p], len - window))``, where ``len`` is the layer's length now:
+        the window stays relative to the sequence's length, since that is what the engine
+        holds and masks itself. A position that sees no retrievable token gets ``k = 0`` and
+        ``lse = -inf`` (an empty part of the merge).
+
         Args:
-            q: ``[q_heads, head_dim]`` the step's queries (post-RoPE), converted to float32.
+            q: ``[q_heads, head_dim]`` the step's queries (post-RoPE), converted to float32, or
+                ``[P, q_heads, head_dim]`` for ``P`` positions. A torch bfloat16 tensor, or uint16
+                bf16 bits with ``dtype="bf16"``, is converted too.
             k: a fixed budget (tokens per head); with ``coverage``, the cap if ``max_k`` is None.
             coverage: adaptive budget: the fewest tokens covering this fraction of the
                 estimated attention mass (static tokens included), within ``min_k ..= max_k``.
@@ -310,21 +395,58 @@ class Session:
             into: ``(handle, offset_bytes)``: with ``gather=True``, write the K/V rows straight
                 into an engine GPU buffer registered with :meth:`register_cuda_tensor` (or
                 :meth:`register_cuda_dest`), at that byte offset, laid out
-                ``[H, 2, stride, head_dim]`` in the session dtype; ``rows`` is then None. The
-                rows have landed when this returns (and the buffer's IPC event, if one was
-                registered, is recorded after them).
+                ``[H, 2, stride, head_dim]`` (``[P, H, 2, stride, head_dim]`` with positions) in
+                the session dtype; ``rows`` is then None. The rows have landed when this returns
+                (and the buffer's IPC event, if one was registered, is recorded after them).
+            limits: with a 3-D ``q``, one visibility limit per position (``None`` entries, or
+                ``limits=None``: every token).
+            dtype: ``"bf16"`` when ``q`` is uint16 bf16 bits.
 
         Raises:
             kvdex.BadRequestError: no budget, a zero budget, bad bounds, a wrong query shape or a
-            non-finite value; kvdex.NotFoundError: an unknown layer.
+            non-finite value, ``P = 0`` positions, a limit beyond the layer's length;
+            kvdex.NotFoundError: an unknown layer.
         """
+        args, kw = self._retrieve_args(layer, q, k, coverage, min_k, max_k, attend, gather, scale, limits, dtype)
+        if into is not None:
+            kw["into"] = (_u32(into[0], "into handle"), _u64(into[1], "into offset"))
+        return Retrieved(**self._s.retrieve(*args, **kw))
+
+    def retrieve_async(self, layer: int, q: Any, k: Optional[int] = None, *, coverage: Optional[float] = None,
+                       min_k: int = 1, max_k: Optional[int] = None, attend: bool = True, gather: bool = False,
+                       scale: Optional[float] = None, limits: Optional[Sequence[Optional[int]]] = None,
+                       dtype: Optional[str] = None) -> "PendingRetrieve":
+        """:meth:`retrieve` without waiting: the daemon works while the engine computes.
+
+        Returns a :class:`PendingRetrieve`; its ``wait()`` returns the :class:`Retrieved`
+        (releasing the GIL while it waits) and ``done()`` says whether it would return at once.
+        Several may be in flight (one per layer, say), and other calls may be made meanwhile:
+        each pending retrieve owns a part of the session's arena, sized for its largest answer,
+        until it is waited on, so a later request never overwrites its results. Wait on every
+        pending retrieve. Same arguments as :meth:`retrieve` (no ``into``).
+
+        Raises:
+            kvdex.BadRequestError: as :meth:`retrieve` (at once, or from ``wait()`` for what
+            the daemon checks), or not enough free arena for another retrieve in flight.
+        """
+        args, kw = self._retrieve_args(layer, q, k, coverage, min_k, max_k, attend, gather, scale, limits, dtype)
+        return PendingRetrieve(self, self._s.submit_retrieve(*args, **kw))
+
+    def _retrieve_args(self, layer: int, q: Any, k: Optional[int], coverage: Optional[float], min_k: int,
+                       max_k: Optional[int], attend: bool, gather: bool, scale: Optional[float],
+                       limits: Optional[Sequence[Optional[int]]],
+                       dtype: Optional[str]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """The native call's arguments of :meth:`retrieve` and :meth:`retrieve_async`."""
         k = None if k is None else _u32(k, "k")
         max_k = None if max_k is None else _u32(max_k, "max_k")
-        if into is not None:
-            into = (_u32(into[0], "into handle"), _u64(into[1], "into offset"))
-        r: Dict[str, Any] = self._s.retrieve(_u32(layer, "layer"), _query(q), k, coverage, _u32(min_k, "min_k"),
-                                             max_k, attend, gather, scale, into)
-        return Retrieved(**r)
+        qa = _query(q, dtype, positions=True)
+        lim: Optional[List[int]] = None
+        if limits is not None:
+            if qa.ndim != 3:
+                raise BadRequestError("limits need q shaped [P, q_heads, head_dim] (one row of queries per position)")
+            lim = [NO_LIMIT if x is None else _u32(x, f"limits[{i}]", NO_LIMIT - 1) for i, x in enumerate(limits)]
+        args = (_u32(layer, "layer"), qa, k, coverage, _u32(min_k, "min_k"), max_k, attend, gather, scale)
+        return args, {"limits": lim}
 
     def register_cuda_dest(self, mem_handle: bytes, offset: int, nbytes: int,
                            event_handle: Optional[bytes] = None) -> int:
@@ -385,6 +507,33 @@ class Session:
         assert r.out is not None and r.lse is not None  # attend=True always returns them
         return r.out, r.lse, r.k
 
+    def truncate(self, tokens: int) -> int:
+        """Drops every layer's rows from token ``tokens`` on (speculative decoding's rollback,
+        beam pruning); returns the bytes the daemon gave back to its memory budget.
+
+        Retrieves never return the dropped ids. A cut that stays above what a layer's index
+        covers (a rollback within the recent window) keeps the index; a deeper one drops it, and
+        the layer scans exactly until it is sealed again. Layers shorter than ``tokens`` are left
+        as they are.
+
+        Raises:
+            kvdex.BadRequestError: ``tokens`` beyond the session's longest layer, or a cut into
+            tokens a running index build covers.
+        """
+        return self._s.truncate(_u64(tokens, "tokens"))
+
+    def fork(self) -> "Session":
+        """A new session (its own id, token and region) holding a copy of this one's rows and,
+        where the index kind can copy itself, its built indices, as they are now: beam search,
+        a shared prompt. The copy is charged to the daemon's memory budget; the two sessions
+        then diverge independently. Close it like any session.
+
+        Raises:
+            kvdex.BudgetError: no room for the copy; kvdex.BadRequestError: a Slim session;
+            kvdex.NotFoundError: a session attached without HTTP (:func:`attach`).
+        """
+        return Session(self._s.fork(), slim=self.slim)
+
     def close(self) -> None:
         """Drops the session on the daemon and detaches. Idempotent.
 
@@ -417,6 +566,34 @@ class Session:
         state = "closed" if self.closed else "open"
         return (f"<kvdex.Session {self.id} {state} layers={self.layers} q_heads={self.q_heads} "
                 f"kv_heads={self.kv_heads} head_dim={self.head_dim} dtype={self.dtype}>")
+
+
+class PendingRetrieve:
+    """A retrieve in flight (from :meth:`Session.retrieve_async`)."""
+
+    def __init__(self, session: Session, native: "_native.PendingRetrieve") -> None:
+        self._session = session
+        self._p = native
+        self._result: Optional[Retrieved] = None
+
+    def done(self) -> bool:
+        """True once the results are ready (``wait()`` then returns at once). Never blocks."""
+        return self._result is not None or self._session._s.retrieve_ready(self._p)
+
+    def wait(self) -> Retrieved:
+        """Waits for the results (without the GIL) and returns them; later calls return the
+        same object.
+
+        Raises:
+            kvdex.KvdexError: what the daemon refused, as :meth:`Session.retrieve` would.
+        """
+        if self._result is None:
+            self._result = Retrieved(**self._session._s.wait_retrieve(self._p))
+        return self._result
+
+    def __repr__(self) -> str:
+        state = "done" if self._result is not None else "pending"
+        return f"<kvdex.PendingRetrieve {self._p.request_id} {state}>"
 
 
 def _neighbour_lists(neighbours: Any, q_heads: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -558,7 +735,8 @@ def attach(shm_path: str, token: str) -> Session:
     return Session(_native.attach(shm_path, token))
 
 
-__all__ = ["Client", "Session", "Retrieved", "connect", "attach", "as_numpy"]
+__all__ = ["Client", "Session", "Retrieved", "PendingRetrieve", "connect", "attach", "as_numpy",
+           "bf16_to_float32", "float32_to_bf16"]
 
 
 def _driver_ipc_handle(tensor: Any) -> Optional[Tuple[bytes, int]]:

@@ -1,8 +1,9 @@
 //! numpy arrays <-> K/V bytes in a session's dtype.
 //!
-//! Appends accept float16 or float32 arrays. When the array's dtype is the session's, its bytes
-//! are passed through without a copy; otherwise they are converted once (f32 -> f16/bf16, or
-//! f16 -> f32), which allocates, so engines should append in the session dtype.
+//! Appends accept float16 or float32 arrays, and bf16 as uint16 arrays of its bits (numpy has
+//! no bf16; the Python side views a torch bfloat16 tensor that way). When the array's dtype is
+//! the session's, its bytes are passed through without a copy; otherwise they are converted
+//! once, which allocates, so engines should append in the session dtype.
 
 use std::borrow::Cow;
 
@@ -25,11 +26,34 @@ pub enum FloatArray<'py> {
     F16(numpy::PyReadonlyArrayDyn<'py, f16>),
     /// float32 elements.
     F32(numpy::PyReadonlyArrayDyn<'py, f32>),
+    /// bf16 elements, as their 16 bits.
+    Bf16(numpy::PyReadonlyArrayDyn<'py, u16>),
 }
 
 impl<'py> FloatArray<'py> {
-    /// Borrows `obj` as a float16 or float32 numpy array; anything else is a clear error.
-    pub fn extract(py: Python<'py>, what: &str, obj: &Bound<'py, PyAny>) -> PyResult<Self> {
+    /// Borrows `obj` as a float16 or float32 numpy array, or with `bf16` as a uint16 array
+    /// of bf16 bits; anything else is a clear error.
+    pub fn extract(
+        py: Python<'py>,
+        what: &str,
+        obj: &Bound<'py, PyAny>,
+        bf16: bool,
+    ) -> PyResult<Self> {
+        if bf16 {
+            return match obj.cast::<PyArrayDyn<u16>>() {
+                Ok(a) => Ok(Self::Bf16(a.readonly())),
+                Err(_) => Err(bad_request(
+                    py,
+                    format!("{what} with dtype=\"bf16\" must be a uint16 array of bf16 bits"),
+                )),
+            };
+        }
+        if obj.cast::<PyArrayDyn<u16>>().is_ok() {
+            return Err(bad_request(
+                py,
+                format!("{what} is uint16: pass dtype=\"bf16\" if it holds bf16 bits"),
+            ));
+        }
         if let Ok(a) = obj.cast::<PyArrayDyn<f16>>() {
             return Ok(Self::F16(a.readonly()));
         }
@@ -51,6 +75,7 @@ impl<'py> FloatArray<'py> {
         match self {
             Self::F16(a) => a.shape(),
             Self::F32(a) => a.shape(),
+            Self::Bf16(a) => a.shape(),
         }
     }
 
@@ -91,6 +116,20 @@ impl<'py> FloatArray<'py> {
                             &s.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<bf16>>(),
                         )
                         .to_vec(),
+                    ),
+                }
+            }
+            Self::Bf16(a) => {
+                let s = a.as_slice().map_err(not_contiguous)?;
+                let f32s = || s.iter().map(|&x| bf16::from_bits(x).to_f32());
+                match dtype {
+                    KeyDtype::Bf16 => Cow::Borrowed(bytemuck::cast_slice(s)),
+                    KeyDtype::F32 => {
+                        Cow::Owned(bytemuck::cast_slice(&f32s().collect::<Vec<f32>>()).to_vec())
+                    }
+                    KeyDtype::F16 => Cow::Owned(
+                        bytemuck::cast_slice(&f32s().map(f16::from_f32).collect::<Vec<f16>>())
+                            .to_vec(),
                     ),
                 }
             }

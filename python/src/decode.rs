@@ -3,16 +3,21 @@
 //! over [`kvdex::client::SessionHandle::seal`] / [`retrieve`](kvdex::client::SessionHandle::retrieve).
 //!
 //! The Rust client reads a retrieve's results in place from the arena, which the next request
-//! overwrites, so every result here is a new numpy array (one copy out of the arena).
+//! overwrites, so every result here is a new numpy array (one copy out of the arena). A
+//! retrieve submitted without waiting (`submit_retrieve`) owns its part of the arena until
+//! `wait_retrieve` copies its results out.
 
-use half::{bf16, f16};
-use kvdex::client::SessionHandle;
-use kvdex::decode::wire::{EngineRows, GATHER};
-use kvdex::store::retrieve::{Budget, RetrieveParams};
+use half::f16;
+use kvdex::client::{RetrieveRequest, Retrieved, SessionHandle};
+use kvdex::decode::wire::{ATTEND, GATHER};
+use kvdex::store::retrieve::{Budget, NO_LIMIT};
 use kvdex::store::Shape;
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::{IndexKind, KeyDtype};
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray3, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray3, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -94,7 +99,8 @@ pub fn seal(
         .map_err(|e| to_py(py, e))
 }
 
-/// Rows (`[n * d]` elements of `dtype` as bytes) as a float16 (f16 sessions) or float32 array.
+/// Rows (`[n * d]` elements of `dtype` as bytes) as a float16 (f16 sessions), uint16
+/// (bf16 sessions: the bf16 bits, unconverted) or float32 array.
 fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     let misaligned = |_| bad_request(py, "gathered rows are misaligned");
     Ok(match dtype {
@@ -103,9 +109,8 @@ fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound
             PyArray1::from_slice(py, v).into_any()
         }
         KeyDtype::Bf16 => {
-            let v: &[bf16] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
-            let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-            PyArray1::from_vec(py, f).into_any()
+            let v: &[u16] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
+            PyArray1::from_slice(py, v).into_any()
         }
         KeyDtype::F32 => {
             let v: &[f32] = bytemuck::try_cast_slice(b).map_err(misaligned)?;
@@ -114,47 +119,113 @@ fn rows_array<'py>(py: Python<'py>, dtype: KeyDtype, b: &[u8]) -> PyResult<Bound
     })
 }
 
-/// Runs one retrieve and copies its sections out as a dict of numpy arrays: `k` uint32
-/// `[H]`, `coverage` float32 `[H]`, `ids` uint32 `[H, stride]`, `scores` float32 `[H, stride]`,
-/// `out` float32 `[H, d]` and `lse` float32 `[H]` (None unless `attend`), `rows`
-/// `[H, 2, stride, d]` (K then V; None unless `gather`, and None when `into` sent them to an
-/// engine destination), `stride`, and the daemon's `search_us`,
-/// `attend_us`, `copy_us`, `slowest_head_us`, `scored`.
+/// The queries of a retrieve and each position's limit: `q` float32 `[q_heads, head_dim]`
+/// (one position; `limits` must be None), or `[P, q_heads, head_dim]` with `limits` (`P`
+/// visibility limits; None: every token for each position).
+pub fn positions<'a>(
+    py: Python<'_>,
+    shape: &Shape,
+    q: &'a PyReadonlyArrayDyn<'_, f32>,
+    limits: Option<Vec<u32>>,
+) -> PyResult<(&'a [f32], Option<Vec<u32>>)> {
+    let (h, d) = (shape.q_heads as usize, shape.head_dim as usize);
+    let qs = q
+        .as_slice()
+        .map_err(|_| bad_request(py, "q must be C-contiguous"))?;
+    match (q.shape(), limits) {
+        ([_, _], None) => {
+            check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
+            Ok((qs, None))
+        }
+        ([_, _], Some(_)) => Err(bad_request(
+            py,
+            "limits need q shaped [P, q_heads, head_dim] (one row of queries per position)",
+        )),
+        ([0, _, _], _) => Err(bad_request(
+            py,
+            "q has P = 0 positions: send at least one query position",
+        )),
+        (&[p, _, _], limits) => {
+            check_shape(py, "q", q.shape(), &[p, h, d], "P, q_heads, head_dim")?;
+            let limits = limits.unwrap_or_else(|| vec![NO_LIMIT; p]);
+            if limits.len() != p {
+                return Err(bad_request(
+                    py,
+                    format!(
+                        "limits has {} entries, q has P = {p} positions",
+                        limits.len()
+                    ),
+                ));
+            }
+            Ok((qs, Some(limits)))
+        }
+        (other, _) => Err(bad_request(
+            py,
+            format!(
+                "q has shape {other:?}, expected [q_heads, head_dim] or [P, q_heads, head_dim]"
+            ),
+        )),
+    }
+}
+
+/// Runs one retrieve and copies its sections out (see [`results`]).
 pub fn retrieve<'py>(
     py: Python<'py>,
     h: &mut SessionHandle,
-    layer: u32,
-    q: &[f32],
-    params: &RetrieveParams,
-    into: Option<EngineRows>,
+    r: &RetrieveRequest<'_>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dtype = h.shape().dtype;
-    let r = py
-        .detach(move || match into {
-            Some(rows) => h.retrieve_into(layer, q, params, rows),
-            None => h.retrieve(layer, q, params),
-        })
+    let got = py
+        .detach(move || h.retrieve_request(r))
         .map_err(|e| to_py(py, e))?;
+    results(py, dtype, r.limits.is_some(), &got)
+}
+
+/// A retrieve's sections as a dict of new numpy arrays: `k` uint32 `[H]`, `coverage` float32
+/// `[H]`, `ids` uint32 `[H, stride]`, `scores` float32 `[H, stride]`, `out` float32 `[H, d]`
+/// and `lse` float32 `[H]` (None unless `attend`), `rows` `[H, 2, stride, d]` (K then V; None
+/// unless `gather`, and None when `into` sent them to an engine destination), `stride`, and
+/// the daemon's `search_us`, `attend_us`, `copy_us`, `slowest_head_us`, `scored`. With
+/// `multi` (a `[P, q_heads, head_dim]` query), every section gains a leading `P` axis.
+pub fn results<'py>(
+    py: Python<'py>,
+    dtype: KeyDtype,
+    multi: bool,
+    r: &Retrieved<'_>,
+) -> PyResult<Bound<'py, PyDict>> {
     let hd = &r.header;
     let (hq, stride, d) = (
         hd.q_heads as usize,
         hd.stride as usize,
         hd.head_dim as usize,
     );
+    // The leading axes of every per-head section: [P, H] or [H].
+    let lead: Vec<usize> = if multi {
+        vec![r.positions(), hq]
+    } else {
+        vec![hq]
+    };
+    let shaped = |tail: &[usize]| -> Vec<usize> { lead.iter().chain(tail).copied().collect() };
     let dict = PyDict::new(py);
-    dict.set_item("k", PyArray1::from_slice(py, r.k))?;
-    dict.set_item("coverage", PyArray1::from_slice(py, r.coverage))?;
+    dict.set_item("k", PyArray1::from_slice(py, r.k).reshape(shaped(&[]))?)?;
+    dict.set_item(
+        "coverage",
+        PyArray1::from_slice(py, r.coverage).reshape(shaped(&[]))?,
+    )?;
     dict.set_item(
         "ids",
-        PyArray1::from_slice(py, r.ids).reshape([hq, stride])?,
+        PyArray1::from_slice(py, r.ids).reshape(shaped(&[stride]))?,
     )?;
     dict.set_item(
         "scores",
-        PyArray1::from_slice(py, r.scores).reshape([hq, stride])?,
+        PyArray1::from_slice(py, r.scores).reshape(shaped(&[stride]))?,
     )?;
-    if params.attend {
-        dict.set_item("out", PyArray1::from_slice(py, r.out).reshape([hq, d])?)?;
-        dict.set_item("lse", PyArray1::from_slice(py, r.lse))?;
+    if hd.flags & ATTEND != 0 {
+        dict.set_item(
+            "out",
+            PyArray1::from_slice(py, r.out).reshape(shaped(&[d]))?,
+        )?;
+        dict.set_item("lse", PyArray1::from_slice(py, r.lse).reshape(shaped(&[]))?)?;
     } else {
         dict.set_item("out", py.None())?;
         dict.set_item("lse", py.None())?;
@@ -162,7 +233,10 @@ pub fn retrieve<'py>(
     // Rows sent into an engine destination are not in the response.
     if hd.flags & GATHER != 0 {
         let rows = rows_array(py, dtype, r.rows)?;
-        dict.set_item("rows", rows.call_method1("reshape", ((hq, 2, stride, d),))?)?;
+        dict.set_item(
+            "rows",
+            rows.call_method1("reshape", (shaped(&[2, stride, d]),))?,
+        )?;
     } else {
         dict.set_item("rows", py.None())?;
     }

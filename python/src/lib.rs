@@ -33,6 +33,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<local::LocalSession>()?;
     m.add_class::<client::Client>()?;
     m.add_class::<session::Session>()?;
+    m.add_class::<session::pending::PendingRetrieve>()?;
     m.add_class::<inproc::InProcessServer>()?;
     m.add_function(wrap_pyfunction!(client::attach, m)?)?;
     m.add_function(wrap_pyfunction!(merge::merge_partials, m)?)?;

@@ -87,8 +87,8 @@ impl LocalSession {
     ) -> PyResult<usize> {
         let s = *self.shape();
         let (ka, va) = (
-            FloatArray::extract(py, "k", k)?,
-            FloatArray::extract(py, "v", v)?,
+            FloatArray::extract(py, "k", k, false)?,
+            FloatArray::extract(py, "v", v, false)?,
         );
         let tokens = ka.shape().get(1).copied().unwrap_or(0);
         let want = [s.kv_heads as usize, tokens, s.head_dim as usize];

@@ -12,14 +12,17 @@
 //! `search`, `gather`) live in `rows`; the decode path's argument checks and calls in
 //! [`crate::decode`].
 
+pub mod pending;
 mod rows;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvdex::client::SessionHandle;
+use kvdex::client::{RetrieveRequest, SessionHandle};
 use kvdex::store::{dtype_serde, Shape};
-use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -143,17 +146,19 @@ impl Session {
         })
     }
 
-    /// Appends K and V, each `[kv_heads, tokens, head_dim]` float16/float32; returns the length.
-    /// A Slim session stores K alone: `v` may be None.
-    #[pyo3(signature = (layer, k, v = None))]
+    /// Appends K and V, each `[kv_heads, tokens, head_dim]` float16/float32, or with `bf16`
+    /// uint16 arrays of bf16 bits; returns the length. A Slim session stores K alone: `v` may
+    /// be None.
+    #[pyo3(signature = (layer, k, v = None, bf16 = false))]
     fn append(
         &self,
         py: Python<'_>,
         layer: u32,
         k: &Bound<'_, PyAny>,
         v: Option<&Bound<'_, PyAny>>,
+        bf16: bool,
     ) -> PyResult<u64> {
-        rows::append(self, py, layer, k, v)
+        rows::append(self, py, layer, k, v, bf16)
     }
 
     /// Uploads `layer`'s W_KV to a Slim session: float32 `[D, D]`, `D = kv_heads * head_dim`,
@@ -217,7 +222,7 @@ impl Session {
     }
 
     /// K and V rows of `ids` for one KV head -> (k, v) `[len(ids), head_dim]`, new arrays in
-    /// the session dtype (bf16 sessions return float32).
+    /// the session dtype (bf16 sessions: uint16 arrays of the bf16 bits).
     fn gather<'py>(
         &self,
         py: Python<'py>,
@@ -278,16 +283,17 @@ impl Session {
         })
     }
 
-    /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`; budget `k`
-    /// (fixed) or `coverage` + `max_k` (adaptive, at least `min_k`). Returns a dict of new
-    /// arrays (see `kvdex.Session.retrieve`).
-    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None, into = None))]
+    /// The decode-step request for `layer`: `q` float32 `[q_heads, head_dim]`, or
+    /// `[P, q_heads, head_dim]` for P positions with `limits` (each position sees tokens
+    /// `< limits[p]`; None: all); budget `k` (fixed) or `coverage` + `max_k` (adaptive, at
+    /// least `min_k`). Returns a dict of new arrays (see `kvdex.Session.retrieve`).
+    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None, into = None, limits = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn retrieve<'py>(
         &self,
         py: Python<'py>,
         layer: u32,
-        q: PyReadonlyArray2<'py, f32>,
+        q: PyReadonlyArrayDyn<'py, f32>,
         k: Option<usize>,
         coverage: Option<f32>,
         min_k: usize,
@@ -296,21 +302,95 @@ impl Session {
         gather: bool,
         scale: Option<f32>,
         into: Option<(u32, u64)>,
+        limits: Option<Vec<u32>>,
     ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
-        let (h, d) = (self.shape.q_heads as usize, self.shape.head_dim as usize);
-        check_shape(py, "q", q.shape(), &[h, d], "q_heads, head_dim")?;
-        let qs = q
-            .as_slice()
-            .map_err(|_| bad_request(py, "q must be C-contiguous"))?;
+        let (qs, limits) = crate::decode::positions(py, &self.shape, &q, limits)?;
         let params = kvdex::store::retrieve::RetrieveParams {
             budget: crate::decode::budget(py, k, coverage, min_k, max_k)?,
             attend,
             gather,
             scale,
         };
-        let into = into.map(|(dest, offset)| kvdex::decode::wire::EngineRows { dest, offset });
+        let r = RetrieveRequest {
+            layer,
+            q: qs,
+            limits: limits.as_deref(),
+            params,
+            engine_rows: into
+                .map(|(dest, offset)| kvdex::decode::wire::EngineRows { dest, offset }),
+        };
+        self.with(py, |o| crate::decode::retrieve(py, &mut o.handle, &r))
+    }
+
+    /// `retrieve` without waiting: returns a `PendingRetrieve` for `wait_retrieve` (same
+    /// arguments). Several may be in flight; each must be waited on.
+    #[pyo3(signature = (layer, q, k = None, coverage = None, min_k = 1, max_k = None, attend = true, gather = false, scale = None, limits = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    fn submit_retrieve(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        q: PyReadonlyArrayDyn<'_, f32>,
+        k: Option<usize>,
+        coverage: Option<f32>,
+        min_k: usize,
+        max_k: Option<usize>,
+        attend: bool,
+        gather: bool,
+        scale: Option<f32>,
+        limits: Option<Vec<u32>>,
+    ) -> PyResult<pending::PendingRetrieve> {
+        let (qs, limits) = crate::decode::positions(py, &self.shape, &q, limits)?;
+        let params = kvdex::store::retrieve::RetrieveParams {
+            budget: crate::decode::budget(py, k, coverage, min_k, max_k)?,
+            attend,
+            gather,
+            scale,
+        };
+        let r = RetrieveRequest {
+            limits: limits.as_deref(),
+            ..RetrieveRequest::new(layer, qs, &params)
+        };
         self.with(py, |o| {
-            crate::decode::retrieve(py, &mut o.handle, layer, qs, &params, into)
+            let h = &mut o.handle;
+            let p = py
+                .detach(|| h.submit_retrieve(&r))
+                .map_err(|e| to_py(py, e))?;
+            Ok(pending::PendingRetrieve::new(p, r.limits.is_some()))
+        })
+    }
+
+    /// True once `pending`'s results are ready (never blocks).
+    fn retrieve_ready(&self, py: Python<'_>, pending: &pending::PendingRetrieve) -> PyResult<bool> {
+        self.with(py, |o| pending.ready(py, &mut o.handle))
+    }
+
+    /// Waits (without the GIL) for a retrieve from `submit_retrieve` and returns its dict of
+    /// new arrays, as `retrieve` does. A retrieve is waited on once.
+    fn wait_retrieve<'py>(
+        &self,
+        py: Python<'py>,
+        pending: &pending::PendingRetrieve,
+    ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let dtype = self.shape.dtype;
+        self.with(py, |o| pending.wait(py, dtype, &mut o.handle))
+    }
+
+    /// Drops every layer's rows from token `tokens` on; returns the bytes the daemon gave back
+    /// to its budget.
+    fn truncate(&self, py: Python<'_>, tokens: u64) -> PyResult<u64> {
+        self.with(py, |o| {
+            let h = &mut o.handle;
+            py.detach(|| h.truncate(tokens)).map_err(|e| to_py(py, e))
+        })
+    }
+
+    /// A new session holding a copy of this one's rows (`POST /v1/sessions/{id}/fork`).
+    fn fork(&self, py: Python<'_>) -> PyResult<Session> {
+        self.with(py, |o| {
+            let h = &o.handle;
+            let forked = py.detach(|| h.fork()).map_err(|e| to_py(py, e))?;
+            Ok(Session::new(forked))
         })
     }
 

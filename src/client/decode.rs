@@ -1,66 +1,17 @@
-//! The client side of the decode path: `seal` a layer's prefill, then `retrieve` once per layer
-//! and decode step. Results are read in place from the region's arena (no allocation).
+//! The client side of the decode path: `seal` a layer's prefill (then `retrieve` once per
+//! layer and decode step, in [`super::retrieve`]), Slim mode's `W_KV`, engine destinations,
+//! and `truncate`.
 
 use kvdex_index::IndexKind;
 
 use super::SessionHandle;
 use crate::decode::wire::dest::encode_unregister;
 use crate::decode::wire::{
-    EngineRows, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealHeader,
-    SetWkvHeader, TrainingSlice, ATTEND, GATHER, SEAL_HEADER, SET_WKV_HEADER, SIGNAL_NEIGHBOURS,
-    SIGNAL_QUERIES,
+    RegisterDest, SealHeader, SetWkvHeader, TrainingSlice, SEAL_HEADER, SET_WKV_HEADER,
+    SIGNAL_NEIGHBOURS, SIGNAL_QUERIES,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::Opcode;
-use crate::store::retrieve::RetrieveParams;
-
-/// A retrieve's results, borrowed from the arena until the next request.
-#[derive(Clone, Copy, Debug)]
-pub struct Retrieved<'a> {
-    /// Header: stride, shape and the daemon's own timings.
-    pub header: ResponseHeader,
-    /// `[q_heads]` tokens chosen per head.
-    pub k: &'a [u32],
-    /// `[q_heads]` estimated mass covered (adaptive budgets; 0 otherwise).
-    pub coverage: &'a [f32],
-    /// `[q_heads][stride]` candidate ids, best first; head h uses the first `k[h]`.
-    pub ids: &'a [u32],
-    /// `[q_heads][stride]` candidate inner products.
-    pub scores: &'a [f32],
-    /// `[q_heads][head_dim]` partial attention over the chosen tokens (empty unless asked).
-    pub out: &'a [f32],
-    /// `[q_heads]` its log-sum-exp (empty unless asked).
-    pub lse: &'a [f32],
-    /// `[q_heads][2][stride][row_bytes]` K then V rows of the chosen tokens (empty unless asked).
-    pub rows: &'a [u8],
-}
-
-impl Retrieved<'_> {
-    /// The chosen ids of query head `h`.
-    pub fn head_ids(&self, h: usize) -> &[u32] {
-        let s = self.header.stride as usize;
-        let k = self.k.get(h).map_or(0, |&k| k as usize);
-        self.ids.get(h * s..h * s + k).unwrap_or(&[])
-    }
-
-    /// The gathered K and V rows of query head `h` (`k[h]` rows each).
-    pub fn head_rows(&self, h: usize) -> (&[u8], &[u8]) {
-        let (s, rb) = (self.header.stride as usize, self.header.row_bytes as usize);
-        let k = self.k.get(h).map_or(0, |&k| k as usize);
-        let base = h * 2 * s * rb;
-        (
-            self.rows.get(base..base + k * rb).unwrap_or(&[]),
-            self.rows
-                .get(base + s * rb..base + (s + k) * rb)
-                .unwrap_or(&[]),
-        )
-    }
-}
-
-fn cast<T: bytemuck::Pod>(b: &[u8]) -> Result<&[T]> {
-    bytemuck::try_cast_slice(b)
-        .map_err(|e| KvdexError::Protocol(format!("retrieve response section misaligned: {e}")))
-}
 
 impl SessionHandle {
     /// Seals `layer`'s prefill and asks for a background build of a `kind` index per KV head.
@@ -214,11 +165,24 @@ impl SessionHandle {
         self.call_u64(Opcode::UnregisterDest, n)
     }
 
+    /// Drops every layer's rows from token `tokens` on (speculative decoding's rollback, beam
+    /// pruning); returns the bytes the daemon gave back to its budget. Indices stop returning
+    /// the dropped ids (see [`Session::truncate`](crate::store::Session::truncate)). Errors:
+    /// `tokens` beyond the session's longest layer.
+    pub fn truncate(&mut self, tokens: u64) -> Result<u64> {
+        let arena = self.arena_mut();
+        let body = arena
+            .get_mut(..8)
+            .ok_or_else(|| KvdexError::BadRequest("truncate needs 8 bytes of free arena".into()))?;
+        body.copy_from_slice(&tokens.to_le_bytes());
+        self.call_u64(Opcode::Truncate, 8)
+    }
+
     /// Sends the `n`-byte request in the arena and reads its 8-byte response (seal, set_wkv,
     /// register_dest, unregister_dest).
     fn call_u64(&mut self, op: Opcode, n: usize) -> Result<u64> {
         let r = self.call_raw(op, n as u64)?;
-        let b = &self.arena_mut()[r];
+        let b = &self.arena_mut_all()[r];
         let v: [u8; 8] = b.try_into().map_err(|_| {
             KvdexError::Protocol(format!(
                 "{} response is {} bytes, not 8",
@@ -227,74 +191,5 @@ impl SessionHandle {
             ))
         })?;
         Ok(u64::from_le_bytes(v))
-    }
-
-    /// The decode-step request for `layer`: `q` is `[q_heads][head_dim]`.
-    pub fn retrieve(
-        &mut self,
-        layer: u32,
-        q: &[f32],
-        params: &RetrieveParams,
-    ) -> Result<Retrieved<'_>> {
-        self.retrieve_to(layer, q, params, None)
-    }
-
-    /// [`SessionHandle::retrieve`] with the gathered rows written straight into engine
-    /// destination `rows.dest` at `rows.offset`, laid out `[q_heads][2][stride][row_bytes]`
-    /// (`stride` is in the response header), instead of into the response. `params.gather`
-    /// must be set. When this returns, the rows have landed.
-    pub fn retrieve_into(
-        &mut self,
-        layer: u32,
-        q: &[f32],
-        params: &RetrieveParams,
-        rows: EngineRows,
-    ) -> Result<Retrieved<'_>> {
-        self.retrieve_to(layer, q, params, Some(rows))
-    }
-
-    fn retrieve_to(
-        &mut self,
-        layer: u32,
-        q: &[f32],
-        params: &RetrieveParams,
-        engine_rows: Option<EngineRows>,
-    ) -> Result<Retrieved<'_>> {
-        // The encoder refuses a scale that is not finite and positive and a budget over u32,
-        // naming it, before anything is sent.
-        let h = RetrieveHeader {
-            layer,
-            params: *params,
-            engine_rows,
-        };
-        let n = h.encode(q, self.arena_mut())?;
-        let r = self.call_raw(Opcode::Retrieve, n as u64)?;
-        let body = &self.arena_mut()[r];
-        let header = ResponseHeader::decode(body)?;
-        let layout = RetrieveLayout::new(
-            header.q_heads as usize,
-            header.stride as usize,
-            header.head_dim as usize,
-            header.row_bytes as usize,
-            header.flags & ATTEND != 0,
-            header.flags & GATHER != 0,
-        )
-        .filter(|l| l.len() == body.len())
-        .ok_or_else(|| {
-            KvdexError::Protocol(format!(
-                "retrieve response of {} bytes does not match its header {header:?}",
-                body.len()
-            ))
-        })?;
-        Ok(Retrieved {
-            header,
-            k: cast(&body[layout.k])?,
-            coverage: cast(&body[layout.coverage])?,
-            ids: cast(&body[layout.ids])?,
-            scores: cast(&body[layout.scores])?,
-            out: cast(&body[layout.out])?,
-            lse: cast(&body[layout.lse])?,
-            rows: &body[layout.rows],
-        })
     }
 }

@@ -102,6 +102,22 @@ pub(super) fn create(
 }
 
 impl HttpSession {
+    /// `POST /v1/sessions/{id}/fork`: a new session holding a copy of this one's rows.
+    pub(super) fn fork(&self) -> Result<CreatedSession> {
+        let resp = self
+            .agent
+            .post(&format!("{}/v1/sessions/{}/fork", self.base_url, self.id))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| http_error("POST /v1/sessions/{id}/fork", e))?;
+        let text = resp.into_string()?;
+        serde_json::from_str(&text).map_err(|e| {
+            KvdexError::Protocol(format!(
+                "POST /v1/sessions/{{id}}/fork answered {text:?}: {e}"
+            ))
+        })
+    }
+
     /// `DELETE /v1/sessions/{id}`.
     pub(super) fn delete(&self) -> Result<()> {
         self.agent

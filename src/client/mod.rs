@@ -21,13 +21,14 @@
 pub mod decode;
 pub mod http;
 pub mod merge;
+pub mod retrieve;
 pub mod session;
 pub mod socket;
 
 use std::time::Duration;
 
-pub use decode::Retrieved;
 pub use http::{format_token, parse_token};
+pub use retrieve::{PendingRetrieve, RetrieveRequest, Retrieved};
 pub use session::{GatheredRows, SessionHandle, INTERRUPTED};
 pub use socket::SocketSession;
 
@@ -78,25 +79,7 @@ impl Client {
     /// Creates a session of `shape` over HTTP, then maps and attaches its region.
     pub fn create_session(&self, shape: Shape, opts: SessionOptions) -> Result<SessionHandle> {
         let created = http::create(&self.agent, &self.base_url, &shape, &opts)?;
-        let token = parse_token(&created.token)?;
-        let http = http::HttpSession {
-            agent: self.agent.clone(),
-            base_url: self.base_url.clone(),
-            id: created.id,
-            token: created.token,
-            data_socket: created.data_socket,
-        };
-        let mut handle =
-            match SessionHandle::attach(std::path::Path::new(&created.shm_path), &token, opts.wait)
-            {
-                Ok(h) => h,
-                Err(e) => {
-                    let _ = http.delete();
-                    return Err(e);
-                }
-            };
-        handle.http = Some(http);
-        Ok(handle)
+        attach_created(&self.agent, &self.base_url, created, opts.wait)
     }
 
     /// Attaches to a region directly, bypassing HTTP (tests, embedded daemons).
@@ -117,7 +100,48 @@ impl Client {
     }
 }
 
+/// Attaches the region of a session the daemon just created; on failure the session is
+/// dropped again.
+fn attach_created(
+    agent: &ureq::Agent,
+    base_url: &str,
+    created: http::CreatedSession,
+    wait: WaitPolicy,
+) -> Result<SessionHandle> {
+    let token = parse_token(&created.token)?;
+    let http = http::HttpSession {
+        agent: agent.clone(),
+        base_url: base_url.to_owned(),
+        id: created.id,
+        token: created.token,
+        data_socket: created.data_socket,
+    };
+    let mut handle =
+        match SessionHandle::attach(std::path::Path::new(&created.shm_path), &token, wait) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = http.delete();
+                return Err(e);
+            }
+        };
+    handle.http = Some(http);
+    Ok(handle)
+}
+
 impl SessionHandle {
+    /// A new session holding a copy of this one's rows (and built indices where they can be
+    /// copied), with its own id, token and region (`POST /v1/sessions/{id}/fork`): beam
+    /// search, a shared prompt. The copy is charged to the daemon's budget. Its handle waits
+    /// as this one does. Fails with [`crate::KvdexError::NotFound`] for a handle made without
+    /// HTTP ([`Client::attach`]).
+    pub fn fork(&self) -> Result<SessionHandle> {
+        let h = self.http.as_ref().ok_or_else(|| {
+            crate::KvdexError::NotFound("a session attached without HTTP cannot be forked".into())
+        })?;
+        let created = h.fork()?;
+        attach_created(&h.agent, &h.base_url, created, self.wait_policy())
+    }
+
     /// Drops the session on the daemon (`DELETE /v1/sessions/{id}`) and detaches. For a
     /// handle made with [`Client::attach`] it only detaches.
     pub fn drop_session(mut self) -> Result<()> {

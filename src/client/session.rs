@@ -8,6 +8,7 @@
 
 mod after_wake;
 mod attach;
+pub(crate) mod inflight;
 mod submit;
 
 use std::sync::atomic::Ordering;
@@ -21,13 +22,15 @@ use crate::shm::{ConsumerState, ProducerState};
 use crate::store::Shape;
 use after_wake::AfterWake;
 
-/// An attached session: one outstanding request at a time, results returned as slices into
-/// the region's arena or written to caller buffers. Nothing is allocated per request.
+/// An attached session: requests wait for their answer, except retrieves submitted with
+/// [`SessionHandle::submit_retrieve`] (several may be in flight, each in its own part of the
+/// arena); results are returned as slices into the region's arena or written to caller
+/// buffers. Nothing is allocated per request.
 pub struct SessionHandle {
     region: Region,
     sq: ProducerState,
     cq: ConsumerState,
-    next_id: u64,
+    pub(crate) next_id: u64,
     wait: WaitPolicy,
     shape: Shape,
     daemon: Option<PidWatch>,
@@ -39,6 +42,8 @@ pub struct SessionHandle {
     /// A wait was abandoned: its late reply may still land in the arena, so no further
     /// request may use it.
     abandoned: bool,
+    /// Requests submitted without waiting: their arena slots and early completions.
+    pub(crate) slots: inflight::Slots,
 }
 
 /// The hook of [`SessionHandle::set_interrupt`].
@@ -86,6 +91,11 @@ impl SessionHandle {
     /// that Ctrl-C works even when the daemon hangs.
     pub fn set_interrupt(&mut self, interrupted: impl Fn() -> bool + Send + Sync + 'static) {
         self.interrupt = Some(Box::new(interrupted));
+    }
+
+    /// How this handle waits for completions.
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.wait
     }
 
     /// The session's shape.

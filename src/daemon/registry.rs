@@ -264,6 +264,25 @@ impl Registry {
             window: statics(req.window),
         };
         let session = Arc::new(self.store.session_spec(shape, spec)?);
+        self.start(session, payload_bytes)
+    }
+
+    /// A new session holding a copy of session `id`'s rows (for its token holder), with the
+    /// same payload arena size: `POST /v1/sessions/{id}/fork`.
+    pub fn fork(&self, id: &str, token: Option<&str>) -> Result<Created> {
+        let (source, payload_bytes) = {
+            let map = self.lock();
+            let e = Self::authorize(&map, id, token)?;
+            (e.listing.session.clone(), e.listing.payload_bytes)
+        };
+        // The copy is made outside the map's lock.
+        self.start(Arc::new(source.fork()?), payload_bytes)
+    }
+
+    /// Registers `session` with a new id and token, its region and its worker.
+    fn start(&self, session: Arc<Session>, payload_bytes: u64) -> Result<Created> {
+        let limits = &self.config.sessions;
+        let shape = *session.shape();
         let (sinks, window) = (
             session.decode_config().sinks,
             session.decode_config().window,

@@ -11,6 +11,7 @@
 //! | search | layer u32, k u32, query f32 `[q_heads][dim]`    | k u32, q_heads u32, ids u32 `[q_heads][k]`, scores f32 `[q_heads][k]` |
 //! | gather | layer u32, kv_head u32, ids u32 `[n]`           | rows u32, row_bytes u32, K rows, V rows    |
 //! | seal, retrieve, set_wkv | the decode path's own codec: [`crate::decode::wire`] |                   |
+//! | truncate | tokens u64 (every layer keeps its first `tokens` rows) | bytes given back to the budget, u64 |
 //!
 //! Decoding never trusts a length: every field is read from a bounds-checked slice, and a body
 //! that does not fit its op is an error naming what was wrong. Bodies borrow the buffer they
@@ -48,11 +49,14 @@ pub enum Opcode {
     RegisterDest = 8,
     /// Release a destination registered with `RegisterDest`.
     UnregisterDest = 9,
+    /// Drop every layer's rows from a token on (body: tokens u64; response: bytes given back
+    /// to the budget, u64).
+    Truncate = 10,
 }
 
 impl Opcode {
     /// Every opcode, for tests and metrics.
-    pub const ALL: [Opcode; 9] = [
+    pub const ALL: [Opcode; 10] = [
         Opcode::Ping,
         Opcode::Append,
         Opcode::Search,
@@ -62,6 +66,7 @@ impl Opcode {
         Opcode::SetWkv,
         Opcode::RegisterDest,
         Opcode::UnregisterDest,
+        Opcode::Truncate,
     ];
 
     /// The opcode with wire value `code`, if any.
@@ -81,6 +86,7 @@ impl Opcode {
             Opcode::SetWkv => "set_wkv",
             Opcode::RegisterDest => "register_dest",
             Opcode::UnregisterDest => "unregister_dest",
+            Opcode::Truncate => "truncate",
         }
     }
 }

@@ -151,7 +151,8 @@ impl<'a> Request<'a> {
             | Opcode::Retrieve
             | Opcode::SetWkv
             | Opcode::RegisterDest
-            | Opcode::UnregisterDest => Err(decoded_elsewhere(op)),
+            | Opcode::UnregisterDest
+            | Opcode::Truncate => Err(decoded_elsewhere(op)),
         }
     }
 }

@@ -173,7 +173,8 @@ impl<'a> Response<'a> {
             | Opcode::Retrieve
             | Opcode::SetWkv
             | Opcode::RegisterDest
-            | Opcode::UnregisterDest => Err(decoded_elsewhere(op)),
+            | Opcode::UnregisterDest
+            | Opcode::Truncate => Err(decoded_elsewhere(op)),
         }
     }
 }

@@ -116,7 +116,7 @@ fn short_and_ragged_bodies_name_the_problem() {
         .to_string();
     assert!(e.contains("not a multiple of 4"), "{e}");
     assert!(Response::decode(Opcode::Append, &[0; 9]).is_err());
-    assert!(Opcode::from_code(0).is_none() && Opcode::from_code(10).is_none());
+    assert!(Opcode::from_code(0).is_none() && Opcode::from_code(11).is_none());
     for op in Opcode::ALL {
         assert_eq!(Opcode::from_code(op as u32), Some(op));
     }

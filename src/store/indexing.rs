@@ -158,6 +158,52 @@ impl LayerIndex {
         (if least == usize::MAX { 0 } else { least }, bytes)
     }
 
+    /// True while a background insert of the layer is queued or running.
+    pub(super) fn is_inserting(&self) -> bool {
+        self.inserting.load(Ordering::Acquire)
+    }
+
+    /// Drops every KV head's index (searches scan exactly until the layer is sealed again),
+    /// saying why in the build status.
+    pub(super) fn drop_indices(&self, why: String) -> Result<()> {
+        for h in &self.heads {
+            *h.write().map_err(poisoned)? = HeadIndex::Exact;
+        }
+        let heads = self.heads.len() as u32;
+        self.update(|s, t| {
+            *s = BuildStatus {
+                state: "none",
+                heads,
+                error: Some(why),
+                ..Default::default()
+            };
+            *t = None;
+        });
+        Ok(())
+    }
+
+    /// A copy of this layer's indices (for a fork): each KV head's index cloned where the
+    /// index kind can copy itself, exact otherwise, with the build status to match.
+    pub(super) fn copy_of(&self) -> Result<LayerIndex> {
+        let copy = LayerIndex::new(self.heads.len());
+        let mut all = true;
+        for (dst, src) in copy.heads.iter().zip(&self.heads) {
+            if let HeadIndex::Ready(i) = &*src.read().map_err(poisoned)? {
+                match i.try_clone_box() {
+                    Some(c) => *dst.write().map_err(poisoned)? = HeadIndex::Ready(c),
+                    None => all = false,
+                }
+            } else {
+                all = false;
+            }
+        }
+        let status = self.status();
+        if all && status.state == "ready" {
+            copy.update(|s, _| *s = status);
+        }
+        Ok(copy)
+    }
+
     fn update(&self, f: impl FnOnce(&mut BuildStatus, &mut Option<Instant>)) {
         if let Ok(mut g) = self.status.lock() {
             let (s, t) = &mut *g;

@@ -131,6 +131,35 @@ impl LayerKv {
         self.len += tokens;
     }
 
+    /// Forgets every row from `tokens` on (`tokens <= len`); the arenas keep their capacity.
+    pub(super) fn truncate(&mut self, tokens: usize) {
+        self.len = self.len.min(tokens);
+    }
+
+    /// Copies `src`'s rows (same shape and planes) into this layer, which must be empty with
+    /// room for them.
+    pub(super) fn copy_rows_from(&mut self, src: &LayerKv, row_bytes: usize) {
+        let n = src.len * row_bytes;
+        assert!(
+            self.len == 0 && src.len <= self.cap,
+            "fork into a layer without room"
+        );
+        for (dst, from) in self.heads.iter().zip(&src.heads) {
+            let pairs = [
+                (Some(&dst.k), Some(&from.k)),
+                (dst.v.as_ref(), from.v.as_ref()),
+            ];
+            for (d, s) in pairs.into_iter().filter_map(|(d, s)| Some((d?, s?))) {
+                assert!(n <= d.len() && n <= s.len(), "rows exceed an arena");
+                // SAFETY: both arenas hold at least n bytes (asserted); they are distinct
+                // allocations; `&mut self` gives exclusive access to the destination, and the
+                // caller holds `src` borrowed, so no one writes it meanwhile.
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr(), n) };
+            }
+        }
+        self.len = src.len;
+    }
+
     /// The stored K bytes of `kv_head` (`len * row_bytes`).
     pub(super) fn k_bytes(&self, kv_head: usize, row_bytes: usize) -> &[u8] {
         stored(self.heads.get(kv_head).map(|h| &h.k), self.len * row_bytes)
@@ -251,6 +280,23 @@ mod tests {
             assert_eq!(kvdex_index::KeyStore::len(&keys), 0);
         }
         assert!(l.v_bytes(0, 16).is_empty());
+    }
+
+    #[test]
+    fn truncate_forgets_rows_and_a_copy_holds_the_same_rows() {
+        let link = HostLink::new();
+        let mut l = LayerKv::new(Vec::new(), false);
+        l.grow(&link, 2, 8, 4).unwrap();
+        let k: Vec<u8> = (0..64).collect();
+        let v: Vec<u8> = (100..164).collect();
+        l.write_rows(4, 8, &k, &v);
+        l.truncate(3);
+        assert_eq!(l.k_bytes(1, 8), &k[32..56]);
+        let mut c = LayerKv::new(Vec::new(), false);
+        c.grow(&link, 2, 8, 3).unwrap();
+        c.copy_rows_from(&l, 8);
+        assert_eq!((c.len, c.k_bytes(1, 8)), (3, &k[32..56]));
+        assert_eq!(c.v_bytes(0, 8), &v[..24]);
     }
 
     #[test]

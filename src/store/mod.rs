@@ -11,6 +11,7 @@
 //! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
 //! - `spec`: what a session is created with beyond its shape ([`SessionSpec`]: Slim mode, its
 //!   own static tokens).
+//! - `edit`: whole-session edits, `truncate` and `fork`.
 //! - [`observe`]: how the store reports its background index work ([`BuildObserver`]).
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
 //!   [`Session`], whose methods lock one layer at a time: appends take the layer's write lock
@@ -18,6 +19,7 @@
 
 mod accounting;
 pub mod budget;
+mod edit;
 pub mod engine_dest;
 mod finite;
 pub mod indexing;

@@ -21,12 +21,11 @@ use std::time::Instant;
 
 use kvdex_index::attend::{
     attend_head, attend_head_dense_values, choose_k, default_scale, estimate_tail_lse,
-    reconstruct_values_from, systematic_sample, AttendScratch, BudgetParams, RopeSpec, SlimScratch,
-    WKv,
+    reconstruct_values_from, systematic_sample, RopeSpec, WKv,
 };
 use kvdex_index::keys::KeyRows;
-use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch, TopK};
-use kvdex_transfer::{DestId, DeviceLink, Run, Ticket, RUN_ALIGN};
+use kvdex_index::{FlatIndex, Hits, KeyDtype, KeySlice, KeyStore, SearchScratch};
+use kvdex_transfer::{DeviceLink, Run, Ticket, RUN_ALIGN};
 use rayon::prelude::*;
 
 use super::indexing::{view, HeadIndex};
@@ -37,134 +36,14 @@ use crate::error::{KvdexError, Result};
 
 mod head;
 mod output;
+mod types;
 
-use head::{budget_and_attend, search_indexed, Slim};
+use head::{budget_and_attend, search_indexed, ExactScan, Slim};
 use output::{check_out, copy_rows, RowsOut};
-
-/// How many tokens each query head gets.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Budget {
-    /// Exactly k (clamped to the retrievable tokens).
-    Fixed(usize),
-    /// The smallest k covering a fraction of the estimated attention mass, within bounds.
-    Adaptive(BudgetParams),
-}
-
-/// What a retrieve computes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetrieveParams {
-    /// Tokens per head.
-    pub budget: Budget,
-    /// Compute the partial attention `(out, lse)`.
-    pub attend: bool,
-    /// Copy the chosen K/V rows into the response.
-    pub gather: bool,
-    /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
-    pub scale: Option<f32>,
-}
-
-/// Where a retrieve writes, all caller-owned (the response space of the shared-memory arena).
-/// `stride` is the candidate count per head the caller sized them for.
-pub struct RetrieveOut<'a> {
-    /// `[q_heads]`: tokens chosen per head (a prefix of its candidates).
-    pub k: &'a mut [u32],
-    /// `[q_heads]`: estimated mass covered by static tokens + chosen ones (adaptive), else 0.
-    pub coverage: &'a mut [f32],
-    /// `[q_heads][stride]` token ids, best first.
-    pub ids: &'a mut [u32],
-    /// `[q_heads][stride]` raw inner products.
-    pub scores: &'a mut [f32],
-    /// `[q_heads][head_dim]` partial attention (when asked).
-    pub out: &'a mut [f32],
-    /// `[q_heads]` its log-sum-exp (when asked).
-    pub lse: &'a mut [f32],
-    /// `[q_heads][2][stride][row_bytes]`: K rows then V rows of the chosen ids (when asked).
-    pub rows: &'a mut [u8],
-    /// `rows` as a destination registered with the session's link ([`Session::link`]), so
-    /// that the gather goes through [`DeviceLink::gather`] (the CUDA backend's path too);
-    /// `None` copies with the CPU.
-    pub rows_dest: Option<RowsDest>,
-}
-
-/// Where `rows` lies in a registered destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowsDest {
-    /// The destination (registered with the session's link).
-    pub id: DestId,
-    /// Byte offset of `rows[0]` in it.
-    pub offset: u64,
-    /// The destination is the engine's own buffer ([`Session::register_cuda_dest`]), not
-    /// `rows`: `rows` may then be empty, and a batch the link cannot gather is an error
-    /// rather than a CPU copy into `rows`.
-    pub engine: bool,
-}
-
-/// Server-side timings and counters of one retrieve.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct RetrieveStats {
-    /// Candidates per head (the response's row stride).
-    pub stride: usize,
-    /// Keys scored by the searches, all heads.
-    pub scored: u64,
-    /// Microseconds searching. Heads are searched and attended in one parallel pass, whose
-    /// wall time is split between this and `attend_us` in proportion to the heads' own time
-    /// in each step.
-    pub search_us: f64,
-    /// Microseconds choosing budgets and attending (see `search_us`).
-    pub attend_us: f64,
-    /// Microseconds copying results and rows out.
-    pub copy_us: f64,
-    /// Microseconds the slowest query head spent in the parallel pass (its search, budget and
-    /// attention). The pass's wall time less this is what spreading the heads over cores
-    /// costs (hand-offs to the pool, waiting for a busy core), which is how an operator tells
-    /// a slow search from a slow pool.
-    pub slowest_head_us: f64,
-    /// KV heads answered by an exact scan because they had no index: the layer was never
-    /// sealed, or its build has not installed that head's index yet (the daemon counts these
-    /// retrieves as exact fallbacks).
-    pub exact_heads: u32,
-}
-
-/// One query head's reusable buffers.
-#[derive(Default)]
-struct HeadScratch {
-    search: SearchScratch,
-    hits: Hits,
-    pending: Hits,
-    merge: TopK,
-    attend: AttendScratch,
-    sample: Vec<u32>,
-    logits: Vec<f32>,
-    out: Vec<f32>,
-    /// Slim mode: the chosen rows' recomputed values, `[k][head_dim]` f32.
-    values: Vec<f32>,
-    slim: SlimScratch,
-    lse: f32,
-    k: usize,
-    coverage: f32,
-    scored: usize,
-    searched: bool,
-    /// Seconds this head spent in its search, then in its budget and attention.
-    search_s: f64,
-    attend_s: f64,
-}
-
-/// Per-connection scratch of [`Session::retrieve`]; grows on first use, then is reused.
-#[derive(Default)]
-pub struct RetrieveScratch {
-    heads: Vec<HeadScratch>,
-    group: Vec<Hits>,
-    flat: SearchScratch,
-    runs: Vec<Run>,
-    tickets: Vec<Ticket>,
-}
-
-impl RetrieveScratch {
-    /// An empty scratch.
-    pub fn new() -> Self {
-        Self::default()
-    }
-}
+use types::HeadScratch;
+pub use types::{
+    Budget, RetrieveOut, RetrieveParams, RetrieveScratch, RetrieveStats, RowsDest, NO_LIMIT,
+};
 
 /// Rows of `bytes` in `dtype` as a key (or value) store.
 fn rows_of(bytes: &[u8], dtype: KeyDtype, d: usize) -> Result<KeySlice<'_>> {
@@ -204,7 +83,8 @@ impl Session {
     }
 
     /// The decode-step request for `layer` (see the module docs). `q` is `[q_heads][head_dim]`
-    /// f32; `out` is sized for `stride` candidates per head.
+    /// f32; `out` is sized for `stride` candidates per head. One query position with no limit:
+    /// [`Session::retrieve_at`] with `[NO_LIMIT]`.
     pub fn retrieve(
         &self,
         layer: u32,
@@ -213,19 +93,60 @@ impl Session {
         scratch: &mut RetrieveScratch,
         out: RetrieveOut<'_>,
     ) -> Result<RetrieveStats> {
+        self.retrieve_at(layer, q, &[NO_LIMIT], params, scratch, out)
+    }
+
+    /// The decode-step request for `P = limits.len()` query positions of one sequence at once
+    /// (chunked prefill, speculative decoding). `q` is `[P][q_heads][head_dim]` f32; every
+    /// output section gains a leading `P` axis (`out` rows are `P * q_heads`, position-major).
+    ///
+    /// Position `p` sees only tokens with id `< limits[p]` ([`NO_LIMIT`]: every token): its
+    /// retrievable range is `[sinks, min(limits[p], len - window))`, where `len` is the
+    /// layer's length now. The window stays relative to the sequence's length, since it is
+    /// what the engine holds; a limit inside the window only narrows what the engine itself
+    /// attends to (its causal mask). A limit beyond `len` is refused by name.
+    pub fn retrieve_at(
+        &self,
+        layer: u32,
+        q: &[f32],
+        limits: &[u32],
+        params: &RetrieveParams,
+        scratch: &mut RetrieveScratch,
+        out: RetrieveOut<'_>,
+    ) -> Result<RetrieveStats> {
         let s = self.shape;
         let (hq, d, group) = (s.q_heads as usize, s.head_dim as usize, s.group() as usize);
-        if q.len() != hq * d {
+        let np = limits.len();
+        if np == 0 {
+            return Err(KvdexError::BadRequest(
+                "retrieve positions P = 0: send at least one query position".into(),
+            ));
+        }
+        // Single-position messages as before positions existed; `position p, ` otherwise.
+        let at = |p: usize| {
+            if np == 1 {
+                String::new()
+            } else {
+                format!("position {p}, ")
+            }
+        };
+        if q.len() != np * hq * d {
+            let positions = if np == 1 {
+                String::new()
+            } else {
+                format!("positions {np} x ")
+            };
             return Err(KvdexError::BadRequest(format!(
-                "query has {} values, expected q_heads {hq} x head_dim {d} = {}",
+                "query has {} values, expected {positions}q_heads {hq} x head_dim {d} = {}",
                 q.len(),
-                hq * d
+                np * hq * d
             )));
         }
         if let Some(pos) = q.iter().position(|x| !x.is_finite()) {
             return Err(KvdexError::BadRequest(format!(
-                "query value {pos} (head {}) is {}",
-                pos / d,
+                "query value {pos} ({}head {}) is {}",
+                at(pos / (hq * d)),
+                pos / d % hq,
                 q[pos]
             )));
         }
@@ -237,12 +158,23 @@ impl Session {
         }
         let stride = self.retrieve_stride(layer, &params.budget)?;
         let rb = s.row_bytes();
-        check_out(&out, hq, d, stride, rb, params)?;
+        let items = np * hq;
+        check_out(&out, items, d, stride, rb, params)?;
         let cfg = &self.decode;
         let li = self.index_of(layer)?;
         let wkv = self.wkv(layer)?;
         let rope = self.slim.as_ref().and_then(|sl| sl.rope);
         let l = self.layer(layer)?.read().map_err(poisoned)?;
+        if let Some((p, &lim)) = limits
+            .iter()
+            .enumerate()
+            .find(|(_, &lim)| lim != NO_LIMIT && lim as usize > l.len)
+        {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve limits[{p}] = {lim} is beyond layer {layer}'s length {}",
+                l.len
+            )));
+        }
         let (start, end) = (cfg.sinks, cfg.retrievable_end(l.len));
         if end - start < stride {
             return Err(KvdexError::Protocol(format!(
@@ -251,53 +183,82 @@ impl Session {
         }
         if end <= start {
             // Only static tokens: an empty part (weight exp(-inf) = 0 in the merge).
-            out.k[..hq].fill(0);
-            out.coverage[..hq].fill(1.0);
+            out.k[..items].fill(0);
+            out.coverage[..items].fill(1.0);
             if params.attend {
-                out.out[..hq * d].fill(0.0);
-                out.lse[..hq].fill(f32::NEG_INFINITY);
+                out.out[..items * d].fill(0.0);
+                out.lse[..items].fill(f32::NEG_INFINITY);
             }
             return Ok(RetrieveStats::default());
         }
-        if scratch.heads.len() < hq {
-            scratch.heads.resize_with(hq, HeadScratch::default);
+        // Position p's own view: retrievable `start..ends[p]`, visible `0..lens[p]`.
+        let view_of = |p: usize| -> (usize, usize) {
+            let lim = match limits[p] {
+                NO_LIMIT => l.len,
+                lim => lim as usize,
+            };
+            (end.min(lim).max(start), l.len.min(lim))
+        };
+        if scratch.heads.len() < items {
+            scratch.heads.resize_with(items, HeadScratch::default);
         }
-        let heads = &mut scratch.heads[..hq];
+        let heads = &mut scratch.heads[..items];
         let t0 = Instant::now();
         let mut exact_heads = 0;
-        // 1a. KV heads without an index: one GQA-batched exact scan for the whole group.
+        // 1a. KV heads without an index: one exact scan of the keys per KV head for the
+        // group's queries of every run of positions that see the same tokens (all of them, for
+        // a speculative chunk inside the window), so the keys are read once, not once per
+        // position.
         for g in 0..s.kv_heads as usize {
             let exact = matches!(*li.heads[g].read().map_err(poisoned)?, HeadIndex::Exact);
             exact_heads += u32::from(exact);
-            let hs = &mut heads[g * group..(g + 1) * group];
-            hs.iter_mut().for_each(|h| h.searched = exact);
-            if !exact || stride == 0 {
-                hs.iter_mut().for_each(|h| {
-                    h.hits.clear();
-                    h.scored = 0;
-                });
-                continue;
-            }
-            let keys = view(&l.keys(g, s.dtype, d)?, start, end)?;
-            scratch.group.resize_with(group, Hits::default);
-            let st = FlatIndex::new(end - start).search_group(
-                &keys,
-                &q[g * group * d..(g + 1) * group * d],
-                stride,
-                &mut scratch.flat,
-                &mut scratch.group,
-            )?;
-            for (h, hits) in hs.iter_mut().zip(scratch.group.iter_mut()) {
-                std::mem::swap(&mut h.hits, hits);
-                h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
-                h.scored = st.scored / group;
+            let mut p = 0;
+            while p < np {
+                let end_p = view_of(p).0;
+                let run_end = (p + 1..np).find(|&r| view_of(r).0 != end_p).unwrap_or(np);
+                let scan = exact && stride > 0 && end_p > start;
+                for r in p..run_end {
+                    let first = r * hq + g * group;
+                    for h in &mut heads[first..first + group] {
+                        h.searched = exact;
+                        if !scan {
+                            h.hits.clear();
+                            h.scored = 0;
+                        }
+                    }
+                }
+                if scan {
+                    let runs = (p..run_end).map(|r| (r * hq + g * group) * d);
+                    scratch.queries.clear();
+                    for at in runs {
+                        scratch.queries.extend_from_slice(&q[at..at + group * d]);
+                    }
+                    let exact_scan = ExactScan {
+                        keys: &l.keys(g, s.dtype, d)?,
+                        range: (start, end_p),
+                        stride,
+                    };
+                    let mut outs = (p..run_end).flat_map(|r| {
+                        let first = r * hq + g * group;
+                        first..first + group
+                    });
+                    exact_scan.run(
+                        &scratch.queries,
+                        &mut scratch.flat,
+                        &mut scratch.group,
+                        heads,
+                        &mut outs,
+                    )?;
+                }
+                p = run_end;
             }
         }
         let t1 = Instant::now();
-        // 1b-3. One parallel pass over the query heads: the head's search (KV heads with an
-        // index: the graph plus the pending tokens), then its budget and attention. One pass
-        // instead of two halves the hand-offs to the thread pool (each a wake-up and a wait,
-        // tens of microseconds on a busy machine), and keeps a head's rows warm between steps.
+        // 1b-3. One parallel pass over the (position, query head) pairs: the head's search (KV
+        // heads with an index: the graph plus the pending tokens), then its budget and
+        // attention. One pass instead of two halves the hand-offs to the thread pool (each a
+        // wake-up and a wait, tens of microseconds on a busy machine), and keeps a head's rows
+        // warm between steps.
         let layer_keys = LayerKeys {
             layer: &l,
             dtype: s.dtype,
@@ -309,16 +270,24 @@ impl Session {
             rope: rope.as_ref(),
             keys: &layer_keys,
         });
-        let work = |(h, hs): (usize, &mut HeadScratch)| -> Result<()> {
-            let g = h / group;
-            let qh = &q[h * d..(h + 1) * d];
+        let work = |(i, hs): (usize, &mut HeadScratch)| -> Result<()> {
+            let (p, g) = (i / hq, i % hq / group);
+            let qh = &q[i * d..(i + 1) * d];
+            let (end_p, len_p) = view_of(p);
             let ts = Instant::now();
+            if end_p == start {
+                // This position sees no retrievable token: an empty part.
+                hs.empty(d);
+                hs.search_s = 0.0;
+                hs.attend_s = 0.0;
+                return Ok(());
+            }
             if !hs.searched && stride > 0 {
                 let guard = li.heads[g].read().map_err(poisoned)?;
                 let HeadIndex::Ready(index) = &*guard else {
                     return Err(KvdexError::Protocol("index disappeared".into()));
                 };
-                search_indexed(&l, index.as_ref(), g, qh, stride, hs, self, (start, end))?;
+                search_indexed(&l, index.as_ref(), g, qh, stride, hs, self, (start, end_p))?;
             }
             let tm = Instant::now();
             let keys = l.keys(g, s.dtype, d)?;
@@ -330,7 +299,7 @@ impl Session {
                 qh,
                 scale,
                 params,
-                (start, end, l.len),
+                (start, end_p, len_p),
                 cfg.tail_sample,
                 hs,
             )?;
@@ -345,9 +314,10 @@ impl Session {
         }
         let t2 = Instant::now();
         // A sample of the queries that went through an index guides the next insert batch
-        // (never waits, never allocates: see `indexing::Guides`).
+        // (never waits, never allocates: see `indexing::Guides`); the last position's, the
+        // newest.
         if cfg.insert_guide_queries > 0 && heads.iter().any(|h| !h.searched) {
-            li.guides.capture(q, group, d);
+            li.guides.capture(&q[(np - 1) * hq * d..], group, d);
         }
         // 4. Copy out.
         let mut scored = 0u64;
@@ -370,18 +340,25 @@ impl Session {
             }
         }
         if params.gather {
-            let rows = RowsOut {
-                rows: out.rows,
-                dest: out.rows_dest,
-                stride,
-                rb,
-                d,
-                dtype: s.dtype,
-                slim: slim.is_some(),
-            };
+            // One position at a time: its heads' rows are `[q_heads][2][stride][row_bytes]`.
+            let per = hq * 2 * stride * rb;
             let link = self.store.link.as_ref();
-            let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
-            copy_rows(&l, link, heads, group, rows, runs, tickets)?;
+            for (p, hs) in heads.chunks(hq).enumerate() {
+                let rows = RowsOut {
+                    rows: out.rows.get_mut(p * per..(p + 1) * per).unwrap_or_default(),
+                    dest: out.rows_dest.map(|dst| RowsDest {
+                        offset: dst.offset + (p * per) as u64,
+                        ..dst
+                    }),
+                    stride,
+                    rb,
+                    d,
+                    dtype: s.dtype,
+                    slim: slim.is_some(),
+                };
+                let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
+                copy_rows(&l, link, hs, group, rows, runs, tickets)?;
+            }
         }
         let t3 = Instant::now();
         let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
@@ -411,3 +388,6 @@ impl Session {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

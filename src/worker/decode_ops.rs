@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use crate::decode::wire::dest::decode_unregister;
 use crate::decode::wire::{
-    QueriesPart, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout, SealBody,
-    SealRequest, SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
+    split_limits, QueriesPart, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout,
+    SealBody, SealRequest, SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::{self, Opcode};
-use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest};
+use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest, NO_LIMIT};
 use crate::store::{SealNeighbours, SealTraining, Session};
 use crate::worker::{Observer, RetrieveRecorder};
 use kvdex_transfer::{DestId, DeviceLink, IpcEventHandle, IpcMemHandle};
@@ -18,6 +18,8 @@ use kvdex_transfer::{DestId, DeviceLink, IpcEventHandle, IpcMemHandle};
 #[derive(Default)]
 pub struct DecodeOps {
     query: Vec<f32>,
+    /// Each position's visibility limit of the request being served.
+    limits: Vec<u32>,
     scratch: RetrieveScratch,
     dest: Option<ArenaDest>,
     /// Records each retrieve's internals (the daemon's metrics); made by the first observed
@@ -109,6 +111,7 @@ impl DecodeOps {
             Opcode::SetWkv => self.set_wkv(session, body, out),
             Opcode::RegisterDest => Self::register_dest(session, body, out),
             Opcode::UnregisterDest => Self::unregister_dest(session, body, out),
+            Opcode::Truncate => Self::truncate(session, body, out),
             other => Err(KvdexError::BadRequest(format!(
                 "{} is not a decode-path op",
                 other.name()
@@ -195,6 +198,25 @@ impl DecodeOps {
         Ok(8)
     }
 
+    fn truncate(session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
+        let tokens: [u8; 8] = body.try_into().map_err(|_| {
+            KvdexError::BadRequest(format!(
+                "truncate body is {} bytes, expected 8 (tokens u64)",
+                body.len()
+            ))
+        })?;
+        let dst = out
+            .get_mut(..8)
+            .ok_or_else(|| KvdexError::BadRequest("truncate response needs 8 bytes".into()))?;
+        let tokens = u64::from_le_bytes(tokens);
+        let tokens = usize::try_from(tokens).map_err(|_| {
+            KvdexError::BadRequest(format!("truncate tokens = {tokens} does not fit usize"))
+        })?;
+        let freed = session.truncate(tokens)?;
+        dst.copy_from_slice(&freed.to_le_bytes());
+        Ok(8)
+    }
+
     fn set_wkv(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
         let s = session.shape();
         let dim = s.kv_heads as usize * s.head_dim as usize;
@@ -212,10 +234,20 @@ impl DecodeOps {
     }
 
     fn retrieve(&mut self, session: &Arc<Session>, body: &[u8], out: &mut [u8]) -> Result<usize> {
-        let (h, query) = RetrieveHeader::decode(body)?;
+        let (h, rest) = RetrieveHeader::decode(body)?;
+        let (limits, query) = split_limits(h.positions, rest)?;
         let shape = *session.shape();
         let (hq, d) = (shape.q_heads as usize, shape.head_dim as usize);
-        // The query is copied out of shared memory before it is validated and used.
+        let np = h.positions.max(1) as usize;
+        // The limits and the query are copied out of shared memory before they are validated
+        // and used.
+        self.limits.clear();
+        if h.positions == 0 {
+            self.limits.push(NO_LIMIT);
+        } else {
+            self.limits.resize(np, 0);
+            proto::read_u32s(limits, &mut self.limits);
+        }
         self.query.clear();
         self.query.resize(query.len() / 4, 0.0);
         proto::read_f32s(query, &mut self.query);
@@ -238,7 +270,7 @@ impl DecodeOps {
         };
         let rows_here = p.gather && engine.is_none();
         let layout =
-            RetrieveLayout::new(hq, stride, d, rb, p.attend, rows_here).ok_or_else(|| {
+            RetrieveLayout::new(np * hq, stride, d, rb, p.attend, rows_here).ok_or_else(|| {
                 KvdexError::BadRequest(format!("retrieve of {stride} per head overflows"))
             })?;
         if out.len() < layout.len() {
@@ -258,9 +290,10 @@ impl DecodeOps {
         let (lse, rest) = rest.split_at_mut(layout.lse.len());
         // The rows section starts on a cache line: skip the padding before it.
         let rows = &mut rest[layout.rows.start - layout.lse.end..];
-        let stats = session.retrieve(
+        let stats = session.retrieve_at(
             h.layer,
             &self.query,
+            &self.limits,
             &p,
             &mut self.scratch,
             RetrieveOut {
@@ -297,6 +330,7 @@ impl DecodeOps {
             flags: ((p.attend as u32) * ATTEND)
                 | ((rows_here as u32) * GATHER)
                 | ((engine.is_some() as u32) * ENGINE_ROWS),
+            positions: h.positions,
             scored: stats.scored,
             search_us: stats.search_us as f32,
             attend_us: stats.attend_us as f32,

@@ -163,6 +163,7 @@ impl Dispatcher {
                 | Opcode::SetWkv
                 | Opcode::RegisterDest
                 | Opcode::UnregisterDest
+                | Opcode::Truncate
         ) {
             return self
                 .decode

@@ -18,13 +18,16 @@ pub(super) fn append(
     layer: u32,
     k: &Bound<'_, PyAny>,
     v: Option<&Bound<'_, PyAny>>,
+    bf16: bool,
 ) -> PyResult<u64> {
     let s = session.shape;
-    let ka = FloatArray::extract(py, "k", k)?;
+    let ka = FloatArray::extract(py, "k", k, bf16)?;
     let tokens = ka.shape().get(1).copied().unwrap_or(0);
     let want = [s.kv_heads as usize, tokens, s.head_dim as usize];
     check_shape(py, "k", ka.shape(), &want, "kv_heads, tokens, head_dim")?;
-    let va = v.map(|v| FloatArray::extract(py, "v", v)).transpose()?;
+    let va = v
+        .map(|v| FloatArray::extract(py, "v", v, bf16))
+        .transpose()?;
     let vb = match &va {
         Some(va) => {
             check_shape(py, "v", va.shape(), &want, "kv_heads, tokens, head_dim")?;
@@ -121,7 +124,12 @@ pub(super) fn gather<'py>(
                         .map_err(|_| bad_request(py, "gathered rows are misaligned"))?;
                     PyArray1::from_slice(py, v).reshape([n, d])?.into_any()
                 }
-                KeyDtype::F32 | KeyDtype::Bf16 => {
+                KeyDtype::Bf16 => {
+                    let v: &[u16] = bytemuck::try_cast_slice(part)
+                        .map_err(|_| bad_request(py, "gathered rows are misaligned"))?;
+                    PyArray1::from_slice(py, v).reshape([n, d])?.into_any()
+                }
+                KeyDtype::F32 => {
                     to_f32(dtype, part, &mut b.f32s);
                     PyArray1::from_slice(py, &b.f32s)
                         .reshape([n, d])?

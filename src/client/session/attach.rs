@@ -99,6 +99,7 @@ impl SessionHandle {
             http: None,
             interrupt: None,
             abandoned: false,
+            slots: Default::default(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! |----------|--------------|---------------|
 //! | seal     | layer u32, kind u32 (0 flat, 1 hnsw, 2 graph), n u32, signal u32, then by signal: 0 (queries): positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]`, after any staged by parts; 1 (neighbour lists): query head u32 `[n]`, length u32 `[n]`, token ids u32 `[sum of lengths]` | tokens indexed per KV head, u64 |
 //! | seal part (signal 2) | layer u32, start u32 (positions staged before it; 0 begins a new set), n u32, 2 u32, positions u32 `[n]`, queries f32 `[q_heads][n][head_dim]` | positions staged so far, u64 |
-//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, reserved u32 (0), query f32 `[q_heads][head_dim]` | see [`RetrieveLayout`] |
+//! | retrieve | layer u32, flags u32, k u32, min_k u32, max_k u32, coverage f32, scale f32, positions u32 (0 without [`POSITIONS`]), query f32 `[q_heads][head_dim]`; with [`POSITIONS`]: limits u32 `[P]`, then query f32 `[P][q_heads][head_dim]` | see [`RetrieveLayout`] |
 //!
 //! | register_dest, unregister_dest | see [`dest`] | see [`dest`] |
 //! | set_wkv  | layer u32, row_start u32, rows u32, 0 u32, `W_KV` rows f32 `[rows][D]` (`D = kv_heads x head_dim`) | rows received so far, u64 |
@@ -38,6 +38,16 @@ pub const SCALE: u32 = 8;
 /// instead of the response ([`dest`]); the response then has no rows section, and its
 /// header's flags carry `ENGINE_ROWS` instead of `GATHER`.
 pub const ENGINE_ROWS: u32 = 16;
+
+/// Retrieve flag: several query positions of the sequence in one request (chunked prefill,
+/// speculative decoding). Header word 7 is then `P` (at least 1), the body carries each
+/// position's visibility limit (`limits u32 [P]`, [`crate::store::retrieve::NO_LIMIT`] for
+/// none: position `p` sees tokens `< limits[p]`) before the queries `[P][q_heads][head_dim]`,
+/// and every response section gains a leading `P` axis (the response header's word 5 is `P`).
+/// Without the flag word 7 must be 0 and the response is laid out for one position, as
+/// before: a daemon without the flag refuses it as an unknown flag, so the protocol version
+/// stays 2.
+pub const POSITIONS: u32 = 32;
 
 /// Bytes of the seal request header.
 pub const SEAL_HEADER: usize = 16;
@@ -82,5 +92,5 @@ mod tests;
 mod tests_seal;
 
 pub use dest::{EngineRows, RegisterDest};
-pub use retrieve::{ResponseHeader, RetrieveHeader, RetrieveLayout};
+pub use retrieve::{split_limits, ResponseHeader, RetrieveHeader, RetrieveLayout, MAX_POSITIONS};
 pub use seal::{QueriesPart, SealBody, SealHeader, SealRequest, SetWkvHeader, TrainingSlice};

@@ -4,7 +4,8 @@ use kvdex_index::attend::BudgetParams;
 
 use super::dest::{EngineRows, ENGINE_ROWS_EXT};
 use super::{
-    f32_at, u32_at, ADAPTIVE, ATTEND, ENGINE_ROWS, GATHER, RESPONSE_HEADER, RETRIEVE_HEADER, SCALE,
+    f32_at, u32_at, ADAPTIVE, ATTEND, ENGINE_ROWS, GATHER, POSITIONS, RESPONSE_HEADER,
+    RETRIEVE_HEADER, SCALE,
 };
 use crate::error::{KvdexError, Result};
 use crate::proto::read_u32s;
@@ -19,6 +20,25 @@ pub struct RetrieveHeader {
     pub params: RetrieveParams,
     /// Rows into an engine destination instead of the response ([`ENGINE_ROWS`]).
     pub engine_rows: Option<EngineRows>,
+    /// Query positions `P` of a multi-position request ([`POSITIONS`]); 0 for the
+    /// single-position layout.
+    pub positions: u32,
+}
+
+/// Most query positions one retrieve may carry.
+pub const MAX_POSITIONS: u32 = 1 << 16;
+
+/// Splits the body after a [`POSITIONS`] header into the limits (`[P]` u32) and the query
+/// bytes; for a single-position header, no limits.
+pub fn split_limits(positions: u32, rest: &[u8]) -> Result<(&[u8], &[u8])> {
+    let n = 4 * positions as usize;
+    rest.split_at_checked(n).ok_or_else(|| {
+        KvdexError::BadRequest(format!(
+            "retrieve body holds {} bytes after its header, fewer than the {positions} \
+             positions' limits ({n} bytes)",
+            rest.len()
+        ))
+    })
 }
 
 impl RetrieveHeader {
@@ -32,16 +52,22 @@ impl RetrieveHeader {
         };
         let mut words = [0u32; RETRIEVE_HEADER / 4];
         read_u32s(head, &mut words);
-        let [layer, flags, k, min_k, max_k, coverage, scale, reserved] = words;
+        let [layer, flags, k, min_k, max_k, coverage, scale, positions] = words;
         let (coverage, scale) = (f32::from_bits(coverage), f32::from_bits(scale));
-        if flags & !(ATTEND | GATHER | ADAPTIVE | SCALE | ENGINE_ROWS) != 0 {
+        if flags & !(ATTEND | GATHER | ADAPTIVE | SCALE | ENGINE_ROWS | POSITIONS) != 0 {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve flags {flags:#x} are unknown"
             )));
         }
-        if reserved != 0 {
+        if flags & POSITIONS == 0 && positions != 0 {
             return Err(KvdexError::BadRequest(format!(
-                "retrieve header word 7 is reserved and must be 0, got {reserved:#x}"
+                "retrieve header word 7 is reserved and must be 0, got {positions:#x} (it holds \
+                 the positions P only with the POSITIONS flag {POSITIONS:#x})"
+            )));
+        }
+        if flags & POSITIONS != 0 && !(1..=MAX_POSITIONS).contains(&positions) {
+            return Err(KvdexError::BadRequest(format!(
+                "retrieve positions P = {positions}: send 1 ..= {MAX_POSITIONS} query positions"
             )));
         }
         let budget = if flags & ADAPTIVE != 0 {
@@ -65,6 +91,7 @@ impl RetrieveHeader {
             None
         };
         let (engine_rows, query) = EngineRows::split(flags, query)?;
+        let positions = if flags & POSITIONS != 0 { positions } else { 0 };
         if !query.len().is_multiple_of(4) {
             return Err(KvdexError::BadRequest(format!(
                 "retrieve query is {} bytes, not a multiple of 4",
@@ -82,6 +109,7 @@ impl RetrieveHeader {
                 layer,
                 params,
                 engine_rows,
+                positions,
             },
             query,
         ))
@@ -91,8 +119,28 @@ impl RetrieveHeader {
     /// a scale that is not finite and positive and a budget that does not fit the wire's u32,
     /// rather than sending something the daemon would read differently.
     pub fn encode(&self, query: &[f32], out: &mut [u8]) -> Result<usize> {
+        self.encode_with(&[], query, out)
+    }
+
+    /// [`RetrieveHeader::encode`] of a multi-position request (`positions > 0`): `limits`
+    /// (one per position) before `query` (`[P][q_heads][head_dim]`).
+    pub fn encode_with(&self, limits: &[u32], query: &[f32], out: &mut [u8]) -> Result<usize> {
         let p = &self.params;
         let mut flags = ((p.attend as u32) * ATTEND) | ((p.gather as u32) * GATHER);
+        if self.positions > 0 {
+            if limits.len() != self.positions as usize {
+                return Err(KvdexError::BadRequest(format!(
+                    "retrieve of {} positions has {} limits",
+                    self.positions,
+                    limits.len()
+                )));
+            }
+            flags |= POSITIONS;
+        } else if !limits.is_empty() {
+            return Err(KvdexError::BadRequest(
+                "retrieve limits need positions > 0 (the multi-position layout)".into(),
+            ));
+        }
         let (k, min_k, max_k, coverage) = match p.budget {
             Budget::Fixed(k) => (wire_count("k", k)?, 0, 0, 0.0f32),
             Budget::Adaptive(b) => {
@@ -120,7 +168,7 @@ impl RetrieveHeader {
             }
             None => 0,
         };
-        let need = RETRIEVE_HEADER + ext + 4 * query.len();
+        let need = RETRIEVE_HEADER + ext + 4 * (limits.len() + query.len());
         let out = out.get_mut(..need).ok_or_else(|| {
             KvdexError::BadRequest(format!(
                 "retrieve request of {need} bytes does not fit the arena"
@@ -134,7 +182,7 @@ impl RetrieveHeader {
             max_k,
             coverage.to_bits(),
             scale.to_bits(),
-            0,
+            self.positions,
         ];
         for (i, w) in head.iter().enumerate() {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
@@ -142,7 +190,9 @@ impl RetrieveHeader {
         if let Some(e) = &self.engine_rows {
             e.write(&mut out[RETRIEVE_HEADER..RETRIEVE_HEADER + ext]);
         }
-        out[RETRIEVE_HEADER + ext..].copy_from_slice(bytemuck::cast_slice(query));
+        let (lim, q) = out[RETRIEVE_HEADER + ext..].split_at_mut(4 * limits.len());
+        lim.copy_from_slice(bytemuck::cast_slice(limits));
+        q.copy_from_slice(bytemuck::cast_slice(query));
         Ok(need)
     }
 }
@@ -246,8 +296,8 @@ impl RetrieveLayout {
     }
 }
 
-/// The retrieve response header: words q_heads, stride, head_dim, row_bytes, flags and one
-/// reserved (bytes 0..24), `scored` u64 (24..32), then f32 microseconds search, attend, copy
+/// The retrieve response header: words q_heads, stride, head_dim, row_bytes, flags and
+/// positions (0 for the single-position layout; bytes 0..24), `scored` u64 (24..32), then f32 microseconds search, attend, copy
 /// and slowest head (32..48).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ResponseHeader {
@@ -261,6 +311,9 @@ pub struct ResponseHeader {
     pub row_bytes: u32,
     /// The request's flags.
     pub flags: u32,
+    /// Query positions `P` of a multi-position response (its sections are `P * q_heads` rows);
+    /// 0 for the single-position layout.
+    pub positions: u32,
     /// Keys scored by the searches.
     pub scored: u64,
     /// Daemon microseconds searching.
@@ -275,6 +328,11 @@ pub struct ResponseHeader {
 }
 
 impl ResponseHeader {
+    /// Rows of every per-head section: `max(positions, 1) * q_heads`.
+    pub fn rows(&self) -> usize {
+        self.positions.max(1) as usize * self.q_heads as usize
+    }
+
     /// Writes the header into the first [`RESPONSE_HEADER`] bytes of `out`.
     pub fn encode(&self, out: &mut [u8]) -> Result<()> {
         let out = out.get_mut(..RESPONSE_HEADER).ok_or_else(|| {
@@ -286,7 +344,7 @@ impl ResponseHeader {
             self.head_dim,
             self.row_bytes,
             self.flags,
-            0,
+            self.positions,
         ];
         for (i, w) in words.iter().enumerate() {
             out[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
@@ -321,6 +379,7 @@ impl ResponseHeader {
             head_dim: w(2)?,
             row_bytes: w(3)?,
             flags: w(4)?,
+            positions: w(5)?,
             scored: u64::from_le_bytes(
                 b.get(24..32)
                     .ok_or_else(bad)?

@@ -16,6 +16,7 @@ fn retrieve_header_round_trips_and_refuses_bad_budgets() {
             scale: Some(0.125),
         },
         engine_rows: None,
+        positions: 0,
     };
     let q = [1.0f32, -2.0, 3.5];
     let mut buf = vec![0u8; 64];
@@ -52,6 +53,7 @@ fn fixed(k: usize, scale: Option<f32>) -> RetrieveHeader {
             scale,
         },
         engine_rows: None,
+        positions: 0,
     }
 }
 
@@ -162,6 +164,7 @@ fn any_header() -> impl Strategy<Value = RetrieveHeader> {
                 engine_rows: into
                     .filter(|_| gather)
                     .map(|(dest, offset)| EngineRows { dest, offset }),
+                positions: 0,
             },
         )
 }

@@ -4,6 +4,55 @@
 
 use super::*;
 
+/// The exact scan of one KV head's queries (its GQA group's heads, for one or several positions)
+/// over the retrievable tokens `range`, for a KV head with no index.
+pub(super) struct ExactScan<'a> {
+    pub(super) keys: &'a KeySlice<'a>,
+    pub(super) range: (usize, usize),
+    pub(super) stride: usize,
+}
+
+impl ExactScan<'_> {
+    /// Scans for the queries `q` (`[n][head_dim]`) into `hs[i]` for the `n` indices `i`
+    /// that `outs` yields, in order.
+    pub(super) fn run(
+        &self,
+        q: &[f32],
+        flat: &mut SearchScratch,
+        group: &mut Vec<Hits>,
+        hs: &mut [HeadScratch],
+        outs: &mut dyn Iterator<Item = usize>,
+    ) -> Result<()> {
+        let (start, end) = self.range;
+        let keys = view(self.keys, start, end)?;
+        let n = q.len() / KeyStore::dim(&keys).max(1);
+        group.resize_with(n, Hits::default);
+        let group = &mut group[..n];
+        let st = FlatIndex::new(end - start).search_group(&keys, q, self.stride, flat, group)?;
+        for (i, hits) in outs.zip(group.iter_mut()) {
+            let h = &mut hs[i];
+            std::mem::swap(&mut h.hits, hits);
+            h.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+            h.scored = st.scored / n.max(1);
+        }
+        Ok(())
+    }
+}
+
+impl HeadScratch {
+    /// An empty part for a position that sees no retrievable token: nothing chosen, the
+    /// merge's weight `exp(-inf) = 0`.
+    pub(super) fn empty(&mut self, d: usize) {
+        self.hits.clear();
+        self.k = 0;
+        self.coverage = 1.0;
+        self.scored = 0;
+        self.out.clear();
+        self.out.resize(d, 0.0);
+        self.lse = f32::NEG_INFINITY;
+    }
+}
+
 /// Graph (or other index) search of one head over the indexed tokens, merged with an exact
 /// scan of the tokens that left the window but are not inserted yet.
 #[allow(clippy::too_many_arguments)]
@@ -20,7 +69,22 @@ pub(super) fn search_indexed(
     let s = session.shape;
     let d = s.head_dim as usize;
     let full = l.keys(g, s.dtype, d)?;
-    let n = index.len().min(end - start);
+    if index.len() > end - start {
+        // A position whose limit cuts into the indexed tokens: the index would return ids it
+        // must not see, so scan its visible tokens exactly.
+        let keys = view(&full, start, end)?;
+        let st = FlatIndex::new(end - start).search_group(
+            &keys,
+            q,
+            stride,
+            &mut hs.search,
+            std::slice::from_mut(&mut hs.hits),
+        )?;
+        hs.scored = st.scored;
+        hs.hits.ids.iter_mut().for_each(|i| *i += start as u32);
+        return Ok(());
+    }
+    let n = index.len();
     let indexed = view(&full, start, start + n)?;
     // A request for (nearly) every indexed token gains nothing from an approximate index, and
     // a graph beam cannot promise to reach them all: scan exactly instead.

@@ -90,6 +90,7 @@ fn retrieve_body(into: Option<EngineRows>) -> Vec<u8> {
             scale: None,
         },
         engine_rows: into,
+        positions: 0,
     };
     let q: Vec<f32> = (0..H * D).map(|i| ((i * 7) % 5) as f32 - 2.0).collect();
     let mut body = vec![0u8; 1024];
