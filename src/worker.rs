@@ -167,11 +167,7 @@ impl Worker {
                     serve(&inner, session, token, &*observer, config)
                 }))
                 .unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned());
-                    ExitReason::Internal(format!("worker panicked: {}", msg.unwrap_or_default()))
+                    ExitReason::Internal(KvdexError::from_panic("worker", &*p).to_string())
                 });
                 let code = match &reason {
                     ExitReason::Stopped => close_reason::STOPPED,
@@ -348,7 +344,9 @@ fn serve(
             // SAFETY: this thread is the only user of the arena in this process (the Worker
             // handle only touches header atomics); the bytes are untrusted and handled as such.
             let arena = unsafe { region.arena_unchecked() };
-            dispatcher.serve_observed(&d, arena, observer)
+            // A panic in the request (its own code or a rayon task it ran) fails this request
+            // with an internal error; the session and the daemon go on.
+            crate::error::catch_panic("request", || dispatcher.serve_observed(&d, arena, observer))
         } else {
             let e = KvdexError::Unauthorized(
                 "attach with the session token before sending requests".into(),

@@ -329,24 +329,25 @@ pub fn serve_frames(
         d.out_len = d
             .out_len
             .min((arena_bytes as u64).saturating_sub(out_offset));
-        let (c, body): (Descriptor, &[u8]) =
-            match dispatcher.serve_observed(&d, &mut arena, observer) {
-                Ok(n) => (
-                    Descriptor {
-                        request_id: d.request_id,
-                        out_offset,
-                        out_len: n,
-                        ..Default::default()
-                    },
-                    &arena[out_offset as usize..(out_offset + n) as usize],
-                ),
-                Err(e) => {
-                    let msg = e.to_string();
-                    let n = msg.len().min(arena_bytes);
-                    arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
-                    (error_completion(d.request_id, &e, n as u32), &arena[..n])
-                }
-            };
+        let (c, body): (Descriptor, &[u8]) = match crate::error::catch_panic("request", || {
+            dispatcher.serve_observed(&d, &mut arena, observer)
+        }) {
+            Ok(n) => (
+                Descriptor {
+                    request_id: d.request_id,
+                    out_offset,
+                    out_len: n,
+                    ..Default::default()
+                },
+                &arena[out_offset as usize..(out_offset + n) as usize],
+            ),
+            Err(e) => {
+                let msg = e.to_string();
+                let n = msg.len().min(arena_bytes);
+                arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                (error_completion(d.request_id, &e, n as u32), &arena[..n])
+            }
+        };
         // One write per reply, as the client sends one write per request.
         let total = FRAME_HEADER + body.len();
         if reply.len() < total {
