@@ -8,6 +8,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod norms;
+mod region;
 
 use kvdex::client::{Client, SessionHandle, SessionOptions};
 use kvdex::store::Shape;
