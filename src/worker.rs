@@ -9,6 +9,8 @@
 //! - copies every descriptor out of the ring before looking at it, validates opcode, request
 //!   id, offsets and lengths against its own state ([`dispatch::Dispatcher`]), and answers a bad
 //!   request with an error completion whose message lands in the error slot;
+//! - ends the session with [`ExitReason::Protocol`] when the client truncated its region file
+//!   (the daemon's mapping then reads zeros, see [`crate::shm::bus`]);
 //! - treats an impossible ring index as a protocol violation: it posts a `Protocol` error
 //!   completion if it can, marks the region closed, and exits with [`ExitReason::Protocol`];
 //!   other clients, which have their own regions and workers, are untouched.
@@ -290,6 +292,9 @@ fn serve(
         if shared.stop.load(Ordering::Acquire) {
             return ExitReason::Stopped;
         }
+        if region.truncated() {
+            return ExitReason::Protocol("the client truncated its region file".into());
+        }
         match state.load(Ordering::Acquire) {
             attach_state::REQUESTED => judge_attach(region, &token, &mut att),
             attach_state::DETACHED if att.attached => return ExitReason::ClientGone,
@@ -300,6 +305,7 @@ fn serve(
             Ok(None) => {
                 let ready = || {
                     shared.stop.load(Ordering::Relaxed)
+                        || region.truncated()
                         || sq.has_entries_after(consumer.tail())
                         || match state.load(Ordering::Relaxed) {
                             attach_state::REQUESTED => true,
