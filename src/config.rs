@@ -189,6 +189,17 @@ pub struct SessionsConfig {
     pub worker_cpus: String,
     /// How long a session's worker spins for the next request before it parks, in µs.
     pub worker_spin_us: u64,
+    /// A session whose region nobody attached (and that no data-socket connection reached) in
+    /// this many ms is ended; 0 never ends one for that.
+    pub attach_timeout_ms: u64,
+}
+
+impl SessionsConfig {
+    /// `attach_timeout_ms` as a deadline (None for 0).
+    pub fn attach_timeout(&self) -> Option<std::time::Duration> {
+        (self.attach_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.attach_timeout_ms))
+    }
 }
 
 fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {

@@ -63,6 +63,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         cpus,
     };
+    let attach_timeout = config.sessions.attach_timeout();
     let data_plane = match &data_socket {
         Some(path) => {
             let hub = crate::worker::socket::SocketHub::new();
@@ -71,9 +72,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             hub.listen(listener, cpus)?;
             tracing::info!(path = %path.display(), "data plane also on a Unix socket");
-            dataplane::shm_and_socket(hub, worker)
+            dataplane::shm_and_socket(hub, worker, attach_timeout)
         }
-        None => dataplane::shm(worker),
+        None => dataplane::shm(worker, attach_timeout),
     };
     // The signal handlers are registered before `serve` binds anything: a SIGTERM that arrives
     // once the daemon answers /readyz must mean a clean shutdown, never the default kill.

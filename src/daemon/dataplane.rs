@@ -7,13 +7,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::shm::Region;
 use crate::store::Session;
 use crate::worker::socket::{SocketHub, SocketRegistration};
-use crate::worker::{ExitReason, Observer, Worker, WorkerConfig};
+use crate::worker::{ExitReason, Liveness, Observer, Worker, WorkerConfig};
 
 /// What a data plane needs to serve one session.
 pub struct DataPlaneSpec {
@@ -55,19 +56,27 @@ pub trait DataPlane: Send + Sync {
 
 /// The daemon's data plane: a shared-memory region per session, served by one worker thread.
 /// `worker`: each worker thread's tuning (`sessions.worker_cpus`, `sessions.worker_spin_us`).
-pub fn shm(worker: WorkerConfig) -> Box<dyn DataPlane> {
+/// `attach_timeout`: sessions that nobody attached (or reached over the data socket) in this
+/// time are ended.
+pub fn shm(worker: WorkerConfig, attach_timeout: Option<Duration>) -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane {
         socket: None,
         worker,
+        attach_timeout,
     })
 }
 
 /// [`shm`], and every session also reachable over the Unix data socket `hub` listens on
 /// (`sessions.data_socket`).
-pub fn shm_and_socket(hub: Arc<SocketHub>, worker: WorkerConfig) -> Box<dyn DataPlane> {
+pub fn shm_and_socket(
+    hub: Arc<SocketHub>,
+    worker: WorkerConfig,
+    attach_timeout: Option<Duration>,
+) -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane {
         socket: Some(hub),
         worker,
+        attach_timeout,
     })
 }
 
@@ -78,6 +87,8 @@ pub fn shm_and_socket(hub: Arc<SocketHub>, worker: WorkerConfig) -> Box<dyn Data
 pub struct ShmDataPlane {
     socket: Option<Arc<SocketHub>>,
     worker: WorkerConfig,
+    /// Ends sessions nobody attached in this time (`sessions.attach_timeout_ms`).
+    attach_timeout: Option<Duration>,
 }
 
 /// What [`ShmDataPlane`] hands the registry; fields drop in order (socket first, so that a
@@ -90,6 +101,10 @@ struct ShmServing {
 impl DataPlane for ShmDataPlane {
     fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
         let region = Region::create(&spec.shm_path, spec.payload_bytes)?;
+        let live = Liveness {
+            attach_timeout: self.attach_timeout,
+            ..Default::default()
+        };
         let socket = self.socket.as_ref().map(|hub| {
             hub.register(
                 &spec.id,
@@ -97,6 +112,7 @@ impl DataPlane for ShmDataPlane {
                 spec.session.clone(),
                 spec.payload_bytes as usize,
                 spec.metrics.clone(),
+                live.presence.clone(),
             )
         });
         let (id, exits) = (spec.id, spec.exits);
@@ -105,6 +121,7 @@ impl DataPlane for ShmDataPlane {
                 // Stopped by the registry itself (delete, shutdown): nothing to reap.
                 ExitReason::Stopped => return,
                 ExitReason::ClientGone => "client_gone",
+                ExitReason::NeverAttached => "attach_timeout",
                 ExitReason::Protocol(msg) => {
                     tracing::warn!(%id, "client broke the protocol: {msg}");
                     "protocol_error"
@@ -118,13 +135,14 @@ impl DataPlane for ShmDataPlane {
             let _ = exits.send(ExitNotice { id, reason: label });
         });
         let observer: Arc<dyn Observer> = spec.metrics;
-        let worker = Worker::spawn_with(
+        let worker = Worker::spawn_watched(
             region,
             spec.session,
             spec.token,
             observer,
             on_exit,
             self.worker,
+            live,
         )?;
         Ok(Box::new(ShmServing {
             _socket: socket,

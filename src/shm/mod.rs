@@ -38,6 +38,9 @@ pub struct Region {
     map: MmapMut,
     geometry: Geometry,
     path: PathBuf,
+    /// The file's device and inode (daemon side): a client's pid is trusted only if that
+    /// process maps this very file (see [`crate::worker::liveness`]).
+    file_id: Option<crate::worker::liveness::FileId>,
     owner: bool,
     /// The creator's open file, holding a shared `flock` for the region's life: a daemon's
     /// start-up sweep of stale region files (`crate::daemon::stale`) never removes a locked
@@ -107,11 +110,14 @@ impl Region {
             let map = unsafe { MmapMut::map_mut(&file) };
             let map = map.map_err(|e| io_err("map region", path, e))?;
             let bus = bus::BusGuard::register(map.as_ptr(), map.len())?;
+            let file_id = crate::worker::liveness::FileId::of(&file)
+                .map_err(|e| io_err("stat region", path, e))?;
             Ok::<_, KvdexError>(Self {
                 bus: Some(bus),
                 map,
                 geometry,
                 path: path.to_owned(),
+                file_id: Some(file_id),
                 owner: true,
                 _owner_lock: None,
             })
@@ -178,6 +184,7 @@ impl Region {
                 arena_bytes: 0,
             },
             path: path.to_owned(),
+            file_id: None,
             owner: false,
             _owner_lock: None,
         };
@@ -327,6 +334,11 @@ impl Region {
     /// zeros (see [`bus`]) and its session must end. Always false on the client side.
     pub fn truncated(&self) -> bool {
         self.bus.as_ref().is_some_and(bus::BusGuard::faulted)
+    }
+
+    /// The file's device and inode, on the daemon's side (None on a client's).
+    pub fn file_id(&self) -> Option<crate::worker::liveness::FileId> {
+        self.file_id
     }
 
     /// The reason the daemon closed the region, if it did.

@@ -32,6 +32,7 @@ use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
 use crate::store::Session;
 use crate::worker::dispatch::{error_completion, Dispatcher};
+use crate::worker::liveness::Presence;
 use crate::worker::Observer;
 
 /// Bytes of a frame header (one descriptor).
@@ -102,6 +103,8 @@ struct Reachable {
     session: Arc<Session>,
     arena_bytes: usize,
     observer: Arc<dyn Observer>,
+    /// Counts the open connections, for the worker's liveness check.
+    presence: Arc<Presence>,
     /// Set when the session ends; no connection is accepted after.
     ended: AtomicBool,
     /// Open connections: a handle to shut each down, and a channel that closes when its
@@ -156,12 +159,14 @@ impl SocketHub {
         session: Arc<Session>,
         arena_bytes: usize,
         observer: Arc<dyn Observer>,
+        presence: Arc<Presence>,
     ) -> SocketRegistration {
         let r = Arc::new(Reachable {
             token,
             session,
             arena_bytes,
             observer,
+            presence,
             ended: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -238,6 +243,8 @@ impl SocketHub {
             reach.arena_bytes,
             reach.observer.clone(),
         );
+        // Counted until this connection ends, however it ends (the peer may be killed).
+        let _connected = reach.presence.connect();
         drop(reach);
         let result = serve_frames(stream, Dispatcher::new(session), arena, &*observer);
         // The dispatcher (and with it the session) is gone: let a waiting end() go on.

@@ -7,6 +7,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod liveness;
 mod norms;
 mod region;
 
