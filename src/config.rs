@@ -159,6 +159,9 @@ pub struct HttpConfig {
     pub allow_non_loopback: bool,
     /// Optional Unix-domain socket for the control plane ("" for none).
     pub unix_socket: String,
+    /// When not empty, creating a session over TCP needs `Authorization: Bearer <this>`
+    /// (the Unix socket's file permissions stand for it there).
+    pub admin_token: String,
 }
 
 /// `[memory]`.

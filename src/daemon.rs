@@ -151,7 +151,7 @@ pub async fn serve(
         metrics,
         started: Instant::now(),
     };
-    let app = router(state);
+    let app = router(state.clone());
 
     let addr: SocketAddr = config.listen_addr()?;
     let tcp = tokio::net::TcpListener::bind(addr)
@@ -166,8 +166,13 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = tokio::task::JoinSet::new();
+    let guard = crate::http::guard::Guard {
+        loopback_only: !config.http.allow_non_loopback,
+        admin_token: (!config.http.admin_token.is_empty()).then(|| config.http.admin_token.clone()),
+    };
+    let tcp_app = crate::http::tcp_router(state.clone(), guard);
     servers.spawn(
-        axum::serve(tcp, app.clone())
+        axum::serve(tcp, tcp_app)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
@@ -240,6 +245,13 @@ fn bind_std_unix(path: &Path, key: &str) -> Result<std::os::unix::net::UnixListe
         if !meta.file_type().is_socket() {
             return Err(KvdexError::Config(format!(
                 "key `{key}`: {} exists and is not a socket",
+                path.display()
+            )));
+        }
+        // A socket someone still accepts on belongs to a live daemon: never take it over.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(KvdexError::Config(format!(
+                "key `{key}`: {} is served by another live process (a second daemon?)",
                 path.display()
             )));
         }

@@ -24,6 +24,8 @@ use crate::daemon::registry::{CreateRequest, Registry, SessionInfo, SessionState
 use crate::error::KvdexError;
 use crate::metrics::Metrics;
 
+pub mod guard;
+
 /// What every handler sees.
 #[derive(Clone)]
 pub struct AppState {
@@ -90,6 +92,12 @@ pub fn router(state: AppState) -> Router {
             count_requests,
         ))
         .with_state(state)
+}
+
+/// [`router`] with the TCP listener's checks ([`guard`]): loopback `Host`/`Origin`, and the
+/// admin token for session creation when one is configured.
+pub fn tcp_router(state: AppState, g: guard::Guard) -> Router {
+    router(state).layer(middleware::from_fn_with_state(Arc::new(g), guard::check))
 }
 
 /// Counts every control-plane request by route template and status code.

@@ -7,6 +7,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod control;
 mod liveness;
 mod norms;
 mod region;
