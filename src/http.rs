@@ -270,12 +270,16 @@ pub struct Stats {
     pub per_session: Vec<SessionInfo>,
 }
 
-async fn stats(State(st): State<AppState>) -> Json<Stats> {
-    let per_session = st.registry.all();
+async fn stats(State(st): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    let registry = st.registry.clone();
+    // Describing the sessions takes locks a busy session holds: off the async workers.
+    let per_session = tokio::task::spawn_blocking(move || registry.all())
+        .await
+        .map_err(|e| KvdexError::Internal(format!("stats task failed: {e}")))?;
     let store = st.registry.store();
     let budget = store.budget();
     let link = store.link().stats();
-    Json(Stats {
+    Ok(Json(Stats {
         uptime_secs: st.started.elapsed().as_secs_f64(),
         sessions: per_session
             .iter()
@@ -297,7 +301,7 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
             .filter_map(|s| s.slim.map(|m| m.net_saved_bytes))
             .sum(),
         per_session,
-    })
+    }))
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {

@@ -145,3 +145,27 @@ fn a_second_daemon_leaves_a_live_daemons_sockets_alone() {
     );
     assert_eq!(http::get(&first.base, "/healthz").0, 200);
 }
+
+/// `/stats` needs no credential, so it lists no paths (it listed every region file); the
+/// session's token holder still gets its path from `GET /v1/sessions/{id}`.
+#[test]
+fn stats_lists_no_paths() {
+    let d = Daemon::start(&[]);
+    let (st, text) = http::send(
+        ureq::post(&format!("{}/v1/sessions", d.base)),
+        Some(&serde_json::from_str(CREATE).unwrap()),
+    );
+    assert_eq!(st, 201, "{text}");
+    let created: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (_, stats) = http::get(&d.base, "/stats");
+    let path = created["shm_path"].as_str().unwrap();
+    assert!(
+        !stats.contains(path) && !stats.contains("shm_path"),
+        "{stats}"
+    );
+    let url = format!("{}/v1/sessions/{}", d.base, created["id"].as_str().unwrap());
+    let bearer = format!("Bearer {}", created["token"].as_str().unwrap());
+    let (st, info) = http::send(ureq::get(&url).set("Authorization", &bearer), None);
+    assert_eq!(st, 200);
+    assert!(info.contains(path), "{info}");
+}
