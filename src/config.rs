@@ -172,6 +172,8 @@ pub struct MemoryConfig {
     pub budget_bytes: u64,
     /// Capacity in tokens of a layer's first allocation.
     pub initial_tokens: u64,
+    /// The most K/V bytes one session may hold (0: only the global budget bounds it).
+    pub session_quota_bytes: u64,
 }
 
 /// `[sessions]`.

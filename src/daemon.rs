@@ -133,7 +133,10 @@ pub async fn serve(
     }
     let store = Store::new(
         crate::store::default_link(),
-        Arc::new(Budget::new(config.memory.budget_bytes)),
+        Arc::new(
+            Budget::new(config.memory.budget_bytes)
+                .with_session_quota(config.memory.session_quota_bytes),
+        ),
         config.memory.initial_tokens as usize,
     )
     .with_decode(config.decode.to_decode_config())

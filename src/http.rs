@@ -256,6 +256,9 @@ pub struct Stats {
     pub budget_used_bytes: u64,
     /// Bytes still free.
     pub budget_left_bytes: u64,
+    /// `budget_used_bytes` by what it holds: `store` (K/V rows, staged training queries),
+    /// `regions` (shared-memory files), `socket_arenas` (data-socket connections).
+    pub budget_parts: std::collections::BTreeMap<&'static str, u64>,
     /// K/V bytes stored across sessions (closing ones included).
     pub resident_bytes: u64,
     /// The arena backend ("host" or "cuda").
@@ -292,6 +295,7 @@ async fn stats(State(st): State<AppState>) -> Result<Json<Stats>, ApiError> {
         budget_bytes: budget.total(),
         budget_used_bytes: budget.used(),
         budget_left_bytes: budget.left(),
+        budget_parts: budget.parts().iter().map(|(p, n)| (p.name(), *n)).collect(),
         resident_bytes: per_session.iter().map(|s| s.resident_bytes).sum(),
         link: store.link().name(),
         link_arenas: link.arenas,

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::shm::Region;
-use crate::store::Session;
+use crate::shm::layout::DEFAULT_RING_SLOTS;
+use crate::shm::{Geometry, Region};
+use crate::store::budget::{Part, Reservation};
+use crate::store::{Budget, Session};
 use crate::worker::socket::{SocketHub, SocketRegistration};
 use crate::worker::{ExitReason, Liveness, Observer, Worker, WorkerConfig};
 
@@ -28,6 +30,8 @@ pub struct DataPlaneSpec {
     pub token: [u8; 16],
     /// The storage requests go to.
     pub session: Arc<Session>,
+    /// The budget a data-socket connection's arena is charged to.
+    pub budget: Arc<Budget>,
     /// Where requests are recorded.
     pub metrics: Arc<Metrics>,
     /// Where to report that the worker stopped on its own (client gone, fatal error).
@@ -96,10 +100,16 @@ pub struct ShmDataPlane {
 struct ShmServing {
     _socket: Option<SocketRegistration>,
     _worker: Worker,
+    /// Released once the worker (and with it the region) is gone.
+    _region_held: Reservation,
 }
 
 impl DataPlane for ShmDataPlane {
     fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
+        // The region file is memory held for the client: within the budget while it exists.
+        let geometry = Geometry::new(DEFAULT_RING_SLOTS, spec.payload_bytes);
+        let region_bytes = geometry.map_or(spec.payload_bytes, |g| g.total_bytes);
+        let region_held = spec.budget.reserve_owned(Part::Regions, region_bytes)?;
         let region = Region::create(&spec.shm_path, spec.payload_bytes)?;
         let live = Liveness {
             attach_timeout: self.attach_timeout,
@@ -113,6 +123,7 @@ impl DataPlane for ShmDataPlane {
                 spec.payload_bytes as usize,
                 spec.metrics.clone(),
                 live.presence.clone(),
+                spec.budget.clone(),
             )
         });
         let (id, exits) = (spec.id, spec.exits);
@@ -147,6 +158,7 @@ impl DataPlane for ShmDataPlane {
         Ok(Box::new(ShmServing {
             _socket: socket,
             _worker: worker,
+            _region_held: region_held,
         }))
     }
 }

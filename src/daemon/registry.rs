@@ -295,6 +295,7 @@ impl Registry {
             payload_bytes,
             token,
             session: session.clone(),
+            budget: self.store.budget().clone(),
             metrics: self.metrics.clone(),
             exits: self.exits.clone(),
         };

@@ -30,6 +30,7 @@ use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
+use crate::store::budget::{Budget, Part, Reservation};
 use crate::store::Session;
 use crate::worker::dispatch::{error_completion, Dispatcher};
 use crate::worker::liveness::Presence;
@@ -105,6 +106,8 @@ struct Reachable {
     observer: Arc<dyn Observer>,
     /// Counts the open connections, for the worker's liveness check.
     presence: Arc<Presence>,
+    /// Each connection's arena is charged here while it is open.
+    budget: Arc<Budget>,
     /// Set when the session ends; no connection is accepted after.
     ended: AtomicBool,
     /// Open connections: a handle to shut each down, and a channel that closes when its
@@ -160,6 +163,7 @@ impl SocketHub {
         arena_bytes: usize,
         observer: Arc<dyn Observer>,
         presence: Arc<Presence>,
+        budget: Arc<Budget>,
     ) -> SocketRegistration {
         let r = Arc::new(Reachable {
             token,
@@ -167,6 +171,7 @@ impl SocketHub {
             arena_bytes,
             observer,
             presence,
+            budget,
             ended: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -222,7 +227,7 @@ impl SocketHub {
         stream.read_exact(&mut frame)?;
         stream.set_read_timeout(None)?;
         let hello: Hello = bytemuck::pod_read_unaligned(&frame);
-        let (reach, done) = match self.admit(&hello, &stream) {
+        let (reach, done, _arena_held) = match self.admit(&hello, &stream) {
             Ok(admitted) => admitted,
             Err(e) => {
                 let msg = e.to_string();
@@ -257,7 +262,7 @@ impl SocketHub {
         &self,
         hello: &Hello,
         stream: &UnixStream,
-    ) -> Result<(Arc<Reachable>, mpsc::Sender<()>)> {
+    ) -> Result<(Arc<Reachable>, mpsc::Sender<()>, Reservation)> {
         let id = hello.session_id()?;
         let reach = self
             .lock()
@@ -270,6 +275,10 @@ impl SocketHub {
                 "wrong token for session {id}"
             )));
         }
+        // The connection's arena is memory held for the client: within the budget.
+        let held = reach
+            .budget
+            .reserve_owned(Part::SocketArenas, reach.arena_bytes as u64)?;
         let (done_tx, done_rx) = mpsc::channel();
         let mut conns = reach.conns();
         if reach.ended.load(Ordering::Acquire) {
@@ -277,7 +286,7 @@ impl SocketHub {
         }
         conns.push((stream.try_clone()?, done_rx));
         drop(conns);
-        Ok((reach, done_tx))
+        Ok((reach, done_tx, held))
     }
 }
 

@@ -5,6 +5,7 @@
 //! One test binary; the groups are `norms` (keys whose squared norm overflows, panics in
 //! background jobs) and `region` (a client that races or truncates its shared memory).
 
+mod budget;
 #[path = "../common/mod.rs"]
 mod common;
 mod control;

@@ -84,6 +84,7 @@ fn hub_checks_the_token_and_ending_the_session_closes_its_connections() {
         4096,
         Arc::new(NoopObserver),
         presence,
+        Arc::new(crate::store::Budget::unlimited()),
     );
     let connect = |hello: Hello| {
         let (mut a, b) = UnixStream::pair().unwrap();
