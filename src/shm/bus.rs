@@ -150,7 +150,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     // Not ours (or the remap failed): the previous action, as if we were not here.
     // SAFETY: PREVIOUS was written before this handler was installed.
     unsafe {
-        let prev = (*(&raw const PREVIOUS)).assume_init_ref();
+        let prev = &*(&raw const PREVIOUS).cast::<libc::sigaction>();
         let h = prev.sa_sigaction;
         if h == libc::SIG_DFL || h == libc::SIG_IGN {
             // Restore it and return: the access faults again and takes the default action.
@@ -187,7 +187,7 @@ mod tests {
         f.write_all(&[7u8; 3 * 4096]).unwrap();
         // SAFETY: a private test file; the truncation below is the point of the test.
         let map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
-        let other = vec![1u8; 64];
+        let other = [1u8; 64];
         let guard = BusGuard::register(map.as_ptr(), map.len()).unwrap();
         let bystander = BusGuard::register(other.as_ptr(), other.len()).unwrap();
         assert_eq!(map[4096 + 5], 7);

@@ -38,7 +38,7 @@ pub(crate) fn first_oversized_row(
         .chunks_exact(dim.max(1) * size)
         .map(|row| squared_norm(row.chunks_exact(size).map(widen)))
         .enumerate()
-        .find(|&(_, n2)| !(n2 <= MAX_ROW_NORM2))
+        .find(|&(_, n2)| n2.is_nan() || n2 > MAX_ROW_NORM2)
 }
 
 /// [`first_oversized_row`] for f32 rows already decoded (queries).
@@ -46,7 +46,7 @@ pub(crate) fn first_oversized_f32_row(xs: &[f32], dim: usize) -> Option<(usize, 
     xs.chunks_exact(dim.max(1))
         .map(|row| squared_norm(row.iter().copied()))
         .enumerate()
-        .find(|&(_, n2)| !(n2 <= MAX_ROW_NORM2))
+        .find(|&(_, n2)| n2.is_nan() || n2 > MAX_ROW_NORM2)
 }
 
 /// Σ x², over eight partial sums so that the loop vectorises.

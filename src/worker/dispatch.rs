@@ -198,11 +198,10 @@ impl Dispatcher {
                 // Copied out of shared memory once: the store checks the bytes (NaN, norms)
                 // and then stores them, and a client writing the arena in between must not
                 // get unchecked bytes stored.
-                (self.append_k.clear(), self.append_v.clear());
-                (
-                    self.append_k.extend_from_slice(k),
-                    self.append_v.extend_from_slice(v),
-                );
+                self.append_k.clear();
+                self.append_k.extend_from_slice(k);
+                self.append_v.clear();
+                self.append_v.extend_from_slice(v);
                 let (k, v) = (&self.append_k, &self.append_v);
                 let len = self.session.append(layer, tokens as usize, k, v)?;
                 // Tokens that left the window go into the index in the background.

@@ -155,6 +155,7 @@ impl SocketHub {
 
     /// Makes session `id` reachable for holders of `token`, with a per-connection arena of
     /// `arena_bytes` (the same limit as its shared-memory arena).
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         self: &Arc<Self>,
         id: &str,
