@@ -31,7 +31,12 @@ fn a_key_rewritten_during_its_append_is_never_stored_unchecked() {
             let words = region.arena_mut()[16..16 + kb_len(tokens, dim)].as_mut_ptr() as *mut u32;
             let mut flips = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let bits = if flips.is_multiple_of(2) { f32::NAN } else { 1.0 }.to_bits();
+                let bits = if flips.is_multiple_of(2) {
+                    f32::NAN
+                } else {
+                    1.0
+                }
+                .to_bits();
                 for i in 0..tokens * dim {
                     // SAFETY: `words` points at tokens*dim u32 inside this thread's own
                     // mapping of the arena (4-byte aligned: the arena is 64-byte aligned and
