@@ -159,6 +159,9 @@ pub struct HttpConfig {
     pub allow_non_loopback: bool,
     /// Optional Unix-domain socket for the control plane ("" for none).
     pub unix_socket: String,
+    /// When not empty, creating a session over TCP needs `Authorization: Bearer <this>`
+    /// (the Unix socket's file permissions stand for it there).
+    pub admin_token: String,
 }
 
 /// `[memory]`.
@@ -169,6 +172,8 @@ pub struct MemoryConfig {
     pub budget_bytes: u64,
     /// Capacity in tokens of a layer's first allocation.
     pub initial_tokens: u64,
+    /// The most K/V bytes one session may hold (0: only the global budget bounds it).
+    pub session_quota_bytes: u64,
 }
 
 /// `[sessions]`.
@@ -189,6 +194,17 @@ pub struct SessionsConfig {
     pub worker_cpus: String,
     /// How long a session's worker spins for the next request before it parks, in µs.
     pub worker_spin_us: u64,
+    /// A session whose region nobody attached (and that no data-socket connection reached) in
+    /// this many ms is ended; 0 never ends one for that.
+    pub attach_timeout_ms: u64,
+}
+
+impl SessionsConfig {
+    /// `attach_timeout_ms` as a deadline (None for 0).
+    pub fn attach_timeout(&self) -> Option<std::time::Duration> {
+        (self.attach_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.attach_timeout_ms))
+    }
 }
 
 fn bad(key: &str, what: impl std::fmt::Display) -> KvdexError {

@@ -63,6 +63,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         cpus,
     };
+    let attach_timeout = config.sessions.attach_timeout();
     let data_plane = match &data_socket {
         Some(path) => {
             let hub = crate::worker::socket::SocketHub::new();
@@ -71,9 +72,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             hub.listen(listener, cpus)?;
             tracing::info!(path = %path.display(), "data plane also on a Unix socket");
-            dataplane::shm_and_socket(hub, worker)
+            dataplane::shm_and_socket(hub, worker, attach_timeout)
         }
-        None => dataplane::shm(worker),
+        None => dataplane::shm(worker, attach_timeout),
     };
     // The signal handlers are registered before `serve` binds anything: a SIGTERM that arrives
     // once the daemon answers /readyz must mean a clean shutdown, never the default kill.
@@ -132,7 +133,10 @@ pub async fn serve(
     }
     let store = Store::new(
         crate::store::default_link(),
-        Arc::new(Budget::new(config.memory.budget_bytes)),
+        Arc::new(
+            Budget::new(config.memory.budget_bytes)
+                .with_session_quota(config.memory.session_quota_bytes),
+        ),
         config.memory.initial_tokens as usize,
     )
     .with_decode(config.decode.to_decode_config())
@@ -150,7 +154,7 @@ pub async fn serve(
         metrics,
         started: Instant::now(),
     };
-    let app = router(state);
+    let app = router(state.clone());
 
     let addr: SocketAddr = config.listen_addr()?;
     let tcp = tokio::net::TcpListener::bind(addr)
@@ -165,8 +169,13 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = tokio::task::JoinSet::new();
+    let guard = crate::http::guard::Guard {
+        loopback_only: !config.http.allow_non_loopback,
+        admin_token: (!config.http.admin_token.is_empty()).then(|| config.http.admin_token.clone()),
+    };
+    let tcp_app = crate::http::tcp_router(state.clone(), guard);
     servers.spawn(
-        axum::serve(tcp, app.clone())
+        axum::serve(tcp, tcp_app)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
@@ -239,6 +248,13 @@ fn bind_std_unix(path: &Path, key: &str) -> Result<std::os::unix::net::UnixListe
         if !meta.file_type().is_socket() {
             return Err(KvdexError::Config(format!(
                 "key `{key}`: {} exists and is not a socket",
+                path.display()
+            )));
+        }
+        // A socket someone still accepts on belongs to a live daemon: never take it over.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(KvdexError::Config(format!(
+                "key `{key}`: {} is served by another live process (a second daemon?)",
                 path.display()
             )));
         }

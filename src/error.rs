@@ -33,6 +33,10 @@ pub enum KvdexError {
     /// The shared-memory protocol was violated (bad magic, version, ring index, ...).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A bug inside the daemon (a panic in a request or a background job), caught and reported
+    /// to the one session it affected; the daemon keeps serving the others.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The daemon is gone or the connection closed.
     #[error("disconnected: {0}")]
     Disconnected(String),
@@ -52,3 +56,25 @@ pub enum KvdexError {
 
 /// Shorthand used across the crate.
 pub type Result<T, E = KvdexError> = std::result::Result<T, E>;
+
+impl KvdexError {
+    /// The [`KvdexError::Internal`] that reports a caught panic of `what` (its message when the
+    /// payload is a string).
+    pub fn from_panic(what: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Self::Internal(format!("{what} panicked: {msg}"))
+    }
+}
+
+/// Runs `f`, turning a panic inside it into [`KvdexError::Internal`] naming `what`: a bug in
+/// one request or background job fails that job, never the daemon. Whatever `f` held is
+/// dropped by the unwind; locks it held are poisoned, so later requests on the same data fail
+/// with an error rather than read a half-made update.
+pub fn catch_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(KvdexError::from_panic(what, &*p)))
+}

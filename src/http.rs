@@ -24,6 +24,8 @@ use crate::daemon::registry::{CreateRequest, Registry, SessionInfo, SessionState
 use crate::error::KvdexError;
 use crate::metrics::Metrics;
 
+pub mod guard;
+
 /// What every handler sees.
 #[derive(Clone)]
 pub struct AppState {
@@ -91,6 +93,12 @@ pub fn router(state: AppState) -> Router {
             count_requests,
         ))
         .with_state(state)
+}
+
+/// [`router`] with the TCP listener's checks ([`guard`]): loopback `Host`/`Origin`, and the
+/// admin token for session creation when one is configured.
+pub fn tcp_router(state: AppState, g: guard::Guard) -> Router {
+    router(state).layer(middleware::from_fn_with_state(Arc::new(g), guard::check))
 }
 
 /// Counts every control-plane request by route template and status code.
@@ -265,6 +273,9 @@ pub struct Stats {
     pub budget_used_bytes: u64,
     /// Bytes still free.
     pub budget_left_bytes: u64,
+    /// `budget_used_bytes` by what it holds: `store` (K/V rows, staged training queries),
+    /// `regions` (shared-memory files), `socket_arenas` (data-socket connections).
+    pub budget_parts: std::collections::BTreeMap<&'static str, u64>,
     /// K/V bytes stored across sessions (closing ones included).
     pub resident_bytes: u64,
     /// The arena backend ("host" or "cuda").
@@ -279,12 +290,16 @@ pub struct Stats {
     pub per_session: Vec<SessionInfo>,
 }
 
-async fn stats(State(st): State<AppState>) -> Json<Stats> {
-    let per_session = st.registry.all();
+async fn stats(State(st): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    let registry = st.registry.clone();
+    // Describing the sessions takes locks a busy session holds: off the async workers.
+    let per_session = tokio::task::spawn_blocking(move || registry.all())
+        .await
+        .map_err(|e| KvdexError::Internal(format!("stats task failed: {e}")))?;
     let store = st.registry.store();
     let budget = store.budget();
     let link = store.link().stats();
-    Json(Stats {
+    Ok(Json(Stats {
         uptime_secs: st.started.elapsed().as_secs_f64(),
         sessions: per_session
             .iter()
@@ -297,6 +312,7 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
         budget_bytes: budget.total(),
         budget_used_bytes: budget.used(),
         budget_left_bytes: budget.left(),
+        budget_parts: budget.parts().iter().map(|(p, n)| (p.name(), *n)).collect(),
         resident_bytes: per_session.iter().map(|s| s.resident_bytes).sum(),
         link: store.link().name(),
         link_arenas: link.arenas,
@@ -306,7 +322,7 @@ async fn stats(State(st): State<AppState>) -> Json<Stats> {
             .filter_map(|s| s.slim.map(|m| m.net_saved_bytes))
             .sum(),
         per_session,
-    })
+    }))
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {

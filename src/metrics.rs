@@ -32,6 +32,7 @@ pub const LATENCY_BUCKETS_US: &[f64] = &[
 pub const END_REASONS: &[&str] = &[
     "deleted",
     "client_gone",
+    "attach_timeout",
     "protocol_error",
     "worker_error",
     "shutdown",

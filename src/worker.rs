@@ -9,6 +9,8 @@
 //! - copies every descriptor out of the ring before looking at it, validates opcode, request
 //!   id, offsets and lengths against its own state ([`dispatch::Dispatcher`]), and answers a bad
 //!   request with an error completion whose message lands in the error slot;
+//! - ends the session with [`ExitReason::Protocol`] when the client truncated its region file
+//!   (the daemon's mapping then reads zeros, see [`crate::shm::bus`]);
 //! - treats an impossible ring index as a protocol violation: it posts a `Protocol` error
 //!   completion if it can, marks the region closed, and exits with [`ExitReason::Protocol`];
 //!   other clients, which have their own regions and workers, are untouched.
@@ -18,6 +20,7 @@
 
 pub mod decode_ops;
 pub mod dispatch;
+pub mod liveness;
 pub mod socket;
 
 use std::panic::AssertUnwindSafe;
@@ -35,6 +38,7 @@ use crate::shm::{ConsumerState, Descriptor, ProducerState, Region};
 use crate::store::retrieve::RetrieveStats;
 use crate::store::Session;
 use dispatch::Dispatcher;
+pub use liveness::Liveness;
 
 /// How the daemon records per-request metrics (control implements it with prometheus).
 pub trait Observer: Send + Sync {
@@ -81,6 +85,9 @@ pub enum ExitReason {
     Protocol(String),
     /// The worker failed internally (a bug); the region is closed.
     Internal(String),
+    /// Nobody attached the region nor reached the session over the data socket before the
+    /// attach deadline.
+    NeverAttached,
 }
 
 /// Tuning of a worker.
@@ -132,7 +139,6 @@ impl Worker {
     }
 
     /// [`Worker::spawn`] with explicit tuning.
-    #[allow(clippy::too_many_arguments)]
     pub fn spawn_with(
         region: Region,
         session: Arc<Session>,
@@ -140,6 +146,23 @@ impl Worker {
         observer: Arc<dyn Observer>,
         on_exit: Box<dyn FnOnce(ExitReason) + Send>,
         config: WorkerConfig,
+    ) -> Result<Worker> {
+        let live = Liveness::default();
+        Self::spawn_watched(region, session, token, observer, on_exit, config, live)
+    }
+
+    /// [`Worker::spawn_with`], also ending the session when it is never attached within
+    /// `live.attach_timeout`, or when it was reached only over the data socket and its last
+    /// connection closed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_watched(
+        region: Region,
+        session: Arc<Session>,
+        token: [u8; 16],
+        observer: Arc<dyn Observer>,
+        on_exit: Box<dyn FnOnce(ExitReason) + Send>,
+        config: WorkerConfig,
+        live: Liveness,
     ) -> Result<Worker> {
         let h = region.header();
         let s = *session.shape();
@@ -164,18 +187,14 @@ impl Worker {
                     tracing::warn!(error = %e, "worker runs unpinned");
                 }
                 let reason = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    serve(&inner, session, token, &*observer, config)
+                    serve(&inner, session, token, &*observer, config, &live)
                 }))
                 .unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned());
-                    ExitReason::Internal(format!("worker panicked: {}", msg.unwrap_or_default()))
+                    ExitReason::Internal(KvdexError::from_panic("worker", &*p).to_string())
                 });
                 let code = match &reason {
                     ExitReason::Stopped => close_reason::STOPPED,
-                    ExitReason::ClientGone => close_reason::CLIENT_GONE,
+                    ExitReason::ClientGone | ExitReason::NeverAttached => close_reason::CLIENT_GONE,
                     ExitReason::Protocol(_) => close_reason::PROTOCOL,
                     ExitReason::Internal(_) => close_reason::INTERNAL,
                 };
@@ -245,6 +264,16 @@ fn judge_attach(region: &Region, token: &[u8; 16], att: &mut Attachment) {
         tracing::warn!(region = %region.path().display(), "attach with a wrong token refused");
         att.attached = false;
         attach_state::REJECTED
+    } else if region
+        .file_id()
+        .is_some_and(|f| !liveness::maps_file(pid, f))
+    {
+        tracing::warn!(
+            pid,
+            "attach naming a pid that does not map the region refused"
+        );
+        att.attached = false;
+        attach_state::REJECTED
     } else {
         match PidWatch::open(pid) {
             Ok(w) => {
@@ -266,6 +295,10 @@ fn judge_attach(region: &Region, token: &[u8; 16], att: &mut Attachment) {
             }
         }
     };
+    if verdict == attach_state::ACCEPTED {
+        // Judged: the token need not stay where other processes of the uid could read it.
+        a.token.iter().for_each(|w| w.store(0, Ordering::Relaxed));
+    }
     a.state.store(verdict, Ordering::Release);
     wait::force_wake(&region.header().client_sleeping.0);
 }
@@ -276,7 +309,9 @@ fn serve(
     token: [u8; 16],
     observer: &dyn Observer,
     config: WorkerConfig,
+    live: &Liveness,
 ) -> ExitReason {
+    let started = std::time::Instant::now();
     let region = &shared.region;
     let h = region.header();
     let (sq, cq) = (region.sq(), region.cq());
@@ -294,6 +329,9 @@ fn serve(
         if shared.stop.load(Ordering::Acquire) {
             return ExitReason::Stopped;
         }
+        if region.truncated() {
+            return ExitReason::Protocol("the client truncated its region file".into());
+        }
         match state.load(Ordering::Acquire) {
             attach_state::REQUESTED => judge_attach(region, &token, &mut att),
             attach_state::DETACHED if att.attached => return ExitReason::ClientGone,
@@ -304,6 +342,7 @@ fn serve(
             Ok(None) => {
                 let ready = || {
                     shared.stop.load(Ordering::Relaxed)
+                        || region.truncated()
                         || sq.has_entries_after(consumer.tail())
                         || match state.load(Ordering::Relaxed) {
                             attach_state::REQUESTED => true,
@@ -319,8 +358,17 @@ fn serve(
                 } else {
                     wait::wait_until(&h.daemon_sleeping.0, config.wait, ready)
                 };
-                if !woke && att.watch.as_ref().is_some_and(|w| w.exited()) {
-                    return ExitReason::ClientGone;
+                if !woke {
+                    if att.watch.as_ref().is_some_and(|w| w.exited()) {
+                        return ExitReason::ClientGone;
+                    }
+                    if !att.attached && live.presence.all_left() {
+                        return ExitReason::ClientGone;
+                    }
+                    let late = live.attach_timeout.is_some_and(|t| started.elapsed() > t);
+                    if !att.attached && !live.presence.seen() && late {
+                        return ExitReason::NeverAttached;
+                    }
                 }
                 continue;
             }
@@ -348,7 +396,9 @@ fn serve(
             // SAFETY: this thread is the only user of the arena in this process (the Worker
             // handle only touches header atomics); the bytes are untrusted and handled as such.
             let arena = unsafe { region.arena_unchecked() };
-            dispatcher.serve_observed(&d, arena, observer)
+            // A panic in the request (its own code or a rayon task it ran) fails this request
+            // with an internal error; the session and the daemon go on.
+            crate::error::catch_panic("request", || dispatcher.serve_observed(&d, arena, observer))
         } else {
             let e = KvdexError::Unauthorized(
                 "attach with the session token before sending requests".into(),

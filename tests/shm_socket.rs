@@ -9,7 +9,18 @@ use kvdex::client::{Client, SessionOptions, SocketSession};
 use kvdex::store::Shape;
 use kvdex::KvdexError;
 
-const BUDGET: u64 = 65536;
+/// Bytes for K/V rows; the budget also holds the session's region and one socket arena.
+const ROWS: u64 = 65536;
+/// The payload arena of the tests' sessions (the smallest allowed).
+const PAYLOAD: u64 = 131072;
+
+/// The whole budget: [`ROWS`], plus the region and the data-socket arena, which it covers too.
+fn budget() -> u64 {
+    let region = kvdex::shm::Geometry::new(kvdex::shm::layout::DEFAULT_RING_SLOTS, PAYLOAD)
+        .unwrap()
+        .total_bytes;
+    ROWS + region + PAYLOAD
+}
 
 fn shape() -> Shape {
     Shape {
@@ -41,7 +52,11 @@ fn start(name: &str) -> (Daemon, std::path::PathBuf) {
     let sock = dir.join("data.sock");
     let d = Daemon::start(&[
         ("KVDEX_SESSIONS__DATA_SOCKET", sock.to_str().unwrap()),
-        ("KVDEX_MEMORY__BUDGET_BYTES", &BUDGET.to_string()),
+        ("KVDEX_MEMORY__BUDGET_BYTES", &budget().to_string()),
+        (
+            "KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES",
+            &PAYLOAD.to_string(),
+        ),
         ("KVDEX_MEMORY__INITIAL_TOKENS", "16"),
     ]);
     (d, sock)
@@ -178,8 +193,8 @@ fn over_budget_appends_are_typed_budget_errors_on_both_transports() {
                 left,
                 budget,
             } => {
-                assert_eq!(budget, BUDGET);
-                assert!(asked > left && left < BUDGET, "asked {asked}, left {left}");
+                assert_eq!(budget, self::budget());
+                assert!(asked > left && left < ROWS, "asked {asked}, left {left}");
             }
             ref other => panic!("not a typed budget error: {other:?}"),
         }

@@ -29,7 +29,10 @@ fn class_of(e: &KvdexError) -> &'static str {
         KvdexError::Budget { .. } | KvdexError::Exhausted(_) => "BudgetError",
         KvdexError::Disconnected(_) | KvdexError::Io(_) => "DisconnectedError",
         KvdexError::Protocol(_) => "ProtocolError",
-        KvdexError::Config(_) | KvdexError::Data(_) | KvdexError::Transfer(_) => "KvdexError",
+        KvdexError::Config(_)
+        | KvdexError::Data(_)
+        | KvdexError::Transfer(_)
+        | KvdexError::Internal(_) => "KvdexError",
     }
 }
 

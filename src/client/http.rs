@@ -91,9 +91,12 @@ pub(super) fn create(
             body["slim_rope"] = serde_json::json!({ "theta": r.theta, "rope_dim": r.rope_dim });
         }
     }
-    let resp = agent
-        .post(&route)
-        .set("Content-Type", "application/json")
+    let mut req = agent.post(&route).set("Content-Type", "application/json");
+    // A daemon with `http.admin_token` wants it to create a session.
+    if let Ok(admin) = std::env::var("KVDEX_ADMIN_TOKEN") {
+        req = req.set("Authorization", &format!("Bearer {admin}"));
+    }
+    let resp = req
         .send_string(&body.to_string())
         .map_err(|e| http_error("POST /v1/sessions", e))?;
     let text = resp.into_string()?;

@@ -7,13 +7,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::shm::Region;
-use crate::store::Session;
+use crate::shm::layout::DEFAULT_RING_SLOTS;
+use crate::shm::{Geometry, Region};
+use crate::store::budget::{Part, Reservation};
+use crate::store::{Budget, Session};
 use crate::worker::socket::{SocketHub, SocketRegistration};
-use crate::worker::{ExitReason, Observer, Worker, WorkerConfig};
+use crate::worker::{ExitReason, Liveness, Observer, Worker, WorkerConfig};
 
 /// What a data plane needs to serve one session.
 pub struct DataPlaneSpec {
@@ -27,6 +30,8 @@ pub struct DataPlaneSpec {
     pub token: [u8; 16],
     /// The storage requests go to.
     pub session: Arc<Session>,
+    /// The budget a data-socket connection's arena is charged to.
+    pub budget: Arc<Budget>,
     /// Where requests are recorded.
     pub metrics: Arc<Metrics>,
     /// Where to report that the worker stopped on its own (client gone, fatal error).
@@ -55,19 +60,27 @@ pub trait DataPlane: Send + Sync {
 
 /// The daemon's data plane: a shared-memory region per session, served by one worker thread.
 /// `worker`: each worker thread's tuning (`sessions.worker_cpus`, `sessions.worker_spin_us`).
-pub fn shm(worker: WorkerConfig) -> Box<dyn DataPlane> {
+/// `attach_timeout`: sessions that nobody attached (or reached over the data socket) in this
+/// time are ended.
+pub fn shm(worker: WorkerConfig, attach_timeout: Option<Duration>) -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane {
         socket: None,
         worker,
+        attach_timeout,
     })
 }
 
 /// [`shm`], and every session also reachable over the Unix data socket `hub` listens on
 /// (`sessions.data_socket`).
-pub fn shm_and_socket(hub: Arc<SocketHub>, worker: WorkerConfig) -> Box<dyn DataPlane> {
+pub fn shm_and_socket(
+    hub: Arc<SocketHub>,
+    worker: WorkerConfig,
+    attach_timeout: Option<Duration>,
+) -> Box<dyn DataPlane> {
     Box::new(ShmDataPlane {
         socket: Some(hub),
         worker,
+        attach_timeout,
     })
 }
 
@@ -78,6 +91,8 @@ pub fn shm_and_socket(hub: Arc<SocketHub>, worker: WorkerConfig) -> Box<dyn Data
 pub struct ShmDataPlane {
     socket: Option<Arc<SocketHub>>,
     worker: WorkerConfig,
+    /// Ends sessions nobody attached in this time (`sessions.attach_timeout_ms`).
+    attach_timeout: Option<Duration>,
 }
 
 /// What [`ShmDataPlane`] hands the registry; fields drop in order (socket first, so that a
@@ -85,11 +100,21 @@ pub struct ShmDataPlane {
 struct ShmServing {
     _socket: Option<SocketRegistration>,
     _worker: Worker,
+    /// Released once the worker (and with it the region) is gone.
+    _region_held: Reservation,
 }
 
 impl DataPlane for ShmDataPlane {
     fn start(&self, spec: DataPlaneSpec) -> Result<Box<dyn Serving>> {
+        // The region file is memory held for the client: within the budget while it exists.
+        let geometry = Geometry::new(DEFAULT_RING_SLOTS, spec.payload_bytes);
+        let region_bytes = geometry.map_or(spec.payload_bytes, |g| g.total_bytes);
+        let region_held = spec.budget.reserve_owned(Part::Regions, region_bytes)?;
         let region = Region::create(&spec.shm_path, spec.payload_bytes)?;
+        let live = Liveness {
+            attach_timeout: self.attach_timeout,
+            ..Default::default()
+        };
         let socket = self.socket.as_ref().map(|hub| {
             hub.register(
                 &spec.id,
@@ -97,6 +122,8 @@ impl DataPlane for ShmDataPlane {
                 spec.session.clone(),
                 spec.payload_bytes as usize,
                 spec.metrics.clone(),
+                live.presence.clone(),
+                spec.budget.clone(),
             )
         });
         let (id, exits) = (spec.id, spec.exits);
@@ -105,6 +132,7 @@ impl DataPlane for ShmDataPlane {
                 // Stopped by the registry itself (delete, shutdown): nothing to reap.
                 ExitReason::Stopped => return,
                 ExitReason::ClientGone => "client_gone",
+                ExitReason::NeverAttached => "attach_timeout",
                 ExitReason::Protocol(msg) => {
                     tracing::warn!(%id, "client broke the protocol: {msg}");
                     "protocol_error"
@@ -118,17 +146,19 @@ impl DataPlane for ShmDataPlane {
             let _ = exits.send(ExitNotice { id, reason: label });
         });
         let observer: Arc<dyn Observer> = spec.metrics;
-        let worker = Worker::spawn_with(
+        let worker = Worker::spawn_watched(
             region,
             spec.session,
             spec.token,
             observer,
             on_exit,
             self.worker,
+            live,
         )?;
         Ok(Box::new(ShmServing {
             _socket: socket,
             _worker: worker,
+            _region_held: region_held,
         }))
     }
 }

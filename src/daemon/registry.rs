@@ -102,8 +102,10 @@ pub struct SessionInfo {
     pub state: SessionState,
     /// Its shape.
     pub shape: Shape,
-    /// Its shared-memory file.
-    pub shm_path: PathBuf,
+    /// Its shared-memory file, for its token holder only (`/stats`, which anyone may read,
+    /// lists no paths).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shm_path: Option<PathBuf>,
     /// Payload arena size.
     pub payload_bytes: u64,
     /// K/V bytes stored.
@@ -127,6 +129,7 @@ pub struct SessionInfo {
 }
 
 /// What `/stats` shows of a session, open or closing; holds the session (and so its memory).
+#[derive(Clone)]
 struct Listing {
     shm_path: PathBuf,
     payload_bytes: u64,
@@ -311,6 +314,7 @@ impl Registry {
             payload_bytes,
             token,
             session: session.clone(),
+            budget: self.store.budget().clone(),
             metrics: self.metrics.clone(),
             exits: self.exits.clone(),
         };
@@ -364,15 +368,21 @@ impl Registry {
     pub fn info(&self, id: &str, token: Option<&str>) -> Result<SessionInfo> {
         let map = self.lock();
         let entry = Self::authorize(&map, id, token)?;
-        Ok(Self::describe(id, SessionState::Open, &entry.listing))
+        let listing = entry.listing.clone();
+        drop(map);
+        let mut info = Self::describe(id, SessionState::Open, &listing);
+        info.shm_path = Some(listing.shm_path.clone());
+        Ok(info)
     }
 
+    /// What anyone may see of a session: no path. Takes the session's layer locks, so the
+    /// callers hold no registry lock meanwhile.
     fn describe(id: &str, state: SessionState, e: &Listing) -> SessionInfo {
         SessionInfo {
             id: id.to_string(),
             state,
             shape: *e.session.shape(),
-            shm_path: e.shm_path.clone(),
+            shm_path: None,
             payload_bytes: e.payload_bytes,
             resident_bytes: e.session.resident_bytes(),
             reserved_bytes: e.session.reserved_bytes(),
@@ -449,15 +459,23 @@ impl Registry {
     /// Every session's state, for `/stats`: the open ones and those still closing (whose
     /// memory is not released yet), by id.
     pub fn all(&self) -> Vec<SessionInfo> {
-        let map = self.lock();
-        let closing = self.lock_closing();
-        let open = map
+        // The listings are copied (a few words and an Arc each) under the locks; describing
+        // them, which waits for each session's layer locks, happens after.
+        let listed: Vec<(String, SessionState, Listing)> = {
+            let map = self.lock();
+            let closing = self.lock_closing();
+            let open = map
+                .iter()
+                .map(|(id, e)| (id.clone(), SessionState::Open, e.listing.clone()));
+            let ending = closing
+                .iter()
+                .map(|(id, l)| (id.clone(), SessionState::Closing, l.clone()));
+            open.chain(ending).collect()
+        };
+        let mut v: Vec<SessionInfo> = listed
             .iter()
-            .map(|(id, e)| Self::describe(id, SessionState::Open, &e.listing));
-        let ending = closing
-            .iter()
-            .map(|(id, l)| Self::describe(id, SessionState::Closing, l));
-        let mut v: Vec<SessionInfo> = open.chain(ending).collect();
+            .map(|(id, state, l)| Self::describe(id, *state, l))
+            .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
     }

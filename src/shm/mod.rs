@@ -5,11 +5,14 @@
 //! - [`layout`]: the `#[repr(C)]` header, the ring [`Descriptor`], the section geometry.
 //! - [`ring`]: the single-producer single-consumer ring logic (safe code over atomics).
 //! - [`wait`]: spin, then park on a futex; a pidfd watch on the peer.
+//! - [`bus`]: a SIGBUS on a daemon's region (the client truncated the file) ends that session,
+//!   not the daemon.
 //!
 //! A [`Region`] is a file under /dev/shm (mode 0600) mapped with memmap2. The daemon creates it
 //! ([`Region::create`]) and removes the file when its `Region` drops; a client maps it with
 //! [`Region::open`], which checks magic, version and geometry before anything else is read.
 
+pub mod bus;
 pub mod layout;
 pub mod ring;
 pub mod wait;
@@ -29,9 +32,15 @@ use layout::{ErrWords, SlotWords, ERR_BYTES, MAGIC, VERSION};
 
 /// One mapped region. The daemon's copy owns the file and unlinks it on drop.
 pub struct Region {
+    /// The daemon's SIGBUS guard over `map`; declared first so that it drops before the
+    /// mapping is unmapped.
+    bus: Option<bus::BusGuard>,
     map: MmapMut,
     geometry: Geometry,
     path: PathBuf,
+    /// The file's device and inode (daemon side): a client's pid is trusted only if that
+    /// process maps this very file (see [`crate::worker::liveness`]).
+    file_id: Option<crate::worker::liveness::FileId>,
     owner: bool,
     /// The creator's open file, holding a shared `flock` for the region's life: a daemon's
     /// start-up sweep of stale region files (`crate::daemon::stale`) never removes a locked
@@ -86,18 +95,29 @@ impl Region {
             .map_err(|e| io_err("create region", path, e))?;
         // From here on the file exists: remove it again if anything fails.
         let region = (|| {
-            file.set_len(geometry.total_bytes)
-                .map_err(|e| io_err("size region", path, e))?;
+            allocate(&file, geometry.total_bytes).map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOSPC) => KvdexError::Exhausted(format!(
+                    "no room for a region of {} bytes in {}: {e}",
+                    geometry.total_bytes,
+                    path.parent().unwrap_or(path).display()
+                )),
+                _ => io_err("allocate region", path, e),
+            })?;
             // The mapping is only ever accessed through atomics (header, slots, error slots) or
             // bounds-checked byte slices (arena), so a peer writing concurrently cannot cause
-            // out-of-bounds access. Truncation by another process is not defended against.
+            // out-of-bounds access; a peer truncating the file is caught by the SIGBUS guard.
             // SAFETY: we just created the file (O_EXCL, mode 0600; same uid only), see above.
             let map = unsafe { MmapMut::map_mut(&file) };
             let map = map.map_err(|e| io_err("map region", path, e))?;
+            let bus = bus::BusGuard::register(map.as_ptr(), map.len())?;
+            let file_id = crate::worker::liveness::FileId::of(&file)
+                .map_err(|e| io_err("stat region", path, e))?;
             Ok::<_, KvdexError>(Self {
+                bus: Some(bus),
                 map,
                 geometry,
                 path: path.to_owned(),
+                file_id: Some(file_id),
                 owner: true,
                 _owner_lock: None,
             })
@@ -152,6 +172,7 @@ impl Region {
         // a length validated against the file's size below.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("map region", path, e))?;
         let mut region = Self {
+            bus: None,
             map,
             geometry: Geometry {
                 total_bytes: len,
@@ -163,6 +184,7 @@ impl Region {
                 arena_bytes: 0,
             },
             path: path.to_owned(),
+            file_id: None,
             owner: false,
             _owner_lock: None,
         };
@@ -308,12 +330,36 @@ impl Region {
         wait::force_wake(&h.client_sleeping.0);
     }
 
+    /// True once the peer truncated the file under the daemon's mapping: the region now reads
+    /// zeros (see [`bus`]) and its session must end. Always false on the client side.
+    pub fn truncated(&self) -> bool {
+        self.bus.as_ref().is_some_and(bus::BusGuard::faulted)
+    }
+
+    /// The file's device and inode, on the daemon's side (None on a client's).
+    pub fn file_id(&self) -> Option<crate::worker::liveness::FileId> {
+        self.file_id
+    }
+
     /// The reason the daemon closed the region, if it did.
     pub fn closed(&self) -> Option<u64> {
         match self.header().attach.0.closed.load(Ordering::Acquire) {
             0 => None,
             r => Some(r),
         }
+    }
+}
+
+/// Gives the file `len` bytes of real storage, not a sparse size: on a full tmpfs the
+/// region is refused here, at session creation, rather than raising SIGBUS at the first touch
+/// of a page that cannot be had.
+fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: posix_fallocate on a descriptor we own; it returns an errno, not -1.
+    match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }
 

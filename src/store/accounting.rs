@@ -9,7 +9,7 @@ use super::indexing::BuildStatus;
 use super::layer::{arena_bytes, LayerKv};
 use super::observe::DecodeGauges;
 use super::Session;
-use crate::error::Result;
+use crate::error::{KvdexError, Result};
 
 /// One layer's state as reported by `/stats` and `GET /v1/sessions/{id}`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -41,9 +41,20 @@ impl Session {
         let bytes_at = |cap: usize| (planes * kvh * arena_bytes(cap, rb)) as u64;
         let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
         let budget = &self.store.budget;
-        let cap = if budget.try_reserve(bytes_at(roomy) - held).is_ok() {
+        // One session holds at most the quota, so that it cannot starve the others.
+        let (mine, quota) = (self.held.load(Ordering::Acquire), budget.session_quota());
+        let fits = |cap: usize| mine.saturating_add(bytes_at(cap) - held) <= quota;
+        let cap = if fits(roomy) && budget.try_reserve(bytes_at(roomy) - held).is_ok() {
             roomy
         } else {
+            if !fits(need) {
+                return Err(KvdexError::Exhausted(format!(
+                    "session quota (memory.session_quota_bytes): growing by {} bytes would \
+                     hold {} of its {quota}",
+                    bytes_at(need) - held,
+                    mine + (bytes_at(need) - held)
+                )));
+            }
             budget.try_reserve(bytes_at(need) - held)?;
             need
         };

@@ -1,4 +1,5 @@
-//! The append-time check that K and V hold no NaN or infinity.
+//! The append-time checks that K and V hold no NaN or infinity, and that no key row's squared
+//! norm overflows the f32 arithmetic of the indices.
 //!
 //! One non-finite key poisons everything that reads it later: a graph build's distances, the
 //! budget's log-sum-exp (a retrieve then fails with "static_lse NaN", far from the cause), the
@@ -8,6 +9,54 @@
 //! fraction of the copy the append makes anyway.
 
 use kvdex_index::KeyDtype;
+
+/// The largest squared norm a key or query row may have. Every index distance between two
+/// accepted rows stays finite in f32 (`‖a − b‖² ≤ 2‖a‖² + 2‖b‖²`, and hnsw's MIPS reduction
+/// adds `R² − ‖k‖²`), so a finite value of about 1e19 or more, which each dtype but f16 can
+/// hold, is refused at the door rather than turning into a NaN distance inside a build.
+pub(crate) const MAX_ROW_NORM2: f32 = f32::MAX / 4.0;
+
+/// The first row (of `dim` little-endian `dtype` elements) of `bytes` whose squared norm,
+/// summed in f32, is above [`MAX_ROW_NORM2`] (or not finite), with that squared norm. `None`
+/// for f16, whose largest value (65504) cannot get there in any practical head_dim, and when
+/// every row is within the limit. `bytes` must hold whole rows of finite elements
+/// ([`first_non_finite`] first).
+pub(crate) fn first_oversized_row(
+    bytes: &[u8],
+    dtype: KeyDtype,
+    dim: usize,
+) -> Option<(usize, f32)> {
+    let widen: fn(&[u8]) -> f32 = match dtype {
+        KeyDtype::F16 => return None,
+        KeyDtype::Bf16 => {
+            |e: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([e[0], e[1]])) << 16)
+        }
+        KeyDtype::F32 => |e: &[u8]| f32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+    };
+    let size = if dtype == KeyDtype::F32 { 4 } else { 2 };
+    bytes
+        .chunks_exact(dim.max(1) * size)
+        .map(|row| squared_norm(row.chunks_exact(size).map(widen)))
+        .enumerate()
+        .find(|&(_, n2)| n2.is_nan() || n2 > MAX_ROW_NORM2)
+}
+
+/// [`first_oversized_row`] for f32 rows already decoded (queries).
+pub(crate) fn first_oversized_f32_row(xs: &[f32], dim: usize) -> Option<(usize, f32)> {
+    xs.chunks_exact(dim.max(1))
+        .map(|row| squared_norm(row.iter().copied()))
+        .enumerate()
+        .find(|&(_, n2)| n2.is_nan() || n2 > MAX_ROW_NORM2)
+}
+
+/// Σ x², over eight partial sums so that the loop vectorises.
+fn squared_norm(xs: impl Iterator<Item = f32>) -> f32 {
+    let mut acc = [0f32; 8];
+    for (i, x) in xs.enumerate() {
+        acc[i % 8] += x * x;
+    }
+    acc.iter().sum()
+}
 
 /// Bytes per block: the branch-free test runs over a block, the search for the culprit only
 /// inside a block that failed.
@@ -82,6 +131,39 @@ impl Lanes {
 mod tests {
     use super::*;
     use half::{bf16, f16};
+
+    /// A finite 1e20 (which f32 and bf16 hold) makes its row's squared norm overflow: that row
+    /// is named, in both dtypes; ordinary rows and f16's largest values pass.
+    #[test]
+    fn a_row_whose_squared_norm_overflows_is_found() {
+        let d = 16;
+        let mut xs: Vec<f32> = (0..4 * d).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let f32s = |ys: &[f32]| -> Vec<u8> { ys.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let bf16s = |ys: &[f32]| -> Vec<u8> {
+            ys.iter()
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        assert_eq!(first_oversized_row(&f32s(&xs), KeyDtype::F32, d), None);
+        assert_eq!(first_oversized_row(&bf16s(&xs), KeyDtype::Bf16, d), None);
+        assert_eq!(first_oversized_f32_row(&xs, d), None);
+        // Large but safe: 1e18 squared is 1e36 per element.
+        xs[d + 1] = 1e18;
+        assert_eq!(first_oversized_row(&f32s(&xs), KeyDtype::F32, d), None);
+        xs[2 * d + 5] = 1e20;
+        for (bytes, dt) in [(f32s(&xs), KeyDtype::F32), (bf16s(&xs), KeyDtype::Bf16)] {
+            let (row, n2) = first_oversized_row(&bytes, dt, d).expect("row 2 overflows");
+            assert_eq!(row, 2, "{dt:?}");
+            assert!(n2.is_infinite(), "{dt:?}: {n2}");
+        }
+        assert_eq!(first_oversized_f32_row(&xs, d).map(|r| r.0), Some(2));
+        // Finite squared norms above the limit are refused too (a distance would overflow).
+        let mut ys = vec![0f32; d];
+        ys[..4].fill(1.2e19);
+        assert!(first_oversized_f32_row(&ys, d).is_some());
+        let h: Vec<u8> = (0..d).flat_map(|_| f16::MAX.to_le_bytes()).collect();
+        assert_eq!(first_oversized_row(&h, KeyDtype::F16, d), None);
+    }
 
     fn bytes_f16(xs: &[f32]) -> Vec<u8> {
         xs.iter()

@@ -260,6 +260,15 @@ impl Session {
                 )));
             }
         }
+        if let Some((row, n2)) = finite::first_oversized_row(k, s.dtype, d) {
+            return Err(KvdexError::BadRequest(format!(
+                "append to layer {layer}: K row {row} (kv head {}, token {} of {tokens}) has \
+                 squared norm {n2}, above the {:e} the indices can score",
+                row / tokens,
+                row % tokens,
+                finite::MAX_ROW_NORM2
+            )));
+        }
         let mut guard = self.layer(layer)?.write().map_err(poisoned)?;
         let l = &mut *guard;
         let need = l.len + tokens;

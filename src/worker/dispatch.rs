@@ -26,6 +26,9 @@ pub struct Dispatcher {
     hits: Hits,
     query: Vec<f32>,
     ids: Vec<u32>,
+    /// An append's K and V, copied out of the arena once (see [`Dispatcher::execute`]).
+    append_k: Vec<u8>,
+    append_v: Vec<u8>,
     decode: super::decode_ops::DecodeOps,
 }
 
@@ -109,6 +112,8 @@ impl Dispatcher {
             hits: Hits::default(),
             query: Vec::new(),
             ids: Vec::new(),
+            append_k: Vec::new(),
+            append_v: Vec::new(),
             decode: Default::default(),
         }
     }
@@ -191,6 +196,14 @@ impl Dispatcher {
                 v,
             } => {
                 let dst = out.get_mut(..8).ok_or_else(|| too_small(op, 8, 0))?;
+                // Copied out of shared memory once: the store checks the bytes (NaN, norms)
+                // and then stores them, and a client writing the arena in between must not
+                // get unchecked bytes stored.
+                self.append_k.clear();
+                self.append_k.extend_from_slice(k);
+                self.append_v.clear();
+                self.append_v.extend_from_slice(v);
+                let (k, v) = (&self.append_k, &self.append_v);
                 let len = self.session.append(layer, tokens as usize, k, v)?;
                 // Tokens that left the window go into the index in the background.
                 self.session.schedule_insert(layer);

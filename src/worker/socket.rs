@@ -30,8 +30,10 @@ use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
 use crate::shm::layout::PAYLOAD_ALIGN;
 use crate::shm::Descriptor;
+use crate::store::budget::{Budget, Part, Reservation};
 use crate::store::Session;
 use crate::worker::dispatch::{error_completion, Dispatcher};
+use crate::worker::liveness::Presence;
 use crate::worker::Observer;
 
 /// Bytes of a frame header (one descriptor).
@@ -102,6 +104,10 @@ struct Reachable {
     session: Arc<Session>,
     arena_bytes: usize,
     observer: Arc<dyn Observer>,
+    /// Counts the open connections, for the worker's liveness check.
+    presence: Arc<Presence>,
+    /// Each connection's arena is charged here while it is open.
+    budget: Arc<Budget>,
     /// Set when the session ends; no connection is accepted after.
     ended: AtomicBool,
     /// Open connections: a handle to shut each down, and a channel that closes when its
@@ -149,6 +155,7 @@ impl SocketHub {
 
     /// Makes session `id` reachable for holders of `token`, with a per-connection arena of
     /// `arena_bytes` (the same limit as its shared-memory arena).
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         self: &Arc<Self>,
         id: &str,
@@ -156,12 +163,16 @@ impl SocketHub {
         session: Arc<Session>,
         arena_bytes: usize,
         observer: Arc<dyn Observer>,
+        presence: Arc<Presence>,
+        budget: Arc<Budget>,
     ) -> SocketRegistration {
         let r = Arc::new(Reachable {
             token,
             session,
             arena_bytes,
             observer,
+            presence,
+            budget,
             ended: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -217,7 +228,7 @@ impl SocketHub {
         stream.read_exact(&mut frame)?;
         stream.set_read_timeout(None)?;
         let hello: Hello = bytemuck::pod_read_unaligned(&frame);
-        let (reach, done) = match self.admit(&hello, &stream) {
+        let (reach, done, _arena_held) = match self.admit(&hello, &stream) {
             Ok(admitted) => admitted,
             Err(e) => {
                 let msg = e.to_string();
@@ -238,6 +249,8 @@ impl SocketHub {
             reach.arena_bytes,
             reach.observer.clone(),
         );
+        // Counted until this connection ends, however it ends (the peer may be killed).
+        let _connected = reach.presence.connect();
         drop(reach);
         let result = serve_frames(stream, Dispatcher::new(session), arena, &*observer);
         // The dispatcher (and with it the session) is gone: let a waiting end() go on.
@@ -250,7 +263,7 @@ impl SocketHub {
         &self,
         hello: &Hello,
         stream: &UnixStream,
-    ) -> Result<(Arc<Reachable>, mpsc::Sender<()>)> {
+    ) -> Result<(Arc<Reachable>, mpsc::Sender<()>, Reservation)> {
         let id = hello.session_id()?;
         let reach = self
             .lock()
@@ -263,6 +276,10 @@ impl SocketHub {
                 "wrong token for session {id}"
             )));
         }
+        // The connection's arena is memory held for the client: within the budget.
+        let held = reach
+            .budget
+            .reserve_owned(Part::SocketArenas, reach.arena_bytes as u64)?;
         let (done_tx, done_rx) = mpsc::channel();
         let mut conns = reach.conns();
         if reach.ended.load(Ordering::Acquire) {
@@ -270,7 +287,7 @@ impl SocketHub {
         }
         conns.push((stream.try_clone()?, done_rx));
         drop(conns);
-        Ok((reach, done_tx))
+        Ok((reach, done_tx, held))
     }
 }
 
@@ -329,24 +346,25 @@ pub fn serve_frames(
         d.out_len = d
             .out_len
             .min((arena_bytes as u64).saturating_sub(out_offset));
-        let (c, body): (Descriptor, &[u8]) =
-            match dispatcher.serve_observed(&d, &mut arena, observer) {
-                Ok(n) => (
-                    Descriptor {
-                        request_id: d.request_id,
-                        out_offset,
-                        out_len: n,
-                        ..Default::default()
-                    },
-                    &arena[out_offset as usize..(out_offset + n) as usize],
-                ),
-                Err(e) => {
-                    let msg = e.to_string();
-                    let n = msg.len().min(arena_bytes);
-                    arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
-                    (error_completion(d.request_id, &e, n as u32), &arena[..n])
-                }
-            };
+        let (c, body): (Descriptor, &[u8]) = match crate::error::catch_panic("request", || {
+            dispatcher.serve_observed(&d, &mut arena, observer)
+        }) {
+            Ok(n) => (
+                Descriptor {
+                    request_id: d.request_id,
+                    out_offset,
+                    out_len: n,
+                    ..Default::default()
+                },
+                &arena[out_offset as usize..(out_offset + n) as usize],
+            ),
+            Err(e) => {
+                let msg = e.to_string();
+                let n = msg.len().min(arena_bytes);
+                arena[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                (error_completion(d.request_id, &e, n as u32), &arena[..n])
+            }
+        };
         // One write per reply, as the client sends one write per request.
         let total = FRAME_HEADER + body.len();
         if reply.len() < total {

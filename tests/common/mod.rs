@@ -30,7 +30,19 @@ impl Daemon {
     /// Starts `kvdex serve --listen 127.0.0.1:0` with `env` and waits for its address.
     pub fn start(env: &[(&str, &str)]) -> Self {
         let mut cmd = kvdex();
-        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        Self::start_with(&mut cmd, env)
+    }
+
+    /// Starts `cmd` (which runs `kvdex serve`, perhaps through a wrapper) with `env` and no
+    /// other `KVDEX_*` variable, and waits for its address.
+    pub fn start_with(cmd: &mut Command, env: &[(&str, &str)]) -> Self {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KVDEX_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("KVDEX_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {

@@ -70,9 +70,14 @@ fn tokens_guard_the_routes_and_the_region() {
 
 #[test]
 fn append_past_the_budget_fails_and_other_sessions_stay_intact() {
-    // Budget 64 KiB; a layer's first allocation holds 16 tokens: 2 heads x (K+V) x 16 x 64 B = 4 KiB.
+    // Budget 64 KiB of rows, plus the two sessions' regions (the budget covers them too); a
+    // layer's first allocation holds 16 tokens: 2 heads x (K+V) x 16 x 64 B = 4 KiB.
+    let regions = 2 * kvdex::shm::Geometry::new(kvdex::shm::layout::DEFAULT_RING_SLOTS, 131072)
+        .unwrap()
+        .total_bytes;
     let d = Daemon::start(&[
-        ("KVDEX_MEMORY__BUDGET_BYTES", "65536"),
+        ("KVDEX_MEMORY__BUDGET_BYTES", &(65536 + regions).to_string()),
+        ("KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES", "131072"),
         ("KVDEX_MEMORY__INITIAL_TOKENS", "16"),
     ]);
     let client = Client::connect(&d.base).unwrap();
@@ -86,7 +91,7 @@ fn append_past_the_budget_fails_and_other_sessions_stay_intact() {
     a.append(0, 100, bytemuck::cast_slice(&ka), bytemuck::cast_slice(&ka))
         .unwrap();
     let used = stats(&d.base)["budget_used_bytes"].as_u64().unwrap();
-    assert!(used > 0 && used < 65536);
+    assert!(used > regions && used < 65536 + regions);
     let big = values(2 * 400 * 16, 2);
     let e = b
         .append(

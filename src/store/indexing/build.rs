@@ -76,13 +76,17 @@ impl BuildJob {
                 tracing::debug!(layer, "session dropped: index build abandoned");
                 return;
             }
-            let built = keys.slice(self.head_dim).and_then(|k| {
-                Ok(build_index(
-                    self.kind,
-                    &k,
-                    &train.signal(),
-                    &self.cfg.params,
-                )?)
+            // A panic inside the index (hnsw_rs asserts on a NaN distance) fails this build
+            // like any other error: the layer reads "failed", the daemon lives.
+            let built = crate::error::catch_panic("index build", || {
+                keys.slice(self.head_dim).and_then(|k| {
+                    Ok(build_index(
+                        self.kind,
+                        &k,
+                        &train.signal(),
+                        &self.cfg.params,
+                    )?)
+                })
             });
             drop(keys);
             // Held only to install the result, never while building.
@@ -156,4 +160,54 @@ pub(super) fn group_training(
         }
     }
     (vectors, positions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Budget, Shape, Store};
+    use kvdex_index::KeyDtype;
+    use kvdex_transfer::host::HostLink;
+
+    /// A build whose index panics (hnsw_rs asserts on the NaN distance a key of norm² = ∞
+    /// gives: the append check keeps such keys out, this test hands them to the job directly)
+    /// fails that layer with an internal error naming the panic; the caller's thread, which
+    /// is a build pool thread in the daemon, is not unwound.
+    #[test]
+    fn a_panic_inside_an_index_build_fails_the_layer_not_the_caller() {
+        let store = Store::new(
+            Arc::new(HostLink::new()),
+            Arc::new(Budget::new(1 << 20)),
+            64,
+        );
+        let shape = Shape {
+            layers: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            dtype: KeyDtype::F32,
+        };
+        let session = Arc::new(store.session(shape).unwrap());
+        let mut keys: Vec<f32> = (0..64 * 4).map(|i| (i % 7) as f32 - 3.0).collect();
+        keys[17 * 4 + 1] = 1e20;
+        let job = BuildJob {
+            report: BuildReport::start(store.observer.clone(), Instant::now()),
+            session: Arc::downgrade(&session),
+            cfg: Arc::new(DecodeConfig::default()),
+            head_dim: 4,
+            layer: 0,
+            kind: IndexKind::Hnsw,
+        };
+        job.run(
+            vec![OwnedKeys::F32(keys)],
+            vec![HeadTraining::Queries(Vec::new(), Vec::new())],
+        );
+        let st = session.build_status(0).unwrap();
+        assert_eq!(st.state, "failed");
+        let err = st.error.unwrap_or_default();
+        assert!(
+            err.contains("internal error: index build panicked"),
+            "{err}"
+        );
+    }
 }

@@ -73,10 +73,34 @@ impl BuildPool {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads.max(1))
                     .thread_name(|i| format!("kvdex-build-{i}"))
+                    // Jobs catch their own panics (a failed build or insert); this is the last
+                    // line: without a handler rayon aborts the whole process on a panic.
+                    .panic_handler(|p| {
+                        let e = KvdexError::from_panic("a build pool job", &*p);
+                        tracing::error!(error = %e, "background job failed");
+                    })
                     .build()
                     .map_err(|e| e.to_string())
             })
             .as_ref()
             .map_err(|e| KvdexError::Config(format!("cannot start the index build pool: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that panics on the build pool is reported, not fatal: rayon's default for a
+    /// panic in `spawn` is to abort the process (this test binary included), and the pool
+    /// goes on running later jobs.
+    #[test]
+    fn a_panicking_job_does_not_abort_the_process() {
+        let pool = BuildPool::default();
+        let pool = pool.get(1).unwrap();
+        pool.spawn(|| panic!("a bug in a background job"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        pool.spawn(move || tx.send(7).unwrap());
+        assert_eq!(rx.recv().unwrap(), 7);
     }
 }

@@ -30,7 +30,13 @@ impl Session {
                 let session = Arc::downgrade(self);
                 pool.spawn(move || {
                     if let Some(session) = session.upgrade() {
-                        session.insert_pending(layer);
+                        let done = crate::error::catch_panic("index insert", || {
+                            session.insert_pending(layer);
+                            Ok(())
+                        });
+                        if let Err(e) = done {
+                            session.insert_failed(layer, &e);
+                        }
                     }
                 });
             }
@@ -79,6 +85,18 @@ impl Session {
             }
         }
         li.inserting.store(false, Ordering::Release);
+    }
+
+    /// Records a background insert of `layer` that failed by panicking. Inserts of the layer
+    /// stay off (its `inserting` flag is left set), so the bug is not hit again on every
+    /// batch; the tokens not inserted are still found, by the exact scan searches make of
+    /// what the index does not cover.
+    pub(super) fn insert_failed(&self, layer: u32, e: &KvdexError) {
+        tracing::error!(layer, error = %e, "index insert failed; inserts of the layer stop");
+        if let Ok(li) = self.index_of(layer) {
+            li.inserting.store(true, Ordering::Release);
+            li.update(|st, _| st.error = Some(format!("insert: {e}")));
+        }
     }
 
     /// One insert batch of KV head `g` of layer `l` (None: nothing waits, or no index). The

@@ -40,6 +40,12 @@ impl SealTraining<'_> {
                 "{what} query value {pos} is not finite"
             )));
         }
+        if let Some((row, n2)) = crate::store::finite::first_oversized_f32_row(self.vectors, d) {
+            return Err(KvdexError::BadRequest(format!(
+                "{what} query {row} has squared norm {n2}, above the {:e} the indices can score",
+                crate::store::finite::MAX_ROW_NORM2
+            )));
+        }
         Ok(())
     }
 }

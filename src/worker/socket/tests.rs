@@ -76,7 +76,16 @@ fn hub_checks_the_token_and_ending_the_session_closes_its_connections() {
     let hub = SocketHub::new();
     let token = [9u8; 16];
     let s = session();
-    let reg = hub.register("abc", token, s.clone(), 4096, Arc::new(NoopObserver));
+    let presence = Arc::new(crate::worker::liveness::Presence::default());
+    let reg = hub.register(
+        "abc",
+        token,
+        s.clone(),
+        4096,
+        Arc::new(NoopObserver),
+        presence,
+        Arc::new(crate::store::Budget::unlimited()),
+    );
     let connect = |hello: Hello| {
         let (mut a, b) = UnixStream::pair().unwrap();
         let h = hub.clone();
