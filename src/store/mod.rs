@@ -24,6 +24,7 @@ pub mod indexing;
 mod layer;
 pub mod observe;
 pub mod retrieve;
+pub mod sampler;
 mod shape;
 pub mod slim;
 mod spec;
@@ -65,6 +66,8 @@ pub struct Store {
     pool: Arc<BuildPool>,
     /// Told of builds and inserts (the daemon's metrics; nothing by default).
     observer: Arc<dyn BuildObserver>,
+    /// Online recall sampling's slot pool and scoring job ([`sampler`]).
+    sampler: Arc<sampler::Sampler>,
 }
 
 impl Store {
@@ -78,6 +81,7 @@ impl Store {
             decode: Arc::new(DecodeConfig::default()),
             pool: Arc::new(BuildPool::default()),
             observer: Arc::new(observe::NoopBuildObserver),
+            sampler: Arc::default(),
         }
     }
 
@@ -135,6 +139,7 @@ impl Store {
             spec.validate(&shape)?;
         }
         let decode = spec.decode_config(&self.decode)?;
+        let sampling = sampler::SessionSampler::for_spec(&spec, &decode, shape.layers)?;
         let layers = (0..shape.layers)
             .map(|_| {
                 let indices = (0..shape.q_heads)
@@ -154,6 +159,7 @@ impl Store {
             held: AtomicU64::new(0),
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
             engine_dests: Default::default(),
+            sampling,
         })
     }
 
@@ -185,6 +191,8 @@ pub struct Session {
     /// Engine GPU buffers registered as gather destinations (dropped, so unregistered, with
     /// the session).
     engine_dests: std::sync::Mutex<engine_dest::EngineDests>,
+    /// Online recall sampling: which retrieves to sample, and the figures of those scored.
+    sampling: sampler::SessionSampler,
 }
 
 impl Session {
