@@ -35,7 +35,7 @@ fn queries(u: &[f32], seed: u64) -> Vec<f32> {
     let mut q = values(HQ * D, seed);
     for h in 0..HQ {
         for j in 0..D {
-            q[h * D + j] = 24.0 * u[j] + 6.0 * q[h * D + j];
+            q[h * D + j] = 24.0 * u[j] + 3.0 * q[h * D + j];
         }
     }
     q
@@ -81,7 +81,7 @@ fn drifting_decode_queries_lower_the_sampled_recall_and_a_rebuild_restores_it() 
         },
         ..Default::default()
     };
-    cfg.params.graph.search_list = 24;
+    cfg.params.graph.search_list = 64;
     let mut s = serve_with(f32_shape(1, HQ as u32, 1, D as u32), cfg, "drift");
     let keys = values(N * D, 3);
     s.h.append(
