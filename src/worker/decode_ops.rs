@@ -292,7 +292,12 @@ impl DecodeOps {
         // Online recall sampling (store::sampler): one atomic add unless this request is
         // sampled; then its inputs and result are copied for an exact re-scoring off this path.
         if session.sample_due(h.layer) {
-            let result = crate::store::sampler::Retrieved { k, coverage: cov, ids, stride };
+            let result = crate::store::sampler::Retrieved {
+                k,
+                coverage: cov,
+                ids,
+                stride,
+            };
             session.offer_sample(h.layer, &self.query, &p, &stats, result);
         }
         ResponseHeader {

@@ -11,7 +11,14 @@ fn bench_decode_reports_the_sampled_figures_beside_the_exact_ones() {
     let out = kvdex()
         .env("KVDEX_DECODE__SAMPLE_CPU_SHARE", "1.0")
         .args(["bench", "decode", "--context", "8192", "--steps", "12"])
-        .args(["--search-list", "32", "--train", "256", "--methods", "graph"])
+        .args([
+            "--search-list",
+            "32",
+            "--train",
+            "256",
+            "--methods",
+            "graph",
+        ])
         .args(["--sample-rate", "1", "--json"])
         .output()
         .unwrap();

@@ -62,7 +62,10 @@ fn phase(s: &mut Served, u: &[f32], seed: u64, steps: usize) -> (f64, QualityRep
         last = sampled_retrieve(s, &queries(u, seed + i as u64), &p);
     }
     let after = mass_sum(&last);
-    ((after.0 - before.0) / (after.1 - before.1).max(1) as f64, last)
+    (
+        (after.0 - before.0) / (after.1 - before.1).max(1) as f64,
+        last,
+    )
 }
 
 #[test]
@@ -111,7 +114,10 @@ fn drifting_decode_queries_lower_the_sampled_recall_and_a_rebuild_restores_it() 
     let (drifted, r) = phase(&mut s, &b, 6000, 8);
     eprintln!("sampled mass recall: prefill-like {before:.3}, drifted {drifted:.3}");
     assert!(before >= FLOOR, "before the drift: {before}");
-    assert!(drifted < FLOOR, "the drift must show: {drifted} (before {before})");
+    assert!(
+        drifted < FLOOR,
+        "the drift must show: {drifted} (before {before})"
+    );
     // Eight drifted requests filled the layer's recent window below the floor: it is logged
     // and, with drift_rebuild, re-sealed from the sampled queries.
     let layer = &r.layers[0];

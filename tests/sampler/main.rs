@@ -5,9 +5,9 @@
 //! worker with sampling settings of the test's own, a retrieve that waits for its sample to be
 //! scored).
 
+mod bench;
 #[path = "../common/mod.rs"]
 mod common;
-mod bench;
 mod drift;
 mod prometheus;
 #[path = "../shm_common/mod.rs"]

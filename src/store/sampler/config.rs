@@ -52,7 +52,10 @@ impl SamplingConfig {
     pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
         let unit = |v: f64| (0.0..=1.0).contains(&v);
         if !unit(self.rate) {
-            return Err(("decode.sample_rate", format!("{} is not in 0..=1", self.rate)));
+            return Err((
+                "decode.sample_rate",
+                format!("{} is not in 0..=1", self.rate),
+            ));
         }
         if !(self.cpu_share > 0.0 && self.cpu_share <= 1.0) {
             return Err((
@@ -61,7 +64,10 @@ impl SamplingConfig {
             ));
         }
         if !(1..=4096).contains(&self.queue) {
-            return Err(("decode.sample_queue", format!("{} is not in 1..=4096", self.queue)));
+            return Err((
+                "decode.sample_queue",
+                format!("{} is not in 1..=4096", self.queue),
+            ));
         }
         if !unit(self.drift_floor) {
             return Err((

@@ -196,11 +196,9 @@ impl Session {
             let _ = queues.free.push(slot);
             return;
         };
-        let (Some(k), Some(cov), Some(ids)) = (
-            k.get(..hq),
-            cov.get(..hq),
-            ids.get(..hq * result.stride),
-        ) else {
+        let (Some(k), Some(cov), Some(ids)) =
+            (k.get(..hq), cov.get(..hq), ids.get(..hq * result.stride))
+        else {
             let _ = queues.free.push(slot);
             return;
         };

@@ -115,7 +115,8 @@ impl Session {
             }
         }
         let kind = self.index_of(layer)?.status().kind.unwrap_or("none");
-        self.sampling.record(&scratch.heads, &scratch.coverage_error);
+        self.sampling
+            .record(&scratch.heads, &scratch.coverage_error);
         observer.quality_sampled(&QualitySample {
             kind,
             layer,
