@@ -84,3 +84,40 @@ impl SamplingConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_settings_name_their_key() {
+        assert!(SamplingConfig::default().check().is_ok());
+        let bad = |c: SamplingConfig| c.check().unwrap_err().0;
+        let d = SamplingConfig::default();
+        assert_eq!(bad(SamplingConfig { rate: 1.5, ..d }), "decode.sample_rate");
+        assert_eq!(
+            bad(SamplingConfig {
+                cpu_share: 0.0,
+                ..d
+            }),
+            "decode.sample_cpu_share"
+        );
+        assert_eq!(bad(SamplingConfig { queue: 0, ..d }), "decode.sample_queue");
+        assert_eq!(
+            bad(SamplingConfig {
+                drift_floor: -0.1,
+                ..d
+            }),
+            "decode.drift_floor"
+        );
+        assert_eq!(
+            bad(SamplingConfig {
+                drift_rebuild_queries: 0,
+                ..d
+            }),
+            "decode.drift_rebuild_queries"
+        );
+        assert_eq!(Fraction(0.5), Fraction(0.5));
+        assert_ne!(Fraction(0.5), Fraction(0.25));
+    }
+}

@@ -13,8 +13,9 @@
 //! ([`score`]).
 //!
 //! The request path pays one atomic add and a hash per retrieve ([`Session::sample_due`]); a
-//! sampled one copies its inputs into a slot taken from a bounded pool (no allocation once the
-//! slot has held a request of that shape), and is dropped, and counted, when every slot is
+//! sampled one copies its inputs into a slot taken from a bounded pool (its buffers reused once
+//! the slot has held a request of that shape; waking an idle scoring job queues one small task
+//! on the pool), and is dropped, and counted, when every slot is
 //! waiting or while the CPU cap holds: a sample that took `t` seconds to score admits no other
 //! for `t / decode.sample_cpu_share` seconds. The scan holds the layer's read lock one chunk of
 //! keys at a time, so an append never waits for more than a chunk.

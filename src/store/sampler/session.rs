@@ -330,6 +330,33 @@ mod tests {
     }
 
     #[test]
+    fn a_session_takes_its_own_rate_or_the_stores_and_refuses_a_bad_one() {
+        let mut decode = crate::store::DecodeConfig::default();
+        decode.sampling.rate = 0.25;
+        let spec = |r| crate::store::SessionSpec {
+            sample_rate: r,
+            ..Default::default()
+        };
+        assert_eq!(
+            SessionSampler::for_spec(&spec(None), &decode, 1)
+                .unwrap()
+                .rate,
+            0.25
+        );
+        assert_eq!(
+            SessionSampler::for_spec(&spec(Some(0.0)), &decode, 1)
+                .unwrap()
+                .rate,
+            0.0
+        );
+        let e = SessionSampler::for_spec(&spec(Some(2.0)), &decode, 1)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("sample_rate 2"), "{e}");
+    }
+
+    #[test]
     fn running_figures_give_means_and_quantiles() {
         let mut r = Running::new(0.0, 1.0);
         assert!(r.summary().is_none());
