@@ -38,4 +38,5 @@ fn bench_decode_reports_the_sampled_figures_beside_the_exact_ones() {
     // The same definition over (nearly) the same requests.
     assert!((sampled - exact).abs() < 0.05, "{row}");
     assert!(num("unsampled_p50_ms") > 0.0, "{row}");
+    assert!(num("sample_score_ms") > 0.0, "{row}");
 }

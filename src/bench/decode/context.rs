@@ -172,6 +172,7 @@ pub(super) fn run_context(
             let (mean, requests) = after.since(&before);
             row.sampled_mass_recall = Some(mean);
             row.sampled_requests = Some(requests);
+            row.sample_score_ms = after.score_ms_mean;
         }
         report::print_row(&row, a.json)?;
     }

@@ -36,6 +36,8 @@ pub(super) struct Sampled {
     pub(super) requests: u64,
     pub(super) mass_sum: f64,
     pub(super) heads: u64,
+    /// The daemon's mean milliseconds per sample scored (all of the session's samples).
+    pub(super) score_ms_mean: Option<f64>,
 }
 
 impl Sampled {
@@ -68,6 +70,7 @@ pub(super) fn read(d: &Daemon, id: &str, token: &str) -> Result<Sampled> {
         requests: q["sampled_requests"].as_u64().unwrap_or(0),
         mass_sum: m["mean"].as_f64().unwrap_or(0.0) * heads as f64,
         heads,
+        score_ms_mean: q["score_ms_mean"].as_f64(),
     })
 }
 

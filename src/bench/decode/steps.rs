@@ -165,6 +165,7 @@ pub(super) fn decode_steps(
         out_rel_err: err / steps,
         sampled_mass_recall: None,
         sampled_requests: None,
+        sample_score_ms: None,
         unsampled_p50_ms: twin.map(|_| percentile(&mut lat_twin, 0.5)),
     })
 }

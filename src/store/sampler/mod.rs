@@ -24,10 +24,12 @@
 //! - `config`: [`SamplingConfig`] (the `[decode]` keys).
 //! - [`quality`]: the exact figures of one head's retrieved set.
 //! - `session`: a session's sampling state and running figures ([`QualityReport`]).
+//! - `running`: one figure's count, mean and quantiles ([`Summary`]).
 //! - `score`: the background job: the exact scan, the figures, the drift response.
 
 mod config;
 pub mod quality;
+mod running;
 mod score;
 mod session;
 
@@ -39,7 +41,8 @@ use crossbeam::queue::ArrayQueue;
 
 pub use config::{Fraction, SamplingConfig};
 pub use quality::HeadFigures;
-pub use session::{QualityReport, SessionSampler, Summary};
+pub use running::Summary;
+pub use session::{QualityReport, SessionSampler};
 
 use super::retrieve::{Budget, RetrieveParams, RetrieveStats};
 use super::Session;

@@ -74,6 +74,7 @@ impl Session {
         scratch: &mut ScoreScratch,
         observer: &dyn BuildObserver,
     ) -> Result<()> {
+        let started = Instant::now();
         let s = self.shape;
         let (hq, d, group) = (s.q_heads as usize, s.head_dim as usize, s.group() as usize);
         let (len, layer) = (slot.len, slot.layer);
@@ -115,8 +116,9 @@ impl Session {
             }
         }
         let kind = self.index_of(layer)?.status().kind.unwrap_or("none");
+        let secs = started.elapsed().as_secs_f64();
         self.sampling
-            .record(&scratch.heads, &scratch.coverage_error);
+            .record(&scratch.heads, &scratch.coverage_error, secs);
         observer.quality_sampled(&QualitySample {
             kind,
             layer,

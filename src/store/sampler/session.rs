@@ -4,92 +4,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::running::{Running, Summary};
 use super::HeadFigures;
-
-/// Bins of a running histogram: quantiles are read to 1/BINS of its range.
-const BINS: usize = 200;
 
 /// Requests whose mean mass recall is averaged to judge a layer's drift.
 pub(super) const RECENT: usize = 8;
-
-/// Count, mean and a fixed histogram of one figure, for its quantiles.
-#[derive(Clone, Debug)]
-struct Running {
-    lo: f64,
-    hi: f64,
-    count: u64,
-    sum: f64,
-    sum_abs: f64,
-    bins: Box<[u64; BINS]>,
-}
-
-impl Running {
-    fn new(lo: f64, hi: f64) -> Self {
-        Self {
-            lo,
-            hi,
-            count: 0,
-            sum: 0.0,
-            sum_abs: 0.0,
-            bins: Box::new([0; BINS]),
-        }
-    }
-
-    fn observe(&mut self, x: f64) {
-        if !x.is_finite() {
-            return;
-        }
-        self.count += 1;
-        self.sum += x;
-        self.sum_abs += x.abs();
-        let at = ((x - self.lo) / (self.hi - self.lo) * BINS as f64).floor();
-        self.bins[(at.max(0.0) as usize).min(BINS - 1)] += 1;
-    }
-
-    /// The `p` quantile, as the upper edge of the bin that reaches it (clamped to the range).
-    fn quantile(&self, p: f64) -> f64 {
-        let want = (p * self.count as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &n) in self.bins.iter().enumerate() {
-            seen += n;
-            if seen >= want {
-                return self.lo + (self.hi - self.lo) * (i + 1) as f64 / BINS as f64;
-            }
-        }
-        self.hi
-    }
-
-    fn summary(&self) -> Option<Summary> {
-        (self.count > 0).then(|| {
-            let n = self.count as f64;
-            Summary {
-                count: self.count,
-                mean: self.sum / n,
-                mean_abs: self.sum_abs / n,
-                p10: self.quantile(0.1),
-                p50: self.quantile(0.5),
-                p90: self.quantile(0.9),
-            }
-        })
-    }
-}
-
-/// Running figures of one measure over a session's sampled query heads.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
-pub struct Summary {
-    /// Query heads measured.
-    pub count: u64,
-    /// Their mean.
-    pub mean: f64,
-    /// The mean of the absolute values (the coverage error's size).
-    pub mean_abs: f64,
-    /// Quantiles, to 1/200 of the measure's range.
-    pub p10: f64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-}
 
 /// One layer's sampling state.
 pub(super) struct LayerSampling {
@@ -134,6 +53,8 @@ impl LayerState {
 /// The figures of every scored sample of a session.
 struct Figures {
     requests: u64,
+    /// Seconds the scoring job spent on this session's samples.
+    score_secs: f64,
     recall_at_k: Running,
     mass_recall: Running,
     coverage_error: Running,
@@ -178,6 +99,7 @@ impl SessionSampler {
                 .collect(),
             figures: Mutex::new(Figures {
                 requests: 0,
+                score_secs: 0.0,
                 recall_at_k: Running::new(0.0, 1.0),
                 mass_recall: Running::new(0.0, 1.0),
                 coverage_error: Running::new(-1.0, 1.0),
@@ -220,10 +142,12 @@ impl SessionSampler {
         self.dropped[reason].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records one scored request's per-head figures and coverage errors.
-    pub(super) fn record(&self, heads: &[HeadFigures], coverage_error: &[f64]) {
+    /// Records one scored request's per-head figures and coverage errors, and the seconds its
+    /// scoring took.
+    pub(super) fn record(&self, heads: &[HeadFigures], coverage_error: &[f64], secs: f64) {
         if let Ok(mut f) = self.figures.lock() {
             f.requests += 1;
+            f.score_secs += secs;
             for h in heads {
                 f.recall_at_k.observe(h.recall_at_k);
                 f.mass_recall.observe(h.mass_recall);
@@ -236,14 +160,15 @@ impl SessionSampler {
 
     /// The session's figures so far.
     pub fn report(&self) -> QualityReport {
-        let (requests, recall_at_k, mass_recall, coverage_error) = match self.figures.lock() {
+        let (requests, secs, recall_at_k, mass_recall, coverage_error) = match self.figures.lock() {
             Ok(f) => (
                 f.requests,
+                f.score_secs,
                 f.recall_at_k.summary(),
                 f.mass_recall.summary(),
                 f.coverage_error.summary(),
             ),
-            Err(_) => (0, None, None, None),
+            Err(_) => (0, 0.0, None, None, None),
         };
         let layers = self
             .layers
@@ -263,6 +188,7 @@ impl SessionSampler {
         QualityReport {
             sample_rate: self.rate,
             sampled_requests: requests,
+            score_ms_mean: (requests > 0).then(|| secs * 1e3 / requests as f64),
             dropped_queue_full: self.dropped[0].load(Ordering::Relaxed),
             dropped_cpu_cap: self.dropped[1].load(Ordering::Relaxed),
             recall_at_k,
@@ -280,6 +206,9 @@ pub struct QualityReport {
     pub sample_rate: f64,
     /// Sampled retrieves scored.
     pub sampled_requests: u64,
+    /// Mean milliseconds of one sample's scoring (the exact scan and its figures) on the
+    /// build pool: the sampler's CPU cost per sample.
+    pub score_ms_mean: Option<f64>,
     /// Sampled retrieves dropped because every slot was waiting to be scored.
     pub dropped_queue_full: u64,
     /// Sampled retrieves dropped by the CPU cap (`decode.sample_cpu_share`).
@@ -357,27 +286,6 @@ mod tests {
     }
 
     #[test]
-    fn running_figures_give_means_and_quantiles() {
-        let mut r = Running::new(0.0, 1.0);
-        assert!(r.summary().is_none());
-        for i in 0..100 {
-            r.observe(i as f64 / 100.0);
-        }
-        r.observe(f64::NAN);
-        let s = r.summary().unwrap();
-        assert_eq!(s.count, 100);
-        assert!((s.mean - 0.495).abs() < 1e-9);
-        assert!((s.p10 - 0.1).abs() <= 0.006, "{s:?}");
-        assert!((s.p50 - 0.5).abs() <= 0.006, "{s:?}");
-        let mut e = Running::new(-1.0, 1.0);
-        e.observe(-0.2);
-        e.observe(0.1);
-        let s = e.summary().unwrap();
-        assert!((s.mean + 0.05).abs() < 1e-12 && (s.mean_abs - 0.15).abs() < 1e-12);
-        assert!((s.p10 + 0.2).abs() <= 0.011, "{s:?}");
-    }
-
-    #[test]
     fn a_session_report_sums_heads_and_lists_sampled_layers() {
         let s = SessionSampler::new(2, 0.5, 0);
         let h = |m: f64| HeadFigures {
@@ -385,11 +293,12 @@ mod tests {
             mass_recall: m,
             mass_covered: 0.9,
         };
-        s.record(&[h(0.8), h(1.0)], &[0.05, -0.05]);
+        s.record(&[h(0.8), h(1.0)], &[0.05, -0.05], 0.002);
         s.dropped(1);
         s.layers[1].state.lock().unwrap().sampled = 1;
         let r = s.report();
         assert_eq!((r.sampled_requests, r.dropped_cpu_cap), (1, 1));
+        assert!((r.score_ms_mean.unwrap() - 2.0).abs() < 1e-9);
         assert!((r.mass_recall.unwrap().mean - 0.9).abs() < 1e-12);
         assert_eq!(r.coverage_error.unwrap().count, 2);
         assert_eq!(r.layers.len(), 1);
