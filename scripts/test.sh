@@ -9,6 +9,7 @@ cargo fmt --all --check
 (cd python && cargo fmt --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd python && cargo clippy --all-targets -- -D warnings)
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! command -v prometheus >/dev/null; then apt-get install -y prometheus >/dev/null; fi  # tests/sampler/prometheus.rs scrapes with it (skips where absent)
 cargo test --workspace --all-targets
 # The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN).
 cargo build --bin kvdex

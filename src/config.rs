@@ -74,6 +74,19 @@ pub struct DecodeSection {
     pub graph_max_train_queries: u64,
     /// Training positions a layer may stage in seal parts before its seal (0: no parts).
     pub seal_max_staged_queries: u64,
+    /// Online recall sampling (`crate::store::sampler`): share of each layer's retrieves
+    /// re-scored exactly in the background (0: off).
+    pub sample_rate: crate::store::sampler::Fraction,
+    /// Most of one core the sampler's scoring may take, in (0, 1].
+    pub sample_cpu_share: crate::store::sampler::Fraction,
+    /// Sampled retrieves waiting to be scored, at most (more are dropped and counted).
+    pub sample_queue: u64,
+    /// A layer whose recent sampled mass recall is below this is logged (0: off).
+    pub drift_floor: crate::store::sampler::Fraction,
+    /// Rebuild a drifting layer's index in the background from its sampled decode queries.
+    pub drift_rebuild: bool,
+    /// Sampled decode queries kept per layer for that rebuild.
+    pub drift_rebuild_queries: u64,
 }
 
 impl DecodeSection {
@@ -89,6 +102,14 @@ impl DecodeSection {
             parallel_heads: self.parallel_heads,
             tail_sample: self.tail_sample as usize,
             seal_max_staged_queries: self.seal_max_staged_queries as usize,
+            sampling: crate::store::sampler::SamplingConfig {
+                rate: self.sample_rate.0,
+                cpu_share: self.sample_cpu_share.0,
+                queue: self.sample_queue as usize,
+                drift_floor: self.drift_floor.0,
+                drift_rebuild: self.drift_rebuild,
+                drift_rebuild_queries: self.drift_rebuild_queries as usize,
+            },
             ..Default::default()
         };
         if self.build_threads > 0 {
@@ -145,7 +166,11 @@ impl DecodeSection {
                 return Err(bad(key, format!("{v} is not in {lo}..={hi}")));
             }
         }
-        Ok(())
+        // The sampler's keys (the ranges live with the sampler).
+        self.to_decode_config()
+            .sampling
+            .check()
+            .map_err(|(key, why)| bad(key, why))
     }
 }
 

@@ -20,6 +20,7 @@ use crate::store::{BuildObserver, BuildOutcome};
 use crate::worker::RetrieveRecorder;
 
 pub mod decode;
+pub mod quality;
 
 /// Latency buckets in microseconds: from the sub-microsecond shared-memory round trip to a
 /// large append.
@@ -63,6 +64,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// The decode path: index builds, retrieve internals, decode-path resources.
     pub decode: decode::DecodeMetrics,
+    /// Retrieval quality measured online by the sampler ([`quality`]).
+    pub quality: quality::QualityMetrics,
     /// Each known op's children of `requests` (ok, error) and `latency_us`, resolved once:
     /// `with_label_values` hashes the labels and takes the vector's shared lock, which every
     /// worker would contend on per request.
@@ -178,6 +181,7 @@ impl Metrics {
             )?,
             http_requests: reg(&r, http_requests)?,
             decode: decode::DecodeMetrics::new(&r)?,
+            quality: quality::QualityMetrics::new(&r)?,
             per_op,
             registry: r,
         })
@@ -255,6 +259,14 @@ impl BuildObserver for Metrics {
 
     fn keys_inserted(&self, keys: u64) {
         self.decode.inserted_keys.inc_by(keys);
+    }
+
+    fn quality_sampled(&self, sample: &crate::store::sampler::QualitySample<'_>) {
+        self.quality.sampled(sample);
+    }
+
+    fn sample_dropped(&self, reason: &'static str) {
+        self.quality.dropped(reason);
     }
 }
 

@@ -21,6 +21,7 @@
 mod context;
 mod daemon;
 mod report;
+mod sampling;
 mod steps;
 
 use std::path::PathBuf;
@@ -112,6 +113,12 @@ pub struct DecodeArgs {
     /// before the data set's context).
     #[arg(long)]
     pub append: bool,
+    /// Online recall sampling: the timed session samples this share of its retrieves (its
+    /// own `sample_rate`), and a twin session with the same context and index, sampling
+    /// nothing, is timed alternately with it (`unsampled_p50_ms`); the JSON gains the
+    /// sampler's `sampled_mass_recall` and `sampled_requests` beside `mass_recall`.
+    #[arg(long)]
+    pub sample_rate: Option<f64>,
 }
 
 impl DecodeArgs {

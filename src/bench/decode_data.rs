@@ -19,6 +19,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{KvdexError, Result};
+use crate::store::sampler::quality::head_figures;
 
 /// RoPE base of the synthetic data (Llama 3's).
 const ROPE_THETA: f64 = 500_000.0;
@@ -268,32 +269,9 @@ impl Truth {
         self.logits.resize(n, 0.0);
         keys.score_range(q, 0, &mut self.logits);
         self.logits.iter_mut().for_each(|x| *x *= scale);
-        let m = self
-            .logits
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max) as f64;
-        let p = |x: f32| ((x as f64) - m).exp();
-        let total: f64 = self.logits.iter().map(|&x| p(x)).sum();
         let end = n.saturating_sub(window).max(sinks);
-        let stat: f64 = self.logits[..sinks.min(n)]
-            .iter()
-            .chain(&self.logits[end..])
-            .map(|&x| p(x))
-            .sum();
-        let got: f64 = ids.iter().map(|&i| p(self.logits[i as usize])).sum();
-        // Exact top-|ids| among the non-static tokens.
-        self.sorted.clear();
-        self.sorted
-            .extend_from_slice(&self.logits[sinks.min(end)..end]);
-        let k = ids.len().min(self.sorted.len());
-        let best: f64 = if k == 0 {
-            0.0
-        } else {
-            self.sorted
-                .select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            self.sorted[..k].iter().map(|&x| p(x)).sum()
-        };
+        // The one definition of the figures, shared with the daemon's online sampler.
+        let f = head_figures(&self.logits, ids, (sinks, end), &mut self.sorted);
         if self.all.len() != n {
             self.all = (0..n as u32).collect();
         }
@@ -312,12 +290,8 @@ impl Truth {
         )?;
         Ok((
             HeadTruth {
-                mass_recall: if best > 0.0 {
-                    (got / best).min(1.0)
-                } else {
-                    1.0
-                },
-                mass_covered: (stat + got) / total,
+                mass_recall: f.mass_recall,
+                mass_covered: f.mass_covered,
             },
             lse,
         ))

@@ -53,6 +53,10 @@ pub struct CreateRequest {
     /// `decode.window` when absent. At most [`crate::config::MAX_STATIC_TOKENS`].
     #[serde(default)]
     pub window: Option<u64>,
+    /// Share of this session's retrieves sampled for online recall (0 to 1); the daemon's
+    /// `decode.sample_rate` when absent.
+    #[serde(default)]
+    pub sample_rate: Option<f64>,
 }
 
 /// `"slim_rope": {"theta": 100000.0, "rope_dim": 64}` of `POST /v1/sessions`.
@@ -126,6 +130,8 @@ pub struct SessionInfo {
     pub slim: Option<SlimStats>,
     /// Engine GPU buffers registered as retrieve destinations (open CUDA IPC mappings).
     pub engine_dests: usize,
+    /// Retrieval quality measured by online recall sampling (`crate::store::sampler`).
+    pub quality: crate::store::sampler::QualityReport,
 }
 
 /// What `/stats` shows of a session, open or closing; holds the session (and so its memory).
@@ -265,6 +271,7 @@ impl Registry {
             slim,
             sinks: statics(req.sinks),
             window: statics(req.window),
+            sample_rate: req.sample_rate,
         };
         let session = Arc::new(self.store.session_spec(shape, spec)?);
         self.start(session, payload_bytes)
@@ -392,6 +399,7 @@ impl Registry {
             layers: e.session.layer_stats(),
             slim: e.session.slim_stats(),
             engine_dests: e.session.engine_dest_count(),
+            quality: e.session.quality_report(),
         }
     }
 

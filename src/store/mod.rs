@@ -26,6 +26,7 @@ pub mod indexing;
 mod layer;
 pub mod observe;
 pub mod retrieve;
+pub mod sampler;
 mod shape;
 pub mod slim;
 mod spec;
@@ -67,6 +68,8 @@ pub struct Store {
     pool: Arc<BuildPool>,
     /// Told of builds and inserts (the daemon's metrics; nothing by default).
     observer: Arc<dyn BuildObserver>,
+    /// Online recall sampling's slot pool and scoring job ([`sampler`]).
+    sampler: Arc<sampler::Sampler>,
 }
 
 impl Store {
@@ -80,6 +83,7 @@ impl Store {
             decode: Arc::new(DecodeConfig::default()),
             pool: Arc::new(BuildPool::default()),
             observer: Arc::new(observe::NoopBuildObserver),
+            sampler: Arc::default(),
         }
     }
 
@@ -137,6 +141,7 @@ impl Store {
             spec.validate(&shape)?;
         }
         let decode = spec.decode_config(&self.decode)?;
+        let sampling = sampler::SessionSampler::for_spec(&spec, &decode, shape.layers)?;
         let layers = (0..shape.layers)
             .map(|_| {
                 let indices = (0..shape.q_heads)
@@ -156,6 +161,7 @@ impl Store {
             held: AtomicU64::new(0),
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
             engine_dests: Default::default(),
+            sampling,
         })
     }
 
@@ -187,6 +193,8 @@ pub struct Session {
     /// Engine GPU buffers registered as gather destinations (dropped, so unregistered, with
     /// the session).
     engine_dests: std::sync::Mutex<engine_dest::EngineDests>,
+    /// Online recall sampling: which retrieves to sample, and the figures of those scored.
+    sampling: sampler::SessionSampler,
 }
 
 impl Session {

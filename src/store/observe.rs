@@ -45,6 +45,11 @@ pub trait BuildObserver: Send + Sync {
     fn build_ended(&self, outcome: BuildOutcome, secs: f64);
     /// An incremental insert batch put `keys` keys (one KV head's) into an index.
     fn keys_inserted(&self, keys: u64);
+    /// Online recall sampling scored one sampled retrieve ([`super::sampler`]).
+    fn quality_sampled(&self, _sample: &super::sampler::QualitySample<'_>) {}
+    /// A sampled retrieve was dropped unscored (`reason`: one of
+    /// [`super::sampler::DROP_REASONS`]).
+    fn sample_dropped(&self, _reason: &'static str) {}
 }
 
 /// A [`BuildObserver`] that records nothing (the store's default).

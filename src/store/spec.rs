@@ -16,6 +16,9 @@ pub struct SessionSpec {
     pub sinks: Option<usize>,
     /// W: the most recent tokens the engine keeps; the store's `window` when `None`.
     pub window: Option<usize>,
+    /// Share of retrieves sampled for online recall (0 to 1); the store's
+    /// `decode.sample_rate` when `None`.
+    pub sample_rate: Option<f64>,
 }
 
 impl SessionSpec {

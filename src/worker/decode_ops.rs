@@ -322,6 +322,17 @@ impl DecodeOps {
                 r.on_retrieve(&stats, k);
             }
         }
+        // Online recall sampling (store::sampler): one atomic add unless this request is
+        // sampled; then its inputs and result are copied for an exact re-scoring off this path.
+        if session.sample_due(h.layer) {
+            let result = crate::store::sampler::Retrieved {
+                k,
+                coverage: cov,
+                ids,
+                stride,
+            };
+            session.offer_sample(h.layer, &self.query, &p, &stats, result);
+        }
         ResponseHeader {
             q_heads: hq as u32,
             stride: stride as u32,

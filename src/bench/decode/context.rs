@@ -46,6 +46,7 @@ pub(super) fn run_context(
         append_range(a, &mut o, &data, 0..n)?;
         others.push((o, oid, otoken));
     }
+    let mut twin = super::sampling::twin(&daemon, a, &data, n)?;
     let positions = crate::bench::decode_data::train_positions(n, train);
     let training = data.training(hq, &positions, a.seed ^ 0x5eed);
     let budget = match a.fixed_k {
@@ -73,8 +74,13 @@ pub(super) fn run_context(
                 for (o, _, _) in &mut others {
                     o.seal(layer, *kind, Some((&training, &positions)))?;
                 }
+                if let Some(t) = &mut twin {
+                    t.h.seal(layer, *kind, Some((&training, &positions)))?;
+                }
             }
-            let all = std::iter::once((&id, &token)).chain(others.iter().map(|(_, i, t)| (i, t)));
+            let all = std::iter::once((&id, &token))
+                .chain(others.iter().map(|(_, i, t)| (i, t)))
+                .chain(twin.iter().map(|t| (&t.id, &t.token)));
             let mut info = Vec::new();
             for (sid, stoken) in all {
                 info.extend(layers_info(&daemon, sid, stoken)?);
@@ -96,8 +102,9 @@ pub(super) fn run_context(
                 }
                 std::thread::sleep(Duration::from_millis(200));
                 info.clear();
-                for (sid, stoken) in
-                    std::iter::once((&id, &token)).chain(others.iter().map(|(_, i, t)| (i, t)))
+                for (sid, stoken) in std::iter::once((&id, &token))
+                    .chain(others.iter().map(|(_, i, t)| (i, t)))
+                    .chain(twin.iter().map(|t| (&t.id, &t.token)))
                 {
                     info.extend(layers_info(&daemon, sid, stoken)?);
                 }
@@ -112,7 +119,12 @@ pub(super) fn run_context(
         // The other sessions' clients retrieve back to back while the timed one runs.
         let stop = std::sync::atomic::AtomicBool::new(false);
         let n_others = others.len();
-        let row = std::thread::scope(|sc| {
+        let sampled_before = match a.sample_rate {
+            Some(_) => Some(super::sampling::settled(&daemon, &id, &token)?),
+            None => None,
+        };
+        let twin_h = twin.as_mut().map(|t| &mut t.h);
+        let mut row = std::thread::scope(|sc| {
             let busy: Vec<_> = others
                 .iter_mut()
                 .enumerate()
@@ -133,7 +145,16 @@ pub(super) fn run_context(
                     })
                 })
                 .collect();
-            let row = decode_steps(a, &mut grown, name, &mut h, &data, &params, (sinks, window));
+            let row = decode_steps(
+                a,
+                &mut grown,
+                name,
+                &mut h,
+                &data,
+                &params,
+                (sinks, window),
+                twin_h,
+            );
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut steps = 0;
             for b in busy {
@@ -146,6 +167,13 @@ pub(super) fn run_context(
             }
             row
         })?;
+        if let Some(before) = sampled_before {
+            let after = super::sampling::settled(&daemon, &id, &token)?;
+            let (mean, requests) = after.since(&before);
+            row.sampled_mass_recall = Some(mean);
+            row.sampled_requests = Some(requests);
+            row.sample_score_ms = after.score_ms_mean;
+        }
         report::print_row(&row, a.json)?;
     }
     let rss = vm_rss_kib(daemon.child.id()).unwrap_or(0) * 1024;

@@ -89,11 +89,23 @@ pub(super) fn create(
     a: &DecodeArgs,
     payload: u64,
 ) -> Result<(SessionHandle, String, String)> {
+    create_sampled(d, a, payload, a.sample_rate)
+}
+
+/// [`create`] with the session's own online-recall `sample_rate` (the daemon's when `None`).
+pub(super) fn create_sampled(
+    d: &Daemon,
+    a: &DecodeArgs,
+    payload: u64,
+    sample_rate: Option<f64>,
+) -> Result<(SessionHandle, String, String)> {
     let body = serde_json::json!({
         "layers": a.layers, "q_heads": a.q_heads, "kv_heads": a.kv_heads,
         "head_dim": a.head_dim, "dtype": "f16", "payload_bytes": payload,
         // The static tokens the bench's engine side keeps, as an engine sets its own.
         "sinks": a.sinks, "window": a.window,
+        // Online recall sampling (`--sample-rate`): the session's own rate.
+        "sample_rate": sample_rate,
     });
     let v: serde_json::Value = ureq::post(&format!("{}/v1/sessions", d.url))
         .set("Content-Type", "application/json")

@@ -30,6 +30,19 @@ pub(super) struct Row {
     pub(super) mass_recall: f64,
     pub(super) mass_covered: f64,
     pub(super) out_rel_err: f64,
+    /// `--sample-rate`: the daemon's sampled mass recall over this method's steps, and the
+    /// sampled requests it scored (JSON only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) sampled_mass_recall: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) sampled_requests: Option<u64>,
+    /// `--sample-rate`: the daemon's mean milliseconds scoring one sample (JSON only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) sample_score_ms: Option<f64>,
+    /// `--sample-rate`: the p50 of the unsampled twin session, timed alternately with this
+    /// one (JSON only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) unsampled_p50_ms: Option<f64>,
 }
 
 /// Prints the table header.

@@ -26,6 +26,7 @@ pub(super) fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// of each against the exact answer; `statics` is (sinks, window). `len` is the session's
 /// length; with `--append` each step first appends the next token of `data` to every layer
 /// (untimed) and `len` grows.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn decode_steps(
     a: &DecodeArgs,
     len: &mut usize,
@@ -34,6 +35,7 @@ pub(super) fn decode_steps(
     data: &Synth,
     params: &RetrieveParams,
     statics: (usize, usize),
+    mut twin: Option<&mut SessionHandle>,
 ) -> Result<Row> {
     let (hq, kv, d) = (a.q_heads as usize, a.kv_heads as usize, a.head_dim as usize);
     let group = hq / kv;
@@ -57,10 +59,16 @@ pub(super) fn decode_steps(
         vec![0f32; d],
     );
     let mut truth = Truth::default();
+    // `--sample-rate`: the unsampled twin's latency, timed alternately (before the timed
+    // session on odd steps, after it on even ones).
+    let mut lat_twin = Vec::new();
     // Two warm-up steps, untimed.
     for step in 0..a.steps + 2 {
         if a.append && *len < data.n {
             super::context::append_range(a, h, data, *len..*len + 1)?;
+            if let Some(t) = twin.as_deref_mut() {
+                super::context::append_range(a, t, data, *len..*len + 1)?;
+            }
             *len += 1;
         }
         let n = *len;
@@ -68,9 +76,25 @@ pub(super) fn decode_steps(
         let mut bounds = vec![0usize];
         ids.clear();
         for layer in 0..a.layers {
+            let mut time_twin = |lat: &mut Vec<f64>| -> Result<()> {
+                if let Some(t) = twin.as_deref_mut() {
+                    let at = Instant::now();
+                    t.retrieve(layer, &q, params)?;
+                    if step >= 2 {
+                        lat.push(at.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                Ok(())
+            };
+            if step % 2 == 1 {
+                time_twin(&mut lat_twin)?;
+            }
             let t = Instant::now();
             let r = h.retrieve(layer, &q, params)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
+            if step % 2 == 0 {
+                time_twin(&mut lat_twin)?;
+            }
             if step < 2 {
                 continue;
             }
@@ -139,5 +163,9 @@ pub(super) fn decode_steps(
         mass_recall: recall / heads,
         mass_covered: covered / heads,
         out_rel_err: err / steps,
+        sampled_mass_recall: None,
+        sampled_requests: None,
+        sample_score_ms: None,
+        unsampled_p50_ms: twin.map(|_| percentile(&mut lat_twin, 0.5)),
     })
 }

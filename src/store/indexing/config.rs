@@ -36,6 +36,8 @@ pub struct DecodeConfig {
     /// `q_heads` queries): bounds what a session holds between requests, beyond the budget
     /// the staged bytes are charged to. 0 refuses parts.
     pub seal_max_staged_queries: usize,
+    /// Online recall sampling and the drift response ([`crate::store::sampler`]).
+    pub sampling: crate::store::sampler::SamplingConfig,
 }
 
 impl Default for DecodeConfig {
@@ -51,6 +53,7 @@ impl Default for DecodeConfig {
             parallel_heads: true,
             tail_sample: 256,
             seal_max_staged_queries: 1 << 16,
+            sampling: Default::default(),
         }
     }
 }
