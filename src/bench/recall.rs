@@ -9,6 +9,7 @@
 //! keys scored, single-thread queries per second, build seconds and index bytes.
 
 mod args;
+mod attn;
 mod diag;
 mod groups;
 mod measure;
@@ -30,9 +31,9 @@ use report::print_results;
 pub fn run(a: RecallArgs) -> Result<()> {
     let methods: Vec<String> = a.index.split(',').map(|s| s.trim().to_string()).collect();
     for m in &methods {
-        if !["flat", "hnsw", "graph"].contains(&m.as_str()) {
+        if !["flat", "hnsw", "graph", "cluster"].contains(&m.as_str()) {
             return Err(KvdexError::Config(format!(
-                "unknown --index {m:?} (flat, hnsw, graph)"
+                "unknown --index {m:?} (flat, hnsw, graph, cluster)"
             )));
         }
     }
@@ -140,6 +141,12 @@ mod tests {
             m: 16,
             ef_construction: 50,
             ef: 50,
+            rows_per_cluster: 128,
+            probes: None,
+            rerank: 2.0,
+            code_bits: "8".into(),
+            kmeans_iters: 6,
+            sample_per_cluster: 32,
         };
         let e = run(a).unwrap_err().to_string();
         assert!(e.contains("meta.json"), "{e}");

@@ -30,6 +30,7 @@ pub(super) fn print_results(aggs: &[Vec<Agg>], json: bool) {
         let effort = j["params"]
             .get("L")
             .or(j["params"].get("ef"))
+            .or(j["params"].get("probe"))
             .cloned()
             .unwrap_or_default();
         println!(
