@@ -141,12 +141,14 @@ mod tests {
             m: 16,
             ef_construction: 50,
             ef: 50,
-            rows_per_cluster: 128,
+            rows_per_cluster: 32,
             probes: None,
             rerank: 2.0,
+            spread: 0.0,
             code_bits: "8".into(),
-            kmeans_iters: 6,
-            sample_per_cluster: 32,
+            segment: 8192,
+            kmeans_iters: 4,
+            sample_per_cluster: 16,
         };
         let e = run(a).unwrap_err().to_string();
         assert!(e.contains("meta.json"), "{e}");

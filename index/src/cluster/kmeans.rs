@@ -9,13 +9,76 @@ use rayon::prelude::*;
 /// Keys assigned per kernel call: their scores against every centroid stay in L2.
 const BLOCK: usize = 64;
 
-/// Centroids (`c * dim` f32, row-major) fitted on an even sample of `sample` keys.
-pub(super) fn train(keys: &dyn KeyStore, c: usize, sample: usize, iters: usize) -> Vec<f32> {
-    let (n, d) = (keys.len(), keys.dim());
-    let s = sample.clamp(c.min(n), n.max(1));
+/// The clustering of keys `0..n`, segment by segment: each run of `segment` keys gets its own
+/// `len / rows_per_cluster` centroids, fitted on its own sample and assigned its own keys. Work
+/// is linear in `n` (every key meets only its segment's centroids), segments run in parallel,
+/// and clusters follow the context's locality, as RetroInfer's segmented clustering does.
+pub(super) struct Segmented {
+    /// All centroids, segment after segment.
+    pub(super) cents: Vec<f32>,
+    /// Cluster of every key.
+    pub(super) assign: Vec<u32>,
+    /// Squared distance of every key to its centroid.
+    pub(super) dist: Vec<f32>,
+    /// The first cluster of the last segment.
+    pub(super) last_first: usize,
+}
+
+/// Clusters keys `0..n` of `keys` by segments (see [`Segmented`]).
+pub(super) fn segmented(
+    keys: &dyn KeyStore,
+    n: usize,
+    segment: usize,
+    rows_per_cluster: usize,
+    sample_per_cluster: usize,
+    iters: usize,
+) -> Segmented {
+    let d = keys.dim();
+    let segs = n.div_ceil(segment.max(1)).max(1);
+    let parts: Vec<(Vec<f32>, Vec<u32>, Vec<f32>)> = (0..segs)
+        .into_par_iter()
+        .map(|sg| {
+            let r = (sg * n / segs)..((sg + 1) * n / segs);
+            let c = (r.len() / rows_per_cluster.max(1)).max(1);
+            let cents = train(keys, r.clone(), c, c * sample_per_cluster, iters);
+            let mut a = vec![0u32; r.len()];
+            let mut dd = vec![0.0f32; r.len()];
+            assign_range(keys, &cents, c, r.start, &mut a, Some(&mut dd));
+            (cents, a, dd)
+        })
+        .collect();
+    let mut out = Segmented {
+        cents: Vec::new(),
+        assign: Vec::with_capacity(n),
+        dist: Vec::with_capacity(n),
+        last_first: 0,
+    };
+    for (cents, a, dd) in parts {
+        let first = out.cents.len() / d.max(1);
+        out.last_first = first;
+        out.cents.extend_from_slice(&cents);
+        out.assign.extend(a.iter().map(|&x| x + first as u32));
+        out.dist.extend_from_slice(&dd);
+    }
+    out
+}
+
+/// Centroids (`c * dim` f32, row-major) fitted on an even sample of `sample` keys of `range`.
+pub(super) fn train(
+    keys: &dyn KeyStore,
+    range: std::ops::Range<usize>,
+    c: usize,
+    sample: usize,
+    iters: usize,
+) -> Vec<f32> {
+    let (n, d) = (range.len(), keys.dim());
+    if n == 0 {
+        return vec![0.0; c * d];
+    }
+    let s = sample.clamp(c.min(n), n);
     let mut rows = vec![0.0f32; s * d];
     for (i, r) in rows.chunks_exact_mut(d).enumerate() {
-        keys.row_f32((i * n / s) as u32, r);
+        keys.row_f32((range.start + i * n / s) as u32, r);
     }
     // Seeds: evenly spaced sample rows (the sample is itself in token order, so the seeds
     // cover the whole context).
@@ -163,7 +226,7 @@ mod tests {
             }
         }
         let keys = KeySlice::new(KeyRows::F32(&rows), d).unwrap();
-        let cents = train(&keys, c, 400, 6);
+        let cents = train(&keys, 0..c * per, c, 400, 6);
         let mut a = vec![0u32; c * per];
         let mut dist = vec![0.0f32; c * per];
         assign_all(&keys, &cents, c, &mut a, Some(&mut dist));

@@ -35,6 +35,9 @@ pub struct ClusterParams {
     pub sample_per_cluster: usize,
     /// Lloyd iterations on the sample.
     pub iters: usize,
+    /// Keys clustered together: each segment of the context gets its own clusters (build
+    /// work linear in the context), and inserts join the last segment's clusters.
+    pub segment: usize,
     /// Code width.
     pub bits: CodeBits,
     /// Search budget: the fraction of the keys whose codes a search scores (whole clusters, in
@@ -42,17 +45,23 @@ pub struct ClusterParams {
     pub probe_fraction: f32,
     /// Candidates re-ranked exactly per query head, as a multiple of `k`.
     pub rerank: f32,
+    /// Cluster order: a cluster ranks by `q·centroid + spread · σ(q)`, σ(q) the standard
+    /// deviation of `q·residual` over its members (from the per-dimension residual variance),
+    /// an optimistic estimate of its best member's score rather than of its average.
+    pub spread: f32,
 }
 
 impl Default for ClusterParams {
     fn default() -> Self {
         Self {
-            rows_per_cluster: 128,
-            sample_per_cluster: 32,
-            iters: 6,
+            rows_per_cluster: 32,
+            sample_per_cluster: 16,
+            iters: 4,
+            segment: 8192,
             bits: CodeBits::Eight,
             probe_fraction: 0.05,
             rerank: 2.0,
+            spread: 0.0,
         }
     }
 }
@@ -86,13 +95,19 @@ pub struct ClusterIndex {
     params: ClusterParams,
     dim: usize,
     len: usize,
-    /// `clusters * dim` f32 centroids.
+    /// `clusters * dim` f32 centroids, the origin of each member's residual code.
     cents: Vec<f32>,
+    /// The same in f16, what a search scores (half the bytes; re-rank is exact anyway).
+    pub(crate) cents_f16: Vec<half::f16>,
     members: Vec<Members>,
     /// Cluster of every key id.
     assign: Vec<u32>,
+    /// Inserts join clusters `insert_from..`: the last segment's.
+    insert_from: usize,
     /// Sums over each cluster's members of the squared residual, per dimension (`clusters * dim`).
     sq_residual: Vec<f32>,
+    /// The same over the cluster's size: the per-dimension residual variance.
+    pub(crate) var: Vec<f32>,
     built_len: usize,
     built_dist: f64,
     inserted_dist: f64,
@@ -103,39 +118,58 @@ impl ClusterIndex {
     /// Builds over every key of `keys`.
     pub fn build(keys: &dyn KeyStore, params: &ClusterParams) -> Result<Self, IndexError> {
         let (n, d) = (keys.len(), keys.dim());
-        if params.rows_per_cluster == 0 || params.iters > 1000 {
+        if params.rows_per_cluster == 0 || params.segment == 0 || params.iters > 1000 {
             return Err(IndexError::InvalidArgument(format!(
-                "cluster params: rows_per_cluster {} must be > 0, iters {} <= 1000",
-                params.rows_per_cluster, params.iters
+                "cluster params: rows_per_cluster {} and segment {} must be > 0, iters {} <= 1000",
+                params.rows_per_cluster, params.segment, params.iters
             )));
         }
-        if !(params.probe_fraction > 0.0 && params.probe_fraction <= 1.0 && params.rerank >= 1.0)
+        if !(params.probe_fraction > 0.0
+            && params.probe_fraction <= 1.0
+            && params.rerank >= 1.0
+            && params.spread >= 0.0)
         {
             return Err(IndexError::InvalidArgument(format!(
-                "cluster params: probe_fraction {} must be in (0, 1], rerank {} >= 1",
-                params.probe_fraction, params.rerank
+                "cluster params: probe_fraction {} must be in (0, 1], rerank {} >= 1, spread {} >= 0",
+                params.probe_fraction, params.rerank, params.spread
             )));
         }
-        let c = (n / params.rows_per_cluster).max(1);
-        let cents = if n == 0 {
-            vec![0.0; c * d]
-        } else {
-            kmeans::train(keys, c, c * params.sample_per_cluster, params.iters)
-        };
+        if keys.dim() == 0 {
+            return Err(IndexError::BadShape("keys of dim 0".into()));
+        }
+        let seg = kmeans::segmented(
+            keys,
+            n,
+            params.segment,
+            params.rows_per_cluster,
+            params.sample_per_cluster,
+            params.iters,
+        );
+        let cents = seg.cents;
+        let c = cents.len() / d;
         let mut idx = Self {
             params: params.clone(),
             dim: d,
             len: 0,
             members: vec![Members::default(); c],
             sq_residual: vec![0.0; c * d],
+            var: vec![0.0; c * d],
+            cents_f16: cents.iter().map(|&x| half::f16::from_f32(x)).collect(),
             cents,
             assign: Vec::with_capacity(n),
+            insert_from: seg.last_first,
             built_len: 0,
             built_dist: 0.0,
             inserted_dist: 0.0,
             values: None,
         };
-        let dist = idx.append(keys, n)?;
+        idx.append(keys, n, Some((seg.assign, &seg.dist)))?;
+        let dist = seg.dist.iter().map(|&x| x as f64).sum();
+        for m in idx.members.iter_mut() {
+            m.ids.shrink_to_fit();
+            m.codes.shrink_to_fit();
+            m.scales.shrink_to_fit();
+        }
         idx.built_len = n;
         idx.built_dist = dist;
         Ok(idx)
@@ -149,6 +183,11 @@ impl ClusterIndex {
     /// Sets the search budget (fraction of keys whose codes are scored).
     pub fn set_probe_fraction(&mut self, f: f32) {
         self.params.probe_fraction = f.clamp(1e-6, 1.0);
+    }
+
+    /// Sets the cluster-order spread (see [`ClusterParams::spread`]).
+    pub fn set_spread(&mut self, z: f32) {
+        self.params.spread = z.max(0.0);
     }
 
     /// Sets the exact re-rank width, a multiple of `k` (at least 1).
@@ -186,9 +225,15 @@ impl ClusterIndex {
         }
     }
 
-    /// Assigns keys `self.len..n`, encodes their residuals and appends them to their clusters.
-    /// Returns the sum of their squared distances to their centroids.
-    fn append(&mut self, keys: &dyn KeyStore, n: usize) -> Result<f64, IndexError> {
+    /// Assigns keys `self.len..n` (unless `given`, their clusters and squared distances),
+    /// encodes their residuals and appends them to their clusters. Returns the sum of their
+    /// squared distances to their centroids.
+    fn append(
+        &mut self,
+        keys: &dyn KeyStore,
+        n: usize,
+        given: Option<(Vec<u32>, &[f32])>,
+    ) -> Result<f64, IndexError> {
         let d = self.dim;
         if keys.dim() != d {
             return Err(IndexError::DimMismatch {
@@ -204,10 +249,19 @@ impl ClusterIndex {
             )));
         }
         let start = self.len;
-        let mut a = vec![0u32; n - start];
-        let mut dist = vec![0.0f32; n - start];
-        let c = self.members.len();
-        kmeans::assign_range(keys, &self.cents, c, start, &mut a, Some(&mut dist));
+        let (a, dist) = match given {
+            Some((a, dist)) => (a, dist.iter().map(|&x| x as f64).sum()),
+            None => {
+                let mut a = vec![0u32; n - start];
+                let mut dist = vec![0.0f32; n - start];
+                let first = self.insert_from;
+                let c = self.members.len() - first;
+                let cents = &self.cents[first * d..];
+                kmeans::assign_range(keys, cents, c, start, &mut a, Some(&mut dist));
+                a.iter_mut().for_each(|x| *x += first as u32);
+                (a, dist.iter().map(|&x| x as f64).sum())
+            }
+        };
         let bits = self.params.bits;
         let rb = bits.row_bytes(d);
         let (mut row, mut res) = (vec![0.0f32; d], vec![0.0f32; d]);
@@ -230,8 +284,18 @@ impl ClusterIndex {
             m.scales.push(s);
         }
         self.assign.extend_from_slice(&a);
+        let mut touched: Vec<u32> = a;
+        touched.sort_unstable();
+        touched.dedup();
+        for cl in touched {
+            let cl = cl as usize;
+            let inv = 1.0 / self.members[cl].ids.len().max(1) as f32;
+            for j in cl * d..(cl + 1) * d {
+                self.var[j] = self.sq_residual[j] * inv;
+            }
+        }
         self.len = n;
-        Ok(dist.iter().map(|&x| x as f64).sum())
+        Ok(dist)
     }
 }
 
@@ -288,7 +352,8 @@ impl MipsIndex for ClusterIndex {
             .iter()
             .map(|m| m.ids.capacity() * 4 + m.codes.capacity() + m.scales.capacity() * f)
             .sum();
-        m + (self.cents.capacity() + self.sq_residual.capacity()) * f
+        m + (self.cents.capacity() + self.sq_residual.capacity() + self.var.capacity()) * f
+            + self.cents_f16.capacity() * 2
             + self.assign.capacity() * 4
             + self.values.as_ref().map_or(0, |v| v.memory_bytes())
     }
@@ -296,7 +361,7 @@ impl MipsIndex for ClusterIndex {
 
 impl MipsIndexMut for ClusterIndex {
     fn insert(&mut self, keys: &dyn KeyStore) -> Result<(), IndexError> {
-        let dist = self.append(keys, keys.len())?;
+        let dist = self.append(keys, keys.len(), None)?;
         self.inserted_dist += dist;
         Ok(())
     }

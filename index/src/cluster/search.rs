@@ -23,6 +23,8 @@ pub struct ClusterScratch {
     pub(crate) order: Vec<(f32, u32)>,
     /// How many of `order` the last search read.
     pub(crate) read: usize,
+    qsq: Vec<f32>,
+    spread: Vec<f32>,
     block: Vec<f32>,
     bscores: Vec<f32>,
     cands: Vec<TopK>,
@@ -79,15 +81,28 @@ pub(super) fn search_group_with(
     }
     // Centroid scores for the whole group, and the cluster order.
     s.cscores.resize(g * c, 0.0);
-    kern.group(queries, KeyRows::F32(&idx.cents), d, 0, &mut s.cscores);
+    kern.group(queries, KeyRows::F16(&idx.cents_f16), d, 0, &mut s.cscores);
+    let z = idx.params.spread;
+    s.spread.clear();
+    s.spread.resize(g * c, 0.0);
+    if z > 0.0 {
+        s.qsq.clear();
+        s.qsq.extend(queries.iter().map(|x| x * x));
+        kern.group(&s.qsq, KeyRows::F32(&idx.var), d, 0, &mut s.spread);
+        s.spread.iter_mut().for_each(|v| *v = z * v.max(0.0).sqrt());
+    }
     s.order.clear();
     s.order.resize(c, (f32::NEG_INFINITY, 0));
     for h in 0..g {
         let row = &s.cscores[h * c..(h + 1) * c];
-        let best = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        for (j, (o, &v)) in s.order.iter_mut().zip(row).enumerate() {
+        let sp = &s.spread[h * c..(h + 1) * c];
+        let best = row
+            .iter()
+            .zip(sp)
+            .fold(f32::NEG_INFINITY, |a, (&b, &e)| a.max(b + e));
+        for (j, (o, (&v, &e))) in s.order.iter_mut().zip(row.iter().zip(sp)).enumerate() {
             o.1 = j as u32;
-            o.0 = o.0.max(v - best);
+            o.0 = o.0.max(v + e - best);
         }
     }
     s.order.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
@@ -146,6 +161,8 @@ pub(super) fn search_group_with(
     SearchStats {
         scored: rows + reranked,
         k_clamped: k > n,
-        bytes_read: c * d * 4 + rows * (rb + 8) + reranked * d * ROW_ELEM_BYTES,
+        bytes_read: c * d * if z > 0.0 { 2 + 4 } else { 2 }
+            + rows * (rb + 8)
+            + reranked * d * ROW_ELEM_BYTES,
     }
 }

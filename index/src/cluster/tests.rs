@@ -74,6 +74,9 @@ fn partial_budget_recall_and_group_equals_single() {
     for bits in [CodeBits::Eight, CodeBits::Four] {
         let p = ClusterParams {
             bits,
+            rows_per_cluster: 128,
+            sample_per_cluster: 32,
+            iters: 6,
             probe_fraction: 0.3,
             rerank: 4.0,
             ..ClusterParams::default()
@@ -137,7 +140,9 @@ fn inserts_are_searchable_and_counted() {
     let dr = idx.drift();
     assert_eq!(dr.inserted, 1000);
     assert!(dr.distance_ratio > 0.5 && dr.distance_ratio < 2.0, "{dr:?}");
-    // Each inserted key, as a query scaled up, finds itself.
+    // Each inserted key, as a query, finds the exact top-1 when every cluster is read: the
+    // inserted keys are in the clusters' member lists and codes.
+    idx.set_probe_fraction(1.0);
     let mut s = SearchScratch::new();
     let mut h = Hits::default();
     for id in [3000u32, 3500, 3999] {

@@ -157,6 +157,12 @@ pub struct RecallArgs {
     /// Cluster: code width in bits, 8 or 4.
     #[arg(long, default_value = "8")]
     pub code_bits: String,
+    /// Cluster: cluster-order spread z (rank by q·centroid + z·σ(q)).
+    #[arg(long, default_value_t = ClusterParams::default().spread)]
+    pub spread: f32,
+    /// Cluster: keys per clustering segment.
+    #[arg(long, default_value_t = ClusterParams::default().segment)]
+    pub segment: usize,
     /// Cluster: Lloyd iterations.
     #[arg(long, default_value_t = ClusterParams::default().iters)]
     pub kmeans_iters: usize,
@@ -176,6 +182,8 @@ pub(super) fn cluster_params(a: &RecallArgs) -> Result<ClusterParams> {
         iters: a.kmeans_iters,
         bits,
         rerank: a.rerank,
+        spread: a.spread,
+        segment: a.segment,
         ..ClusterParams::default()
     })
 }
@@ -242,8 +250,8 @@ pub(super) fn params_json(
         "flat" => serde_json::json!({"k": a.k}),
         "cluster" => serde_json::json!({
             "k": a.k, "probe": probes(a).get(s), "rows_per_cluster": a.rows_per_cluster,
-            "rerank": a.rerank, "bits": a.code_bits, "iters": a.kmeans_iters,
-            "sample_per_cluster": a.sample_per_cluster,
+            "rerank": a.rerank, "spread": a.spread, "bits": a.code_bits, "iters": a.kmeans_iters,
+            "sample_per_cluster": a.sample_per_cluster, "segment": a.segment,
         }),
         "hnsw" => {
             serde_json::json!({"k": a.k, "M": hp.m, "ef_construction": hp.ef_construction, "ef": s})
