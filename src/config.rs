@@ -156,8 +156,7 @@ impl DecodeSection {
                 return Err(bad(key, format!("{v} is not in {lo}..={hi}")));
             }
         }
-        if self.index_kind != "client" && kvdex_index::IndexKind::parse(&self.index_kind).is_err()
-        {
+        if self.index_kind != "client" && kvdex_index::IndexKind::parse(&self.index_kind).is_err() {
             return Err(bad(
                 "decode.index_kind",
                 format!(

@@ -271,9 +271,15 @@ mod tests {
 
     #[test]
     fn shapes_are_named_or_refused() {
-        assert_eq!(args(&["--shape", "llama3-8b"]).shape.as_deref(), Some("llama3-8b"));
+        assert_eq!(
+            args(&["--shape", "llama3-8b"]).shape.as_deref(),
+            Some("llama3-8b")
+        );
         let argv = ["kvdex", "bench", "decode", "--shape", "llama9"];
         assert!(crate::cli::Cli::try_parse_from(argv).is_err());
-        assert_eq!(args(&["--methods", "flat,cluster"]).methods, ["flat", "cluster"]);
+        assert_eq!(
+            args(&["--methods", "flat,cluster"]).methods,
+            ["flat", "cluster"]
+        );
     }
 }

@@ -137,7 +137,11 @@ impl ClusterIndex {
                 s.read_sums[cl * dv..(cl + 1) * dv].fill(0.0);
             }
             s.read_count[cl] += 1;
-            accum::add_scaled(&mut s.read_sums[cl * dv..(cl + 1) * dv], 1.0, values.row(id));
+            accum::add_scaled(
+                &mut s.read_sums[cl * dv..(cl + 1) * dv],
+                1.0,
+                values.row(id),
+            );
         }
         // Log-weights of each cluster's unread members.
         s.logw.clear();

@@ -189,12 +189,21 @@ fn tail_estimate_is_exact_with_singleton_clusters() {
         .collect();
     let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let z: f32 = sc.iter().map(|x| (x - mx).exp()).sum();
-    assert!((est.lse - (mx + z.ln())).abs() < 1e-3, "{} vs {}", est.lse, mx + z.ln());
+    assert!(
+        (est.lse - (mx + z.ln())).abs() < 1e-3,
+        "{} vs {}",
+        est.lse,
+        mx + z.ln()
+    );
     for j in 0..d {
         let want: f32 = (50..n)
             .map(|i| (sc[i - 50] - mx).exp() / z * vf[i * d + j])
             .sum();
-        assert!((out[j] - want).abs() < 1e-3, "dim {j}: {} vs {want}", out[j]);
+        assert!(
+            (out[j] - want).abs() < 1e-3,
+            "dim {j}: {} vs {want}",
+            out[j]
+        );
     }
     let all: Vec<u32> = (0..n as u32).collect();
     let none = idx
@@ -214,7 +223,11 @@ fn memory_is_under_half_of_the_kv() {
     let vals = KeySlice::new(KeyRows::F16(&rows), d).unwrap();
     idx.absorb_values(&vals).unwrap();
     let kv = n * d * 2 * 2;
-    assert!(idx.memory_bytes() * 2 <= kv, "{} of {kv}", idx.memory_bytes());
+    assert!(
+        idx.memory_bytes() * 2 <= kv,
+        "{} of {kv}",
+        idx.memory_bytes()
+    );
 }
 
 #[test]
@@ -245,5 +258,7 @@ fn bad_params_and_queries_are_errors() {
         .search(&keys, &[f32::NAN; 8], 3, &mut s, &mut h)
         .is_err());
     let empty = KeySlice::new(KeyRows::F16(&[]), 8);
-    assert!(empty.is_err() || ClusterIndex::build(&empty.unwrap(), &ClusterParams::default()).is_ok());
+    assert!(
+        empty.is_err() || ClusterIndex::build(&empty.unwrap(), &ClusterParams::default()).is_ok()
+    );
 }

@@ -212,7 +212,10 @@ pub(super) fn run_group(
         guides.push(guide);
         let mut t = Vec::new();
         for q in measured.chunks_exact(d) {
-            t.push((q.to_vec(), truth(&keys, values.as_ref(), q, a.k, &mut scratch)?));
+            t.push((
+                q.to_vec(),
+                truth(&keys, values.as_ref(), q, a.k, &mut scratch)?,
+            ));
         }
         tests.push(t);
     }
