@@ -102,8 +102,7 @@ pub(super) fn train(
         }
         for j in 0..c {
             if counts[j] == 0 {
-                // An empty cluster takes the sample row farthest in order from the last seed,
-                // here simply a row of the largest cluster: split it.
+                // An empty cluster takes a row of the largest cluster, splitting it.
                 let big = (0..c).max_by_key(|&t| counts[t]).unwrap_or(0);
                 if let Some(i) = assign.iter().rposition(|&a| a as usize == big) {
                     cents[j * d..(j + 1) * d].copy_from_slice(&rows[i * d..(i + 1) * d]);
