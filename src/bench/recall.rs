@@ -145,7 +145,7 @@ mod tests {
             probes: None,
             rerank: 2.0,
             spread: 0.0,
-            code_bits: "8".into(),
+            code_bits: "4".into(),
             segment: 8192,
             kmeans_iters: 4,
             sample_per_cluster: 16,

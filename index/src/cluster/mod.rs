@@ -58,7 +58,7 @@ impl Default for ClusterParams {
             sample_per_cluster: 16,
             iters: 4,
             segment: 8192,
-            bits: CodeBits::Eight,
+            bits: CodeBits::Four,
             probe_fraction: 0.05,
             rerank: 2.0,
             spread: 0.0,

@@ -155,7 +155,7 @@ pub struct RecallArgs {
     #[arg(long, default_value_t = ClusterParams::default().rerank)]
     pub rerank: f32,
     /// Cluster: code width in bits, 8 or 4.
-    #[arg(long, default_value = "8")]
+    #[arg(long, default_value = "4")]
     pub code_bits: String,
     /// Cluster: cluster-order spread z (rank by q·centroid + z·σ(q)).
     #[arg(long, default_value_t = ClusterParams::default().spread)]
