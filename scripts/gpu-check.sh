@@ -175,6 +175,10 @@ if [ "${KVDEX_CHECK_DECODE:-1}" != "0" ]; then
     echo "== decode 128K, heads in sequence"
     KVDEX_DECODE__PARALLEL_HEADS=false timeout 200 "$kvdex" "${decode[@]}" --methods graph \
         | tee "$out/decode-128k-sequential.jsonl" || status=1
+    # The shape engines run (issue 19): 32 q heads, 8 KV heads, head_dim 128, every method.
+    echo "== decode 32K, llama3-8b shape, flat / graph / cluster"
+    timeout 300 "$kvdex" bench decode --shape llama3-8b --context 32768 --steps 32 \
+        --methods flat,graph,cluster --json | tee "$out/decode-32k-llama3-8b.jsonl" || status=1
 fi
 
 echo "== summary"

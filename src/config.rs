@@ -87,6 +87,13 @@ pub struct DecodeSection {
     pub drift_rebuild: bool,
     /// Sampled decode queries kept per layer for that rebuild.
     pub drift_rebuild_queries: u64,
+    /// The index kind every seal builds: "client" (the kind each seal names), or "flat",
+    /// "hnsw", "graph" or "cluster" for every seal of this daemon.
+    pub index_kind: String,
+    /// Cluster index: mean keys per cluster.
+    pub cluster_rows_per_cluster: u64,
+    /// Cluster index: share of the keys whose codes a search scores, in thousandths.
+    pub cluster_probe_permille: u64,
 }
 
 impl DecodeSection {
@@ -115,6 +122,10 @@ impl DecodeSection {
         if self.build_threads > 0 {
             c.build_threads = self.build_threads as usize;
         }
+        c.kind_override = kvdex_index::IndexKind::parse(&self.index_kind).ok();
+        let cl = &mut c.params.cluster;
+        cl.rows_per_cluster = self.cluster_rows_per_cluster.max(1) as usize;
+        cl.probe_fraction = self.cluster_probe_permille.clamp(1, 1000) as f32 / 1000.0;
         let g = &mut c.params.graph;
         g.search_list = self.graph_search_list.max(1) as usize;
         g.degree = self.graph_degree.clamp(1, 255) as usize;
@@ -165,6 +176,27 @@ impl DecodeSection {
             if v < lo || v > hi {
                 return Err(bad(key, format!("{v} is not in {lo}..={hi}")));
             }
+        }
+        if self.index_kind != "client" && kvdex_index::IndexKind::parse(&self.index_kind).is_err() {
+            return Err(bad(
+                "decode.index_kind",
+                format!(
+                    "{:?} is not client, flat, hnsw, graph or cluster",
+                    self.index_kind
+                ),
+            ));
+        }
+        if !(1..=1 << 16).contains(&self.cluster_rows_per_cluster) {
+            return Err(bad(
+                "decode.cluster_rows_per_cluster",
+                format!("{} is not in 1..=65536", self.cluster_rows_per_cluster),
+            ));
+        }
+        if !(1..=1000).contains(&self.cluster_probe_permille) {
+            return Err(bad(
+                "decode.cluster_probe_permille",
+                format!("{} is not in 1..=1000", self.cluster_probe_permille),
+            ));
         }
         // The sampler's keys (the ranges live with the sampler).
         self.to_decode_config()

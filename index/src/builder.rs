@@ -2,6 +2,7 @@
 //! [`IndexKind`], fill [`IndexParams`], supply the [`TrainingSignal`] the engine has, and get a
 //! `Box<dyn MipsIndexMut>`.
 
+use crate::cluster::{ClusterIndex, ClusterParams};
 use crate::hnsw::{HnswIndex, HnswParams};
 use crate::qgraph::{build::build as build_graph, GraphParams};
 use crate::{FlatIndex, IndexError, KeyStore, MipsIndexMut};
@@ -15,17 +16,33 @@ pub enum IndexKind {
     Hnsw,
     /// The query-guided graph (RoarGraph / RetrievalAttention).
     Graph,
+    /// k-means clusters of quantized residual codes with exact re-rank ([`crate::cluster`]).
+    Cluster,
 }
 
 impl IndexKind {
-    /// Parses "flat", "hnsw" or "graph".
+    /// Every kind, in the order of their wire codes.
+    pub const ALL: [IndexKind; 4] = [Self::Flat, Self::Hnsw, Self::Graph, Self::Cluster];
+
+    /// The stable name [`IndexKind::parse`] accepts.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Flat => "flat",
+            Self::Hnsw => "hnsw",
+            Self::Graph => "graph",
+            Self::Cluster => "cluster",
+        }
+    }
+
+    /// Parses "flat", "hnsw", "graph" or "cluster".
     pub fn parse(s: &str) -> Result<Self, IndexError> {
         match s {
             "flat" => Ok(Self::Flat),
             "hnsw" => Ok(Self::Hnsw),
             "graph" | "qgraph" => Ok(Self::Graph),
+            "cluster" => Ok(Self::Cluster),
             other => Err(IndexError::InvalidArgument(format!(
-                "unknown index kind {other:?} (expected flat, hnsw or graph)"
+                "unknown index kind {other:?} (expected flat, hnsw, graph or cluster)"
             ))),
         }
     }
@@ -38,6 +55,8 @@ pub struct IndexParams {
     pub hnsw: HnswParams,
     /// For [`IndexKind::Graph`].
     pub graph: GraphParams,
+    /// For [`IndexKind::Cluster`].
+    pub cluster: ClusterParams,
 }
 
 /// What the engine knows about the queries that will search the index.
@@ -69,5 +88,6 @@ pub fn build_index(
         IndexKind::Flat => Box::new(FlatIndex::new(keys.len())),
         IndexKind::Hnsw => Box::new(HnswIndex::build(keys, &params.hnsw)?),
         IndexKind::Graph => Box::new(build_graph(keys, training, &params.graph)?),
+        IndexKind::Cluster => Box::new(ClusterIndex::build(keys, &params.cluster)?),
     })
 }

@@ -147,6 +147,7 @@ impl FlatIndex {
         Ok(SearchStats {
             scored: n,
             k_clamped: k > n,
+            bytes_read: n * d * 2,
         })
     }
 }

@@ -141,6 +141,7 @@ impl MipsIndex for HnswIndex {
             return Ok(SearchStats {
                 scored: 0,
                 k_clamped: k > n,
+                bytes_read: 0,
             });
         }
         let q = &mut scratch.scores;
@@ -165,6 +166,7 @@ impl MipsIndex for HnswIndex {
         Ok(SearchStats {
             scored,
             k_clamped: k > n,
+            bytes_read: scored * keys.dim() * 2,
         })
     }
 

@@ -8,7 +8,9 @@
 //! - [`prefetch`]: software prefetch hints for the scattered row reads of graph search.
 //! - [`flat`]: the exact scan, the baseline every other index is measured against.
 //! - [`hnsw`]: the hnsw_rs baseline with the MIPS → L2 reduction.
-//! - [`qgraph`]: the query-guided graph (RoarGraph / RetrievalAttention), the product.
+//! - [`qgraph`]: the query-guided graph (RoarGraph / RetrievalAttention).
+//! - [`cluster`]: the cluster index (k-means clusters of quantized residual codes, exact re-rank,
+//!   and the estimate of the unread clusters' attention).
 //! - [`builder`]: [`build_index`], the one way the daemon builds any of them.
 //!
 //! The crate is pure compute: no I/O, no async, no daemon types. Storage belongs to the caller
@@ -21,6 +23,7 @@
 
 pub mod attend;
 pub mod builder;
+pub mod cluster;
 pub mod error;
 pub mod flat;
 pub mod hnsw;
@@ -31,6 +34,7 @@ pub mod simd;
 pub mod topk;
 
 pub use builder::{build_index, IndexKind, IndexParams, TrainingSignal};
+pub use cluster::{ClusterIndex, ClusterParams};
 pub use error::IndexError;
 pub use flat::FlatIndex;
 pub use hnsw::{HnswIndex, HnswParams};
@@ -48,6 +52,9 @@ pub struct SearchStats {
     pub scored: usize,
     /// True when `k` exceeded the number of indexed keys and was clamped to it.
     pub k_clamped: bool,
+    /// Bytes of keys, codes and centroids read, counting the keys' own rows as f16 (2 bytes
+    /// per element): the machine-independent cost of the search.
+    pub bytes_read: usize,
 }
 
 /// Scratch space owned by the caller (one per worker thread), so that no search allocates.
@@ -64,6 +71,8 @@ pub struct SearchScratch {
     pub flat: Vec<flat::FlatPart>,
     /// Graph search state: the visited set and the beam (see [`qgraph`]).
     pub graph: qgraph::GraphScratch,
+    /// Cluster search state (see [`cluster`]).
+    pub cluster: cluster::ClusterScratch,
 }
 
 impl SearchScratch {
@@ -112,6 +121,7 @@ pub trait MipsIndex: Send + Sync {
             let st = self.search(keys, q, k, scratch, out)?;
             total.scored += st.scored;
             total.k_clamped |= st.k_clamped;
+            total.bytes_read += st.bytes_read;
         }
         Ok(total)
     }

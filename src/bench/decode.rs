@@ -61,7 +61,11 @@ pub struct DecodeArgs {
     /// Head dimension.
     #[arg(long, default_value_t = 128)]
     pub head_dim: u32,
-    /// Methods, comma-separated: flat, graph, hnsw.
+    /// A named model shape replacing --q-heads, --kv-heads and --head-dim: "llama3-8b" (32 q
+    /// heads, 8 KV heads, head_dim 128), the shape engines run.
+    #[arg(long, value_parser = ["llama3-8b"])]
+    pub shape: Option<String>,
+    /// Methods, comma-separated: flat, graph, hnsw, cluster.
     #[arg(long, value_delimiter = ',', default_value = "flat,graph")]
     pub methods: Vec<String>,
     /// Decode steps timed per method.
@@ -179,6 +183,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         }
         None => None,
     };
+    if a.shape.as_deref() == Some("llama3-8b") && real.is_none() {
+        (a.q_heads, a.kv_heads, a.head_dim) = (32, 8, 128);
+    }
     let a = a;
     if a.kv_heads == 0
         || a.q_heads == 0
@@ -267,5 +274,19 @@ mod tests {
         assert!(refusal(&["--min-k", "100", "--max-k", "10"]).contains("min_k"));
         assert!(check_run(&args(&["--fixed-k", "8", "--coverage", "2"])).is_ok());
         assert!(check_run(&args(&[])).is_ok());
+    }
+
+    #[test]
+    fn shapes_are_named_or_refused() {
+        assert_eq!(
+            args(&["--shape", "llama3-8b"]).shape.as_deref(),
+            Some("llama3-8b")
+        );
+        let argv = ["kvdex", "bench", "decode", "--shape", "llama9"];
+        assert!(crate::cli::Cli::try_parse_from(argv).is_err());
+        assert_eq!(
+            args(&["--methods", "flat,cluster"]).methods,
+            ["flat", "cluster"]
+        );
     }
 }

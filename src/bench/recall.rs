@@ -9,6 +9,7 @@
 //! keys scored, single-thread queries per second, build seconds and index bytes.
 
 mod args;
+mod attn;
 mod diag;
 mod groups;
 mod measure;
@@ -30,9 +31,9 @@ use report::print_results;
 pub fn run(a: RecallArgs) -> Result<()> {
     let methods: Vec<String> = a.index.split(',').map(|s| s.trim().to_string()).collect();
     for m in &methods {
-        if !["flat", "hnsw", "graph"].contains(&m.as_str()) {
+        if !["flat", "hnsw", "graph", "cluster"].contains(&m.as_str()) {
             return Err(KvdexError::Config(format!(
-                "unknown --index {m:?} (flat, hnsw, graph)"
+                "unknown --index {m:?} (flat, hnsw, graph, cluster)"
             )));
         }
     }
@@ -140,6 +141,14 @@ mod tests {
             m: 16,
             ef_construction: 50,
             ef: 50,
+            rows_per_cluster: 32,
+            probes: None,
+            rerank: 2.0,
+            spread: 0.0,
+            code_bits: "4".into(),
+            segment: 8192,
+            kmeans_iters: 4,
+            sample_per_cluster: 16,
         };
         let e = run(a).unwrap_err().to_string();
         assert!(e.contains("meta.json"), "{e}");

@@ -226,11 +226,7 @@ pub(super) fn view<'a>(keys: &KeySlice<'a>, start: usize, end: usize) -> Result<
 
 /// The stable name of an index kind.
 pub fn kind_name(kind: IndexKind) -> &'static str {
-    match kind {
-        IndexKind::Flat => "flat",
-        IndexKind::Hnsw => "hnsw",
-        IndexKind::Graph => "graph",
-    }
+    kind.name()
 }
 
 #[cfg(test)]

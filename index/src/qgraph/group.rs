@@ -183,6 +183,7 @@ pub fn search_group(
         return Ok(crate::SearchStats {
             scored: 0,
             k_clamped: k > n,
+            bytes_read: 0,
         });
     }
     let g = &mut scratch.graph;
@@ -193,6 +194,7 @@ pub fn search_group(
     Ok(crate::SearchStats {
         scored,
         k_clamped: k > n,
+        bytes_read: scored * keys.dim() * 2,
     })
 }
 

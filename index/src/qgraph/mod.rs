@@ -242,6 +242,7 @@ impl MipsIndex for QueryGuidedGraph {
             return Ok(SearchStats {
                 scored: 0,
                 k_clamped: k > n,
+                bytes_read: 0,
             });
         }
         if let Some(flat) = self.exact_scan(keys, k) {
@@ -253,6 +254,7 @@ impl MipsIndex for QueryGuidedGraph {
         Ok(SearchStats {
             scored,
             k_clamped: k > n,
+            bytes_read: scored * keys.dim() * 2,
         })
     }
 

@@ -2,7 +2,10 @@
 //! build parameters, the effort settings swept (L for the graph, ef for HNSW) and the
 //! parameters each reported row names.
 
-use kvdex_index::{GraphParams, HnswParams};
+use kvdex_index::cluster::CodeBits;
+use kvdex_index::{ClusterParams, GraphParams, HnswParams};
+
+use crate::error::{KvdexError, Result};
 
 /// Arguments of `kvdex bench recall`.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,7 +33,7 @@ pub struct RecallArgs {
     /// Synthetic: seed (the decode bench's default).
     #[arg(long, default_value_t = 42)]
     pub synth_seed: u64,
-    /// Methods, comma separated: flat, hnsw, graph.
+    /// Methods, comma separated: flat, hnsw, graph, cluster.
     #[arg(long, default_value = "graph")]
     pub index: String,
     /// Neighbours per query.
@@ -141,6 +144,57 @@ pub struct RecallArgs {
     /// HNSW: ef_search when not sweeping.
     #[arg(long, default_value_t = HnswParams::default().ef_search)]
     pub ef: usize,
+    /// Cluster: mean keys per cluster.
+    #[arg(long, default_value_t = ClusterParams::default().rows_per_cluster)]
+    pub rows_per_cluster: usize,
+    /// Cluster: these probe fractions (share of the keys whose codes are scored, comma
+    /// separated) instead of the default or --sweep's.
+    #[arg(long, value_delimiter = ',')]
+    pub probes: Option<Vec<f32>>,
+    /// Cluster: candidates re-ranked exactly, a multiple of k.
+    #[arg(long, default_value_t = ClusterParams::default().rerank)]
+    pub rerank: f32,
+    /// Cluster: code width in bits, 8 or 4.
+    #[arg(long, default_value = "4")]
+    pub code_bits: String,
+    /// Cluster: cluster-order spread z (rank by q·centroid + z·σ(q)).
+    #[arg(long, default_value_t = ClusterParams::default().spread)]
+    pub spread: f32,
+    /// Cluster: keys per clustering segment.
+    #[arg(long, default_value_t = ClusterParams::default().segment)]
+    pub segment: usize,
+    /// Cluster: Lloyd iterations.
+    #[arg(long, default_value_t = ClusterParams::default().iters)]
+    pub kmeans_iters: usize,
+    /// Cluster: k-means sample per cluster.
+    #[arg(long, default_value_t = ClusterParams::default().sample_per_cluster)]
+    pub sample_per_cluster: usize,
+}
+
+/// The cluster build parameters the arguments ask for.
+pub(super) fn cluster_params(a: &RecallArgs) -> Result<ClusterParams> {
+    let bits = CodeBits::parse(&a.code_bits).ok_or_else(|| {
+        KvdexError::Config(format!("--code-bits must be 8 or 4, got {:?}", a.code_bits))
+    })?;
+    Ok(ClusterParams {
+        rows_per_cluster: a.rows_per_cluster,
+        sample_per_cluster: a.sample_per_cluster,
+        iters: a.kmeans_iters,
+        bits,
+        rerank: a.rerank,
+        spread: a.spread,
+        segment: a.segment,
+        ..ClusterParams::default()
+    })
+}
+
+/// The cluster probe fractions measured.
+pub(super) fn probes(a: &RecallArgs) -> Vec<f32> {
+    match (&a.probes, a.sweep) {
+        (Some(p), _) => p.clone(),
+        (None, true) => vec![0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2],
+        (None, false) => vec![ClusterParams::default().probe_fraction],
+    }
 }
 
 /// The graph build parameters the arguments ask for.
@@ -172,6 +226,7 @@ pub(super) fn graph_params(a: &RecallArgs) -> GraphParams {
 pub(super) fn settings(method: &str, a: &RecallArgs) -> Vec<usize> {
     match (method, a.sweep) {
         ("flat", _) => vec![0],
+        ("cluster", _) => (0..probes(a).len()).collect(),
         ("hnsw", true) => [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
             .iter()
             .map(|f| (a.k as f64 * f) as usize)
@@ -193,6 +248,11 @@ pub(super) fn params_json(
 ) -> serde_json::Value {
     match m {
         "flat" => serde_json::json!({"k": a.k}),
+        "cluster" => serde_json::json!({
+            "k": a.k, "probe": probes(a).get(s), "rows_per_cluster": a.rows_per_cluster,
+            "rerank": a.rerank, "spread": a.spread, "bits": a.code_bits, "iters": a.kmeans_iters,
+            "sample_per_cluster": a.sample_per_cluster, "segment": a.segment,
+        }),
         "hnsw" => {
             serde_json::json!({"k": a.k, "M": hp.m, "ef_construction": hp.ef_construction, "ef": s})
         }

@@ -19,6 +19,8 @@ pub struct Group<'a> {
     pub label: String,
     /// `[n][dim]` keys.
     pub keys: &'a [f16],
+    /// `[n][dim]` values of the same positions, when the data has them (output error).
+    pub values: Option<&'a [f16]>,
     /// Per query head: `[tests][dim]` test queries.
     pub tests: Vec<Vec<f32>>,
     /// Per query head: `[n][dim]` training queries and their positions.
@@ -55,6 +57,7 @@ pub(super) fn data_groups(
             let group = Group {
                 label: format!("layer {l} kv head {g}/{kv_heads}"),
                 keys: Layer::rows(&layer.k, g, 0, ctx),
+                values: Some(Layer::rows(&layer.v, g, 0, ctx)),
                 tests: heads
                     .iter()
                     .map(|&h| to_f32(Layer::rows(&layer.q, h, ctx, meta.tokens)))
@@ -107,6 +110,7 @@ pub(super) fn synth_groups(
         let group = Group {
             label: format!("synthetic {n} kv head {g}/{kv}"),
             keys: &data.k[(g * n + sinks) * d..(g * n + end) * d],
+            values: Some(&data.v[(g * n + sinks) * d..(g * n + end) * d]),
             tests,
             train,
         };

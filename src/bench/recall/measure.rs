@@ -7,8 +7,8 @@ use std::time::Instant;
 use kvdex_index::keys::KeyRows;
 use kvdex_index::qgraph::build::build as build_graph;
 use kvdex_index::{
-    FlatIndex, GraphParams, Hits, HnswIndex, HnswParams, KeySlice, MipsIndex, MipsIndexMut,
-    SearchScratch, TrainingSignal,
+    ClusterIndex, FlatIndex, GraphParams, Hits, HnswIndex, HnswParams, KeySlice, MipsIndex,
+    MipsIndexMut, SearchScratch, TrainingSignal,
 };
 
 use super::args::settings;
@@ -34,6 +34,15 @@ pub(super) struct Agg {
     pub(super) insert_calls: usize,
     pub(super) memory_bytes: usize,
     pub(super) kv_bytes: usize,
+    /// Sum over queries of bytes read / f16 key bytes of the context.
+    pub(super) bytes_frac: f64,
+    /// Sums over queries of the output's relative error: the retrieved set alone, and with the
+    /// cluster index's tail estimate (second-order and centroid-only); and their counts.
+    pub(super) out_err: f64,
+    pub(super) out_err_tail: f64,
+    pub(super) out_err_centroid: f64,
+    pub(super) out_n: usize,
+    pub(super) tail_n: usize,
 }
 
 impl Agg {
@@ -57,6 +66,11 @@ impl Agg {
             "insert_ms_per_call": 1e3 * self.insert_s / self.insert_calls.max(1) as f64,
             "guide_ms_per_call": 1e3 * self.guide_s / self.insert_calls.max(1) as f64,
             "memory_bytes": self.memory_bytes,
+            "memory_fraction_of_kv": self.memory_bytes as f64 / self.kv_bytes.max(1) as f64,
+            "bytes_fraction": self.bytes_frac / n,
+            "out_rel_err": (self.out_n > 0).then(|| self.out_err / self.out_n as f64),
+            "out_rel_err_tail": (self.tail_n > 0).then(|| self.out_err_tail / self.tail_n as f64),
+            "out_rel_err_tail_centroid": (self.tail_n > 0).then(|| self.out_err_centroid / self.tail_n as f64),
         })
     }
 }
@@ -66,6 +80,8 @@ pub(super) struct Truth {
     top: Vec<u32>,
     probs: Vec<f32>,
     top_mass: f64,
+    /// The exact attention output over the whole context, when values are known.
+    out: Option<Vec<f32>>,
 }
 
 impl Truth {
@@ -77,6 +93,7 @@ impl Truth {
 
 pub(super) fn truth(
     keys: &KeySlice<'_>,
+    values: Option<&KeySlice<'_>>,
     q: &[f32],
     k: usize,
     scratch: &mut SearchScratch,
@@ -96,11 +113,21 @@ pub(super) fn truth(
     }
     probs.iter_mut().for_each(|p| *p = (*p as f64 / sum) as f32);
     let top_mass = hits.ids.iter().map(|&i| probs[i as usize] as f64).sum();
+    let out = values.map(|v| super::attn::exact_out(&probs, v));
     Ok(Truth {
         top: hits.ids,
         probs,
         top_mass,
+        out,
     })
+}
+
+/// What the output error is measured with: the values, and the cluster index whose tail
+/// estimate is merged in.
+#[derive(Clone, Copy, Default)]
+pub(super) struct OutCheck<'a> {
+    pub(super) values: Option<&'a KeySlice<'a>>,
+    pub(super) cluster: Option<&'a ClusterIndex>,
 }
 
 /// Runs `index` on the test queries and adds the figures to `agg`.
@@ -110,18 +137,39 @@ pub(super) fn evaluate(
     tests: &[(Vec<f32>, Truth)],
     k: usize,
     agg: &mut Agg,
+    check: OutCheck<'_>,
 ) -> Result<()> {
     let mut scratch = SearchScratch::new();
     let mut hits = Hits::default();
     let n = kvdex_index::KeyStore::len(keys) as f64;
+    let key_bytes = n * kvdex_index::KeyStore::dim(keys) as f64 * 2.0;
     let t0 = Instant::now();
     let mut results = Vec::with_capacity(tests.len());
     for (q, _) in tests {
         let st = index.search(keys, q, k, &mut scratch, &mut hits)?;
-        results.push((hits.ids.clone(), st.scored));
+        results.push((hits.clone(), st.scored, st.bytes_read));
     }
     agg.search_s += t0.elapsed().as_secs_f64();
-    for ((ids, scored), (_, t)) in results.iter().zip(tests) {
+    if let Some(values) = check.values {
+        let scale = 1.0 / (kvdex_index::KeyStore::dim(keys) as f32).sqrt();
+        for ((h, _, _), (q, t)) in results.iter().zip(tests) {
+            let Some(exact) = &t.out else { continue };
+            let (o, _) = super::attn::retrieved_out(&h.ids, &h.scores, scale, values);
+            agg.out_err += super::attn::rel_err(&o, exact);
+            agg.out_n += 1;
+            if let Some(ci) = check.cluster {
+                let hs = (&h.ids[..], &h.scores[..]);
+                let o = super::attn::with_tail(ci, q, hs, keys, values, true)?;
+                agg.out_err_tail += super::attn::rel_err(&o, exact);
+                let o = super::attn::with_tail(ci, q, hs, keys, values, false)?;
+                agg.out_err_centroid += super::attn::rel_err(&o, exact);
+                agg.tail_n += 1;
+            }
+        }
+    }
+    for ((h, scored, bytes), (_, t)) in results.iter().zip(tests) {
+        let ids = &h.ids;
+        agg.bytes_frac += *bytes as f64 / key_bytes;
         let hit = ids.iter().filter(|i| t.top.contains(i)).count();
         agg.recalls.push(hit as f32 / t.top.len().max(1) as f32);
         let mass: f64 = ids.iter().map(|&i| t.probs[i as usize] as f64).sum();
@@ -146,6 +194,14 @@ pub(super) fn run_group(
 ) -> Result<()> {
     let keys_f16 = group.keys;
     let keys = KeySlice::new(KeyRows::F16(keys_f16), d)?;
+    let values = match group.values {
+        Some(v) => Some(KeySlice::new(KeyRows::F16(v), d)?),
+        None => None,
+    };
+    let check = OutCheck {
+        values: values.as_ref(),
+        cluster: None,
+    };
     let ctx = keys_f16.len() / d;
     let mut scratch = SearchScratch::new();
     let mut tests: Vec<Vec<(Vec<f32>, Truth)>> = Vec::new();
@@ -156,7 +212,10 @@ pub(super) fn run_group(
         guides.push(guide);
         let mut t = Vec::new();
         for q in measured.chunks_exact(d) {
-            t.push((q.to_vec(), truth(&keys, q, a.k, &mut scratch)?));
+            t.push((
+                q.to_vec(),
+                truth(&keys, values.as_ref(), q, a.k, &mut scratch)?,
+            ));
         }
         tests.push(t);
     }
@@ -170,7 +229,28 @@ pub(super) fn run_group(
             "flat" => {
                 let idx = FlatIndex::new(ctx);
                 for t in &tests {
-                    evaluate(&idx, &keys, t, a.k, &mut aggs[vi][0])?;
+                    evaluate(&idx, &keys, t, a.k, &mut aggs[vi][0], check)?;
+                }
+            }
+            "cluster" => {
+                let t0 = Instant::now();
+                let mut idx = ClusterIndex::build(&keys, &super::args::cluster_params(a)?)?;
+                let bs = t0.elapsed().as_secs_f64();
+                if let Some(v) = &values {
+                    idx.absorb_values(v)?;
+                }
+                for (si, probe) in super::args::probes(a).into_iter().enumerate() {
+                    idx.set_probe_fraction(probe);
+                    let agg = &mut aggs[vi][si];
+                    agg.build_s += bs;
+                    agg.memory_bytes += idx.memory_bytes();
+                    let check = OutCheck {
+                        cluster: Some(&idx),
+                        ..check
+                    };
+                    for t in &tests {
+                        evaluate(&idx, &keys, t, a.k, agg, check)?;
+                    }
                 }
             }
             "hnsw" => {
@@ -183,7 +263,7 @@ pub(super) fn run_group(
                     agg.build_s += bs;
                     agg.memory_bytes += idx.memory_bytes();
                     for t in &tests {
-                        evaluate(&idx, &keys, t, a.k, agg)?;
+                        evaluate(&idx, &keys, t, a.k, agg, check)?;
                     }
                 }
             }
@@ -270,7 +350,7 @@ pub(super) fn run_group(
                         agg.insert_calls += timing.2;
                         agg.memory_bytes += idx.memory_bytes();
                         for &i in &grp {
-                            evaluate(&idx, &keys, &tests[i], a.k, agg)?;
+                            evaluate(&idx, &keys, &tests[i], a.k, agg, check)?;
                         }
                     }
                 }
@@ -355,10 +435,10 @@ mod tests {
         let mut scratch = SearchScratch::new();
         let tests: Vec<(Vec<f32>, Truth)> = to_f32(Layer::rows(&layer.q, 0, ctx, ds.meta.tokens))
             .chunks_exact(d)
-            .map(|q| (q.to_vec(), truth(&keys, q, k, &mut scratch).unwrap()))
+            .map(|q| (q.to_vec(), truth(&keys, None, q, k, &mut scratch).unwrap()))
             .collect();
         let mut agg = Agg::default();
-        evaluate(&g, &keys, &tests, k, &mut agg).unwrap();
+        evaluate(&g, &keys, &tests, k, &mut agg, OutCheck::default()).unwrap();
         let j = agg.json();
         let recall = j["recall_at_k"].as_f64().unwrap();
         assert!(recall > 0.9, "recall@{k} {recall}");

@@ -12,7 +12,7 @@ pub(super) fn print_results(aggs: &[Vec<Agg>], json: bool) {
         return;
     }
     println!(
-        "{:<13} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10} {:>7}",
+        "{:<13} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>8} {:>10} {:>7}",
         "method",
         "effort",
         "recall",
@@ -20,6 +20,7 @@ pub(super) fn print_results(aggs: &[Vec<Agg>], json: bool) {
         "massrec",
         "masscov",
         "scored%",
+        "bytes%",
         "qps",
         "build_s",
         "mem_bytes",
@@ -30,10 +31,11 @@ pub(super) fn print_results(aggs: &[Vec<Agg>], json: bool) {
         let effort = j["params"]
             .get("L")
             .or(j["params"].get("ef"))
+            .or(j["params"].get("probe"))
             .cloned()
             .unwrap_or_default();
         println!(
-            "{:<13} {:>6} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8.2} {:>9.0} {:>8.2} {:>10} {:>6.1}%",
+            "{:<13} {:>6} {:>8.4} {:>8.4} {:>8.4} {:>8.4} {:>8.2} {:>7.2} {:>9.0} {:>8.2} {:>10} {:>6.1}%",
             agg.method,
             effort.to_string(),
             j["recall_at_k"].as_f64().unwrap_or(0.0),
@@ -41,6 +43,7 @@ pub(super) fn print_results(aggs: &[Vec<Agg>], json: bool) {
             j["mass_recall"].as_f64().unwrap_or(0.0),
             j["mass_covered"].as_f64().unwrap_or(0.0),
             100.0 * j["scored_fraction"].as_f64().unwrap_or(0.0),
+            100.0 * j["bytes_fraction"].as_f64().unwrap_or(0.0),
             j["qps"].as_f64().unwrap_or(0.0),
             agg.build_s,
             agg.memory_bytes,

@@ -72,6 +72,7 @@ pub fn kind_code(kind: IndexKind) -> u32 {
         IndexKind::Flat => 0,
         IndexKind::Hnsw => 1,
         IndexKind::Graph => 2,
+        IndexKind::Cluster => 3,
     }
 }
 

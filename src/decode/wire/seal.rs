@@ -246,9 +246,10 @@ impl SealHeader {
             0 => IndexKind::Flat,
             1 => IndexKind::Hnsw,
             2 => IndexKind::Graph,
+            3 => IndexKind::Cluster,
             other => {
                 return Err(KvdexError::BadRequest(format!(
-                    "seal index kind {other} is unknown (0 flat, 1 hnsw, 2 graph)"
+                    "seal index kind {other} is unknown (0 flat, 1 hnsw, 2 graph, 3 cluster)"
                 )))
             }
         };

@@ -26,8 +26,10 @@ pub struct DecodeConfig {
     /// search waits for an insert; larger ones are extended in place under the head's
     /// exclusive lock (a copy per batch would cost more memory traffic than the searches).
     pub insert_copy_max_bytes: usize,
-    /// Index parameters (graph and hnsw).
+    /// Index parameters (graph, hnsw and cluster).
     pub params: IndexParams,
+    /// The kind every seal builds instead of the one it names (`decode.index_kind`).
+    pub kind_override: Option<IndexKind>,
     /// Spread one layer's query heads over cores (rayon) during a retrieve.
     pub parallel_heads: bool,
     /// Keys sampled per head to estimate the unretrieved mass (adaptive budget).
@@ -50,6 +52,7 @@ impl Default for DecodeConfig {
             insert_guide_queries: 16,
             insert_copy_max_bytes: 16 << 20,
             params: IndexParams::default(),
+            kind_override: None,
             parallel_heads: true,
             tail_sample: 256,
             seal_max_staged_queries: 1 << 16,

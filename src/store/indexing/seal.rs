@@ -180,6 +180,7 @@ impl Session {
         let s = self.shape;
         let d = s.head_dim as usize;
         let cfg = self.decode.clone();
+        let kind = cfg.kind_override.unwrap_or(kind);
         let li = self.index_of(layer)?;
         let pool = self.store.pool.get(cfg.build_threads)?;
         let (copies, training, sealed) = {
