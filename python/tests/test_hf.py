@@ -144,19 +144,24 @@ def test_second_prefill_after_decode(client) -> None:
         assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("short", [150, 10])
 @torch.no_grad()
-def test_batch_of_two_prompts_with_left_padding(client) -> None:
+def test_batch_of_two_prompts_with_left_padding(client, short) -> None:
+    """Prompts of 200 and ``short`` tokens; with 10, the short one's static set fills up during
+    decode (sinks + window = 20) while the long one's is full from the start."""
     mine, ref = models(config("llama"))
-    a, b = prompt(200, seed=3)[0], prompt(150, seed=4)[0]
-    ids = torch.stack([a, torch.cat([torch.zeros(50, dtype=a.dtype), b])])
+    a, b = prompt(200, seed=3)[0], prompt(short, seed=4)[0]
+    pad = 200 - short
+    ids = torch.stack([a, torch.cat([torch.zeros(pad, dtype=a.dtype), b])])
     mask = torch.ones_like(ids)
-    mask[1, :50] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+    mask[1, :pad] = 0
+    new = 16
+    kw = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
               return_dict_in_generate=True, pad_token_id=0)
     with KvdexCache(mine, client, k=ALL, sinks=SINKS, window=WINDOW, dtype="f32") as cache:
         got = mine.generate(ids, past_key_values=cache, **kw)
         assert len(cache.seq.sessions) == 2
-        assert [cache.layers[0].lengths, cache.layers[0].pads] == [[209, 159], [0, 50]]
+        assert [cache.layers[0].lengths, cache.layers[0].pads] == [[200 + new - 1, short + new - 1], [0, pad]]
     want = ref.generate(ids, **kw)
     assert torch.equal(got.sequences, want.sequences)
     for x, y in zip(got.logits, want.logits):

@@ -50,7 +50,8 @@ class KvdexLayer(CacheLayerMixin):
         self.valid: Optional[torch.Tensor] = None  # [B, n] bool: columns of `keys` holding a token
         self.lengths: List[int] = []  # real tokens per sequence (session length)
         self.pads: List[int] = []  # left padding per sequence
-        self.sealed = False
+        self.sealed = False  # the first prefill is committed
+        self.indexed: List[bool] = []  # per sequence: its session's layer is sealed
         self.pending: Optional[str] = None  # "prefill" | "extend" | "decode": what attention must finish
         self.gather_bufs: dict = {}
 
@@ -229,8 +230,11 @@ class KvdexLayer(CacheLayerMixin):
         t = full_k.shape[-2]
         self.pads, self.lengths = pads, [t - p for p in pads]
         self.seq.ensure(b, h, full_k.shape[1], d, full_k.dtype)
+        self.indexed = [length > self.seq.sinks + self.seq.window for length in self.lengths]
         for i, pad in enumerate(pads):
             self.seq.sessions[i].append(self.kv_layer, host_rows(full_k[i, :, pad:]), host_rows(full_v[i, :, pad:]))
+            if not self.indexed[i]:
+                continue  # all static: sealed once it outgrows sinks + window (see seal_grown)
             real = np.nonzero(positions >= pad)[0]
             rows = real[self.seq.training_rows(len(real))]
             qs = query[i][:, torch.from_numpy(rows).to(query.device)].detach().float().cpu().numpy()
@@ -252,8 +256,17 @@ class KvdexLayer(CacheLayerMixin):
             self.seq.sessions[i].append(self.kv_layer, host_rows(full_k[i, :, t - q_len:]),
                                         host_rows(full_v[i, :, t - q_len:]))
         self.lengths = [length + q_len for length in self.lengths]
+        self.seal_grown()
         self.keep_static(full_k, full_v)
         self.pending = None
+
+    def seal_grown(self) -> None:
+        """Seals (from the keys alone) the layer of a sequence whose prompt was all static
+        tokens, once it holds tokens to retrieve."""
+        for i, length in enumerate(self.lengths):
+            if not self.indexed[i] and length > self.seq.sinks + self.seq.window:
+                self.seq.sessions[i].seal(self.kv_layer, self.seq.index)
+                self.indexed[i] = True
 
     def decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode attention ``[B, 1, H, d]``: the static tokens here, the rest from kvdex."""
@@ -263,6 +276,7 @@ class KvdexLayer(CacheLayerMixin):
         q = query[:, :, 0, :]
         for i in range(b):  # the step's token, appended before the retrieve sees the window
             self.seq.sessions[i].append(self.kv_layer, host_rows(self.keys[i, :, -1:]), host_rows(self.values[i, :, -1:]))
+        self.seal_grown()
         out_l, lse_l = local_partial(q, self.keys, self.values, self.valid, scale)
         out_r = torch.zeros_like(out_l)
         lse_r = torch.full_like(lse_l, float("-inf"))
