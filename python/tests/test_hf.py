@@ -238,6 +238,6 @@ def test_gather_mode_on_cuda(client) -> None:
         pytest.skip("gather mode needs a CUDA device (and a daemon running the cuda transfer backend)")
     mine, ref = models(config("llama"))
     mine, ref = mine.cuda(), ref.cuda()
-    with KvdexCache(mine, client, k=512, sinks=SINKS, window=WINDOW, dtype="f32") as cache:
+    with KvdexCache(mine, client, k=512, sinks=SINKS, window=WINDOW, dtype="f32", gather=True) as cache:
         assert_same_decode(mine, ref, cache, prompt(200).cuda())
         assert cache.layers[0].gather_bufs, "the CUDA model did not use gather mode"

@@ -58,7 +58,8 @@ class KvdexCache(Cache):
         wait_index: wait at the end of the first prefill until the indices are built (the time
             is ``stats()["index_ready_s"]``); otherwise decode scans exactly until then.
         gather: on a CUDA model, gather mode (rows into a registered CUDA tensor, attention on
-            the GPU; the default there); ``False`` uses attend mode everywhere.
+            the GPU): ``None`` uses it when the daemon runs the cuda transfer backend, ``True``
+            requires it, ``False`` uses attend mode everywhere.
     """
 
     def __init__(self, model: Any, client: Union[Client, str, None] = None, *, index: str = "graph",
@@ -82,8 +83,7 @@ class KvdexCache(Cache):
             raise BadRequestError("KvdexCache: the model has no full-attention layer (all sliding-window?)")
         self.seq = Sequences(client, len(full), sinks, window, index,
                              Budget(k=k, coverage=coverage, min_k=min_k, max_k=max_k), dtype,
-                             train_queries, wait_index)
-        self.seq.gather = gather
+                             train_queries, wait_index, gather)
         cfg = config.get_text_config(decoder=True)
         layers: list = []
         for i, t in enumerate(types):

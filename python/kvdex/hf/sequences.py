@@ -88,7 +88,7 @@ class Sequences:
 
     def __init__(self, client: Client, n_layers: int, sinks: int, window: int, index: str,
                  budget: Budget, dtype: Optional[str], train_queries: Optional[int],
-                 wait_index: bool) -> None:
+                 wait_index: bool, gather: Optional[bool] = None) -> None:
         if sinks < 0 or window < 1:
             raise BadRequestError(f"KvdexCache: sinks = {sinks} must be >= 0 and window = {window} >= 1 "
                                   "(the step's own token is attended locally)")
@@ -100,6 +100,7 @@ class Sequences:
         self.dtype = dtype
         self.train_queries = train_queries
         self.wait_index = wait_index
+        self.gather = gather  # CUDA gather mode: None = when the daemon can, True = required, False = never
         self.sessions: List[Session] = []
         self.sealed_at: Optional[float] = None
         self.index_ready_s: Optional[float] = None
