@@ -68,9 +68,12 @@ def main(argv: List[str] = None) -> None:
     ap.add_argument("--text", default="README.md", help="prompt text (smollm2)")
     ap.add_argument("--sinks", type=int, default=128)
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--budgets", default="coverage=0.98:max_k=1024,k=100000",
                     help="comma list of KvdexCache budgets, each key=value[:key=value]")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     model, ids = load(a.model, a.context, a.text)
     base = {"model": a.model, "context": a.context, "new_tokens": a.new, "threads": torch.get_num_threads()}
     print(json.dumps({**base, "method": "stock", **run(model, ids, DynamicCache(config=model.config), a.new)}),
