@@ -1,0 +1,72 @@
+"""kvdex's part of a decode step, in one of two modes.
+
+- attend mode (a CPU model, or ``gather=False``): the daemon attends over the tokens it
+  retrieves and returns ``(out, lse)``.
+- gather mode (a CUDA model): the daemon copies the retrieved K/V rows straight into a CUDA
+  tensor of the engine through CUDA IPC (``Session.register_cuda_tensor``, one buffer per
+  sequence and layer), and the attention over them runs on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import BadRequestError
+from .attn_math import rows_partial
+from .sequences import TORCH_DTYPE_OF_SESSION
+
+if TYPE_CHECKING:
+    from .layer import KvdexLayer
+
+
+def uses_gather(layer: "KvdexLayer") -> bool:
+    """Gather mode: a CUDA model, unless the cache was made with ``gather=False``."""
+    return layer.device.type == "cuda" and layer.seq.gather is not False
+
+
+def retrieved_partial(layer: "KvdexLayer", b: int, q_host: np.ndarray, q: torch.Tensor,
+                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``(out float32 [H, d], lse float32 [H], k [H])`` over what kvdex retrieves for sequence
+    ``b``'s query ``q [H, d]`` (``q_host``: the same on the host, float32)."""
+    seq = layer.seq
+    got = gather_buffer(layer, b, q.shape[0], q.shape[1]) if uses_gather(layer) else None
+    if got is None:
+        r = seq.retrieve(b, layer.kv_layer, q_host, scale)
+        out = torch.from_numpy(r.out).to(q.device)
+        lse = torch.from_numpy(r.lse).to(q.device)
+        return out, lse, r.k
+    buf, handle = got
+    r = seq.retrieve(b, layer.kv_layer, q_host, scale, attend=False, gather=True, into=(handle, 0))
+    h, d = q.shape
+    # The daemon packs the rows [H, 2, stride, d] from the buffer's start (its pitch is the
+    # response's stride, not the buffer's cap); they have landed when retrieve returns.
+    rows = buf.view(-1)[:h * 2 * r.stride * d].view(h, 2, r.stride, d)
+    count = torch.from_numpy(r.k.astype(np.int64))
+    out, lse = rows_partial(q, rows[:, 0], rows[:, 1], count, scale)
+    return out, lse, r.k
+
+
+def gather_buffer(layer: "KvdexLayer", b: int, heads: int, head_dim: int) -> Optional[Tuple[torch.Tensor, int]]:
+    """The CUDA tensor of ``H * 2 * cap * d`` elements (session dtype) registered with sequence
+    ``b``'s session for this layer, made on first use. ``None`` when the daemon cannot write
+    GPU memory (it runs the host transfer backend) and gather mode was not asked for
+    explicitly: attend mode is used from then on."""
+    got = layer.gather_bufs.get(b)
+    if got is None:
+        dtype = TORCH_DTYPE_OF_SESSION[layer.seq.dtype]
+        buf = torch.empty((heads, 2, layer.seq.budget.rows_cap(), head_dim), dtype=dtype, device=layer.device)
+        try:
+            handle = layer.seq.sessions[b].register_cuda_tensor(buf)
+        except BadRequestError:
+            if layer.seq.gather:
+                raise
+            layer.seq.gather = False
+            return None
+        got = layer.gather_bufs[b] = (buf, handle)
+    return got
+
+
+__all__ = ["retrieved_partial", "uses_gather", "gather_buffer"]
