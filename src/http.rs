@@ -48,15 +48,8 @@ impl From<KvdexError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self.0 {
-            KvdexError::BadRequest(_) | KvdexError::Index(_) => StatusCode::BAD_REQUEST,
-            KvdexError::NotFound(_) => StatusCode::NOT_FOUND,
-            KvdexError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            KvdexError::Budget { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            KvdexError::Exhausted(_) => StatusCode::TOO_MANY_REQUESTS,
-            KvdexError::Disconnected(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let code = crate::proto::Status::of(&self.0).http_code();
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::warn!(error = %self.0, "request failed");
         }

@@ -25,6 +25,7 @@ from .errors import (
     BudgetError,
     DaemonError,
     DisconnectedError,
+    InternalError,
     KvdexError,
     NotFoundError,
     ProtocolError,
@@ -55,5 +56,6 @@ __all__ = [
     "BudgetError",
     "ProtocolError",
     "DisconnectedError",
+    "InternalError",
     "DaemonError",
 ]

@@ -39,6 +39,11 @@ class DisconnectedError(KvdexError, ConnectionError):
     """The daemon is gone, or the session was closed."""
 
 
+class InternalError(KvdexError, RuntimeError):
+    """The daemon failed inside (a caught bug, an I/O or device fault); it keeps serving other
+    sessions. The message says what failed."""
+
+
 class DaemonError(KvdexError, RuntimeError):
     """A local daemon started by :class:`kvdex.Daemon` failed to start or died."""
 
@@ -51,5 +56,6 @@ __all__ = [
     "BudgetError",
     "ProtocolError",
     "DisconnectedError",
+    "InternalError",
     "DaemonError",
 ]

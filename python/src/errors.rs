@@ -4,6 +4,7 @@
 //! matching builtin (`ValueError`, `KeyError`, `PermissionError`, `ConnectionError`), which a
 //! PyO3 `create_exception!` cannot express.
 
+use kvdex::proto::Status;
 use kvdex::KvdexError;
 use pyo3::prelude::*;
 
@@ -20,19 +21,23 @@ pub fn py_error(py: Python<'_>, class_name: &str, msg: String) -> PyErr {
     }
 }
 
-/// The exception class for each [`KvdexError`] variant.
+/// The exception class for an error: from the one table of errors to statuses
+/// ([`Status::of`]), so Python raises what the daemon's status says.
+#[warn(clippy::wildcard_enum_match_arm)]
 fn class_of(e: &KvdexError) -> &'static str {
-    match e {
-        KvdexError::BadRequest(_) | KvdexError::Index(_) => "BadRequestError",
-        KvdexError::NotFound(_) => "NotFoundError",
-        KvdexError::Unauthorized(_) => "UnauthorizedError",
-        KvdexError::Budget { .. } | KvdexError::Exhausted(_) => "BudgetError",
-        KvdexError::Disconnected(_) | KvdexError::Io(_) => "DisconnectedError",
-        KvdexError::Protocol(_) => "ProtocolError",
-        KvdexError::Config(_)
-        | KvdexError::Data(_)
-        | KvdexError::Transfer(_)
-        | KvdexError::Internal(_) => "KvdexError",
+    // In the client an I/O failure is the connection's (a dead daemon, a closed socket).
+    if let KvdexError::Io(_) = e {
+        return "DisconnectedError";
+    }
+    match Status::of(e) {
+        Status::BadRequest => "BadRequestError",
+        Status::NotFound => "NotFoundError",
+        Status::Unauthorized => "UnauthorizedError",
+        Status::Budget | Status::Exhausted => "BudgetError",
+        Status::Disconnected => "DisconnectedError",
+        Status::Protocol => "ProtocolError",
+        Status::Internal => "InternalError",
+        Status::Ok => "KvdexError",
     }
 }
 

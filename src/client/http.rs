@@ -44,18 +44,11 @@ pub(super) fn http_error(route: &str, e: ureq::Error) -> KvdexError {
     match e {
         ureq::Error::Status(code, resp) => {
             let msg = daemon_message(resp);
-            let (category, wrap): (&str, fn(String) -> KvdexError) = match code {
-                401 | 403 => ("unauthorized: ", KvdexError::Unauthorized),
-                404 => ("not found: ", KvdexError::NotFound),
-                400..=499 => ("bad request: ", KvdexError::BadRequest),
-                _ => ("", KvdexError::Disconnected),
-            };
+            let status = crate::proto::Status::from_http(code);
+            let budget = crate::proto::budget_numbers(&msg).unwrap_or_default();
             // The daemon's message starts with the category the error type already shows.
-            let msg = match msg.strip_prefix(category) {
-                Some(rest) if !category.is_empty() => rest,
-                _ => &msg,
-            };
-            wrap(format!("{route}: HTTP {code}: {msg}"))
+            let msg = msg.strip_prefix(status.message_prefix()).unwrap_or(&msg);
+            status.error_with(&format!("{route}: HTTP {code}: {msg}"), budget)
         }
         ureq::Error::Transport(t) => KvdexError::Disconnected(format!("{route}: {t}")),
     }

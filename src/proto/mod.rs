@@ -107,11 +107,28 @@ pub enum Status {
     Budget = 4,
     /// The client broke the ring protocol; the region is closed.
     Protocol = 5,
-    /// The daemon failed internally.
+    /// The daemon failed internally (a caught panic, an I/O or device fault).
     Internal = 6,
+    /// A limit other than memory was reached (sessions, quotas).
+    Exhausted = 7,
+    /// The daemon is shutting down, or the session was ended.
+    Disconnected = 8,
 }
 
 impl Status {
+    /// Every status, for tests that walk the table.
+    pub const ALL: [Status; 9] = [
+        Status::Ok,
+        Status::BadRequest,
+        Status::NotFound,
+        Status::Unauthorized,
+        Status::Budget,
+        Status::Protocol,
+        Status::Internal,
+        Status::Exhausted,
+        Status::Disconnected,
+    ];
+
     /// The status with wire value `code`; unknown codes read as `Internal`.
     pub fn from_code(code: u32) -> Self {
         match code {
@@ -121,54 +138,123 @@ impl Status {
             3 => Status::Unauthorized,
             4 => Status::Budget,
             5 => Status::Protocol,
+            7 => Status::Exhausted,
+            8 => Status::Disconnected,
             _ => Status::Internal,
         }
     }
 
-    /// The status that reports `e` to a client.
+    /// The status that reports `e` to a client: the one table from errors to what a client
+    /// sees. The HTTP status ([`Status::http_code`]) and the Python exception class are derived
+    /// from it, so the three cannot disagree, and a new error variant does not compile until
+    /// it is placed here.
+    #[warn(clippy::wildcard_enum_match_arm)]
     pub fn of(e: &KvdexError) -> Self {
         match e {
-            KvdexError::BadRequest(_) | KvdexError::Index(_) => Status::BadRequest,
+            KvdexError::BadRequest(_) | KvdexError::Index(_) | KvdexError::Data(_) => {
+                Status::BadRequest
+            }
             KvdexError::NotFound(_) => Status::NotFound,
             KvdexError::Unauthorized(_) => Status::Unauthorized,
             KvdexError::Budget { .. } => Status::Budget,
+            KvdexError::Exhausted(_) => Status::Exhausted,
             KvdexError::Protocol(_) => Status::Protocol,
+            KvdexError::Disconnected(_) => Status::Disconnected,
+            KvdexError::Internal(_)
+            | KvdexError::Config(_)
+            | KvdexError::Transfer(_)
+            | KvdexError::Io(_) => Status::Internal,
+        }
+    }
+
+    /// The HTTP status the control plane answers with for this outcome.
+    #[warn(clippy::wildcard_enum_match_arm)]
+    pub fn http_code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::BadRequest => 400,
+            Status::Unauthorized => 401,
+            Status::NotFound => 404,
+            Status::Exhausted => 429,
+            Status::Internal | Status::Protocol => 500,
+            Status::Budget => 507,
+            Status::Disconnected => 503,
+        }
+    }
+
+    /// The outcome an HTTP status reports (the client's side of [`Status::http_code`]).
+    pub fn from_http(code: u16) -> Self {
+        match code {
+            200..=299 => Status::Ok,
+            401 | 403 => Status::Unauthorized,
+            404 => Status::NotFound,
+            429 => Status::Exhausted,
+            507 => Status::Budget,
+            503 => Status::Disconnected,
+            400..=499 => Status::BadRequest,
             _ => Status::Internal,
         }
     }
 
-    /// The client-side error for a failed completion `c` with message `msg`. A budget
-    /// failure carries its numbers in the completion (`reserved[0]` asked, `reserved[1]`
-    /// left, `out_len` the whole budget), so the client gets the same structured error.
-    ///
-    /// The daemon's message is its error's display, which starts with the category the status
-    /// already carries ("bad request: ..."); that prefix is dropped so that the client's error
-    /// does not read "bad request: bad request: ...".
-    pub fn into_error(self, c: &crate::shm::Descriptor, msg: String) -> KvdexError {
-        let prefix = match self {
+    /// The display prefix of the error this status becomes ("bad request: "), which a
+    /// daemon's message already starts with.
+    #[warn(clippy::wildcard_enum_match_arm)]
+    pub fn message_prefix(self) -> &'static str {
+        match self {
             Status::BadRequest => "bad request: ",
             Status::NotFound => "not found: ",
             Status::Unauthorized => "unauthorized: ",
             Status::Protocol => "protocol: ",
-            _ => "",
-        };
+            Status::Exhausted => "limit reached: ",
+            Status::Disconnected => "disconnected: ",
+            Status::Internal => "internal error: ",
+            Status::Ok | Status::Budget => "",
+        }
+    }
+
+    /// The client-side error for status `self` with the daemon's message `msg` (its prefix,
+    /// which repeats the category, dropped); `budget` gives a budget failure's numbers
+    /// (asked, left, whole budget).
+    #[warn(clippy::wildcard_enum_match_arm)]
+    pub fn error_with(self, msg: &str, budget: [u64; 3]) -> KvdexError {
+        let prefix = self.message_prefix();
         let msg = match msg.strip_prefix(prefix) {
             Some(rest) if !prefix.is_empty() => rest.to_string(),
-            _ => msg,
+            _ => msg.to_string(),
         };
         match self {
             Status::BadRequest => KvdexError::BadRequest(msg),
             Status::NotFound => KvdexError::NotFound(msg),
             Status::Unauthorized => KvdexError::Unauthorized(msg),
             Status::Budget => KvdexError::Budget {
-                asked: c.reserved[0],
-                left: c.reserved[1],
-                budget: c.out_len,
+                asked: budget[0],
+                left: budget[1],
+                budget: budget[2],
             },
+            Status::Exhausted => KvdexError::Exhausted(msg),
             Status::Protocol => KvdexError::Protocol(msg),
-            Status::Ok | Status::Internal => KvdexError::Protocol(format!("daemon error: {msg}")),
+            Status::Disconnected => KvdexError::Disconnected(msg),
+            Status::Internal => KvdexError::Internal(msg),
+            Status::Ok => KvdexError::Protocol(format!("a success status carried an error: {msg}")),
         }
     }
+
+    /// The client-side error for a failed completion `c` with message `msg`. A budget
+    /// failure carries its numbers in the completion (`reserved[0]` asked, `reserved[1]`
+    /// left, `out_len` the whole budget), so the client gets the same structured error.
+    pub fn into_error(self, c: &crate::shm::Descriptor, msg: String) -> KvdexError {
+        self.error_with(&msg, [c.reserved[0], c.reserved[1], c.out_len])
+    }
+}
+
+/// The numbers (asked, left, whole budget) in a budget error's message, as
+/// [`KvdexError::Budget`] displays them: an HTTP refusal carries them only in its text.
+pub fn budget_numbers(msg: &str) -> Option<[u64; 3]> {
+    let rest = msg.split("asked for ").nth(1)?;
+    let (asked, rest) = rest.split_once(" bytes, ")?;
+    let (left, rest) = rest.split_once(" bytes left of ")?;
+    let whole = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    Some([asked.parse().ok()?, left.parse().ok()?, whole.parse().ok()?])
 }
 
 /// The wire code of a dtype, as the worker writes the session shape into the region header.

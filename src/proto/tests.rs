@@ -162,3 +162,39 @@ fn error_categories_are_not_repeated() {
     let got = Status::of(&e).into_error(&c, e.to_string()).to_string();
     assert_eq!(got, format!("bad request: {e}"));
 }
+
+/// The one error table: every status survives its wire code; every failure status becomes a
+/// client error that maps back to it, and its HTTP status reads back as the same outcome
+/// (protocol faults answer 500 over HTTP, as internal ones do); budget numbers survive the
+/// HTTP text.
+#[test]
+fn every_status_round_trips_through_its_code_error_and_http_status() {
+    for s in Status::ALL {
+        assert_eq!(Status::from_code(s as u32), s);
+        if s == Status::Ok {
+            continue;
+        }
+        let e = s.error_with(&format!("{}what failed", s.message_prefix()), [7, 8, 9]);
+        assert_eq!(Status::of(&e), s, "{e}");
+        let over_http = Status::from_http(s.http_code());
+        let want = if s == Status::Protocol {
+            Status::Internal
+        } else {
+            s
+        };
+        assert_eq!(over_http, want, "{s:?} -> HTTP {}", s.http_code());
+        if s != Status::Budget {
+            assert_eq!(e.to_string().matches(s.message_prefix()).count(), 1, "{e}");
+        }
+    }
+    let e = KvdexError::Budget {
+        asked: 10,
+        left: 3,
+        budget: 100,
+    };
+    assert_eq!(
+        crate::proto::budget_numbers(&e.to_string()),
+        Some([10, 3, 100])
+    );
+    assert_eq!(crate::proto::budget_numbers("no numbers here"), None);
+}
