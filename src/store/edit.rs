@@ -95,6 +95,7 @@ impl Session {
             slim: None,
             sinks: Some(self.decode.sinks),
             window: Some(self.decode.window),
+            sample_rate: Some(self.sampling.rate()),
         };
         let mut copy = self.store.session_spec(self.shape, spec)?;
         let rb = self.shape.row_bytes();

@@ -124,6 +124,11 @@ impl SessionSampler {
         Ok(Self::new(layers as usize, rate, rand::random()))
     }
 
+    /// Share of each layer's retrieves sampled (a fork keeps its source's).
+    pub(in crate::store) fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Whether this retrieve of `layer` is sampled.
     pub(super) fn due(&self, layer: u32) -> bool {
         if self.threshold == 0 {
