@@ -144,6 +144,21 @@ def test_second_prefill_after_decode(client) -> None:
         assert (a - b).abs().max().item() < 1e-4
 
 
+@torch.no_grad()
+def test_second_prefill_of_a_bf16_model(client) -> None:
+    """A bf16 model keeps bf16 sessions, whose gathered rows come back as bf16 bits: the next
+    turn's queries must see the same keys as stock attention (to bf16 rounding)."""
+    mine, ref = models(config("llama"), torch.bfloat16)
+    ids = prompt(200)
+    with KvdexCache(mine, client, k=ALL, sinks=SINKS, window=WINDOW) as cache:
+        assert cache.stats()["session_dtype"] == "bf16"
+        mine(ids, past_key_values=cache, use_cache=True)
+        turn = prompt(30, seed=7)
+        got = mine(turn, past_key_values=cache, use_cache=True).logits.float()
+    want = ref(torch.cat([ids, turn], dim=1)).logits[:, -30:].float()
+    assert (got - want).abs().max().item() < 2e-1
+
+
 @pytest.mark.parametrize("short", [150, 10])
 @torch.no_grad()
 def test_batch_of_two_prompts_with_left_padding(client, short) -> None:

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..client import bf16_to_float32
 from ..errors import BadRequestError
 from .attn_math import local_partial, merge_partials
 from .sequences import Sequences, host_rows
@@ -32,6 +33,13 @@ try:  # transformers >= 4.56
     from transformers.cache_utils import CacheLayerMixin
 except ImportError as e:  # pragma: no cover (the version check in kvdex.hf says which)
     raise ImportError("kvdex.hf needs transformers >= 4.57 (CacheLayerMixin)") from e
+
+
+def rows_as_float32(rows: np.ndarray) -> np.ndarray:
+    """Gathered rows as float32: a bf16 session returns the bf16 bits as uint16."""
+    if rows.dtype == np.uint16:
+        return bf16_to_float32(rows)
+    return np.asarray(rows, dtype=np.float32)
 
 
 class KvdexLayer(CacheLayerMixin):
@@ -199,8 +207,8 @@ class KvdexLayer(CacheLayerMixin):
         ks, vs = [], []
         for h in range(self.keys.shape[1]):
             k, v = sess.gather(self.kv_layer, h, ids)
-            ks.append(torch.from_numpy(np.asarray(k, dtype=np.float32)))
-            vs.append(torch.from_numpy(np.asarray(v, dtype=np.float32)))
+            ks.append(torch.from_numpy(rows_as_float32(k)))
+            vs.append(torch.from_numpy(rows_as_float32(v)))
         to = dict(device=self.keys.device, dtype=self.keys.dtype)
         return torch.stack(ks).to(**to), torch.stack(vs).to(**to)
 
