@@ -38,8 +38,8 @@ def byte_tokenizer(chat: bool = False):
 def haystack_text(lines: int = 400, seed: int = 7) -> str:
     """Plain English-like text: sentences of random words from a fixed vocabulary."""
     rng = random.Random(seed)
-    vocab = [f"{a}{b}" for a in ("tal", "mor", "ven", "sil", "dra", "pon", "kew", "bru")
-             for b in ("ing", "ess", "ard", "ook", "ume", "ant", "ily", "orn")]
+    vocab = [f"{a}{b}{c}" for a in ("tal", "mor", "ven", "sil", "dra", "pon", "kew", "bru")
+             for b in ("in", "es", "ar", "oo", "um", "an", "il", "or") for c in "bdgkmprt"]
     return "\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 14))).capitalize() + "."
                      for _ in range(lines))
 
@@ -74,11 +74,11 @@ def test_unknown_task_is_refused(hay):
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
-@pytest.mark.parametrize("context", [512, 2048])
+@pytest.mark.parametrize("context", [1024, 3000])
 def test_prompt_hits_the_context_length_and_holds_the_answer(task, context, tok, hay):
     sample = tasks.make_sample(task, 1, 0, hay.words)
     p = build(sample, hay, tok, "plain", context)
-    assert abs(len(p.ids) - context) <= 16, (task, len(p.ids))
+    assert abs(len(p.ids) - context) <= max(16, context // 100), (task, len(p.ids))
     text = tok.decode(p.ids)
     assert text.endswith(sample.answer_prefix)
     for needle in sample.needles:

@@ -50,9 +50,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512, help="static recent tokens (kvdex, oracle)")
     p.add_argument("--budget", type=float, default=0.1,
                    help="attended fraction of streaming and oracle when no kvdex method runs (else kvdex's)")
-    p.add_argument("--coverage", type=float, default=None, help="kvdex: adaptive budget's attention mass")
+    p.add_argument("--coverage", type=float, default=None, help="kvdex: adaptive budget's attention mass (default: kvdex.hf's)")
     p.add_argument("--max-k", type=int, default=None, help="kvdex: most tokens retrieved per head")
     p.add_argument("--min-k", type=int, default=None, help="kvdex: fewest tokens retrieved per head")
+    p.add_argument("--k", type=int, default=None, help="kvdex: a fixed budget per head (instead of coverage)")
     p.add_argument("--daemon", default=None, help="a running kvdex daemon's URL (default: start one)")
     p.add_argument("--json", action="store_true", help="one JSON object per (task, method) per line")
     p.add_argument("--samples-out", default=None, help="also write every sample's outcome (JSON lines) here")
@@ -80,13 +81,13 @@ def kvdex_client(a: argparse.Namespace) -> Iterator[Optional[m.KvdexOptions]]:
     import kvdex
 
     def opts(client: object) -> m.KvdexOptions:
-        return m.KvdexOptions(client=client, coverage=a.coverage, max_k=a.max_k, min_k=a.min_k)
+        return m.KvdexOptions(client=client, sinks=a.sinks, window=a.window, coverage=a.coverage, max_k=a.max_k,
+                              min_k=a.min_k, k=a.k)
 
     if a.daemon:
         yield opts(kvdex.connect(a.daemon))
         return
-    env = {"KVDEX_DECODE__SINKS": str(a.sinks), "KVDEX_DECODE__WINDOW": str(a.window), "KVDEX_LOG": "warn"}
-    with kvdex.Daemon(env=env) as d:
+    with kvdex.Daemon(env={"KVDEX_LOG": "warn"}) as d:
         yield opts(kvdex.connect(d.url))
 
 

@@ -48,16 +48,21 @@ class Decoded:
 
 @dataclass
 class KvdexOptions:
-    """What ``KvdexCache.from_prefill`` gets besides the model and the prefill."""
+    """What ``KvdexCache.from_prefill`` gets besides the model, the prefill and the index kind;
+    None leaves kvdex.hf's default."""
 
     client: Any
+    sinks: int
+    window: int
     coverage: Optional[float] = None
     max_k: Optional[int] = None
     min_k: Optional[int] = None
+    k: Optional[int] = None
 
     def budget(self) -> Dict[str, Any]:
-        return {k: v for k, v in (("coverage", self.coverage), ("max_k", self.max_k), ("min_k", self.min_k))
-                if v is not None}
+        given = {"sinks": self.sinks, "window": self.window, "coverage": self.coverage, "max_k": self.max_k,
+                 "min_k": self.min_k, "k": self.k}
+        return {name: v for name, v in given.items() if v is not None}
 
 
 def hf_available() -> Optional[str]:
@@ -81,10 +86,15 @@ def prefill(model: Any, ids: Sequence[int], capture: bool) -> Prefilled:
     start = time.perf_counter()
     queries = None
     if capture:
-        from kvdex.hf import capture_queries
+        import kvdex.hf
 
-        with capture_queries(model) as queries:
-            model(input_ids=inputs, past_key_values=cache, use_cache=True)
+        # kvdex.hf records the queries in its own attention, which is SDPA on a stock cache.
+        model.set_attn_implementation(kvdex.hf.ATTN_IMPLEMENTATION)
+        try:
+            with kvdex.hf.capture_queries(model) as queries:
+                model(input_ids=inputs, past_key_values=cache, use_cache=True)
+        finally:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
         model(input_ids=inputs, past_key_values=cache, use_cache=True)
     return Prefilled(cache=cache, queries=queries, last_token=int(ids[-1]), seconds=time.perf_counter() - start)
@@ -142,20 +152,14 @@ def _decode_kvdex(method: str, model: Any, tokenizer: Any, pre: Prefilled, max_n
                   stop: Callable[[List[int]], bool], opts: KvdexOptions) -> Decoded:
     from kvdex.hf import KvdexCache
 
-    cache = KvdexCache.from_prefill(model, copy.deepcopy(pre.cache), pre.queries, client=opts.client,
-                                    index=KVDEX_METHODS[method], **opts.budget())
     model.set_attn_implementation("kvdex")
     try:
+        cache = KvdexCache.from_prefill(model, pre.cache, pre.queries, opts.client, index=KVDEX_METHODS[method],
+                                        **opts.budget())
         tokens, secs = greedy(model, cache, pre.last_token, max_new_tokens, stop)
     finally:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     stats = cache.stats()
-    close = getattr(cache, "close", None)
-    if close is not None:
-        close()
+    cache.close()
     return Decoded(tokens, tokenizer.decode(tokens, skip_special_tokens=True), secs,
-                   float(_stat(stats, "attended_fraction")), _stat(stats, "index_ready_s"))
-
-
-def _stat(stats: Any, name: str) -> Any:
-    return stats[name] if isinstance(stats, dict) else getattr(stats, name)
+                   float(stats["attended_fraction"] or 0.0), stats["index_ready_s"])

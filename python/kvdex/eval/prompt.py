@@ -43,16 +43,23 @@ class Haystack:
         self.words = haystack_words(text)
 
     def filler(self, rng: random.Random, tokens: int) -> Tuple[List[str], List[int]]:
-        """Consecutive lines (from a random start, wrapping around) of at most ``tokens`` tokens,
-        with their token counts."""
+        """Consecutive lines (from a random start, wrapping around) of about ``tokens`` tokens,
+        with their token counts; the last line is cut at a word to come close."""
         i = rng.randrange(len(self.lines))
         lines: List[str] = []
         counts: List[int] = []
         total = 0
-        while total + self.counts[i] <= tokens or not lines:
-            lines.append(self.lines[i])
-            counts.append(self.counts[i])
-            total += self.counts[i]
+        while total < tokens:
+            line, count = self.lines[i], self.counts[i]
+            if total + count > tokens:
+                words = line.split()
+                keep = len(words) * (tokens - total) // count
+                if keep == 0:
+                    break
+                line, count = " ".join(words[:keep]), (tokens - total)
+            lines.append(line)
+            counts.append(count)
+            total += count
             i = (i + 1) % len(self.lines)
         return lines, counts
 
