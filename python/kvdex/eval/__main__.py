@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional, Sequence
 
 from . import attention, methods as m, models, report
 from .prompt import FORMATS, Haystack, resolve_format
-from .runner import Settings, run
+from .runner import Outcome, Settings, run
 from .tasks import TASKS
 
 
@@ -104,14 +104,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s = Settings(tasks=a.tasks, methods=a.methods, context=a.context, samples=a.samples, seed=a.seed,
                  fmt=resolve_format(a.format, tokenizer), budget=a.budget, sinks=a.sinks, window=a.window,
                  max_new_tokens=a.max_new_tokens)
+    samples_out = open(a.samples_out, "w") if a.samples_out else None
+
+    def progress(o: Outcome) -> None:
+        bar.set_postfix_str(f"{o.task} #{o.index} {o.method} {'solved' if o.solved else 'failed'}")
+        bar.update()
+        if samples_out:
+            samples_out.write(json.dumps(o.__dict__) + "\n")
+            samples_out.flush()
+
     with kvdex_client(a) as kv, tqdm(total=len(a.tasks) * a.samples * len(a.methods), file=sys.stderr,
                                      desc="decodes") as bar:
         s.kvdex = kv
-        outcomes = run(model, tokenizer, hay, s, progress=lambda label: (bar.set_postfix_str(label), bar.update()))
-    if a.samples_out:
-        with open(a.samples_out, "w") as f:
-            for o in outcomes:
-                f.write(json.dumps(o.__dict__) + "\n")
+        outcomes = run(model, tokenizer, hay, s, progress=progress)
+    if samples_out:
+        samples_out.close()
     data = report.rows(outcomes, a.methods)
     for r in data:
         r.update(model=a.model, format=s.fmt, seed=a.seed)

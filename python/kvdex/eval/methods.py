@@ -92,11 +92,11 @@ def prefill(model: Any, ids: Sequence[int], capture: bool) -> Prefilled:
         model.set_attn_implementation(kvdex.hf.ATTN_IMPLEMENTATION)
         try:
             with kvdex.hf.capture_queries(model) as queries:
-                model(input_ids=inputs, past_key_values=cache, use_cache=True)
+                model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
-        model(input_ids=inputs, past_key_values=cache, use_cache=True)
+        model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return Prefilled(cache=cache, queries=queries, last_token=int(ids[-1]), seconds=time.perf_counter() - start)
 
 

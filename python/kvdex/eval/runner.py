@@ -51,8 +51,8 @@ def method_order(methods: Sequence[str]) -> List[str]:
 
 
 def run(model: Any, tokenizer: Any, hay: Haystack, s: Settings,
-        progress: Callable[[str], None] = lambda _: None) -> List[Outcome]:
-    """Every outcome of the run; ``progress`` is called after each decode with a short label."""
+        progress: Callable[[Outcome], None] = lambda _: None) -> List[Outcome]:
+    """Every outcome of the run; ``progress`` is called with each as soon as it is decoded."""
     order = method_order(s.methods)
     capture = any(x in m.KVDEX_METHODS for x in order)
     out: List[Outcome] = []
@@ -70,6 +70,6 @@ def run(model: Any, tokenizer: Any, hay: Haystack, s: Settings,
                 out.append(Outcome(task, i, method, len(prompt.ids), score(sample, d.text), list(sample.answers),
                                    d.text, d.attended_fraction, len(d.tokens), d.seconds, pre.seconds,
                                    d.index_ready_s))
-                progress(f"{task} #{i} {method}")
+                progress(out[-1])
             del pre
     return out
