@@ -181,3 +181,18 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "p.png"
     report.plot(report.rows(outcomes, ["full", "oracle"]), str(path), "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_pools_files_and_drops_unfinished_samples(tmp_path, capsys):
+    from kvdex.eval import summarize
+
+    a = [_outcome("niah", 0, "full", True), _outcome("niah", 0, "kvdex", True),
+         _outcome("niah", 1, "full", True)]  # sample 1 stopped before its kvdex decode
+    b = [_outcome("niah", 0, "full", True), _outcome("niah", 0, "kvdex", False)]
+    for name, rows in (("a", a), ("b", b)):
+        (tmp_path / name).write_text("".join(json.dumps(o.__dict__) + "\n" for o in rows))
+    pooled = summarize.load([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert len(pooled) == 4
+    assert summarize.main([str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
+    kv = [json.loads(x) for x in capsys.readouterr().out.splitlines()][1]
+    assert kv["method"] == "kvdex" and kv["full_solved"] == 2 and kv["solved_of_full"] == 0.5
