@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from typing import Iterator, List, Optional, Sequence
 
@@ -93,6 +94,16 @@ def kvdex_client(a: argparse.Namespace) -> Iterator[Optional[m.KvdexOptions]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that a daemon started here is stopped.
+    before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return evaluate(a)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def evaluate(a: argparse.Namespace) -> int:
+    """Runs the evaluation that ``a`` describes and prints its rows."""
     import torch
     from tqdm import tqdm
 
