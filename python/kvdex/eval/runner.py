@@ -56,8 +56,9 @@ def run(model: Any, tokenizer: Any, hay: Haystack, s: Settings,
     order = method_order(s.methods)
     capture = any(x in m.KVDEX_METHODS for x in order)
     out: List[Outcome] = []
-    for task in s.tasks:
-        for i in range(s.samples):
+    # Sample-major, so that a run stopped early has results for every task.
+    for i in range(s.samples):
+        for task in s.tasks:
             sample = make_sample(task, i, s.seed, hay.words)
             prompt = build(sample, hay, tokenizer, s.fmt, s.context)
             pre = m.prefill(model, prompt.ids, capture)
