@@ -196,3 +196,19 @@ def test_summarize_pools_files_and_drops_unfinished_samples(tmp_path, capsys):
     assert summarize.main([str(tmp_path / "a"), str(tmp_path / "b"), "--json"]) == 0
     kv = [json.loads(x) for x in capsys.readouterr().out.splitlines()][1]
     assert kv["method"] == "kvdex" and kv["full_solved"] == 2 and kv["solved_of_full"] == 0.5
+
+
+def test_decoding_stops_at_eos_or_a_line_break_after_the_answer(tok):
+    from kvdex.eval.methods import stopper
+
+    stop = stopper(tok)
+
+    def ids(text: str):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert not stop(ids(" 1234"))
+    assert not stop(ids(":\n"))  # the answer may follow on the next line
+    assert not stop(ids("\n\n"))
+    assert stop(ids(":\n 1234\n"))
+    assert stop(ids(" 1234.\n"))
+    assert stop(ids(" 12") + [tok.eos_token_id])

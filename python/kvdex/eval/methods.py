@@ -116,7 +116,8 @@ def greedy(model: Any, cache: Any, first: int, max_new_tokens: int, stop: Callab
 
 
 def stopper(tokenizer: Any) -> Callable[[List[int]], bool]:
-    """Stop at end-of-sequence, or at a line break once some answer text was generated."""
+    """Stop at end-of-sequence, or at a line break once a letter or digit was generated (a model
+    may open its answer with ``:`` and a line break)."""
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -124,7 +125,8 @@ def stopper(tokenizer: Any) -> Callable[[List[int]], bool]:
         if tokens[-1] in eos_ids:
             return True
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        return "\n" in text.lstrip()
+        first = next((i for i, c in enumerate(text) if c.isalnum()), None)
+        return first is not None and "\n" in text[first:]
 
     return stop
 
