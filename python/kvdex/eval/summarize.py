@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -45,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(report.table(data))
     if a.plot:
-        report.plot(data, a.plot, ", ".join(a.files))
+        report.plot(data, a.plot, ", ".join(os.path.basename(f) for f in a.files))
     return 0
 
 
