@@ -151,8 +151,8 @@ def test_second_prefill_of_a_bf16_model(client) -> None:
     mine, ref = models(config("llama"), torch.bfloat16)
     ids = prompt(200)
     with KvdexCache(mine, client, k=ALL, sinks=SINKS, window=WINDOW) as cache:
-        assert cache.stats()["session_dtype"] == "bf16"
         mine(ids, past_key_values=cache, use_cache=True)
+        assert cache.stats()["session_dtype"] == "bf16"
         turn = prompt(30, seed=7)
         got = mine(turn, past_key_values=cache, use_cache=True).logits.float()
     want = ref(torch.cat([ids, turn], dim=1)).logits[:, -30:].float()
