@@ -84,7 +84,7 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub fixed_k: Option<usize>,
     /// Prefill query positions sampled for the graph build (per query head). Default: one per
-    /// 128 tokens of the context, at least 1024 (BENCHMARKS.md, session 8: at 1M tokens 8192
+    /// 128 tokens of the context, at least 1024 (docs/design/0005: at 1M tokens 8192
     /// reach mass recall 0.95 at L 512, where 2048 needed L 1536).
     #[arg(long)]
     pub train: Option<usize>,
