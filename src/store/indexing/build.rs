@@ -130,7 +130,11 @@ impl BuildJob {
             st.secs = t.map_or(0.0, |t| t.elapsed().as_secs_f64());
             *t = None;
         });
-        session.insert_pending(layer);
+        // Tokens appended during the build were left to this: an append's own insert may
+        // already have started since the heads turned ready, and then it takes them.
+        if !li.inserting.swap(true, Ordering::AcqRel) {
+            session.insert_pending(layer);
+        }
     }
 }
 

@@ -10,18 +10,10 @@ impl Session {
     /// was built or last extended, when at least `insert_batch` are waiting. Never blocks.
     pub fn schedule_insert(self: &Arc<Self>, layer: u32) {
         let cfg = &self.decode;
-        let (Ok(li), Ok(len)) = (self.index_of(layer), self.len(layer)) else {
+        let Ok(li) = self.index_of(layer) else {
             return;
         };
-        let (indexed, _) = li.coverage();
-        let ready = li.heads.iter().all(|h| {
-            h.read()
-                .map(|h| matches!(*h, HeadIndex::Ready(_)))
-                .unwrap_or(false)
-        });
-        let pending = cfg.retrievable_end(len).saturating_sub(cfg.sinks + indexed);
-        if !ready || pending < cfg.insert_batch.max(1) || li.inserting.swap(true, Ordering::AcqRel)
-        {
+        if !self.inserts_waiting(layer) || li.inserting.swap(true, Ordering::AcqRel) {
             return;
         }
         match self.store.pool.get(cfg.build_threads) {
@@ -48,10 +40,44 @@ impl Session {
     /// between batches so that searches (which scan what is not inserted) wait at most one
     /// batch. The decode queries captured since the last insert guide each head's first batch
     /// (`MipsIndexMut::insert_guided`); later batches of a backlog, or a head with none
-    /// captured, insert keys only.
+    /// captured, insert keys only. The caller has set the layer's `inserting` flag; it is
+    /// cleared here when nothing is left.
     pub(super) fn insert_pending(&self, layer: u32) {
         let Ok(li) = self.index_of(layer) else { return };
-        li.inserting.store(true, Ordering::Release);
+        loop {
+            let failed = self.insert_backlog(layer, li);
+            li.inserting.store(false, Ordering::Release);
+            // An append that arrived after the backlog's last look but before the flag was
+            // cleared did not schedule an insert (it saw the flag set): look once more, or
+            // those tokens would wait for the next append, which may never come. (Not after a
+            // failed batch: the next append retries it.)
+            if failed || !self.inserts_waiting(layer) || li.inserting.swap(true, Ordering::AcqRel) {
+                break;
+            }
+        }
+    }
+
+    /// Whether `layer` has a ready index and at least `insert_batch` tokens that left the
+    /// window and are not in it.
+    fn inserts_waiting(&self, layer: u32) -> bool {
+        let cfg = &self.decode;
+        let (Ok(li), Ok(len)) = (self.index_of(layer), self.len(layer)) else {
+            return false;
+        };
+        let (indexed, _) = li.coverage();
+        let ready = li.heads.iter().all(|h| {
+            h.read()
+                .map(|h| matches!(*h, HeadIndex::Ready(_)))
+                .unwrap_or(false)
+        });
+        let pending = cfg.retrievable_end(len).saturating_sub(cfg.sinks + indexed);
+        ready && pending >= cfg.insert_batch.max(1)
+    }
+
+    /// Inserts the waiting tokens of every KV head of `layer` until none is left. Returns
+    /// whether a batch failed.
+    fn insert_backlog(&self, layer: u32, li: &LayerIndex) -> bool {
+        let mut failed = false;
         let mut guides = li.guides.take();
         guides.resize_with(li.heads.len(), Vec::new);
         loop {
@@ -76,6 +102,7 @@ impl Session {
                     }
                     Ok(None) => {}
                     Err(e) => {
+                        failed = true;
                         tracing::warn!(layer, kv_head = g, error = %e, "index insert failed");
                     }
                 }
@@ -84,7 +111,7 @@ impl Session {
                 break;
             }
         }
-        li.inserting.store(false, Ordering::Release);
+        failed
     }
 
     /// Records a background insert of `layer` that failed by panicking. Inserts of the layer
