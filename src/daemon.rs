@@ -57,7 +57,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let data_socket = config.data_socket();
     let cpus = config.worker_cpus()?;
     let worker = crate::worker::WorkerConfig {
-        wait: crate::shm::wait::WaitPolicy {
+        wait: kvdex_wire::shm::wait::WaitPolicy {
             spin: std::time::Duration::from_micros(config.sessions.worker_spin_us),
             ..Default::default()
         },

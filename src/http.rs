@@ -48,7 +48,7 @@ impl From<KvdexError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let code = crate::proto::Status::of(&self.0).http_code();
+        let code = self.0.status().http_code();
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::warn!(error = %self.0, "request failed");

@@ -125,7 +125,7 @@ impl Metrics {
         .map_err(prom)?;
         // Label vectors export nothing until a child exists: create every known one at zero,
         // so that a fresh daemon's dashboard shows 0 rather than "No data".
-        for op in crate::proto::Opcode::ALL {
+        for op in kvdex_wire::proto::Opcode::ALL {
             for status in ["ok", "error"] {
                 requests.with_label_values(&[op.name(), status]);
             }
@@ -134,7 +134,7 @@ impl Metrics {
         for reason in END_REASONS {
             sessions_ended.with_label_values(&[reason]);
         }
-        let per_op = crate::proto::Opcode::ALL
+        let per_op = kvdex_wire::proto::Opcode::ALL
             .iter()
             .map(|op| OpChildren {
                 op: op.name(),

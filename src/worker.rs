@@ -10,7 +10,7 @@
 //!   id, offsets and lengths against its own state ([`dispatch::Dispatcher`]), and answers a bad
 //!   request with an error completion whose message lands in the error slot;
 //! - ends the session with [`ExitReason::Protocol`] when the client truncated its region file
-//!   (the daemon's mapping then reads zeros, see [`crate::shm::bus`]);
+//!   (the daemon's mapping then reads zeros, see [`kvdex_wire::shm::bus`]);
 //! - treats an impossible ring index as a protocol violation: it posts a `Protocol` error
 //!   completion if it can, marks the region closed, and exits with [`ExitReason::Protocol`];
 //!   other clients, which have their own regions and workers, are untouched.
@@ -31,13 +31,14 @@ use std::time::Duration;
 
 use crate::affinity::CpuMask;
 use crate::error::{KvdexError, Result};
-use crate::proto::{self, Opcode, Status};
-use crate::shm::layout::{attach_state, close_reason};
-use crate::shm::wait::{self, PidWatch, WaitPolicy};
-use crate::shm::{ConsumerState, Descriptor, ProducerState, Region};
 use crate::store::retrieve::RetrieveStats;
 use crate::store::Session;
 use dispatch::Dispatcher;
+use kvdex_wire::proto::{self, Opcode, Status};
+use kvdex_wire::shm::layout::{attach_state, close_reason};
+use kvdex_wire::shm::wait::{self, PidWatch, WaitPolicy};
+use kvdex_wire::shm::{ConsumerState, Descriptor, ProducerState, Region};
+use kvdex_wire::SessionToken;
 pub use liveness::Liveness;
 
 /// How the daemon records per-request metrics (control implements it with prometheus).
@@ -237,17 +238,6 @@ impl Drop for Worker {
     }
 }
 
-/// Constant-time comparison of the presented token with ours.
-fn token_matches(presented: [u64; 2], ours: &[u8; 16]) -> bool {
-    let mut diff = 0u64;
-    for (i, w) in presented.iter().enumerate() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&ours[i * 8..i * 8 + 8]);
-        diff |= w ^ u64::from_le_bytes(b);
-    }
-    std::hint::black_box(diff) == 0
-}
-
 struct Attachment {
     attached: bool,
     watch: Option<PidWatch>,
@@ -260,7 +250,7 @@ fn judge_attach(region: &Region, token: &[u8; 16], att: &mut Attachment) {
         a.token[1].load(Ordering::Relaxed),
     ];
     let pid = a.client_pid.load(Ordering::Relaxed);
-    let verdict = if !token_matches(presented, token) {
+    let verdict = if !SessionToken::from_bytes(*token).matches_words(presented) {
         tracing::warn!(region = %region.path().display(), "attach with a wrong token refused");
         att.attached = false;
         attach_state::REJECTED
@@ -439,19 +429,5 @@ fn serve(
             }
         }
         woke_client = wait::notify(&h.client_sleeping.0);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_compare() {
-        let t = [7u8; 16];
-        let w = u64::from_le_bytes([7; 8]);
-        assert!(token_matches([w, w], &t));
-        assert!(!token_matches([w, w ^ 1], &t));
-        assert!(!token_matches([0, 0], &t));
     }
 }

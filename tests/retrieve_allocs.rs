@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 #[path = "shm_common/mod.rs"]
 mod shm_common;
 
-use kvdex::client::Client;
 use kvdex::metrics::Metrics;
-use kvdex::shm::Region;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::{DecodeConfig, Store};
 use kvdex::worker::{Worker, WorkerConfig};
+use kvdex_client::Client;
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
+use kvdex_wire::shm::Region;
 use shm_common::*;
 
 /// The system allocator, counting allocations while `COUNTING` is set.

@@ -2,7 +2,7 @@
 
 mod shm_common;
 
-use kvdex::client::Client;
+use kvdex_client::Client;
 use shm_common::*;
 
 #[test]

@@ -7,12 +7,12 @@ mod shm_common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kvdex::client::{format_token, Client};
-use kvdex::error::KvdexError;
-use kvdex::shm::layout::{attach_state, Descriptor};
-use kvdex::shm::wait;
-use kvdex::shm::{ConsumerState, ProducerState, Region};
 use kvdex::worker::ExitReason;
+use kvdex_client::Error as KvdexError;
+use kvdex_client::{Client, SessionToken};
+use kvdex_wire::shm::layout::{attach_state, Descriptor};
+use kvdex_wire::shm::wait;
+use kvdex_wire::shm::{ConsumerState, ProducerState, Region};
 use shm_common::*;
 
 fn recv_exit(s: &Served) -> ExitReason {
@@ -46,7 +46,7 @@ fn missing_token_gets_unauthorized_and_nothing_is_served() {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    assert_eq!(done.code, kvdex::proto::Status::Unauthorized as u32);
+    assert_eq!(done.code, kvdex_wire::proto::Status::Unauthorized as u32);
     assert_eq!(done.out_len, 0);
     let mut buf = [0u8; 256];
     let n = r.read_error(index, done.aux, &mut buf);
@@ -68,7 +68,7 @@ fn wrong_token_is_refused_then_the_right_one_works() {
     }
     let mut h = Client::attach_with(&s.path, &s.token, test_wait()).unwrap();
     assert_eq!(h.ping(b"ok").unwrap(), b"ok");
-    assert_eq!(format_token(&s.token).len(), 32);
+    assert_eq!(SessionToken::from_bytes(s.token).to_string().len(), 32);
 }
 
 #[test]
@@ -283,7 +283,9 @@ fn child_attaches_and_hangs() {
     ) else {
         return;
     };
-    let token = kvdex::client::parse_token(&token).unwrap();
+    let token = *kvdex_client::SessionToken::parse(&token)
+        .unwrap()
+        .as_bytes();
     let mut h = Client::attach_with(&path, &token, test_wait()).unwrap();
     // Requests back to back until killed, so the kill most likely lands mid-request.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -303,7 +305,10 @@ fn killed_client_is_detected() {
             "--nocapture",
         ])
         .env("KVDEX_TEST_REGION", &s.path)
-        .env("KVDEX_TEST_TOKEN", format_token(&s.token))
+        .env(
+            "KVDEX_TEST_TOKEN",
+            SessionToken::from_bytes(s.token).to_string(),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -5,9 +5,9 @@
 mod common;
 
 use common::Daemon;
-use kvdex::client::{Client, SessionOptions, SocketSession};
 use kvdex::store::Shape;
-use kvdex::KvdexError;
+use kvdex_client::Error as KvdexError;
+use kvdex_client::{Client, SessionOptions, SocketSession};
 
 /// Bytes for K/V rows; the budget also holds the session's region and one socket arena.
 const ROWS: u64 = 65536;
@@ -16,9 +16,10 @@ const PAYLOAD: u64 = 131072;
 
 /// The whole budget: [`ROWS`], plus the region and the data-socket arena, which it covers too.
 fn budget() -> u64 {
-    let region = kvdex::shm::Geometry::new(kvdex::shm::layout::DEFAULT_RING_SLOTS, PAYLOAD)
-        .unwrap()
-        .total_bytes;
+    let region =
+        kvdex_wire::shm::Geometry::new(kvdex_wire::shm::layout::DEFAULT_RING_SLOTS, PAYLOAD)
+            .unwrap()
+            .total_bytes;
     ROWS + region + PAYLOAD
 }
 
@@ -212,19 +213,19 @@ fn over_budget_appends_are_typed_budget_errors_on_both_transports() {
 
 #[test]
 fn a_client_of_another_protocol_version_is_refused_naming_both() {
-    use kvdex::worker::socket::{Hello, FRAME_HEADER, HELLO_VERSION};
+    use kvdex_wire::hello::{Hello, FRAME_HEADER, HELLO_VERSION};
     use std::io::{Read, Write};
     let (d, sock_path) = start("datasock-version");
     // Version 1 sent the retrieve scale 0 for "default"; version 2 has a SCALE flag. A
     // version-1 client must be told so at the hello, not have its retrieves misread.
-    assert_eq!(u64::from(HELLO_VERSION), kvdex::shm::layout::VERSION);
+    assert_eq!(u64::from(HELLO_VERSION), kvdex_wire::shm::layout::VERSION);
     let mut old = Hello::new("0123456789abcdef", &[0u8; 16]).unwrap();
     old.version = 1;
     let mut s = std::os::unix::net::UnixStream::connect(&sock_path).unwrap();
     s.write_all(bytemuck::bytes_of(&old)).unwrap();
     let mut head = [0u8; FRAME_HEADER];
     s.read_exact(&mut head).unwrap();
-    let c: kvdex::shm::Descriptor = bytemuck::pod_read_unaligned(&head);
+    let c: kvdex_wire::shm::Descriptor = bytemuck::pod_read_unaligned(&head);
     assert_ne!(c.code, 0, "an old hello was accepted");
     let mut msg = vec![0u8; c.aux as usize];
     s.read_exact(&mut msg).unwrap();

@@ -3,7 +3,8 @@
 //! `Box<dyn MipsIndexMut>`.
 
 use crate::cluster::{ClusterIndex, ClusterParams};
-use crate::hnsw::{HnswIndex, HnswParams};
+#[cfg(feature = "hnsw")]
+use crate::hnsw::HnswIndex;
 use crate::qgraph::{build::build as build_graph, GraphParams};
 use crate::{FlatIndex, IndexError, KeyStore, MipsIndexMut};
 
@@ -86,8 +87,36 @@ pub fn build_index(
 ) -> Result<Box<dyn MipsIndexMut>, IndexError> {
     Ok(match kind {
         IndexKind::Flat => Box::new(FlatIndex::new(keys.len())),
+        #[cfg(feature = "hnsw")]
         IndexKind::Hnsw => Box::new(HnswIndex::build(keys, &params.hnsw)?),
+        #[cfg(not(feature = "hnsw"))]
+        IndexKind::Hnsw => {
+            return Err(IndexError::InvalidArgument(
+                "index kind hnsw: this build of kvdex-index has no `hnsw` feature".into(),
+            ))
+        }
         IndexKind::Graph => Box::new(build_graph(keys, training, &params.graph)?),
         IndexKind::Cluster => Box::new(ClusterIndex::build(keys, &params.cluster)?),
     })
+}
+
+/// Parameters of the HNSW baseline. Plain fields, so configuration layers can mirror them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HnswParams {
+    /// M: links per node per layer (hnsw_rs caps it at 256).
+    pub m: usize,
+    /// ef_construction: beam width while inserting.
+    pub ef_construction: usize,
+    /// ef_search: beam width of a search (raised to k when smaller).
+    pub ef_search: usize,
+}
+
+impl Default for HnswParams {
+    fn default() -> Self {
+        Self {
+            m: 32,
+            ef_construction: 200,
+            ef_search: 200,
+        }
+    }
 }

@@ -9,31 +9,12 @@
 //! approximate for them); a rebuild restores it.
 
 use crate::error::check_finite;
-use crate::{Hits, IndexError, KeyStore, MipsIndex, MipsIndexMut, SearchScratch, SearchStats};
+use crate::{
+    Hits, HnswParams, IndexError, KeyStore, MipsIndex, MipsIndexMut, SearchScratch, SearchStats,
+};
 use hnsw_rs::anndists::dist::Distance;
 use hnsw_rs::hnsw::Hnsw;
 use std::cell::Cell;
-
-/// Parameters of the HNSW baseline. Plain fields, so configuration layers can mirror them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HnswParams {
-    /// M: links per node per layer (hnsw_rs caps it at 256).
-    pub m: usize,
-    /// ef_construction: beam width while inserting.
-    pub ef_construction: usize,
-    /// ef_search: beam width of a search (raised to k when smaller).
-    pub ef_search: usize,
-}
-
-impl Default for HnswParams {
-    fn default() -> Self {
-        Self {
-            m: 32,
-            ef_construction: 200,
-            ef_search: 200,
-        }
-    }
-}
 
 thread_local! {
     /// Distance evaluations on this thread: how `scored` is measured for hnsw_rs searches.

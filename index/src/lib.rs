@@ -26,6 +26,7 @@ pub mod builder;
 pub mod cluster;
 pub mod error;
 pub mod flat;
+#[cfg(feature = "hnsw")]
 pub mod hnsw;
 pub mod keys;
 pub mod prefetch;
@@ -33,11 +34,12 @@ pub mod qgraph;
 pub mod simd;
 pub mod topk;
 
-pub use builder::{build_index, IndexKind, IndexParams, TrainingSignal};
+pub use builder::{build_index, HnswParams, IndexKind, IndexParams, TrainingSignal};
 pub use cluster::{ClusterIndex, ClusterParams};
 pub use error::IndexError;
 pub use flat::FlatIndex;
-pub use hnsw::{HnswIndex, HnswParams};
+#[cfg(feature = "hnsw")]
+pub use hnsw::HnswIndex;
 pub use keys::{KeyDtype, KeySlice, KeyStore};
 pub use qgraph::{GraphParams, QueryGuidedGraph};
 pub use topk::{Hits, TopK};

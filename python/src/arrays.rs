@@ -146,14 +146,14 @@ pub fn shape_from_args(
     kv_heads: u32,
     head_dim: u32,
     dtype: &str,
-) -> PyResult<kvdex::store::Shape> {
-    let dtype = kvdex::store::dtype_serde::parse(dtype).ok_or_else(|| {
+) -> PyResult<kvdex_wire::Shape> {
+    let dtype = kvdex_wire::dtype_serde::parse(dtype).ok_or_else(|| {
         bad_request(
             py,
             format!("unknown dtype {dtype:?}: expected f16, bf16 or f32"),
         )
     })?;
-    Ok(kvdex::store::Shape {
+    Ok(kvdex_wire::Shape {
         layers,
         q_heads,
         kv_heads,

@@ -1,7 +1,7 @@
-//! `Client` and `attach`: the Rust client's ([`kvdex::client`]) control plane exposed to
+//! `Client` and `attach`: the Rust client's ([`kvdex_client`]) control plane exposed to
 //! Python; both hand back a [`Session`] (in [`crate::session`]).
 
-use kvdex::client::{parse_token, Client as RustClient, SessionOptions};
+use kvdex_client::{Client as RustClient, SessionOptions, SessionToken};
 use pyo3::prelude::*;
 
 use crate::errors::{bad_request, to_py};
@@ -59,7 +59,7 @@ impl Client {
         if slim_rope.is_some() && !slim {
             return Err(bad_request(py, "slim_rope is given but slim is not True"));
         }
-        let slim = slim.then(|| kvdex::store::SlimSpec {
+        let slim = slim.then(|| kvdex_wire::SlimSpec {
             rope: slim_rope
                 .map(|(theta, rope_dim)| kvdex_index::attend::RopeSpec { theta, rope_dim }),
         });
@@ -80,7 +80,9 @@ impl Client {
 /// attach(shm_path, token_hex): attaches to a region directly, bypassing HTTP.
 #[pyfunction]
 pub fn attach(py: Python<'_>, shm_path: &str, token: &str) -> PyResult<Session> {
-    let token = parse_token(token).map_err(|e| to_py(py, e))?;
+    let token = *SessionToken::parse(token)
+        .map_err(|e| to_py(py, e))?
+        .as_bytes();
     let handle = py
         .detach(|| RustClient::attach(shm_path, &token))
         .map_err(|e| to_py(py, e))?;

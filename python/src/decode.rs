@@ -1,6 +1,6 @@
 //! The decode path on an attached session: `seal` (a layer's prefill, with the prefill queries
 //! as the index's training signal) and `retrieve` (search, budget, partial attention, gather),
-//! over [`kvdex::client::SessionHandle::seal`] / [`retrieve`](kvdex::client::SessionHandle::retrieve).
+//! over [`kvdex_client::SessionHandle::seal`] / [`retrieve`](kvdex_client::SessionHandle::retrieve).
 //!
 //! The Rust client reads a retrieve's results in place from the arena, which the next request
 //! overwrites, so every result here is a new numpy array (one copy out of the arena). A
@@ -8,12 +8,12 @@
 //! `wait_retrieve` copies its results out.
 
 use half::f16;
-use kvdex::client::{RetrieveRequest, Retrieved, SessionHandle};
-use kvdex::decode::wire::{ATTEND, GATHER};
-use kvdex::store::retrieve::{Budget, NO_LIMIT};
-use kvdex::store::Shape;
+use kvdex_client::{RetrieveRequest, Retrieved, SessionHandle};
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::{IndexKind, KeyDtype};
+use kvdex_wire::decode::{ATTEND, GATHER};
+use kvdex_wire::Shape;
+use kvdex_wire::{Budget, NO_LIMIT};
 use numpy::{
     PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray3, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,

@@ -4,8 +4,8 @@
 //! matching builtin (`ValueError`, `KeyError`, `PermissionError`, `ConnectionError`), which a
 //! PyO3 `create_exception!` cannot express.
 
-use kvdex::proto::Status;
-use kvdex::KvdexError;
+use kvdex_wire::proto::Status;
+use kvdex_wire::Error as KvdexError;
 use pyo3::prelude::*;
 
 /// Builds the `kvdex.errors.<class_name>` exception carrying `msg`.
@@ -29,7 +29,13 @@ fn class_of(e: &KvdexError) -> &'static str {
     if let KvdexError::Io(_) = e {
         return "DisconnectedError";
     }
-    match Status::of(e) {
+    class_of_status(Status::of(e))
+}
+
+/// The exception class of a failure status.
+#[warn(clippy::wildcard_enum_match_arm)]
+fn class_of_status(status: Status) -> &'static str {
+    match status {
         Status::BadRequest => "BadRequestError",
         Status::NotFound => "NotFoundError",
         Status::Unauthorized => "UnauthorizedError",
@@ -44,6 +50,17 @@ fn class_of(e: &KvdexError) -> &'static str {
 /// Converts a crate error into the matching Python exception, keeping its message.
 pub fn to_py(py: Python<'_>, e: KvdexError) -> PyErr {
     py_error(py, class_of(&e), e.to_string())
+}
+
+/// Converts an error of the in-process daemon parts (`LocalSession`, `InProcessServer`) into
+/// the exception its status says.
+#[cfg(feature = "inproc")]
+pub fn daemon_to_py(py: Python<'_>, e: kvdex::KvdexError) -> PyErr {
+    let class = match e {
+        kvdex::KvdexError::Io(_) => "DisconnectedError",
+        _ => class_of_status(e.status()),
+    };
+    py_error(py, class, e.to_string())
 }
 
 /// Shorthand for a `BadRequestError` raised by the binding's own argument checks.

@@ -9,13 +9,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvdex::client::format_token;
-use kvdex::shm::Region;
 use kvdex::store::Session;
 use kvdex::worker::{NoopObserver, Worker};
+use kvdex_wire::shm::Region;
+use kvdex_wire::SessionToken;
 use pyo3::prelude::*;
 
-use crate::errors::to_py;
+use crate::errors::{daemon_to_py, to_py};
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -50,7 +50,7 @@ impl InProcessServer {
         payload_bytes: u64,
     ) -> PyResult<Self> {
         let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
-        let session = Arc::new(Session::new(shape).map_err(|e| to_py(py, e))?);
+        let session = Arc::new(Session::new(shape).map_err(|e| daemon_to_py(py, e))?);
         let path = format!(
             "/dev/shm/kvdex-py-{}-{}",
             std::process::id(),
@@ -65,11 +65,11 @@ impl InProcessServer {
             Arc::new(NoopObserver),
             Box::new(|_| {}),
         )
-        .map_err(|e| to_py(py, e))?;
+        .map_err(|e| daemon_to_py(py, e))?;
         Ok(Self {
             worker: Mutex::new(Some(worker)),
             shm_path: path,
-            token: format_token(&token),
+            token: SessionToken::from_bytes(token).to_string(),
         })
     }
 

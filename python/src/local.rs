@@ -12,7 +12,7 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::arrays::{check_shape, to_f32, FloatArray};
-use crate::errors::{bad_request, to_py};
+use crate::errors::{bad_request, daemon_to_py};
 
 /// Reusable buffers, so that repeated calls do not allocate on the Rust side.
 #[derive(Default)]
@@ -52,7 +52,7 @@ impl LocalSession {
         dtype: &str,
     ) -> PyResult<Self> {
         let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
-        let session = Session::new(shape).map_err(|e| to_py(py, e))?;
+        let session = Session::new(shape).map_err(|e| daemon_to_py(py, e))?;
         Ok(Self {
             session,
             scratch: Default::default(),
@@ -74,7 +74,7 @@ impl LocalSession {
 
     /// Tokens stored for `layer`.
     fn len(&self, py: Python<'_>, layer: u32) -> PyResult<usize> {
-        self.session.len(layer).map_err(|e| to_py(py, e))
+        self.session.len(layer).map_err(|e| daemon_to_py(py, e))
     }
 
     /// Appends K and V, each `[kv_heads, tokens, head_dim]` float16/float32; returns the new length.
@@ -100,7 +100,7 @@ impl LocalSession {
         );
         let session = &self.session;
         py.detach(|| session.append(layer, tokens, &kb, &vb))
-            .map_err(|e| to_py(py, e))
+            .map_err(|e| daemon_to_py(py, e))
     }
 
     /// Exact top-`k` per query head: `q` float32 `[q_heads, head_dim]` -> (ids uint32
@@ -123,7 +123,7 @@ impl LocalSession {
             .lock()
             .map_err(|_| bad_request(py, "session scratch poisoned"))?;
         let sc = &mut *guard;
-        let cap = k.min(self.session.len(layer).map_err(|e| to_py(py, e))?);
+        let cap = k.min(self.session.len(layer).map_err(|e| daemon_to_py(py, e))?);
         sc.ids.resize(h * cap, 0);
         sc.scores.resize(h * cap, 0.0);
         let session = &self.session;
@@ -139,7 +139,7 @@ impl LocalSession {
                     &mut sc.scores,
                 )
             })
-            .map_err(|e| to_py(py, e))?;
+            .map_err(|e| daemon_to_py(py, e))?;
         let ids = PyArray1::from_slice(py, &sc.ids[..h * used]).reshape([h, used])?;
         let scores = PyArray1::from_slice(py, &sc.scores[..h * used]).reshape([h, used])?;
         Ok((ids, scores))
@@ -164,7 +164,7 @@ impl LocalSession {
         sc.rows.resize(2 * n * rb, 0);
         let session = &self.session;
         py.detach(|| session.gather(layer, kv_head, &ids, &mut sc.rows))
-            .map_err(|e| to_py(py, e))?;
+            .map_err(|e| daemon_to_py(py, e))?;
         let (kb, vb) = sc.rows.split_at(n * rb);
         let mut out = Vec::with_capacity(2);
         for part in [kb, vb] {
@@ -233,7 +233,7 @@ impl LocalSession {
             }
             Ok(times)
         })
-        .map_err(|e| to_py(py, e))
+        .map_err(|e| daemon_to_py(py, e))
     }
 
     /// Bytes of K and V held.

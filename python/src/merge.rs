@@ -1,4 +1,4 @@
-//! Binds [`kvdex::client::merge`]: the exact log-sum-exp merge of two partial attentions over
+//! Binds [`kvdex_client::merge`]: the exact log-sum-exp merge of two partial attentions over
 //! disjoint token sets (the engine's static tokens and kvdex's retrieved ones).
 
 use numpy::{
@@ -47,7 +47,7 @@ pub fn merge_partials<'py>(
     );
     let mut out = vec![0f32; h * d];
     let mut lse = vec![0f32; h];
-    kvdex::client::merge::merge(oa, la, ob, lb, &mut out, &mut lse).map_err(|e| to_py(py, e))?;
+    kvdex_client::merge::merge(oa, la, ob, lb, &mut out, &mut lse).map_err(|e| to_py(py, e))?;
     let out = PyArray1::from_vec(py, out).reshape([h, d])?;
     Ok((out, PyArray1::from_vec(py, lse)))
 }

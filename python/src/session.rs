@@ -1,4 +1,4 @@
-//! `Session`: an attached session exposed to Python, over [`kvdex::client::SessionHandle`].
+//! `Session`: an attached session exposed to Python, over [`kvdex_client::SessionHandle`].
 //!
 //! Results: the Rust client hands back slices of the shared-memory arena that the next request
 //! overwrites, so a numpy view of them would change under the caller. The binding therefore
@@ -18,8 +18,8 @@ mod rows;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvdex::client::{RetrieveRequest, SessionHandle};
-use kvdex::store::{dtype_serde, Shape};
+use kvdex_client::{RetrieveRequest, SessionHandle};
+use kvdex_wire::{dtype_serde, Shape};
 use numpy::{
     PyArray2, PyArrayMethods, PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
@@ -305,7 +305,7 @@ impl Session {
         limits: Option<Vec<u32>>,
     ) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
         let (qs, limits) = crate::decode::positions(py, &self.shape, &q, limits)?;
-        let params = kvdex::store::retrieve::RetrieveParams {
+        let params = kvdex_wire::RetrieveParams {
             budget: crate::decode::budget(py, k, coverage, min_k, max_k)?,
             attend,
             gather,
@@ -316,8 +316,7 @@ impl Session {
             q: qs,
             limits: limits.as_deref(),
             params,
-            engine_rows: into
-                .map(|(dest, offset)| kvdex::decode::wire::EngineRows { dest, offset }),
+            engine_rows: into.map(|(dest, offset)| kvdex_wire::decode::EngineRows { dest, offset }),
         };
         self.with(py, |o| crate::decode::retrieve(py, &mut o.handle, &r))
     }
@@ -341,7 +340,7 @@ impl Session {
         limits: Option<Vec<u32>>,
     ) -> PyResult<pending::PendingRetrieve> {
         let (qs, limits) = crate::decode::positions(py, &self.shape, &q, limits)?;
-        let params = kvdex::store::retrieve::RetrieveParams {
+        let params = kvdex_wire::RetrieveParams {
             budget: crate::decode::budget(py, k, coverage, min_k, max_k)?,
             attend,
             gather,

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::shm::layout::DEFAULT_RING_SLOTS;
-use crate::shm::{Geometry, Region};
 use crate::store::budget::{Part, Reservation};
 use crate::store::{Budget, Session};
 use crate::worker::socket::{SocketHub, SocketRegistration};
 use crate::worker::{ExitReason, Liveness, Observer, Worker, WorkerConfig};
+use kvdex_wire::shm::layout::DEFAULT_RING_SLOTS;
+use kvdex_wire::shm::{Geometry, Region};
 
 /// What a data plane needs to serve one session.
 pub struct DataPlaneSpec {

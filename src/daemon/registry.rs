@@ -18,6 +18,7 @@ use crate::store::{
     dtype_serde, LayerStats, Session, SessionSpec, Shape, SlimSpec, SlimStats, Store,
 };
 use kvdex_index::attend::RopeSpec;
+use kvdex_wire::SessionToken;
 
 /// Bytes of a session token: 128 bits from the OS RNG.
 pub const TOKEN_BYTES: usize = 16;
@@ -169,24 +170,6 @@ pub struct Registry {
 /// Hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses 32 hex chars into a token; None for anything else.
-pub fn parse_token(s: &str) -> Option<[u8; TOKEN_BYTES]> {
-    let s = s.as_bytes();
-    if s.len() != 2 * TOKEN_BYTES {
-        return None;
-    }
-    let mut out = [0u8; TOKEN_BYTES];
-    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Compares tokens in time independent of where they differ.
-pub fn tokens_equal(a: &[u8; TOKEN_BYTES], b: &[u8; TOKEN_BYTES]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Registry {
@@ -343,7 +326,7 @@ impl Registry {
         tracing::info!(%id, ?shape, payload_bytes, sinks, window, "session created");
         Ok(Created {
             id,
-            token: hex(&token),
+            token: SessionToken::from_bytes(token).to_string(),
             shm_path,
             payload_bytes,
             data_socket: self.config.data_socket(),
@@ -363,8 +346,8 @@ impl Registry {
         let entry = map
             .get(id)
             .ok_or_else(|| KvdexError::NotFound(format!("session {id:?}")))?;
-        match parse_token(token) {
-            Some(t) if tokens_equal(&t, &entry.token) => Ok(entry),
+        match SessionToken::parse(token) {
+            Ok(t) if t.matches(&entry.token) => Ok(entry),
             _ => Err(KvdexError::Unauthorized(format!(
                 "wrong token for session {id}"
             ))),

@@ -26,7 +26,7 @@ fn process_exists(pid: u32) -> bool {
 }
 
 /// Whether some process holds a `flock` on `path`: a live daemon keeps a shared lock on each
-/// region it created ([`crate::shm::Region`]), visible across pid namespaces.
+/// region it created ([`kvdex_wire::shm::Region`]), visible across pid namespaces.
 fn locked(path: &Path) -> bool {
     let Ok(file) = std::fs::File::open(path) else {
         return true;

@@ -27,7 +27,6 @@ mod layer;
 pub mod observe;
 pub mod retrieve;
 pub mod sampler;
-mod shape;
 pub mod slim;
 mod spec;
 
@@ -43,10 +42,10 @@ pub use accounting::LayerStats;
 pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
 pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
+pub use kvdex_wire::{dtype_serde, Shape, SlimSpec};
 use layer::LayerKv;
 pub use observe::{BuildObserver, BuildOutcome, DecodeGauges};
-pub use shape::{dtype_serde, Shape};
-pub use slim::{SlimSpec, SlimStats};
+pub use slim::SlimStats;
 pub use spec::SessionSpec;
 
 use crate::error::{KvdexError, Result};

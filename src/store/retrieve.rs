@@ -39,11 +39,10 @@ mod output;
 mod types;
 
 use head::{budget_and_attend, search_indexed, ExactScan, Slim};
+pub use kvdex_wire::{Budget, RetrieveParams, NO_LIMIT};
 use output::{check_out, copy_rows, RowsOut};
 use types::HeadScratch;
-pub use types::{
-    Budget, RetrieveOut, RetrieveParams, RetrieveScratch, RetrieveStats, RowsDest, NO_LIMIT,
-};
+pub use types::{RetrieveOut, RetrieveScratch, RetrieveStats, RowsDest};
 
 /// Rows of `bytes` in `dtype` as a key (or value) store.
 fn rows_of(bytes: &[u8], dtype: KeyDtype, d: usize) -> Result<KeySlice<'_>> {

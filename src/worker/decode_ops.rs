@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 
-use crate::decode::wire::dest::decode_unregister;
-use crate::decode::wire::{
-    split_limits, QueriesPart, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout,
-    SealBody, SealRequest, SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
-};
 use crate::error::{KvdexError, Result};
-use crate::proto::{self, Opcode};
 use crate::store::retrieve::{Budget, RetrieveOut, RetrieveScratch, RowsDest, NO_LIMIT};
 use crate::store::{SealNeighbours, SealTraining, Session};
 use crate::worker::{Observer, RetrieveRecorder};
 use kvdex_transfer::{DestId, DeviceLink, IpcEventHandle, IpcMemHandle};
+use kvdex_wire::decode::dest::decode_unregister;
+use kvdex_wire::decode::{
+    split_limits, QueriesPart, RegisterDest, ResponseHeader, RetrieveHeader, RetrieveLayout,
+    SealBody, SealRequest, SetWkvHeader, ATTEND, ENGINE_ROWS, GATHER,
+};
+use kvdex_wire::proto::{self, Opcode};
 
 /// Per-connection buffers of the decode ops, reused across requests.
 #[derive(Default)]

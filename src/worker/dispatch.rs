@@ -11,11 +11,11 @@ use kvdex_index::{Hits, SearchScratch};
 use std::time::Instant;
 
 use crate::error::{KvdexError, Result};
-use crate::proto::{self, Opcode, Request, SearchLayout, Status};
-use crate::shm::layout::PAYLOAD_ALIGN;
-use crate::shm::Descriptor;
 use crate::store::Session;
 use crate::worker::Observer;
+use kvdex_wire::proto::{self, Opcode, Request, SearchLayout};
+use kvdex_wire::shm::layout::PAYLOAD_ALIGN;
+use kvdex_wire::shm::Descriptor;
 
 /// Per-connection state and scratch: everything a request needs, reused across requests so
 /// that serving one does not allocate.
@@ -79,7 +79,7 @@ fn split(
 pub fn error_completion(request_id: u64, e: &KvdexError, aux: u32) -> Descriptor {
     let mut c = Descriptor {
         request_id,
-        code: Status::of(e) as u32,
+        code: e.status() as u32,
         aux,
         ..Default::default()
     };

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use kvdex_wire::shm::FileId;
+
 /// How a worker decides that nobody uses its session any more, beyond the attached client's
 /// pidfd: a deadline for the first attach, and the session's data-socket connections.
 #[derive(Clone, Debug, Default)]
@@ -56,27 +58,6 @@ pub struct Connected(Arc<Presence>);
 impl Drop for Connected {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A file's identity: device and inode, as `stat` gives them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileId {
-    /// `st_dev`.
-    pub dev: u64,
-    /// `st_ino`.
-    pub ino: u64,
-}
-
-impl FileId {
-    /// The identity of `file`.
-    pub fn of(file: &std::fs::File) -> std::io::Result<Self> {
-        use std::os::unix::fs::MetadataExt;
-        let m = file.metadata()?;
-        Ok(Self {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
     }
 }
 

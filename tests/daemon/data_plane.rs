@@ -2,7 +2,7 @@
 //! against brute force, `/stats` and the session's end, and every metric the Grafana
 //! dashboard queries.
 
-use kvdex::client::{Client, SessionOptions};
+use kvdex_client::{Client, SessionOptions};
 use serde_json::{json, Value};
 
 use crate::common::{http, Daemon};

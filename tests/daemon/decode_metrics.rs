@@ -2,11 +2,11 @@
 //! exact fallback), a seal and its background build, retrieves through the index, an
 //! incremental insert, and training positions staged by a seal part.
 
-use kvdex::client::{Client, SessionOptions};
-use kvdex::decode::wire::{TrainingSlice, SEAL_HEADER};
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_client::{Client, SessionOptions};
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
+use kvdex_wire::decode::{TrainingSlice, SEAL_HEADER};
 
 use crate::common::{http, Daemon};
 use crate::seal_parts::raw_seal;

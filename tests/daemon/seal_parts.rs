@@ -2,11 +2,11 @@
 //! daemon: the client sends them in parts, the layer builds the index one seal of the whole
 //! set would, and bad parts on the wire are refused by name without harming the session.
 
-use kvdex::client::{Client, SessionHandle, SessionOptions};
-use kvdex::decode::wire::{TrainingSlice, SEAL_HEADER};
-use kvdex::proto::Opcode;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_client::{Client, SessionHandle, SessionOptions};
 use kvdex_index::IndexKind;
+use kvdex_wire::decode::{TrainingSlice, SEAL_HEADER};
+use kvdex_wire::proto::Opcode;
 use serde_json::Value;
 
 use crate::common::Daemon;
@@ -51,11 +51,11 @@ pub(crate) fn raw_seal(
     s: &mut SessionHandle,
     id: &mut u64,
     body: &[u8],
-) -> kvdex::error::Result<()> {
+) -> kvdex_client::Result<()> {
     s.ping(body)?;
     *id += 16;
     let out_offset = body.len().next_multiple_of(64) as u64;
-    s.submit(kvdex::shm::Descriptor {
+    s.submit(kvdex_wire::shm::Descriptor {
         request_id: *id,
         code: Opcode::Seal as u32,
         in_offset: 0,

@@ -2,7 +2,7 @@
 //! the budget leaves every session intact, and a client killed mid-request is reaped while
 //! the others keep being served.
 
-use kvdex::client::{Client, SessionOptions};
+use kvdex_client::{Client, SessionOptions};
 use serde_json::{json, Value};
 
 use crate::common::{http, Daemon};
@@ -42,13 +42,17 @@ fn tokens_guard_the_routes_and_the_region() {
     assert_eq!(info["layers"][0]["index"], "flat");
 
     let shm = created["shm_path"].as_str().unwrap();
-    let mut wrong_bytes = kvdex::client::http::parse_token(token).unwrap();
+    let mut wrong_bytes = *kvdex_client::SessionToken::parse(token).unwrap().as_bytes();
     wrong_bytes[5] ^= 1;
     let Err(e) = Client::attach(shm, &wrong_bytes) else {
         panic!("a wrong token must not attach");
     };
     assert!(e.to_string().contains("refused the token"), "{e}");
-    let mut s = Client::attach(shm, &kvdex::client::http::parse_token(token).unwrap()).unwrap();
+    let mut s = Client::attach(
+        shm,
+        kvdex_client::SessionToken::parse(token).unwrap().as_bytes(),
+    )
+    .unwrap();
     assert_eq!(s.ping(&[7u8; 64]).unwrap(), &[7u8; 64]);
     assert_eq!(
         http::send(
@@ -72,9 +76,10 @@ fn tokens_guard_the_routes_and_the_region() {
 fn append_past_the_budget_fails_and_other_sessions_stay_intact() {
     // Budget 64 KiB of rows, plus the two sessions' regions (the budget covers them too); a
     // layer's first allocation holds 16 tokens: 2 heads x (K+V) x 16 x 64 B = 4 KiB.
-    let regions = 2 * kvdex::shm::Geometry::new(kvdex::shm::layout::DEFAULT_RING_SLOTS, 131072)
-        .unwrap()
-        .total_bytes;
+    let regions =
+        2 * kvdex_wire::shm::Geometry::new(kvdex_wire::shm::layout::DEFAULT_RING_SLOTS, 131072)
+            .unwrap()
+            .total_bytes;
     let d = Daemon::start(&[
         ("KVDEX_MEMORY__BUDGET_BYTES", &(65536 + regions).to_string()),
         ("KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES", "131072"),

@@ -20,11 +20,11 @@ mod statics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvdex::client::{merge, Client, SessionHandle};
-use kvdex::shm::Region;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::{DecodeConfig, Session, Shape, SlimSpec, Store};
 use kvdex::worker::{NoopObserver, Worker, WorkerConfig};
+use kvdex_client::{merge, Client, SessionHandle};
+use kvdex_wire::shm::Region;
 use shm_common::*;
 
 /// Sinks the engine keeps (static tokens at the start).

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use kvdex::error::KvdexError;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_client::Error as KvdexError;
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
 
@@ -125,7 +125,9 @@ fn bad_input_gets_clear_errors_or_defined_answers() {
         gather: false,
         scale: None,
     };
-    let msg = |e: KvdexError| e.to_string();
+    fn msg(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
     // Unknown layer.
     let e = dc.h.retrieve(9, &q, &fixed(4)).unwrap_err();
     assert!(matches!(e, KvdexError::NotFound(_)) && msg(e).contains("layer 9"));
@@ -169,13 +171,13 @@ fn bad_input_gets_clear_errors_or_defined_answers() {
 /// Sends a raw retrieve body, as a client of the wire alone would: fixed k 4 with attention,
 /// `flags` added, `scale` in its field. `id` is the request id (bumped past the ping's).
 fn raw_retrieve(
-    h: &mut kvdex::client::SessionHandle,
+    h: &mut kvdex_client::SessionHandle,
     id: &mut u64,
     q: &[f32],
     flags: u32,
     scale: f32,
-) -> kvdex::error::Result<()> {
-    use kvdex::decode::wire::{ATTEND, RETRIEVE_HEADER};
+) -> kvdex_client::Result<()> {
+    use kvdex_wire::decode::{ATTEND, RETRIEVE_HEADER};
     let mut body = vec![0u8; RETRIEVE_HEADER + 4 * q.len()];
     let words = [0, ATTEND | flags, 4, 0, 0, 0, scale.to_bits(), 0];
     for (i, w) in words.iter().enumerate() {
@@ -186,9 +188,9 @@ fn raw_retrieve(
     h.ping(&body)?;
     *id += 16;
     let out_offset = body.len().next_multiple_of(64) as u64;
-    h.submit(kvdex::shm::Descriptor {
+    h.submit(kvdex_wire::shm::Descriptor {
         request_id: *id,
-        code: kvdex::proto::Opcode::Retrieve as u32,
+        code: kvdex_wire::proto::Opcode::Retrieve as u32,
         in_offset: 0,
         in_len: body.len() as u64,
         out_offset,
@@ -200,12 +202,14 @@ fn raw_retrieve(
 
 #[test]
 fn scale_and_budget_have_explicit_encodings_on_the_wire() {
-    use kvdex::decode::wire::SCALE;
+    use kvdex_wire::decode::SCALE;
     let (hq, kv, d, n) = (2usize, 1usize, 8usize, 100usize);
     let mut dc = serve_decode(f32_shape(1, hq as u32, kv as u32, d as u32), "wire");
     fill(&mut dc.h, kv, n, d, 6);
     let q = values(hq * d, 2);
-    let msg = |e: KvdexError| e.to_string();
+    fn msg(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
     let mut id = 1 << 40;
     // Protocol version 1 read scale 0 as "default": now the SCALE flag says a scale is there,
     // and 0 or NaN with it is refused by name.

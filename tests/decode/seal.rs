@@ -2,7 +2,6 @@
 //! refused, and a seal with the engine's own neighbour lists builds a graph (bad lists are
 //! refused).
 
-use kvdex::error::KvdexError;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex_index::IndexKind;
 
@@ -88,7 +87,9 @@ fn seal_with_engine_neighbour_lists_builds_a_graph_and_refuses_bad_lists() {
     check_merge_is_exact(false, &mut dc, &q, &k, &v, n, hq, kv, d);
     // Bad lists: a query head out of range, an id beyond the tokens, lengths that do not add
     // up; each named, and the session still serves.
-    let msg = |e: KvdexError| e.to_string();
+    fn msg(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
     let e = msg(dc
         .h
         .seal_neighbours(0, IndexKind::Graph, &[9], &[1], &[20])

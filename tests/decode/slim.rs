@@ -1,9 +1,9 @@
 //! Slim mode (K stored, V recomputed from `W_KV`): attention and gather equal the stored-V
 //! path, and Slim is refused for GQA shapes and needs `W_KV` before appends.
 
-use kvdex::error::KvdexError;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::{SlimSpec, Store};
+use kvdex_client::Error as KvdexError;
 use kvdex_index::attend::BudgetParams;
 
 use crate::shm_common::*;
@@ -98,7 +98,7 @@ fn slim_attend_and_gather_equal_the_stored_v_path() {
     }
     // The plain gather op recomputes V the same way.
     let ids = [4u32, 150, 299];
-    let owned = |g: kvdex::client::GatheredRows<'_>| (g.k.to_vec(), g.v.to_vec());
+    let owned = |g: kvdex_client::GatheredRows<'_>| (g.k.to_vec(), g.v.to_vec());
     let (gk, gv) = owned(slim.h.gather(0, 2, &ids).unwrap());
     let (wk, wv) = owned(full.h.gather(0, 2, &ids).unwrap());
     assert_eq!(gk, wk);
@@ -132,7 +132,9 @@ fn slim_is_refused_for_gqa_and_needs_w_kv_before_appends() {
     let shape = f32_shape(2, h as u32, h as u32, d as u32);
     let mut dc = serve_decode_with(shape, Some(SlimSpec::default()), "slim-bad");
     let (k, _, w) = slim_data(h, n, d, 71);
-    let msg = |e: KvdexError| e.to_string();
+    fn msg(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
     // No W_KV yet: the append is refused and nothing is stored.
     let e = msg(dc
         .h

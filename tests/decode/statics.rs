@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use kvdex::client::{Client, SessionHandle, SessionOptions};
 use kvdex::config::MAX_STATIC_TOKENS;
-use kvdex::error::KvdexError;
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_client::Error as KvdexError;
+use kvdex_client::{Client, SessionHandle, SessionOptions};
 use kvdex_index::IndexKind;
 use serde_json::Value;
 

@@ -1,14 +1,14 @@
 //! Truncate and fork of a session through the daemon.
 
-use kvdex::client::Client;
 use kvdex::store::retrieve::Budget;
+use kvdex_client::Client;
 use kvdex_index::IndexKind;
 
 use crate::common::{http, Daemon};
 use crate::{attend, fill, open, values, Owned, D, HQ, KV};
 
 /// Every K row of `layer` (KV head 0), as bytes.
-fn keys(s: &mut kvdex::client::SessionHandle, layer: u32, n: u32) -> Vec<u8> {
+fn keys(s: &mut kvdex_client::SessionHandle, layer: u32, n: u32) -> Vec<u8> {
     let ids: Vec<u32> = (0..n).collect();
     s.gather(layer, 0, &ids).unwrap().k.to_vec()
 }

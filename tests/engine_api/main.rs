@@ -12,9 +12,9 @@ mod edit;
 mod pending;
 mod positions;
 
-use kvdex::client::{Client, SessionHandle, SessionOptions};
 use kvdex::store::retrieve::{Budget, RetrieveParams};
 use kvdex::store::Shape;
+use kvdex_client::{Client, SessionHandle, SessionOptions};
 use kvdex_index::KeyDtype;
 
 use common::Daemon;
@@ -93,8 +93,8 @@ struct Owned {
     rows: Vec<u8>,
 }
 
-impl From<kvdex::client::Retrieved<'_>> for Owned {
-    fn from(r: kvdex::client::Retrieved<'_>) -> Self {
+impl From<kvdex_client::Retrieved<'_>> for Owned {
+    fn from(r: kvdex_client::Retrieved<'_>) -> Self {
         Self {
             positions: r.positions(),
             stride: r.header.stride,

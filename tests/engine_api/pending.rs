@@ -1,7 +1,7 @@
 //! Retrieves submitted without waiting.
 
-use kvdex::client::RetrieveRequest;
 use kvdex::store::retrieve::Budget;
+use kvdex_client::RetrieveRequest;
 
 use crate::common::Daemon;
 use crate::{attend, fill, open, values, Owned, D, HQ};

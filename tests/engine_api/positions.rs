@@ -1,7 +1,7 @@
 //! Several query positions in one retrieve.
 
-use kvdex::client::RetrieveRequest;
 use kvdex::store::retrieve::{Budget, NO_LIMIT};
+use kvdex_client::RetrieveRequest;
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
 

@@ -19,7 +19,7 @@ fn regions_and_socket_arenas_are_charged_to_the_budget() {
         ("KVDEX_MEMORY__BUDGET_BYTES", &(4 * MIB).to_string()),
         ("KVDEX_SESSIONS__DEFAULT_PAYLOAD_BYTES", &MIB.to_string()),
     ]);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let s = session(&client, shape(KeyDtype::F32));
     let parts = || http::get_json(&d.base, "/stats").1["budget_parts"].clone();
     let region = parts()["regions"].as_u64().unwrap();
@@ -65,7 +65,7 @@ fn a_session_quota_bounds_one_session() {
         ("KVDEX_MEMORY__SESSION_QUOTA_BYTES", "65536"),
         ("KVDEX_MEMORY__INITIAL_TOKENS", "16"),
     ]);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let mut a = session(&client, shape(KeyDtype::F32));
     let mut b = session(&client, shape(KeyDtype::F32));
     // 1 KV head x (K+V) x 64 B per token: 512 tokens = 64 KiB fit, 1024 do not.

@@ -3,8 +3,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kvdex::shm::layout::attach_state;
-use kvdex::shm::Region;
+use kvdex_wire::shm::layout::attach_state;
+use kvdex_wire::shm::Region;
 use serde_json::Value;
 
 use crate::common::{http, Daemon};
@@ -30,7 +30,7 @@ fn attach_as(region: &Region, token: &[u8; 16], pid: u64) -> u64 {
     }
     a.client_pid.store(pid, Ordering::Relaxed);
     a.state.store(attach_state::REQUESTED, Ordering::Release);
-    kvdex::shm::wait::force_wake(&region.header().daemon_sleeping.0);
+    kvdex_wire::shm::wait::force_wake(&region.header().daemon_sleeping.0);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match a.state.load(Ordering::Acquire) {
@@ -49,7 +49,9 @@ fn attach_as(region: &Region, token: &[u8; 16], pid: u64) -> u64 {
 fn an_attach_naming_a_pid_that_does_not_map_the_region_is_refused() {
     let d = Daemon::start(&[]);
     let (_, token, path) = create(&d.base);
-    let token = kvdex::client::http::parse_token(&token).unwrap();
+    let token = *kvdex_client::SessionToken::parse(&token)
+        .unwrap()
+        .as_bytes();
     let region = Region::open(&path).unwrap();
     assert_eq!(attach_as(&region, &token, 1), attach_state::REJECTED);
     let me = u64::from(std::process::id());
@@ -88,7 +90,7 @@ fn wait_gone(base: &str, id: &str) {
 fn a_session_never_attached_is_ended_at_the_attach_deadline() {
     let d = Daemon::start(&[("KVDEX_SESSIONS__ATTACH_TIMEOUT_MS", "300")]);
     let (orphan, _, _) = create(&d.base);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let mut kept = crate::session(&client, crate::shape(kvdex_index::KeyDtype::F32));
     wait_gone(&d.base, &orphan);
     let (_, m) = http::get(&d.base, "/metrics");
@@ -108,8 +110,10 @@ fn a_data_socket_session_ends_when_its_last_connection_closes() {
     let sock = std::env::temp_dir().join(format!("kvdex-rel-data-{}.sock", std::process::id()));
     let d = Daemon::start(&[("KVDEX_SESSIONS__DATA_SOCKET", sock.to_str().unwrap())]);
     let (id, token, _) = create(&d.base);
-    let token = kvdex::client::http::parse_token(&token).unwrap();
-    let mut conn = kvdex::client::socket::SocketSession::connect(&sock, &id, &token).unwrap();
+    let token = *kvdex_client::SessionToken::parse(&token)
+        .unwrap()
+        .as_bytes();
+    let mut conn = kvdex_client::socket::SocketSession::connect(&sock, &id, &token).unwrap();
     assert_eq!(conn.ping(b"over the socket").unwrap(), b"over the socket");
     // Past a park or two: an open connection keeps the session.
     std::thread::sleep(Duration::from_millis(300));

@@ -13,8 +13,8 @@ mod liveness;
 mod norms;
 mod region;
 
-use kvdex::client::{Client, SessionHandle, SessionOptions};
 use kvdex::store::Shape;
+use kvdex_client::{Client, SessionHandle, SessionOptions};
 use kvdex_index::KeyDtype;
 
 use common::{http, Daemon};

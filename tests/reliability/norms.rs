@@ -11,7 +11,7 @@ use crate::{assert_serving, encode, session, shape, values};
 #[test]
 fn a_key_whose_squared_norm_overflows_is_refused_and_the_daemon_lives() {
     let d = Daemon::start(&[]);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let mut honest = session(&client, shape(KeyDtype::F16));
     for dtype in [KeyDtype::F32, KeyDtype::Bf16] {
         let mut s = session(&client, shape(dtype));

@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvdex::shm::Region;
 use kvdex_index::KeyDtype;
+use kvdex_wire::shm::Region;
 
 use crate::common::Daemon;
 use crate::{assert_serving, session, shape};
@@ -16,7 +16,7 @@ use crate::{assert_serving, session, shape};
 #[test]
 fn a_key_rewritten_during_its_append_is_never_stored_unchecked() {
     let d = Daemon::start(&[]);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let mut honest = session(&client, shape(KeyDtype::F32));
     let mut s = session(&client, shape(KeyDtype::F32));
     let (tokens, dim) = (4usize, 16usize);
@@ -90,7 +90,7 @@ fn kb_len(tokens: usize, dim: usize) -> usize {
 #[test]
 fn a_client_truncating_its_region_ends_only_its_session() {
     let d = Daemon::start(&[]);
-    let client = kvdex::client::Client::connect(&d.base).unwrap();
+    let client = kvdex_client::Client::connect(&d.base).unwrap();
     let mut honest = session(&client, shape(KeyDtype::F32));
     let mut victim = session(&client, shape(KeyDtype::F32));
     assert_eq!(victim.ping(b"hi").unwrap(), b"hi");

@@ -16,12 +16,12 @@ mod shm_common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvdex::client::{Client, SessionHandle};
-use kvdex::shm::Region;
 use kvdex::store::retrieve::RetrieveParams;
 use kvdex::store::sampler::QualityReport;
 use kvdex::store::{DecodeConfig, Session, Shape, Store};
 use kvdex::worker::{NoopObserver, Worker, WorkerConfig};
+use kvdex_client::{Client, SessionHandle};
+use kvdex_wire::shm::Region;
 use shm_common::*;
 
 /// A session served by a real worker over a real region, and the client's handle to it.

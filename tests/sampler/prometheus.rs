@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kvdex::client::{parse_token, Client};
 use kvdex::store::retrieve::{Budget, RetrieveParams};
+use kvdex_client::{Client, SessionToken};
 use kvdex_index::attend::BudgetParams;
 use kvdex_index::IndexKind;
 use serde_json::{json, Value};
@@ -150,7 +150,7 @@ fn prometheus_scrapes_the_quality_histograms_and_runs_the_dashboard_and_alert_qu
     let token = created["token"].as_str().unwrap().to_owned();
     let mut s = Client::attach(
         created["shm_path"].as_str().unwrap(),
-        &parse_token(&token).unwrap(),
+        SessionToken::parse(&token).unwrap().as_bytes(),
     )
     .unwrap();
     let (n, dim) = (3000usize, 16usize);

@@ -7,10 +7,10 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvdex::shm::wait::WaitPolicy;
-use kvdex::shm::Region;
 use kvdex::store::{Session, Shape};
 use kvdex::worker::{ExitReason, NoopObserver, Worker, WorkerConfig};
+use kvdex_wire::shm::wait::WaitPolicy;
+use kvdex_wire::shm::Region;
 
 /// A running worker and what a test needs to reach it.
 pub struct Served {

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use kvdex::client::{PendingRetrieve as Pending, SessionHandle};
+use kvdex_client::{PendingRetrieve as Pending, SessionHandle};
 use kvdex_index::KeyDtype;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;

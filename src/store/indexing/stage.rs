@@ -3,7 +3,7 @@
 //! A seal carries its training queries in one request body, which must fit the session's
 //! payload arena; an engine with more (about `N/128` per query head: 128 MiB of f32 for 32
 //! heads of 128 dimensions at 1M tokens) sends them first as parts
-//! ([`crate::decode::wire::SIGNAL_QUERIES_PART`]), which the layer keeps here until its seal
+//! ([`kvdex_wire::decode::SIGNAL_QUERIES_PART`]), which the layer keeps here until its seal
 //! trains on them, in order, followed by the seal's own. What a layer may stage is bounded by
 //! `decode.seal_max_staged_queries` positions, and its bytes are reserved from the store's
 //! budget (counted in the session's reserved bytes) until they are released: at the seal, at a

@@ -1,35 +1,9 @@
 //! The types of a retrieve: what it computes, where it writes, what it reports, and the
 //! scratch it reuses.
 
-use kvdex_index::attend::{AttendScratch, BudgetParams, SlimScratch};
+use kvdex_index::attend::{AttendScratch, SlimScratch};
 use kvdex_index::{Hits, SearchScratch, TopK};
 use kvdex_transfer::{DestId, Run, Ticket};
-
-/// A position's visibility limit meaning "every token" ([`Session::retrieve_at`]; on the wire,
-/// the `limits` entry of a multi-position retrieve, [`crate::decode::wire`]).
-pub const NO_LIMIT: u32 = u32::MAX;
-
-/// How many tokens each query head gets.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Budget {
-    /// Exactly k (clamped to the retrievable tokens).
-    Fixed(usize),
-    /// The smallest k covering a fraction of the estimated attention mass, within bounds.
-    Adaptive(BudgetParams),
-}
-
-/// What a retrieve computes.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RetrieveParams {
-    /// Tokens per head.
-    pub budget: Budget,
-    /// Compute the partial attention `(out, lse)`.
-    pub attend: bool,
-    /// Copy the chosen K/V rows into the response.
-    pub gather: bool,
-    /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
-    pub scale: Option<f32>,
-}
 
 /// Where a retrieve writes, all caller-owned (the response space of the shared-memory arena).
 /// `stride` is the candidate count per head the caller sized them for.

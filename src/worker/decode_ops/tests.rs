@@ -12,10 +12,10 @@ use kvdex_transfer::{
 };
 
 use super::*;
-use crate::decode::wire::dest::encode_unregister;
-use crate::decode::wire::{EngineRows, RegisterDest};
 use crate::store::retrieve::RetrieveParams;
 use crate::store::{Budget as MemBudget, DecodeConfig, Shape, Store};
+use kvdex_wire::decode::dest::encode_unregister;
+use kvdex_wire::decode::{EngineRows, RegisterDest};
 
 /// "Engine memory": one host buffer; opening any handle registers `offset..offset + len` of it.
 struct FakeIpcLink {

@@ -1,9 +1,9 @@
 //! Socket framing, the hub's token check, and session release.
 
 use super::*;
-use crate::proto::Status;
 use crate::store::Shape;
 use crate::worker::NoopObserver;
+use kvdex_wire::proto::Status;
 
 fn call(s: &mut UnixStream, d: Descriptor, body: &[u8]) -> (Descriptor, Vec<u8>) {
     s.write_all(bytemuck::bytes_of(&d)).unwrap();
