@@ -10,13 +10,16 @@ PyO3 binding of it (``kvdex._native``) plus pure-Python helpers:
   :func:`partial_attention` is its numpy reference counterpart.
 - :class:`LocalSession` is the daemon's session storage in-process (no daemon, no shared
   memory): the same append/search/gather conventions, for tests and overhead measurement.
+  Only in builds with the extension's ``inproc`` feature (the test suite's); ``None`` in the
+  package users install, which links the client alone.
 - Exceptions: :class:`KvdexError` and its subclasses in :mod:`kvdex.errors`.
 """
 
 from __future__ import annotations
 
 from . import _native
-from ._native import LocalSession
+
+LocalSession = getattr(_native, "LocalSession", None)
 from .client import (Client, PendingRetrieve, Retrieved, Session, attach, bf16_to_float32, connect,
                      float32_to_bf16)
 from .daemon import Daemon, find_binary

@@ -33,10 +33,19 @@ def _percentiles(us: Sequence[float]) -> Dict[str, float]:
     return {"p50_us": float(np.median(a)), "p99_us": float(np.percentile(a, 99)), "mean_us": float(a.mean())}
 
 
+def _inproc(name: str):
+    """An in-process test class of the extension, which only builds with its ``inproc`` feature."""
+    cls = getattr(_native, name, None)
+    if cls is None:
+        raise KvdexError(f"the {name} target needs the extension built with its inproc feature: "
+                         "MATURIN_PEP517_ARGS='--features inproc' pip install ./python")
+    return cls
+
+
 def rtt_local(iters: int, tokens: int, k: int, shape=(1, 9, 3, 64)) -> List[Dict[str, object]]:
     """Search over ``tokens`` keys of an in-process session, from Rust and from Python."""
     layers, q_heads, kv_heads, head_dim = shape
-    s = _native.LocalSession(layers, q_heads, kv_heads, head_dim, "f16")
+    s = _inproc("LocalSession")(layers, q_heads, kv_heads, head_dim, "f16")
     rng = np.random.default_rng(0)
     kv = rng.standard_normal((kv_heads, tokens, head_dim)).astype(np.float16)
     s.append(0, kv, kv)
@@ -81,7 +90,7 @@ def rtt_inproc(iters: int, tokens: int, k: int) -> List[Dict[str, object]]:
     """The same through a region served by a worker thread in this process (no daemon)."""
     from .client import attach
 
-    server = _native.InProcessServer(1, 9, 3, 64, "f16")
+    server = _inproc("InProcessServer")(1, 9, 3, 64, "f16")
     try:
         with attach(server.shm_path, server.token) as s:
             return _rtt_session(s, "inproc", iters, tokens, k)

@@ -5,10 +5,8 @@
 //! data-plane helpers the groups share; the groups are `startup` (configuration, CLI,
 //! shutdown), `data_plane` (the client through the daemon, stats, metrics) and `sessions`
 //! (tokens, budget, dead clients), `seal_parts` (training queries larger than the arena),
-//! `decode_metrics` (seal, build, retrieve and insert in `/metrics`), `bench_decode` (the
-//! decode benchmark's report).
+//! `decode_metrics` (seal, build, retrieve and insert in `/metrics`). (`kvdex bench` is tested with kvdex-tools.).
 
-mod bench_decode;
 #[path = "../common/mod.rs"]
 mod common;
 mod data_plane;

@@ -1,11 +1,10 @@
 //! Online recall sampling through a real worker and region (`drift`), through a real daemon
-//! scraped by a real Prometheus (`prometheus`), and in `kvdex bench decode` (`bench`).
+//! scraped by a real Prometheus (`prometheus`). (`kvdex bench decode --sample-rate` is tested with kvdex-tools.)
 //!
 //! One test binary: this file holds the harness the groups share (a session served by a real
 //! worker with sampling settings of the test's own, a retrieve that waits for its sample to be
 //! scored).
 
-mod bench;
 #[path = "../common/mod.rs"]
 mod common;
 mod drift;

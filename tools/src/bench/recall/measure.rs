@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn graph_on_real_fixture_finds_most_of_the_true_top_k() {
         let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2-l17-1k");
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/smollm2-l17-1k");
         let ds = DataSet::open(&dir).unwrap();
         let (ctx, d, k) = (ds.meta.context(), ds.meta.dim, 20);
         assert_eq!(ctx, 768);

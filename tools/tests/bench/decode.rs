@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::common::kvdex;
+use crate::kvdex;
 
 #[test]
 fn bench_decode_prints_every_field_for_flat_and_graph() {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::common::kvdex;
+use crate::kvdex;
 
 #[test]
 fn bench_decode_reports_the_sampled_figures_beside_the_exact_ones() {
