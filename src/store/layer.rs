@@ -200,21 +200,8 @@ impl LayerKv {
                 .map(|a| (a, head.v_scales.as_ref(), &v[src]));
             for (codes, scales, src) in k_part.into_iter().chain(v_part) {
                 let Some(scales) = scales else { continue };
-                // SAFETY: `&mut self` holds the layer exclusively; codes and scales are distinct
-                // arenas, each borrowed once here, past `len` where no reader looks.
-                let (codes, scales) = unsafe {
-                    (
-                        written(codes, self.len * dim, tokens * dim),
-                        written(scales, self.len * SCALE_BYTES, tokens * SCALE_BYTES),
-                    )
-                };
-                quantize_rows(
-                    src,
-                    dtype,
-                    row,
-                    bytemuck::cast_slice_mut(codes),
-                    bytemuck::cast_slice_mut(scales),
-                );
+                // SAFETY: `&mut self` holds the layer exclusively.
+                unsafe { quantize_at((codes, scales), self.len, src, dtype, row) };
             }
         }
         self.len += tokens;
@@ -336,15 +323,44 @@ fn stored(arena: Option<&Arena>, n: usize) -> &[u8] {
     unsafe { std::slice::from_raw_parts(arena.as_ptr(), n) }
 }
 
-/// `n` bytes of `arena` from `offset`, for writing.
+/// Quantizes the rows of `src` (`dim` elements of `dtype` each) into the `codes` and `scales`
+/// arenas from row `at` on. `row` is an f32 scratch of `dim`.
 ///
 /// # Safety
-/// The caller holds the arena's layer exclusively (`&mut LayerKv`) and no other slice of these
-/// bytes lives while the result does.
-unsafe fn written(arena: &Arena, offset: usize, n: usize) -> &mut [u8] {
-    assert!(offset + n <= arena.len(), "rows past the arena's capacity");
-    // SAFETY: offset + n <= arena length (asserted); exclusivity is the caller's promise.
-    unsafe { std::slice::from_raw_parts_mut(arena.as_mut_ptr().add(offset), n) }
+/// The caller holds the arenas' layer exclusively (`&mut LayerKv`), so nothing else reads or
+/// writes these bytes meanwhile.
+unsafe fn quantize_at(
+    (codes, scales): (&Arena, &Arena),
+    at: usize,
+    src: &[u8],
+    dtype: KeyDtype,
+    row: &mut [f32],
+) {
+    let dim = row.len();
+    let tokens = src.len() / (dim * dtype.size()).max(1);
+    let (c, s) = (
+        (at * dim, tokens * dim),
+        (at * SCALE_BYTES, tokens * SCALE_BYTES),
+    );
+    assert!(
+        c.0 + c.1 <= codes.len() && s.0 + s.1 <= scales.len(),
+        "rows past the arena's capacity"
+    );
+    // SAFETY: both ranges lie inside their arenas (asserted); the arenas are distinct
+    // allocations; exclusivity is the caller's promise.
+    let (c, s) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(codes.as_mut_ptr().add(c.0), c.1),
+            std::slice::from_raw_parts_mut(scales.as_mut_ptr().add(s.0), s.1),
+        )
+    };
+    quantize_rows(
+        src,
+        dtype,
+        row,
+        bytemuck::cast_slice_mut(c),
+        bytemuck::cast_slice_mut(s),
+    );
 }
 
 fn key_slice(
@@ -444,6 +460,55 @@ mod tests {
         c.copy_rows_from(&l, 8);
         assert_eq!((c.len, c.k_bytes(1, 8)), (3, &k[32..56]));
         assert_eq!(c.v_bytes(0, 8), &v[..24]);
+    }
+
+    /// An int8 layer quantizes on write, keeps codes and scales through growth and a copy,
+    /// and charges its scale arenas.
+    #[test]
+    fn int8_layers_keep_codes_and_scales_through_growth_and_copies() {
+        use kvdex_index::KeyStore;
+        let (link, d) = (HostLink::new(), 16usize);
+        let mut l = LayerKv::new(Vec::new(), false, KvFormat::Int8);
+        l.grow(&link, 2, d, 2).unwrap();
+        assert_eq!(link.stats().arenas, 8, "K, V and their scales per KV head");
+        let x: Vec<f32> = (0..2 * 3 * d)
+            .map(|i| (i as f32 * 0.37).sin() * (1 + i / d) as f32)
+            .collect();
+        let k: Vec<u8> = bytemuck::cast_slice(&x).to_vec();
+        let v: Vec<u8> = x.iter().map(|a| -a).flat_map(f32::to_le_bytes).collect();
+        l.grow(&link, 2, d, 3).unwrap();
+        l.write_rows_int8(3, KeyDtype::F32, &mut [0.0; 16], &k, &v);
+        l.grow(&link, 2, d, 8).unwrap();
+        assert_eq!(
+            l.held_bytes(2, d),
+            2 * 2 * (arena_bytes(8, d) + arena_bytes(8, SCALE_BYTES))
+        );
+        let mut c = LayerKv::new(Vec::new(), false, KvFormat::Int8);
+        c.grow(&link, 2, d, 3).unwrap();
+        c.copy_rows_from(&l, d);
+        for layer in [&l, &c] {
+            for g in 0..2 {
+                let (keys, values) = (
+                    layer.keys(g, KeyDtype::F32, d).unwrap(),
+                    layer.values(g, KeyDtype::F32, d).unwrap(),
+                );
+                let mut row = [0.0f32; 16];
+                for t in 0..3 {
+                    let want = &x[(g * 3 + t) * d..(g * 3 + t + 1) * d];
+                    let amax = want.iter().fold(0.0f32, |m, a| m.max(a.abs()));
+                    keys.row_f32(t as u32, &mut row);
+                    assert!(row
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| (a - b).abs() <= amax / 127.0));
+                    values.row_f32(t as u32, &mut row);
+                    assert!(row
+                        .iter()
+                        .zip(want)
+                        .all(|(a, b)| (a + b).abs() <= amax / 127.0));
+                }
+            }
+        }
     }
 
     #[test]
