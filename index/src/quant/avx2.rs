@@ -6,6 +6,8 @@
 
 use std::arch::x86_64::*;
 
+use half::bf16;
+
 /// Eight codes at `p` widened to f32 lanes.
 ///
 /// # Safety
@@ -31,6 +33,7 @@ fn hsum(v: __m256) -> f32 {
 ///
 /// # Safety
 /// The CPU must support avx2 and fma.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot(q: &[f32], codes: &[i8]) -> f32 {
     let n = q.len().min(codes.len());
@@ -76,5 +79,67 @@ pub unsafe fn add_scaled(acc: &mut [f32], w: f32, codes: &[i8]) {
     }
     for j in body..n {
         acc[j] += w * f32::from(codes[j]);
+    }
+}
+
+/// Row `i`'s score `s_i · <q, c_i>`, `-inf` past the end.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn score(q: &[f32], codes: &[i8], scales: &[bf16], dim: usize, i: usize) -> f32 {
+    match (codes.get(i * dim..(i + 1) * dim), scales.get(i)) {
+        // SAFETY: this function's own target features are the kernel's.
+        (Some(c), Some(s)) => s.to_f32() * unsafe { dot(q, c) },
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+/// `out[i] = s_i · <q, c_i>` for rows `0..out.len()` of `codes`/`scales`; rows past the end
+/// score `-inf`. The loop runs inside the target features, so `dot` inlines.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn block(q: &[f32], codes: &[i8], scales: &[bf16], dim: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = score(q, codes, scales, dim, i);
+    }
+}
+
+/// `out[i] = s_id · <q, c_id>` for `id = ids[i]`; ids past the end score `-inf`.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn gather(
+    q: &[f32],
+    codes: &[i8],
+    scales: &[bf16],
+    dim: usize,
+    ids: &[u32],
+    out: &mut [f32],
+) {
+    for (o, &id) in out.iter_mut().zip(ids) {
+        *o = score(q, codes, scales, dim, id as usize);
+    }
+}
+
+/// GQA group over rows `0..n` (`n = out.len() / g`): `out[j * n + i] = s_i · <qs[j], c_i>`.
+/// Row-major, so each row's codes are read from memory once for the group.
+///
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn group(qs: &[f32], codes: &[i8], scales: &[bf16], dim: usize, out: &mut [f32]) {
+    let g = qs.len() / dim.max(1);
+    let n = out.len() / g.max(1);
+    for i in 0..n {
+        let row = (codes.get(i * dim..(i + 1) * dim), scales.get(i));
+        for (j, q) in qs.chunks_exact(dim.max(1)).enumerate() {
+            out[j * n + i] = match row {
+                // SAFETY: this function's own target features are the kernel's.
+                (Some(c), Some(s)) => s.to_f32() * unsafe { dot(q, c) },
+                _ => f32::NEG_INFINITY,
+            };
+        }
     }
 }

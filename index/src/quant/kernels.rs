@@ -84,6 +84,13 @@ fn score(path: Path, q: &[f32], rows: QuantRows<'_>, dim: usize, id: usize) -> f
     }
 }
 
+/// True when `path` is AVX2 and this CPU runs it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn avx2(path: Path) -> bool {
+    cfg!(target_arch = "x86_64") && path == Path::Avx2 && Path::detect() == Path::Avx2
+}
+
 /// `out[i] = <q, row start + i>`; rows past the end score `-inf`.
 pub fn block(
     path: Path,
@@ -93,6 +100,12 @@ pub fn block(
     start: usize,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2(path) {
+        let r = rows.rows(dim, start..start + out.len());
+        // SAFETY: `avx2` checked that the CPU has avx2 and fma; the kernel bounds its reads.
+        return unsafe { super::avx2::block(q, r.codes, r.scales, dim, out) };
+    }
     for (i, o) in out.iter_mut().enumerate() {
         *o = score(path, q, rows, dim, start + i);
     }
@@ -107,6 +120,11 @@ pub fn gather(
     ids: &[u32],
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2(path) {
+        // SAFETY: as in `block`.
+        return unsafe { super::avx2::gather(q, rows.codes, rows.scales, dim, ids, out) };
+    }
     for (o, &id) in out.iter_mut().zip(ids) {
         *o = score(path, q, rows, dim, id as usize);
     }
@@ -127,6 +145,12 @@ pub fn group(
     }
     let g = qs.len() / dim;
     let n = out.len() / g.max(1);
+    #[cfg(target_arch = "x86_64")]
+    if avx2(path) {
+        let r = rows.rows(dim, start..start + n);
+        // SAFETY: as in `block`.
+        return unsafe { super::avx2::group(qs, r.codes, r.scales, dim, out) };
+    }
     for i in 0..n {
         let row = rows.row(dim, start + i);
         for (j, q) in qs.chunks_exact(dim).enumerate() {

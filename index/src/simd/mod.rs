@@ -9,10 +9,11 @@
 
 pub mod avx2;
 pub mod avx512;
+mod int8;
 pub mod scalar;
 
 use crate::keys::KeyRows;
-use crate::quant::kernels::{self as quant, Path as QuantPath};
+use crate::quant::kernels as quant;
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -72,11 +73,7 @@ macro_rules! dispatch {
     ($self:ident, $rows:expr, |$s:ident| $scalar:expr, $f32:ident, $f16:ident, $bf16:ident ($($arg:expr),*), |$path:ident, $q:ident| $int8:expr) => {
         match ($self.isa, $rows) {
             (isa, KeyRows::I8($q)) => {
-                let $path = if isa == Isa::Scalar {
-                    QuantPath::Scalar
-                } else {
-                    QuantPath::detect()
-                };
+                let $path = isa;
                 $int8
             }
             (Isa::Scalar, _) => $scalar,
@@ -139,7 +136,7 @@ impl Kernels {
             block_f32,
             block_f16,
             block_bf16(q, rows_from(s, dim, start, n), dim, out),
-            |path, r| quant::block(path, q, r, dim, start, out)
+            |isa, r| int8::block(isa, q, r, dim, start, out)
         )
     }
 
@@ -156,7 +153,7 @@ impl Kernels {
             gather_f32,
             gather_f16,
             gather_bf16(q, s, dim, ids, out),
-            |path, r| quant::gather(path, q, r, dim, ids, out)
+            |isa, r| int8::gather(isa, q, r, dim, ids, out)
         )
     }
 
@@ -179,7 +176,7 @@ impl Kernels {
             group_f32,
             group_f16,
             group_bf16(qs, rows_from(s, dim, start, n), dim, out),
-            |path, r| quant::group(path, qs, r, dim, start, out)
+            |isa, r| int8::group(isa, qs, r, dim, start, out)
         )
     }
 }
