@@ -157,10 +157,12 @@ class KvdexBackend:
     """Retrieval by the daemon: one session per run (see :meth:`start`), one ``retrieve`` per
     layer and step with ``attend=True``; the engine merges its ``(out, lse)``."""
 
-    def __init__(self, client, kind: str, group: int, scale: float, sinks: int, window: int) -> None:
+    def __init__(self, client, kind: str, group: int, scale: float, sinks: int, window: int,
+                 kv_format: str = "f16") -> None:
         """``sinks``/``window``: the daemon's ``[decode]`` static tokens (it retrieves from
-        ``[sinks, len - window)``)."""
-        self.client, self.kind = client, kind
+        ``[sinks, len - window)``); ``kv_format``: how the daemon stores the rows (``"f16"`` or
+        ``"int8"``)."""
+        self.client, self.kind, self.kv_format = client, kind, kv_format
         self.sinks, self.window = sinks, window
         self.name = f"kvdex-{kind}"
         self.group, self.scale = group, float(scale)
@@ -176,7 +178,8 @@ class KvdexBackend:
         its prefill queries ``queries[l] [H, n, hd]`` at ``positions [n]``; waits for the builds."""
         self.close()
         self.session = self.client.create_session(layers=cfg.n_layer, q_heads=cfg.n_head, kv_heads=cfg.n_kv,
-                                                  head_dim=cfg.hd, dtype="f16")
+                                                  head_dim=cfg.hd, dtype="f16",
+                                                  kv_format=self.kv_format)
         t0 = time.perf_counter()
         for l in range(cfg.n_layer):
             self.session.append(l, kc[l, :, :P].astype(np.float16), vc[l, :, :P].astype(np.float16))

@@ -24,6 +24,9 @@ of the same size as the graph's choice (no retrieval).
 gen_tokens, sinks, window, budget, attended_fraction, kl_vs_full, top1_agreement, ppl_full,
 ppl_kvdex, ppl_rel_increase, kvdex_ms_per_layer_p50, model_ms_per_token) plus ``backend``,
 ``text`` and ``max_logit_abs_diff`` (largest |logit difference| from full attention).
+
+``--kv-format f16,int8`` runs each kvdex backend once per storage format of the daemon's rows
+(``kv_format`` in the JSON): the quality cost of int8 storage at the same budget.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def evaluate(model: Model, ids: np.ndarray, P: int, G: int, ref: Dict[str, np.nd
     extra: Dict[str, object] = {}
     if isinstance(backend, KvdexBackend):
         backend.start(model.cfg, ref["kd"], ref["vd"], P, ref["train"], ref["train_positions"])
-        extra = dict(index_build_s=round(backend.build_secs, 2), train_queries=int(len(ref["train_positions"])))
+        extra = dict(index_build_s=round(backend.build_secs, 2), train_queries=int(len(ref["train_positions"])),
+                     kv_format=backend.kv_format)
         backend.daemon_us.clear()
     t0 = time.perf_counter()
     logits = np.stack([model.decode_step(int(ids[P + i]), P + i, ref["kd"], ref["vd"], path) for i in range(G)])
@@ -209,6 +213,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="comma list of budgets for every backend (no value: a default list per backend)")
     ap.add_argument("--plot", default=None, help="PNG of quality against attended fraction")
     ap.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
+    ap.add_argument("--kv-format", default="f16",
+                    help="how the daemon stores K/V for the kvdex-* backends, comma-separated to compare "
+                         "(f16, int8); each format runs every kvdex budget on its own session")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--url", default=None, help="kvdex daemon for the kvdex-* backends (default: start one "
                     "with [decode] sinks/window = --sinks/--window; a daemon of yours must have the same)")
@@ -266,9 +273,12 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
     scale = 1.0 / np.sqrt(model.cfg.hd)
     results = []
     names = sorted(names, key=lambda n: n == "recency")  # recency last: it matches the others' sizes
-    for name in names:
+    formats = [f.strip() for f in a.kv_format.split(",") if f.strip()]
+    runs = [(n, f) for n in names for f in (formats if n in KVDEX_KINDS else [None])]
+    for name, kv_format in runs:
         if name in KVDEX_KINDS:
-            backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window)
+            backend = KvdexBackend(client, KVDEX_KINDS[name], model.cfg.group, scale, a.sinks, a.window,
+                                   kv_format=kv_format or "f16")
             backend.index_timeout = a.index_timeout
         else:
             backend = BACKENDS[name](model.cfg.group, scale)
@@ -304,7 +314,7 @@ def _run(a: argparse.Namespace, model: Model, ids: np.ndarray, ref: Dict[str, ob
                 continue
             r["text"] = os.path.basename(a.text)
             r["budget"] = label
-            log(f"{name:10s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
+            log(f"{name:10s} {kv_format or '':5s} {str(budget):12s} attended {r['attended_fraction']:.3f}  KL {r['kl_vs_full']:.5f}  "
                 f"top1 {r['top1_agreement']:.3f}  ppl {r['ppl_kvdex']:.3f} (full {r['ppl_full']:.3f})")
             results.append(r)
             if emit is not None:

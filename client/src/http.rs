@@ -78,6 +78,9 @@ pub(super) fn create(
             body[key] = v.into();
         }
     }
+    if let Some(format) = opts.kv_format {
+        body["kv_format"] = format.name(shape.dtype).into();
+    }
     if let Some(slim) = &opts.slim {
         body["slim"] = true.into();
         if let Some(r) = slim.rope {

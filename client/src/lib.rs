@@ -52,6 +52,8 @@ pub struct SessionOptions {
     /// W: the most recent tokens the engine keeps and retrieval never returns; the daemon's
     /// `decode.window` when `None`.
     pub window: Option<u64>,
+    /// How the daemon stores the rows (`kv_format`); the session dtype when `None`.
+    pub kv_format: Option<kvdex_wire::KvFormat>,
 }
 
 /// A connection to a daemon's control plane.

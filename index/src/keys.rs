@@ -1,6 +1,7 @@
 //! How an index reads keys it does not own.
 
 use crate::prefetch::prefetch_slice;
+use crate::quant::QuantRows;
 use crate::simd::Kernels;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
@@ -90,6 +91,8 @@ pub enum KeyRows<'a> {
     F16(&'a [f16]),
     /// bf16 rows.
     Bf16(&'a [bf16]),
+    /// int8 rows with one scale each ([`crate::quant`]).
+    I8(QuantRows<'a>),
 }
 
 /// A [`KeyStore`] over contiguous, row-major key rows.
@@ -107,6 +110,16 @@ impl<'a> KeySlice<'a> {
             KeyRows::F32(s) => s.len(),
             KeyRows::F16(s) => s.len(),
             KeyRows::Bf16(s) => s.len(),
+            KeyRows::I8(q) => {
+                if dim != 0 && q.scales.len() * dim != q.codes.len() {
+                    return Err(crate::IndexError::BadShape(format!(
+                        "{} int8 codes is not {} rows of dim {dim}",
+                        q.codes.len(),
+                        q.scales.len()
+                    )));
+                }
+                q.codes.len()
+            }
         };
         if dim == 0 || n % dim != 0 {
             return Err(crate::IndexError::BadShape(format!(
@@ -150,6 +163,7 @@ impl KeyStore for KeySlice<'_> {
                 KeyRows::F32(s) => s.get(r).map(prefetch_slice),
                 KeyRows::F16(s) => s.get(r).map(prefetch_slice),
                 KeyRows::Bf16(s) => s.get(r).map(prefetch_slice),
+                KeyRows::I8(q) => q.codes.get(r).map(prefetch_slice),
             };
         }
     }
@@ -176,6 +190,11 @@ impl KeyStore for KeySlice<'_> {
                 if let Some(src) = s.get(r) {
                     let n = src.len().min(out.len());
                     src[..n].convert_to_f32_slice(&mut out[..n]);
+                }
+            }
+            KeyRows::I8(q) => {
+                if let (Some(codes), Some(&scale)) = (q.codes.get(r), q.scales.get(id as usize)) {
+                    crate::quant::dequantize_row(codes, scale, out);
                 }
             }
         }

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`keys`]: the [`KeyStore`] trait through which an index reads keys it does not own, and
-//!   [`KeySlice`], a view over contiguous key rows (f32, f16 or bf16).
+//!   [`KeySlice`], a view over contiguous key rows (f32, f16, bf16, or int8 with scales).
+//! - [`quant`]: int8 rows (one scale per row): the codec and the fused int8 kernels.
 //! - [`topk`]: caller-owned top-k selection and result buffers.
 //! - [`simd`]: inner-product kernels (scalar, AVX2, AVX-512) picked once at run time.
 //! - [`prefetch`]: software prefetch hints for the scattered row reads of graph search.
@@ -31,6 +32,7 @@ pub mod hnsw;
 pub mod keys;
 pub mod prefetch;
 pub mod qgraph;
+pub mod quant;
 pub mod simd;
 pub mod topk;
 

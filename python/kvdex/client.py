@@ -680,7 +680,7 @@ class Client:
     def create_session(self, layers: int, q_heads: int, kv_heads: int, head_dim: int, dtype: str = "f16",
                        payload_bytes: Optional[int] = None, *, slim: bool = False,
                        slim_rope: Optional[Tuple[float, int]] = None, sinks: Optional[int] = None,
-                       window: Optional[int] = None) -> Session:
+                       window: Optional[int] = None, kv_format: Optional[str] = None) -> Session:
         """Creates a session and attaches its shared-memory region.
 
         Args:
@@ -700,10 +700,15 @@ class Client:
             window: W, the most recent tokens that the engine keeps and retrieval never returns;
                 the daemon's ``[decode] window`` when ``None``. ``GET /v1/sessions/{id}`` and
                 ``/stats`` report the values a session uses.
+            kv_format: how the daemon stores K and V: ``"int8"`` (one signed byte per element
+                and one bf16 scale per token and KV head, about 0.52x the bytes of f16; search
+                and attention read it directly, gathers return the session dtype) or the dtype's
+                own name (the default, ``None``).
 
         Raises:
             kvdex.BadRequestError: a bad shape or dtype, ``slim`` for a GQA shape, or ``sinks``
-            or ``window`` negative or over 2**24, with the daemon's message; kvdex.BudgetError:
+            or ``window`` negative or over 2**24, or an unknown ``kv_format``, with the daemon's
+            message; kvdex.BudgetError:
             no room for another session.
         """
         layers, q_heads, kv_heads, head_dim = (_u32(x, name) for x, name in (
@@ -714,7 +719,7 @@ class Client:
         sinks, window = (None if x is None else _u32(x, name, 2**64 - 1)
                          for x, name in ((sinks, "sinks"), (window, "window")))
         return Session(self._c.create_session(layers, q_heads, kv_heads, head_dim, dtype, payload_bytes,
-                                              slim, slim_rope, sinks, window), slim=slim)
+                                              slim, slim_rope, sinks, window, kv_format), slim=slim)
 
 
 def connect(url: str) -> Client:

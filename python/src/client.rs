@@ -37,8 +37,9 @@ impl Client {
     /// Creates a session (HTTP POST) and attaches its shared-memory region.
     /// `slim`: store K alone (MHA only), with `slim_rope = (theta, rope_dim)` when the keys
     /// are stored post-RoPE. `sinks` and `window`: the session's own static tokens (the
-    /// daemon's `[decode]` values when `None`).
-    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None, slim = false, slim_rope = None, sinks = None, window = None))]
+    /// daemon's `[decode]` values when `None`). `kv_format`: `"int8"` to store int8 rows with
+    /// one scale each (the dtype when `None`).
+    #[pyo3(signature = (layers, q_heads, kv_heads, head_dim, dtype = "f16", payload_bytes = None, slim = false, slim_rope = None, sinks = None, window = None, kv_format = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn create_session(
         &self,
@@ -53,6 +54,7 @@ impl Client {
         slim_rope: Option<(f64, usize)>,
         sinks: Option<u64>,
         window: Option<u64>,
+        kv_format: Option<&str>,
     ) -> PyResult<Session> {
         let shape = crate::arrays::shape_from_args(py, layers, q_heads, kv_heads, head_dim, dtype)?;
         shape.validate().map_err(|e| to_py(py, e))?;
@@ -63,11 +65,16 @@ impl Client {
             rope: slim_rope
                 .map(|(theta, rope_dim)| kvdex_index::attend::RopeSpec { theta, rope_dim }),
         });
+        let kv_format = kv_format
+            .map(|name| kvdex_wire::KvFormat::parse(name, shape.dtype))
+            .transpose()
+            .map_err(|e| to_py(py, e))?;
         let opts = SessionOptions {
             payload_bytes,
             slim,
             sinks,
             window,
+            kv_format,
             ..Default::default()
         };
         let handle = py

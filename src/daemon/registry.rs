@@ -15,7 +15,7 @@ use crate::config::{Config, MIN_PAYLOAD_BYTES};
 use crate::error::{KvdexError, Result};
 use crate::metrics::Metrics;
 use crate::store::{
-    dtype_serde, LayerStats, Session, SessionSpec, Shape, SlimSpec, SlimStats, Store,
+    dtype_serde, KvFormat, LayerStats, Session, SessionSpec, Shape, SlimSpec, SlimStats, Store,
 };
 use kvdex_index::attend::RopeSpec;
 use kvdex_wire::SessionToken;
@@ -58,6 +58,10 @@ pub struct CreateRequest {
     /// `decode.sample_rate` when absent.
     #[serde(default)]
     pub sample_rate: Option<f64>,
+    /// How the rows are stored: `"int8"` (one scale per row) or the dtype's own name (the
+    /// default).
+    #[serde(default)]
+    pub kv_format: Option<String>,
 }
 
 /// `"slim_rope": {"theta": 100000.0, "rope_dim": 64}` of `POST /v1/sessions`.
@@ -129,6 +133,10 @@ pub struct SessionInfo {
     /// Slim mode's memory account (absent for a K+V session).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slim: Option<SlimStats>,
+    /// How the rows are stored: `"int8"`, or the dtype's name.
+    pub kv_format: &'static str,
+    /// Bytes one token's rows take over every layer and KV head (scales included).
+    pub bytes_per_token: usize,
     /// Engine GPU buffers registered as retrieve destinations (open CUDA IPC mappings).
     pub engine_dests: usize,
     /// Retrieval quality measured by online recall sampling (`crate::store::sampler`).
@@ -255,6 +263,10 @@ impl Registry {
             sinks: statics(req.sinks),
             window: statics(req.window),
             sample_rate: req.sample_rate,
+            kv_format: match &req.kv_format {
+                Some(name) => KvFormat::parse(name, dtype)?,
+                None => KvFormat::Dtype,
+            },
         };
         let session = Arc::new(self.store.session_spec(shape, spec)?);
         self.start(session, payload_bytes)
@@ -381,6 +393,8 @@ impl Registry {
             window: e.session.decode_config().window,
             layers: e.session.layer_stats(),
             slim: e.session.slim_stats(),
+            kv_format: e.session.kv_format().name(e.session.shape().dtype),
+            bytes_per_token: e.session.bytes_per_token(),
             engine_dests: e.session.engine_dest_count(),
             quality: e.session.quality_report(),
         }

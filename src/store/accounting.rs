@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 
 use super::indexing::BuildStatus;
-use super::layer::{arena_bytes, LayerKv};
+use super::layer::LayerKv;
 use super::observe::DecodeGauges;
 use super::Session;
 use crate::error::{KvdexError, Result};
@@ -35,10 +35,10 @@ impl Session {
     /// Grows `l` to hold `need` tokens: doubling when the budget allows, exactly `need`
     /// otherwise, or a budget error naming the exact growth asked for.
     pub(super) fn grow(&self, l: &mut LayerKv, need: usize) -> Result<()> {
-        let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
+        let (kvh, rb) = (self.shape.kv_heads as usize, self.stored_row_bytes());
         let held = l.held_bytes(kvh, rb) as u64;
-        let planes = l.planes();
-        let bytes_at = |cap: usize| (planes * kvh * arena_bytes(cap, rb)) as u64;
+        let (planes, format) = (l.planes(), l.format());
+        let bytes_at = |cap: usize| LayerKv::bytes_at(planes, format, kvh, rb, cap) as u64;
         let roomy = need.max(2 * l.cap).max(self.store.initial_tokens);
         let budget = &self.store.budget;
         // One session holds at most the quota, so that it cannot starve the others.
@@ -67,14 +67,14 @@ impl Session {
         Ok(())
     }
 
-    /// Bytes of K and V stored (tokens appended, not capacity); K alone in Slim mode.
+    /// Bytes of K and V stored (tokens appended, not capacity; int8 rows with their scales);
+    /// K alone in Slim mode.
     pub fn resident_bytes(&self) -> u64 {
+        let per_row = self.stored_row_bytes() + self.format.scale_bytes();
         self.layers
             .iter()
             .filter_map(|l| l.read().ok())
-            .map(|l| {
-                (l.planes() * l.len * self.shape.row_bytes() * self.shape.kv_heads as usize) as u64
-            })
+            .map(|l| (l.planes() * l.len * per_row * self.shape.kv_heads as usize) as u64)
             .sum()
     }
 

@@ -41,7 +41,7 @@ impl Session {
                 )));
             }
         }
-        let (kvh, rb) = (self.shape.kv_heads as usize, self.shape.row_bytes());
+        let (kvh, rb) = (self.shape.kv_heads as usize, self.stored_row_bytes());
         let mut released = 0u64;
         for (i, (layer, li)) in self.layers.iter().zip(&self.index).enumerate() {
             if li.coverage().0 + sinks > tokens {
@@ -96,9 +96,10 @@ impl Session {
             sinks: Some(self.decode.sinks),
             window: Some(self.decode.window),
             sample_rate: Some(self.sampling.rate()),
+            kv_format: self.format,
         };
         let mut copy = self.store.session_spec(self.shape, spec)?;
-        let rb = self.shape.row_bytes();
+        let rb = self.stored_row_bytes();
         for i in 0..self.layers.len() {
             let src = self.layers[i].read().map_err(poisoned)?;
             if src.len > 0 {

@@ -220,6 +220,7 @@ pub(super) fn view<'a>(keys: &KeySlice<'a>, start: usize, end: usize) -> Result<
         KeyRows::F16(s) => KeyRows::F16(&s[r]),
         KeyRows::Bf16(s) => KeyRows::Bf16(&s[r]),
         KeyRows::F32(s) => KeyRows::F32(&s[r]),
+        KeyRows::I8(q) => KeyRows::I8(q.rows(d, start..end)),
     };
     Ok(KeySlice::new(rows, d)?)
 }

@@ -10,7 +10,9 @@
 //! - `shape`: a session's [`Shape`] and its limits.
 //! - `accounting`: arena growth under the budget, the bytes a session holds, [`LayerStats`].
 //! - `spec`: what a session is created with beyond its shape ([`SessionSpec`]: Slim mode, its
-//!   own static tokens).
+//!   own static tokens, its storage format).
+//! - [`quant`]: the storage format ([`KvFormat`]): rows in the session dtype, or int8 with
+//!   scales (quantized on append, dequantized by a gather).
 //! - `edit`: whole-session edits, `truncate` and `fork`.
 //! - [`observe`]: how the store reports its background index work ([`BuildObserver`]).
 //! - this file: [`Store`] (the arena source and budget sessions are made from) and
@@ -25,6 +27,7 @@ mod finite;
 pub mod indexing;
 mod layer;
 pub mod observe;
+pub mod quant;
 pub mod retrieve;
 pub mod sampler;
 pub mod slim;
@@ -42,6 +45,7 @@ pub use accounting::LayerStats;
 pub use budget::Budget;
 use indexing::{BuildPool, LayerIndex};
 pub use indexing::{BuildStatus, DecodeConfig, SealNeighbours, SealTraining};
+pub use kvdex_wire::KvFormat;
 pub use kvdex_wire::{dtype_serde, Shape, SlimSpec};
 use layer::LayerKv;
 pub use observe::{BuildObserver, BuildOutcome, DecodeGauges};
@@ -139,6 +143,12 @@ impl Store {
         if let Some(spec) = &slim {
             spec.validate(&shape)?;
         }
+        let format = spec.kv_format;
+        if slim.is_some() && format == KvFormat::Int8 {
+            return Err(KvdexError::BadRequest(
+                "kv_format \"int8\" with slim is not supported: choose one of them".into(),
+            ));
+        }
         let decode = spec.decode_config(&self.decode)?;
         let sampling = sampler::SessionSampler::for_spec(&spec, &decode, shape.layers)?;
         let layers = (0..shape.layers)
@@ -146,7 +156,7 @@ impl Store {
                 let indices = (0..shape.q_heads)
                     .map(|_| Box::new(FlatIndex::new(0)) as Box<dyn MipsIndexMut>)
                     .collect();
-                RwLock::new(LayerKv::new(indices, slim.is_some()))
+                RwLock::new(LayerKv::new(indices, slim.is_some(), format))
             })
             .collect();
         Ok(Session {
@@ -161,6 +171,7 @@ impl Store {
             slim: slim.map(|spec| slim::SlimState::new(spec, shape.layers as usize)),
             engine_dests: Default::default(),
             sampling,
+            format,
         })
     }
 
@@ -194,6 +205,8 @@ pub struct Session {
     engine_dests: std::sync::Mutex<engine_dest::EngineDests>,
     /// Online recall sampling: which retrieves to sample, and the figures of those scored.
     sampling: sampler::SessionSampler,
+    /// How the rows are stored (every layer alike).
+    format: KvFormat,
 }
 
 impl Session {
@@ -205,6 +218,23 @@ impl Session {
     /// The session's shape.
     pub fn shape(&self) -> &Shape {
         &self.shape
+    }
+
+    /// How the session stores its rows.
+    pub fn kv_format(&self) -> KvFormat {
+        self.format
+    }
+
+    /// Bytes of one stored row's elements (the scales of int8 rows apart).
+    fn stored_row_bytes(&self) -> usize {
+        self.format.row_bytes(&self.shape)
+    }
+
+    /// Bytes one token's rows take over every layer and KV head, scales included (K alone
+    /// in Slim mode).
+    pub fn bytes_per_token(&self) -> usize {
+        let planes = if self.slim.is_some() { 1 } else { 2 };
+        self.format.bytes_per_token(&self.shape, planes)
     }
 
     fn layer(&self, layer: u32) -> Result<&RwLock<LayerKv>> {
@@ -287,7 +317,10 @@ impl Session {
         if need > l.cap {
             self.grow(l, need)?;
         }
-        l.write_rows(tokens, rb, k, v);
+        match self.format {
+            KvFormat::Dtype => l.write_rows(tokens, rb, k, v),
+            KvFormat::Int8 => l.write_rows_int8(tokens, s.dtype, &mut vec![0.0; d], k, v),
+        }
         l.update_indices(s.group() as usize, s.dtype, s.head_dim as usize)?;
         Ok(l.len)
     }
@@ -368,16 +401,15 @@ impl Session {
                 l.len
             )));
         }
-        let (kb, vb) = (
-            l.k_bytes(kv_head as usize, rb),
-            l.v_bytes(kv_head as usize, rb),
-        );
         let (ko, vo) = out[..need].split_at_mut(ids.len() * rb);
+        let (d, g) = (s.head_dim as usize, kv_head as usize);
+        let keys = l.keys(g, s.dtype, d)?;
+        let values = l.values(g, s.dtype, d)?;
         for (i, &id) in ids.iter().enumerate() {
-            let r = id as usize * rb..(id as usize + 1) * rb;
-            ko[i * rb..(i + 1) * rb].copy_from_slice(&kb[r.clone()]);
-            if !vb.is_empty() {
-                vo[i * rb..(i + 1) * rb].copy_from_slice(&vb[r]);
+            let o = i * rb..(i + 1) * rb;
+            quant::copy_row(&keys, id, s.dtype, &mut ko[o.clone()]);
+            if kvdex_index::KeyStore::len(&values) > 0 {
+                quant::copy_row(&values, id, s.dtype, &mut vo[o]);
             }
         }
         if let Some(w) = self.wkv(layer)? {

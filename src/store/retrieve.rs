@@ -44,17 +44,6 @@ use output::{check_out, copy_rows, RowsOut};
 use types::HeadScratch;
 pub use types::{RetrieveOut, RetrieveScratch, RetrieveStats, RowsDest};
 
-/// Rows of `bytes` in `dtype` as a key (or value) store.
-fn rows_of(bytes: &[u8], dtype: KeyDtype, d: usize) -> Result<KeySlice<'_>> {
-    let cast = |e: bytemuck::PodCastError| KvdexError::Protocol(format!("stored rows: {e}"));
-    let rows = match dtype {
-        KeyDtype::F16 => KeyRows::F16(bytemuck::try_cast_slice(bytes).map_err(cast)?),
-        KeyDtype::Bf16 => KeyRows::Bf16(bytemuck::try_cast_slice(bytes).map_err(cast)?),
-        KeyDtype::F32 => KeyRows::F32(bytemuck::try_cast_slice(bytes).map_err(cast)?),
-    };
-    Ok(KeySlice::new(rows, d)?)
-}
-
 fn lse_of(xs: &[f32]) -> f32 {
     let m = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if m == f32::NEG_INFINITY {
@@ -290,7 +279,7 @@ impl Session {
             }
             let tm = Instant::now();
             let keys = l.keys(g, s.dtype, d)?;
-            let values = rows_of(l.v_bytes(g, rb), s.dtype, d)?;
+            let values = l.values(g, s.dtype, d)?;
             budget_and_attend(
                 &keys,
                 &values,
@@ -354,6 +343,7 @@ impl Session {
                     d,
                     dtype: s.dtype,
                     slim: slim.is_some(),
+                    int8: self.format == super::KvFormat::Int8,
                 };
                 let (runs, tickets) = (&mut scratch.runs, &mut scratch.tickets);
                 copy_rows(&l, link, hs, group, rows, runs, tickets)?;

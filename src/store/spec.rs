@@ -1,5 +1,6 @@
-//! What a session is created with beyond its shape ([`SessionSpec`]): Slim mode, and static
-//! tokens of its own when the engine attends to other ones than the daemon's `[decode]` values.
+//! What a session is created with beyond its shape ([`SessionSpec`]): Slim mode, static tokens
+//! of its own when the engine attends to other ones than the daemon's `[decode]` values, and
+//! its storage format.
 
 use super::*;
 use crate::config::MAX_STATIC_TOKENS;
@@ -19,6 +20,8 @@ pub struct SessionSpec {
     /// Share of retrieves sampled for online recall (0 to 1); the store's
     /// `decode.sample_rate` when `None`.
     pub sample_rate: Option<f64>,
+    /// How the rows are stored: in the session dtype (the default) or int8 with scales.
+    pub kv_format: KvFormat,
 }
 
 impl SessionSpec {

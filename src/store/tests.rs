@@ -236,3 +236,84 @@ fn dropping_a_session_mid_build_frees_its_memory_at_once() {
         .recv_timeout(std::time::Duration::from_secs(60))
         .unwrap();
 }
+
+/// An int8 session: search, gather, fork and truncate all read its codes and scales, and its
+/// budget holds codes + scales.
+#[test]
+fn int8_sessions_search_gather_fork_and_truncate_on_their_rows() {
+    let (d, n) = (16usize, 40usize);
+    let shape = Shape {
+        layers: 1,
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: d as u32,
+        dtype: KeyDtype::F32,
+    };
+    let spec = SessionSpec {
+        kv_format: KvFormat::Int8,
+        ..Default::default()
+    };
+    let s = Store::unlimited().session_spec(shape, spec).unwrap();
+    assert_eq!(s.bytes_per_token(), 2 * (d + 2));
+    let k: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let v: Vec<f32> = k.iter().map(|x| x * 3.0).collect();
+    s.append(0, n, bytemuck::cast_slice(&k), bytemuck::cast_slice(&v))
+        .unwrap();
+    assert_eq!(s.resident_bytes(), (n * 2 * (d + 2)) as u64);
+    // The stored row of token t, as gather returns it (f32 session: dequantized values).
+    let row = |s: &Session, t: u32| {
+        let mut out = vec![0u8; 2 * d * 4];
+        s.gather(0, 0, &[t], &mut out).unwrap();
+        bytemuck::cast_slice::<u8, f32>(&out).to_vec()
+    };
+    for t in [0u32, 17, 39] {
+        let r = row(&s, t);
+        let want = &k[t as usize * d..(t as usize + 1) * d];
+        let step = want.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
+        assert!(r[..d].iter().zip(want).all(|(a, b)| (a - b).abs() <= step));
+        assert!(r[d..]
+            .iter()
+            .zip(want)
+            .all(|(a, b)| (a - 3.0 * b).abs() <= 3.0 * step));
+    }
+    // The top key by the stored rows is the top key of a brute force over them.
+    let q: Vec<f32> = k[5 * d..6 * d]
+        .iter()
+        .chain(&k[9 * d..10 * d])
+        .copied()
+        .collect();
+    let (mut ids, mut sc) = (vec![0u32; 2], vec![0f32; 2]);
+    s.search(
+        0,
+        &q,
+        1,
+        &mut SearchScratch::new(),
+        &mut Hits::default(),
+        &mut ids,
+        &mut sc,
+    )
+    .unwrap();
+    for (h, &id) in ids.iter().enumerate() {
+        let score = |t: u32| -> f32 {
+            let r = row(&s, t);
+            r[..d]
+                .iter()
+                .zip(&q[h * d..(h + 1) * d])
+                .map(|(a, b)| a * b)
+                .sum()
+        };
+        let best = (0..n as u32).map(score).fold(f32::NEG_INFINITY, f32::max);
+        assert!((score(id) - best).abs() <= 1e-4 * best.abs().max(1.0));
+        assert!((sc[h] - score(id)).abs() <= 1e-4 * best.abs().max(1.0));
+    }
+    let f = s.fork().unwrap();
+    assert_eq!(f.kv_format(), KvFormat::Int8);
+    for t in [0u32, 39] {
+        assert_eq!(row(&f, t), row(&s, t));
+    }
+    let before = row(&s, 10);
+    s.truncate(12).unwrap();
+    assert_eq!((s.len(0).unwrap(), row(&s, 10)), (12, before));
+}

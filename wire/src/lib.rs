@@ -14,6 +14,7 @@
 pub mod decode;
 pub mod error;
 pub mod hello;
+pub mod kv_format;
 pub mod params;
 pub mod proto;
 pub mod shape;
@@ -22,6 +23,7 @@ pub mod slim;
 pub mod token;
 
 pub use error::{Error, Result};
+pub use kv_format::KvFormat;
 pub use params::{Budget, RetrieveParams, NO_LIMIT};
 pub use shape::{dtype_serde, Shape};
 pub use slim::{SlimSpec, MAX_SLIM_MODEL_DIM};

@@ -61,6 +61,7 @@ impl ValueStore for KeySlice<'_> {
             KeyRows::F32(s) => KeyRows::F32(s.get(r).unwrap_or(&[])),
             KeyRows::F16(s) => KeyRows::F16(s.get(r).unwrap_or(&[])),
             KeyRows::Bf16(s) => KeyRows::Bf16(s.get(r).unwrap_or(&[])),
+            KeyRows::I8(q) => KeyRows::I8(q.rows(d, id as usize..id as usize + 1)),
         }
     }
 }

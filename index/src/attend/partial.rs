@@ -76,6 +76,7 @@ pub fn attend_head_dense_values(
         KeyRows::F32(s) => s.len(),
         KeyRows::F16(s) => s.len(),
         KeyRows::Bf16(s) => s.len(),
+        KeyRows::I8(q) => q.codes.len(),
     };
     if n != ids.len() * d {
         return Err(IndexError::BadShape(format!(
@@ -90,6 +91,7 @@ pub fn attend_head_dense_values(
         KeyRows::F32(s) => KeyRows::F32(&s[row(i)]),
         KeyRows::F16(s) => KeyRows::F16(&s[row(i)]),
         KeyRows::Bf16(s) => KeyRows::Bf16(&s[row(i)]),
+        KeyRows::I8(q) => KeyRows::I8(q.rows(d, i..i + 1)),
     })
 }
 

@@ -67,6 +67,18 @@ impl Lanes for bf16 {
     }
 }
 
+impl Lanes for i8 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable codes (8 bytes) at `p` and avx2 support.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+}
+
 /// One inner product over `d = min(q.len(), k.len())` elements.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -194,3 +206,4 @@ macro_rules! export {
 export!(f32, dot_f32, block_f32, gather_f32, group_f32);
 export!(f16, dot_f16, block_f16, gather_f16, group_f16);
 export!(bf16, dot_bf16, block_bf16, gather_bf16, group_bf16);
+export!(i8, dot_i8, block_i8, gather_i8, group_i8);

@@ -56,6 +56,18 @@ impl Lanes for bf16 {
     }
 }
 
+impl Lanes for i8 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable codes (16 bytes) at `p`.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+    }
+    fn widen(self) -> f32 {
+        f32::from(self)
+    }
+}
+
 /// One inner product over `d = min(q.len(), k.len())` elements.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -193,3 +205,4 @@ macro_rules! export {
 export!(f32, dot_f32, block_f32, gather_f32, group_f32);
 export!(f16, dot_f16, block_f16, gather_f16, group_f16);
 export!(bf16, dot_bf16, block_bf16, gather_bf16, group_bf16);
+export!(i8, dot_i8, block_i8, gather_i8, group_i8);

@@ -1,5 +1,6 @@
 //! Inner-product kernels for f32, f16 and bf16 key rows: one query against a block of keys, one
 //! query against a list of ids, and a GQA group of queries against one key block (keys read once).
+//! Int8 rows go to [`crate::quant::kernels`] (its AVX2 path on any ISA above scalar).
 //!
 //! One file per instruction set, in the way of tantivy's `bitpacker`: [`scalar`] (the reference
 //! and the fallback), [`avx2`] (AVX2 + FMA + F16C) and [`avx512`] (AVX-512F). [`Kernels::best`]
@@ -8,9 +9,11 @@
 
 pub mod avx2;
 pub mod avx512;
+mod int8;
 pub mod scalar;
 
 use crate::keys::KeyRows;
+use crate::quant::kernels as quant;
 use half::{bf16, f16};
 use std::sync::OnceLock;
 
@@ -67,8 +70,12 @@ static BEST: OnceLock<Kernels> = OnceLock::new();
 
 /// Calls the kernel `$f` of the chosen path for the dtype of `$rows`, binding the typed slice.
 macro_rules! dispatch {
-    ($self:ident, $rows:expr, |$s:ident| $scalar:expr, $f32:ident, $f16:ident, $bf16:ident ($($arg:expr),*)) => {
+    ($self:ident, $rows:expr, |$s:ident| $scalar:expr, $f32:ident, $f16:ident, $bf16:ident ($($arg:expr),*), |$path:ident, $q:ident| $int8:expr) => {
         match ($self.isa, $rows) {
+            (isa, KeyRows::I8($q)) => {
+                let $path = isa;
+                $int8
+            }
             (Isa::Scalar, _) => $scalar,
             // SAFETY: a `Kernels` with this isa exists only if `available()` returned true.
             (Isa::Avx2, KeyRows::F32($s)) => unsafe { avx2::$f32($($arg),*) },
@@ -128,7 +135,8 @@ impl Kernels {
             |s| scalar_block(q, rows, dim, start, out),
             block_f32,
             block_f16,
-            block_bf16(q, rows_from(s, dim, start, n), dim, out)
+            block_bf16(q, rows_from(s, dim, start, n), dim, out),
+            |isa, r| int8::block(isa, q, r, dim, start, out)
         )
     }
 
@@ -144,7 +152,8 @@ impl Kernels {
             |s| scalar_gather(q, rows, dim, ids, out),
             gather_f32,
             gather_f16,
-            gather_bf16(q, s, dim, ids, out)
+            gather_bf16(q, s, dim, ids, out),
+            |isa, r| int8::gather(isa, q, r, dim, ids, out)
         )
     }
 
@@ -166,7 +175,8 @@ impl Kernels {
             },
             group_f32,
             group_f16,
-            group_bf16(qs, rows_from(s, dim, start, n), dim, out)
+            group_bf16(qs, rows_from(s, dim, start, n), dim, out),
+            |isa, r| int8::group(isa, qs, r, dim, start, out)
         )
     }
 }
@@ -177,6 +187,7 @@ fn scalar_row(q: &[f32], rows: KeyRows<'_>, dim: usize, id: usize) -> f32 {
         KeyRows::F32(s) => s.get(r).map(|k| scalar::dot_f32(q, k)),
         KeyRows::F16(s) => s.get(r).map(|k: &[f16]| scalar::dot_f16(q, k)),
         KeyRows::Bf16(s) => s.get(r).map(|k: &[bf16]| scalar::dot_bf16(q, k)),
+        KeyRows::I8(rows) => rows.row(dim, id).map(|(c, s)| s * quant::dot_scalar(q, c)),
     };
     got.unwrap_or(f32::NEG_INFINITY)
 }
@@ -225,7 +236,22 @@ mod tests {
                 let b: Vec<bf16> = f.iter().map(|&x| bf16::from_f32(x)).collect();
                 let qs: Vec<f32> = (0..g * dim).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let ids: Vec<u32> = (0..20).map(|_| rng.gen_range(0..n as u32 + 2)).collect();
-                for rows in [KeyRows::F32(&f), KeyRows::F16(&h), KeyRows::Bf16(&b)] {
+                let mut codes = vec![0i8; n * dim];
+                let scales: Vec<bf16> = f
+                    .chunks_exact(dim)
+                    .zip(codes.chunks_exact_mut(dim))
+                    .map(|(x, c)| crate::quant::quantize_row(x, c))
+                    .collect();
+                let i8rows = KeyRows::I8(crate::quant::QuantRows {
+                    codes: &codes,
+                    scales: &scales,
+                });
+                for rows in [
+                    KeyRows::F32(&f),
+                    KeyRows::F16(&h),
+                    KeyRows::Bf16(&b),
+                    i8rows,
+                ] {
                     let q = &qs[..dim];
                     let (mut x, mut y) = (vec![0.0; n - 3], vec![0.0; n - 3]);
                     kern.block(q, rows, dim, 3, &mut x);

@@ -10,6 +10,8 @@ pub(super) enum OwnedKeys {
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
     F32(Vec<f32>),
+    /// Int8 codes and their per-row scales.
+    I8(Vec<i8>, Vec<half::bf16>),
 }
 
 impl OwnedKeys {
@@ -20,6 +22,10 @@ impl OwnedKeys {
             KeyRows::F16(s) => Self::F16(s[r].to_vec()),
             KeyRows::Bf16(s) => Self::Bf16(s[r].to_vec()),
             KeyRows::F32(s) => Self::F32(s[r].to_vec()),
+            KeyRows::I8(q) => {
+                let part = q.rows(d, rows);
+                Self::I8(part.codes.to_vec(), part.scales.to_vec())
+            }
         }
     }
 
@@ -28,6 +34,7 @@ impl OwnedKeys {
             Self::F16(v) => KeyRows::F16(v),
             Self::Bf16(v) => KeyRows::Bf16(v),
             Self::F32(v) => KeyRows::F32(v),
+            Self::I8(codes, scales) => KeyRows::I8(kvdex_index::quant::QuantRows { codes, scales }),
         };
         Ok(KeySlice::new(rows, dim)?)
     }

@@ -3,6 +3,7 @@
 //! caller's output buffers are large enough.
 
 use super::*;
+use crate::store::quant::copy_row;
 
 /// Where step 4 writes the chosen rows.
 pub(super) struct RowsOut<'a> {
@@ -13,13 +14,15 @@ pub(super) struct RowsOut<'a> {
     pub(super) d: usize,
     pub(super) dtype: KeyDtype,
     pub(super) slim: bool,
+    /// Int8 rows: dequantized by the CPU into the session dtype, never copied as stored.
+    pub(super) int8: bool,
 }
 
 /// Step 4's row copy: head `h`'s K rows go to `rows[h][0][..k]`, its V rows to
 /// `rows[h][1][..k]`. Through [`DeviceLink::gather`] (one batch of runs per KV head and plane,
 /// all submitted before any is waited on) when the rows have a registered destination and
 /// every run meets [`RUN_ALIGN`]; with the CPU otherwise. Slim V rows (recomputed, in
-/// `hs.values`) are always written by the CPU.
+/// `hs.values`) and int8 rows (dequantized) are always written by the CPU.
 pub(super) fn copy_rows(
     l: &LayerKv,
     link: &dyn DeviceLink,
@@ -33,6 +36,13 @@ pub(super) fn copy_rows(
     let align = RUN_ALIGN as usize;
     let engine = o.dest.filter(|d| d.engine);
     if let Some(dst) = engine {
+        if o.int8 {
+            return Err(KvdexError::BadRequest(
+                "rows into an engine destination are not available for kv_format \"int8\" \
+                 (rows are dequantized on the CPU): gather into the response instead"
+                    .into(),
+            ));
+        }
         if o.slim {
             return Err(KvdexError::BadRequest(
                 "rows into an engine destination are not available in Slim mode (V rows are \
@@ -50,7 +60,7 @@ pub(super) fn copy_rows(
     }
     let dest = o
         .dest
-        .filter(|dst| rb % align == 0 && dst.offset % RUN_ALIGN == 0);
+        .filter(|dst| !o.int8 && rb % align == 0 && dst.offset % RUN_ALIGN == 0);
     if o.slim {
         for (h, hs) in heads.iter().enumerate() {
             let base = h * 2 * stride * rb;
@@ -64,15 +74,14 @@ pub(super) fn copy_rows(
     let Some(dest) = dest else {
         for (h, hs) in heads.iter().enumerate() {
             let g = h / group;
-            let (kb, vb) = (l.k_bytes(g, rb), l.v_bytes(g, rb));
+            let (keys, values) = (l.keys(g, o.dtype, o.d)?, l.values(g, o.dtype, o.d)?);
             let base = h * 2 * stride * rb;
             for (i, &id) in hs.hits.ids[..hs.k].iter().enumerate() {
-                let src = id as usize * rb..(id as usize + 1) * rb;
                 let ko = base + i * rb;
-                o.rows[ko..ko + rb].copy_from_slice(&kb[src.clone()]);
+                copy_row(&keys, id, o.dtype, &mut o.rows[ko..ko + rb]);
                 if !o.slim {
                     let vo = base + (stride + i) * rb;
-                    o.rows[vo..vo + rb].copy_from_slice(&vb[src]);
+                    copy_row(&values, id, o.dtype, &mut o.rows[vo..vo + rb]);
                 }
             }
         }

@@ -123,6 +123,10 @@ pub struct DecodeArgs {
     /// sampler's `sampled_mass_recall` and `sampled_requests` beside `mass_recall`.
     #[arg(long)]
     pub sample_rate: Option<f64>,
+    /// How the daemon stores the rows (the session's `kv_format`): "f16" (the bench's dtype)
+    /// or "int8" (one scale per row).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "int8"])]
+    pub kv_format: String,
 }
 
 impl DecodeArgs {

@@ -1,4 +1,5 @@
-//! The value-accumulation kernel: `acc += w * row`, with the row in f32, f16 or bf16.
+//! The value-accumulation kernel: `acc += w * row`, with the row in f32, f16, bf16 or int8 (the
+//! int8 loop is [`crate::quant::kernels`]; the row's scale is folded into `w`).
 //!
 //! Partial attention spends its time in two loops: scoring the selected keys (done by the
 //! [`KeyStore`](crate::KeyStore) kernels) and summing the weighted value rows (done here).
@@ -61,6 +62,17 @@ pub fn add_scaled(acc: &mut [f32], w: f32, row: KeyRows<'_>) {
 /// safe to call with any value.
 #[inline]
 pub fn add_scaled_at(level: Level, acc: &mut [f32], w: f32, row: KeyRows<'_>) {
+    use crate::quant::kernels::{add_scaled_at as add_i8, Path};
+    if let KeyRows::I8(q) = row {
+        // One row: its codes and its scale (an empty row adds nothing).
+        let s = q.scales.first().map_or(0.0, |s| s.to_f32());
+        let path = if level == Level::Scalar {
+            Path::Scalar
+        } else {
+            Path::detect()
+        };
+        return add_i8(path, acc, w * s, q.codes);
+    }
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 if Level::detect() == Level::Avx2 => match row {
@@ -71,11 +83,13 @@ pub fn add_scaled_at(level: Level, acc: &mut [f32], w: f32, row: KeyRows<'_>) {
             KeyRows::F16(r) => unsafe { avx2::add_scaled_f16(acc, w, r) },
             // SAFETY: as above.
             KeyRows::Bf16(r) => unsafe { avx2::add_scaled_bf16(acc, w, r) },
+            KeyRows::I8(_) => {}
         },
         _ => match row {
             KeyRows::F32(r) => scalar::add_scaled_f32(acc, w, r),
             KeyRows::F16(r) => scalar::add_scaled_f16(acc, w, r),
             KeyRows::Bf16(r) => scalar::add_scaled_bf16(acc, w, r),
+            KeyRows::I8(_) => {}
         },
     }
 }

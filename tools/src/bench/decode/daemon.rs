@@ -106,6 +106,7 @@ pub(super) fn create_sampled(
         "sinks": a.sinks, "window": a.window,
         // Online recall sampling (`--sample-rate`): the session's own rate.
         "sample_rate": sample_rate,
+        "kv_format": a.kv_format,
     });
     let v: serde_json::Value = ureq::post(&format!("{}/v1/sessions", d.url))
         .set("Content-Type", "application/json")

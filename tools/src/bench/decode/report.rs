@@ -9,6 +9,8 @@ use kvdex::error::{KvdexError, Result};
 pub(super) struct Row {
     pub(super) context: usize,
     pub(super) method: String,
+    /// The session's storage format (`--kv-format`; JSON only).
+    pub(super) kv_format: String,
     pub(super) layers: u32,
     pub(super) q_heads: u32,
     pub(super) kv_heads: u32,

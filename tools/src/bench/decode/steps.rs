@@ -149,6 +149,7 @@ pub(super) fn decode_steps(
     Ok(Row {
         context: n0,
         method: name.to_owned(),
+        kv_format: a.kv_format.clone(),
         layers: a.layers,
         q_heads: a.q_heads,
         kv_heads: a.kv_heads,
