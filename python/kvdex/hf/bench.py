@@ -5,8 +5,10 @@
 
 The prompt is prefilled once (stock ``DynamicCache``, queries captured); every method decodes
 ``--new`` greedy steps from that same state: ``stock`` from a copy of the cache, each kvdex
-budget and append block through :meth:`KvdexCache.from_prefill`. A batch repeats the prompt
-(the daemon and the engine do the same work per sequence whatever its tokens).
+budget and append block through :meth:`KvdexCache.from_prefill`. The methods take their steps
+in turn (step 1 of every method, then step 2, ...), so that a shared machine's load falls on
+all of them alike. A batch repeats the prompt (the daemon and the engine do the same work per
+sequence whatever its tokens).
 
 Prints one JSON object per method: ``method``, ``context``, ``batch``, ``new_tokens``,
 ``decode_tokens_per_s`` (tokens of the whole batch per second, over the median step),
@@ -18,6 +20,7 @@ Prints one JSON object per method: ``method``, ``context``, ``batch``, ``new_tok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -77,16 +80,18 @@ def prefill(model: Any, ids: torch.Tensor, batch: int) -> Tuple[DynamicCache, di
 
 
 @torch.no_grad()
-def decode(model: Any, cache: Any, logits: torch.Tensor, new: int) -> Dict[str, Any]:
-    """``new`` greedy steps from ``logits``; tokens/s of the batch over the median step."""
-    t = logits.argmax(-1, keepdim=True)
-    steps: List[float] = []
+def decode_in_turn(model: Any, caches: List[Any], logits: torch.Tensor, new: int) -> List[Dict[str, Any]]:
+    """``new`` greedy steps on each cache from ``logits``, the caches taking turns step by step;
+    per cache, tokens/s of the batch over its median step and every step's milliseconds."""
+    tokens = [logits.argmax(-1, keepdim=True) for _ in caches]
+    steps: List[List[float]] = [[] for _ in caches]
     for _ in range(new):
-        t0 = time.perf_counter()
-        t = model(t, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        steps.append(time.perf_counter() - t0)
-    med = statistics.median(steps)
-    return {"decode_tokens_per_s": t.shape[0] / med, "step_ms": [round(1e3 * s, 2) for s in steps]}
+        for i, cache in enumerate(caches):
+            t0 = time.perf_counter()
+            tokens[i] = model(tokens[i], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            steps[i].append(time.perf_counter() - t0)
+    return [{"decode_tokens_per_s": logits.shape[0] / statistics.median(s),
+             "step_ms": [round(1e3 * x, 2) for x in s]} for s in steps]
 
 
 def parse_budget(spec: str) -> Dict[str, Any]:
@@ -116,19 +121,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     stock, queries, logits, prefill_s = prefill(model, ids, a.batch)
     base = {"model": a.model, "context": a.context, "batch": a.batch, "new_tokens": a.new,
             "threads": torch.get_num_threads(), "sinks": a.sinks, "window": a.window, "prefill_s": prefill_s}
-    print(json.dumps({**base, "method": "stock", **decode(model, copy.deepcopy(stock), logits, a.new)}), flush=True)
-    with kvdex.Daemon() as d:
+    with kvdex.Daemon() as d, contextlib.ExitStack() as stack:
         client = kvdex.connect(d.url)
+        methods: List[Tuple[Dict[str, Any], Any]] = [({"method": "stock"}, copy.deepcopy(stock))]
         for spec in a.budgets.split(","):
             for block in (int(x) for x in a.append_blocks.split(",")):
-                with KvdexCache.from_prefill(model, stock, queries, client, sinks=a.sinks, window=a.window,
-                                             append_block=block, **parse_budget(spec)) as cache:
-                    r = decode(model, cache, logits, a.new)
-                    s = cache.stats()
-                print(json.dumps({**base, "method": f"kvdex {spec}", "append_block": block, **r,
-                                  "index_ready_s": s["index_ready_s"], "attended_fraction": s["attended_fraction"],
-                                  "retrieve_ms": s["retrieve_ms"], "daemon_ms": s["daemon_ms"], "daemon": d.binary}),
-                      flush=True)
+                cache = stack.enter_context(KvdexCache.from_prefill(
+                    model, stock, queries, client, sinks=a.sinks, window=a.window, append_block=block,
+                    **parse_budget(spec)))
+                methods.append(({"method": f"kvdex {spec}", "append_block": block, "daemon": d.binary}, cache))
+        timed = decode_in_turn(model, [c for _, c in methods], logits, a.new)
+        for (name, cache), r in zip(methods, timed):
+            row = {**base, **name, **r}
+            if isinstance(cache, KvdexCache):
+                s = cache.stats()
+                row.update({k: s[k] for k in ("index_ready_s", "attended_fraction", "retrieve_ms", "daemon_ms")})
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,14 @@ class RetrieveStep:
         self.layer, self.q, self.scale, self.which = layer, q, scale, which
         self.q_host = q.detach().float().cpu().numpy() if which else None
         self.gather = uses_gather(layer)
-        self.pending = [] if self.gather else [layer.seq.submit(b, layer.kv_layer, self.q_host[b], scale)
-                                                for b in which]
+        self.submitted: list = []
+        if not self.gather:
+            try:
+                for b in which:
+                    self.submitted.append(layer.seq.submit(b, layer.kv_layer, self.q_host[b], scale))
+            except BaseException:
+                self.drain(0)
+                raise
 
     def finish(self, out_like: torch.Tensor, lse_like: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
@@ -49,13 +55,26 @@ class RetrieveStep:
         seq = self.layer.seq
         for n, b in enumerate(self.which):
             if self.gather:
-                o, l_, k = retrieved_partial(self.layer, b, self.q_host[b], self.q[b], self.scale)
+                out_b, lse_b, k = retrieved_partial(self.layer, b, self.q_host[b], self.q[b], self.scale)
             else:
-                r = seq.collect(self.pending[n])
-                o, l_, k = torch.from_numpy(r.out), torch.from_numpy(r.lse), r.k
-            out[b], lse[b] = o.to(out.device), l_.to(lse.device)
+                try:
+                    r = seq.collect(self.submitted[n])
+                except BaseException:
+                    self.drain(n + 1)
+                    raise
+                out_b, lse_b, k = torch.from_numpy(r.out), torch.from_numpy(r.lse), r.k
+            out[b], lse[b] = out_b.to(out.device), lse_b.to(lse.device)
             picked[b] = float(np.mean(k))
         return out, lse, picked
+
+    def drain(self, first: int) -> None:
+        """Waits for the submitted retrieves from ``first`` on, ignoring their errors (after a
+        failure: each in-flight retrieve holds a part of its session's arena until waited on)."""
+        for _, pending in self.submitted[first:]:
+            try:
+                pending.wait()
+            except Exception:  # noqa: BLE001 (the first failure is the one raised)
+                pass
 
 
 def retrieved_partial(layer: "KvdexLayer", b: int, q_host: np.ndarray, q: torch.Tensor,

@@ -298,7 +298,11 @@ class KvdexLayer(CacheLayerMixin):
         s, w = self.seq.sinks, self.seq.window
         daemon = self.daemon_lengths()
         step = RetrieveStep(self, q, scale, [i for i, n in enumerate(daemon) if n > s + w])
-        out_l, lse_l = local_partial(q, self.keys, self.values, self.valid, scale)
+        try:
+            out_l, lse_l = local_partial(q, self.keys, self.values, self.valid, scale)
+        except BaseException:
+            step.drain(0)
+            raise
         out_r, lse_r, picked = step.finish(out_l, lse_l)
         n_static = self.keys.shape[-2] if self.valid is None else self.valid.sum(dim=1).tolist()
         for i, length in enumerate(self.lengths):
