@@ -1,8 +1,9 @@
 """``KvdexLayer``: the cache of one full-attention layer, kept by kvdex.
 
 On the model's device the layer keeps the static tokens only: the first ``sinks`` and the
-most recent ``window`` tokens of each sequence. Every token also goes to the sequence's kvdex
-session, whose retrieval region is the rest, ``[sinks, len - window)``.
+most recent ``window`` tokens of each sequence the session holds, and the decode tokens not
+sent to it yet. Every token also goes to the sequence's kvdex session, whose retrieval region
+is the rest, ``[sinks, len - window)`` of what it holds.
 
 - First prefill: ``update`` returns the chunk's K/V whole; the attention (exact, sdpa) runs
   over it, then :meth:`commit_prefill` appends the rows to the sessions, seals the layer with
