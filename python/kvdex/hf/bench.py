@@ -13,8 +13,8 @@ sequence whatever its tokens).
 Prints one JSON object per method: ``method``, ``context``, ``batch``, ``new_tokens``,
 ``decode_tokens_per_s`` (tokens of the whole batch per second, over the median step),
 ``step_ms`` (every step), ``index_ready_s``, ``attended_fraction``, ``retrieve_ms``,
-``daemon_ms``. The daemon is the one ``kvdex.Daemon()`` finds (``$KVDEX_BIN``; build it with
-``--release`` for figures).
+``daemon_ms``, ``retrieves``, ``appends``. The daemon is the one ``kvdex.Daemon()`` finds
+(``$KVDEX_BIN``; build it with ``--release`` for figures).
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             row = {**base, **name, **r}
             if isinstance(cache, KvdexCache):
                 s = cache.stats()
-                row.update({k: s[k] for k in ("index_ready_s", "attended_fraction", "retrieve_ms", "daemon_ms")})
+                row.update({k: s[k] for k in ("index_ready_s", "attended_fraction", "retrieve_ms", "daemon_ms",
+                                              "retrieves", "appends")})
             print(json.dumps(row), flush=True)
 
 

@@ -111,8 +111,10 @@ class KvdexCache(Cache):
     def stats(self) -> Dict[str, Any]:
         """``decode_steps``; per step ``attended_tokens`` and ``past_tokens`` (summed over the
         full-attention layers and sequences; static tokens included); ``attended_fraction``
-        (their mean ratio); ``index_ready_s`` (last seal -> indices built); ``retrieves``,
-        ``retrieve_ms`` (client-side, mean), ``daemon_ms`` (daemon's search + attend + copy)."""
+        (their mean ratio); ``index_ready_s`` (last seal -> indices built); ``retrieves`` (one
+        per sequence and layer-step) and ``appends`` (one per sequence, layer and block of
+        decode tokens); ``retrieve_ms`` (client-side, submit to result, mean), ``daemon_ms``
+        (daemon's search + attend + copy)."""
         return self.seq.stats()
 
     def close(self) -> None:

@@ -184,6 +184,7 @@ class KvdexLayer(CacheLayerMixin):
         u = self.unsent
         for i, sess in enumerate(self.seq.sessions):
             sess.append(self.kv_layer, host_rows(self.keys[i, :, -u:]), host_rows(self.values[i, :, -u:]))
+            self.seq.record.appends += 1
         self.unsent = 0
         self.seal_grown()
         parts = []

@@ -76,6 +76,7 @@ class DecodeRecord:
     attended: List[float] = field(default_factory=list)
     past: List[int] = field(default_factory=list)
     retrieves: int = 0
+    appends: int = 0  # decode-time appends (one per sequence, layer and block of unsent tokens)
     retrieve_s: float = 0.0
     daemon_us: float = 0.0
 
@@ -192,6 +193,7 @@ class Sequences:
             "attended_fraction": float(np.mean(frac)) if frac else None,
             "index_ready_s": self.index_ready_s,
             "retrieves": r.retrieves,
+            "appends": r.appends,
             "retrieve_ms": 1e3 * r.retrieve_s / r.retrieves if r.retrieves else None,
             "daemon_ms": 1e-3 * r.daemon_us / r.retrieves if r.retrieves else None,
             "sessions": len(self.sessions),
