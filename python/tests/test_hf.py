@@ -183,6 +183,44 @@ def test_batch_of_two_prompts_with_left_padding(client, short) -> None:
         assert (x - y).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("block", [1, 3, 8])
+@torch.no_grad()
+def test_lazy_appends_across_block_boundaries(client, block) -> None:
+    """Decode tokens reach the daemon every ``block`` steps; until then they are attended
+    locally. 30 steps cross several block boundaries, for a sequence whose static set is full
+    from the start and for a padded one (10 tokens) that outgrows sinks + window meanwhile."""
+    mine, ref = models(config("llama"))
+    ids = torch.stack([prompt(200, seed=5)[0], torch.cat([torch.zeros(190, dtype=torch.long), prompt(10, seed=6)[0]])])
+    mask = torch.ones_like(ids)
+    mask[1, :190] = 0
+    steps = 30
+    kw = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    with KvdexCache(mine, client, k=ALL, sinks=SINKS, window=WINDOW, dtype="f32", append_block=block) as cache:
+        got = mine.generate(ids, past_key_values=cache, **kw)
+        layer = cache.layers[0]
+        unsent = (steps - 1) % block  # generate's last token is not fed back
+        assert layer.unsent == unsent
+        assert layer.daemon_lengths() == [200 + steps - 1 - unsent, 10 + steps - 1 - unsent]
+        static = [int(n) for n in layer.valid.sum(dim=1)] if layer.valid is not None else [layer.keys.shape[-2]] * 2
+        assert static == [SINKS + WINDOW + unsent] * 2  # the sinks, the daemon's window, the unsent
+        stats = cache.stats()
+        assert stats["attended_fraction"] == pytest.approx(1.0)
+        # 2 layers x 2 sequences: one retrieve per step while there is something to retrieve,
+        # one append per full block.
+        assert stats["appends"] == 2 * 2 * ((steps - 1) // block)
+    want = ref.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for i, (x, y) in enumerate(zip(got.logits, want.logits)):
+        assert (x - y).abs().max().item() < 1e-4, f"step {i}"
+
+
+def test_append_block_must_be_positive(client) -> None:
+    mine, _ = models(config("llama"))
+    with pytest.raises(kvdex.BadRequestError, match="append_block"):
+        KvdexCache(mine, client, append_block=0)
+
+
 def test_generate_usage_and_own_daemon(kvdex_bin, monkeypatch) -> None:
     monkeypatch.setenv("KVDEX_BIN", kvdex_bin)
     mine, ref = models(config("llama"))
@@ -216,8 +254,9 @@ def test_from_prefill_decodes_like_stock(client) -> None:
             if budget["k"] == ALL:
                 assert err < 1e-4
             else:
-                # 4 sinks + 16 window + 4 retrieved of 201 tokens, per layer.
-                assert cache.stats()["attended_tokens"] == [2 * (SINKS + WINDOW + 4)]
+                # Per layer, of 201 tokens: 4 sinks, the 16 window tokens of the 200 the daemon
+                # holds, the step's own token (not appended yet) and 4 retrieved.
+                assert cache.stats()["attended_tokens"] == [2 * (SINKS + WINDOW + 1 + 4)]
                 assert cache.stats()["past_tokens"] == [2 * 201]
     assert torch.equal(stock.layers[0].keys, kept)
 
@@ -228,7 +267,7 @@ def test_small_budget_attends_a_fraction(client) -> None:
         greedy(mine, cache, prompt(300), 4)
         s = cache.stats()
     assert s["decode_steps"] == 4 and s["retrieves"] == 4 * 2
-    assert 0 < s["attended_fraction"] < (SINKS + WINDOW + 8) / 300
+    assert 0 < s["attended_fraction"] < (SINKS + WINDOW + 4 + 8) / 300  # + up to 4 unsent decode tokens
 
 
 def test_refusals(client) -> None:

@@ -46,7 +46,8 @@ def test_smollm2_greedy_output_equals_stock(smollm2, daemon) -> None:
     want = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config),
                           max_new_tokens=NEW_TOKENS, do_sample=False)
     client = kvdex.connect(daemon.url)
-    with kvdex.hf.KvdexCache(model, client, k=100_000, sinks=64, window=256) as cache:  # f16 session
+    # f16 session; the 7 decode steps cross two append blocks of 3
+    with kvdex.hf.KvdexCache(model, client, k=100_000, sinks=64, window=256, append_block=3) as cache:
         got = model.generate(ids, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
         stats = cache.stats()
     assert torch.equal(got, want)

@@ -13,7 +13,7 @@ from ..client import Client, connect
 from ..daemon import Daemon
 from ..errors import BadRequestError
 from .layer import KvdexLayer
-from .sequences import Budget, Sequences
+from .sequences import APPEND_BLOCK, Budget, Sequences
 
 
 def layer_types(config: Any) -> List[str]:
@@ -60,13 +60,17 @@ class KvdexCache(Cache):
         gather: on a CUDA model, gather mode (rows into a registered CUDA tensor, attention on
             the GPU): ``None`` uses it when the daemon runs the cuda transfer backend, ``True``
             requires it, ``False`` uses attend mode everywhere.
+        append_block: decode tokens kept on the model's device (beside the window) before
+            they are appended to the sessions together, so that most decode steps make one
+            daemon round trip per layer (the retrieve) instead of two. The static set holds
+            up to ``sinks + window + append_block`` tokens.
     """
 
     def __init__(self, model: Any, client: Union[Client, str, None] = None, *, index: str = "graph",
                  k: Optional[int] = None, coverage: Optional[float] = 0.98, max_k: Optional[int] = 1024,
                  min_k: int = 16, sinks: int = 128, window: int = 512, dtype: Optional[str] = None,
                  train_queries: Optional[int] = None, wait_index: bool = True,
-                 gather: Optional[bool] = None) -> None:
+                 gather: Optional[bool] = None, append_block: int = APPEND_BLOCK) -> None:
         config = getattr(model, "config", model)
         if getattr(config, "_attn_implementation", None) != "kvdex":
             raise BadRequestError("KvdexCache needs the model loaded with attn_implementation='kvdex' "
@@ -83,7 +87,7 @@ class KvdexCache(Cache):
             raise BadRequestError("KvdexCache: the model has no full-attention layer (all sliding-window?)")
         self.seq = Sequences(client, len(full), sinks, window, index,
                              Budget(k=k, coverage=coverage, min_k=min_k, max_k=max_k), dtype,
-                             train_queries, wait_index, gather)
+                             train_queries, wait_index, gather, append_block)
         cfg = config.get_text_config(decoder=True)
         layers: list = []
         for i, t in enumerate(types):
@@ -107,8 +111,10 @@ class KvdexCache(Cache):
     def stats(self) -> Dict[str, Any]:
         """``decode_steps``; per step ``attended_tokens`` and ``past_tokens`` (summed over the
         full-attention layers and sequences; static tokens included); ``attended_fraction``
-        (their mean ratio); ``index_ready_s`` (last seal -> indices built); ``retrieves``,
-        ``retrieve_ms`` (client-side, mean), ``daemon_ms`` (daemon's search + attend + copy)."""
+        (their mean ratio); ``index_ready_s`` (last seal -> indices built); ``retrieves`` (one
+        per sequence and layer-step) and ``appends`` (one per sequence, layer and block of
+        decode tokens); ``retrieve_ms`` (client-side, submit to result, mean), ``daemon_ms``
+        (daemon's search + attend + copy)."""
         return self.seq.stats()
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """kvdex's part of a decode step, in one of two modes.
 
 - attend mode (a CPU model, or ``gather=False``): the daemon attends over the tokens it
-  retrieves and returns ``(out, lse)``.
+  retrieves and returns ``(out, lse)``. Every sequence's retrieve is submitted at once
+  (``retrieve_async``) and waited for after the engine's own part of the step.
 - gather mode (a CUDA model): the daemon copies the retrieved K/V rows straight into a CUDA
   tensor of the engine through CUDA IPC (``Session.register_cuda_tensor``, one buffer per
   sequence and layer), and the attention over them runs on the GPU.
@@ -9,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +26,55 @@ if TYPE_CHECKING:
 def uses_gather(layer: "KvdexLayer") -> bool:
     """Gather mode: a CUDA model, unless the cache was made with ``gather=False``."""
     return layer.device.type == "cuda" and layer.seq.gather is not False
+
+
+class RetrieveStep:
+    """kvdex's part of one decode step of a layer, for the sequences in ``which``: submitted on
+    construction (attend mode), collected by :meth:`finish`."""
+
+    def __init__(self, layer: "KvdexLayer", q: torch.Tensor, scale: float, which: List[int]) -> None:
+        self.layer, self.q, self.scale, self.which = layer, q, scale, which
+        self.q_host = q.detach().float().cpu().numpy() if which else None
+        self.gather = uses_gather(layer)
+        self.submitted: list = []
+        if not self.gather:
+            try:
+                for b in which:
+                    self.submitted.append(layer.seq.submit(b, layer.kv_layer, self.q_host[b], scale))
+            except BaseException:
+                self.drain(0)
+                raise
+
+    def finish(self, out_like: torch.Tensor, lse_like: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
+        """``(out float32 [B, H, d], lse float32 [B, H], mean k per sequence)``; sequences with
+        nothing to retrieve get zeros, ``-inf`` and 0."""
+        out = torch.zeros_like(out_like)
+        lse = torch.full_like(lse_like, float("-inf"))
+        picked = [0.0] * out.shape[0]
+        seq = self.layer.seq
+        for n, b in enumerate(self.which):
+            if self.gather:
+                out_b, lse_b, k = retrieved_partial(self.layer, b, self.q_host[b], self.q[b], self.scale)
+            else:
+                try:
+                    r = seq.collect(self.submitted[n])
+                except BaseException:
+                    self.drain(n + 1)
+                    raise
+                out_b, lse_b, k = torch.from_numpy(r.out), torch.from_numpy(r.lse), r.k
+            out[b], lse[b] = out_b.to(out.device), lse_b.to(lse.device)
+            picked[b] = float(np.mean(k))
+        return out, lse, picked
+
+    def drain(self, first: int) -> None:
+        """Waits for the submitted retrieves from ``first`` on, ignoring their errors (after a
+        failure: each in-flight retrieve holds a part of its session's arena until waited on)."""
+        for _, pending in self.submitted[first:]:
+            try:
+                pending.wait()
+            except Exception:  # noqa: BLE001 (the first failure is the one raised)
+                pass
 
 
 def retrieved_partial(layer: "KvdexLayer", b: int, q_host: np.ndarray, q: torch.Tensor,
@@ -69,4 +119,4 @@ def gather_buffer(layer: "KvdexLayer", b: int, heads: int, head_dim: int) -> Opt
     return got
 
 
-__all__ = ["retrieved_partial", "uses_gather", "gather_buffer"]
+__all__ = ["RetrieveStep", "retrieved_partial", "uses_gather", "gather_buffer"]

@@ -1,15 +1,20 @@
 """``KvdexLayer``: the cache of one full-attention layer, kept by kvdex.
 
 On the model's device the layer keeps the static tokens only: the first ``sinks`` and the
-most recent ``window`` tokens of each sequence. Every token also goes to the sequence's kvdex
-session, whose retrieval region is the rest, ``[sinks, len - window)``.
+most recent ``window`` tokens of each sequence the session holds, and the decode tokens not
+sent to it yet. Every token also goes to the sequence's kvdex session, whose retrieval region
+is the rest, ``[sinks, len - window)`` of what it holds.
 
 - First prefill: ``update`` returns the chunk's K/V whole; the attention (exact, sdpa) runs
   over it, then :meth:`commit_prefill` appends the rows to the sessions, seals the layer with
   a sample of the prefill queries, and keeps the static tokens.
-- Decode (one new token): ``update`` appends the token to the static set, drops the token
-  that leaves the window, and returns the static set; :meth:`decode` attends over it, asks
-  kvdex for the rest and merges both by LSE.
+- Decode (one new token): ``update`` appends the token to the static set and returns it;
+  :meth:`decode` attends over it, asks kvdex for the rest and merges both by LSE. Appends to
+  the daemon are lazy: the step's tokens stay in the static set only (``unsent`` of them)
+  and go to the sessions in blocks of ``append_block``, so most steps make one round trip
+  (the retrieve), not two. The daemon retrieves from ``[sinks, daemon_len - window)`` with
+  ``daemon_len = len - unsent``, so the static set is the sinks and every token from
+  ``daemon_len - window`` on: each token is attended exactly once, here or by kvdex.
 - A later prefill (a chat's next turn, chunked prefill): the offloaded rows are gathered
   back, so the new queries attend to the whole context exactly; the new rows are appended.
 
@@ -61,6 +66,7 @@ class KvdexLayer(CacheLayerMixin):
         self.sealed = False  # the first prefill is committed
         self.indexed: List[bool] = []  # per sequence: its session's layer is sealed
         self.pending: Optional[str] = None  # "prefill" | "extend" | "decode": what attention must finish
+        self.unsent = 0  # decode tokens at the end of every static set, not yet appended to the sessions
         self.gather_bufs: dict = {}
 
     # --- CacheLayerMixin -------------------------------------------------------------------
@@ -103,6 +109,7 @@ class KvdexLayer(CacheLayerMixin):
         if key_states.shape[-2] == 1:
             self.pending = "decode"
             return self.append_token(key_states, value_states)
+        self.flush()
         full_k, full_v = self.full_states()
         self.keys = torch.cat([full_k, key_states], dim=-2)
         self.values = torch.cat([full_v, value_states], dim=-2)
@@ -137,12 +144,16 @@ class KvdexLayer(CacheLayerMixin):
 
     def keep_static(self, full_k: torch.Tensor, full_v: torch.Tensor) -> None:
         """Keeps each sequence's static tokens of ``full_* [B, KV, T, d]``, right-aligned."""
-        parts = [self.static_of(full_k[b, :, p:], full_v[b, :, p:]) for b, p in enumerate(self.pads)]
+        self.pack([self.static_of(full_k[b, :, p:], full_v[b, :, p:]) for b, p in enumerate(self.pads)])
+
+    def pack(self, parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Stores one ``(keys, values) [KV, n_b, d]`` token set per sequence as ``keys``/``values``
+        ``[B, KV, max n_b, d]``, right-aligned, with ``valid`` marking the filled columns."""
         n = max(k.shape[1] for k, _ in parts)
-        kv, d = full_k.shape[1], full_k.shape[-1]
-        keys = full_k.new_zeros((len(parts), kv, n, d))
-        values = full_v.new_zeros((len(parts), kv, n, d))
-        valid = torch.zeros((len(parts), n), dtype=torch.bool, device=full_k.device)
+        kv, d = parts[0][0].shape[0], parts[0][0].shape[-1]
+        keys = parts[0][0].new_zeros((len(parts), kv, n, d))
+        values = parts[0][1].new_zeros((len(parts), kv, n, d))
+        valid = torch.zeros((len(parts), n), dtype=torch.bool, device=keys.device)
         for b, (k, v) in enumerate(parts):
             keys[b, :, n - k.shape[1]:] = k
             values[b, :, n - k.shape[1]:] = v
@@ -151,35 +162,36 @@ class KvdexLayer(CacheLayerMixin):
         self.valid = None if bool(valid.all()) else valid
 
     def append_token(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Decode: adds the step's token, drops the token leaving the window of each sequence
-        past ``sinks + window``, and returns the static set ``[B, KV, n, d]``."""
-        s, w = self.seq.sinks, self.seq.window
-        n = self.keys.shape[-2]
-        keys = torch.cat([self.keys, k], dim=-2)
-        values = torch.cat([self.values, v], dim=-2)
-        ones = torch.ones((keys.shape[0], 1), dtype=torch.bool, device=keys.device)
-        valid = ones.expand(-1, n + 1) if self.valid is None else torch.cat([self.valid, ones], dim=1)
+        """Decode: adds the step's token to the static set ``[B, KV, n, d]`` and returns the set.
+        The token reaches the session at the next :meth:`flush`."""
+        self.keys = torch.cat([self.keys, k], dim=-2)
+        self.values = torch.cat([self.values, v], dim=-2)
+        if self.valid is not None:
+            self.valid = torch.cat([self.valid, self.valid.new_ones((self.valid.shape[0], 1))], dim=1)
         self.lengths = [length + 1 for length in self.lengths]
-        drop = [length > s + w for length in self.lengths]
-        cut = n - w  # the column leaving the window, for a sequence whose static set is full
-        if all(drop):
-            keys = torch.cat([keys[..., :cut, :], keys[..., cut + 1:, :]], dim=-2)
-            values = torch.cat([values[..., :cut, :], values[..., cut + 1:, :]], dim=-2)
-            valid = torch.cat([valid[:, :cut], valid[:, cut + 1:]], dim=1)
-        elif any(drop):
-            keys, values, valid = keys.clone(), values.clone(), valid.clone()
-            for b in (i for i, d in enumerate(drop) if d):  # shift right over the dropped column
-                keys[b, :, 1:cut + 1] = keys[b, :, :cut].clone()
-                values[b, :, 1:cut + 1] = values[b, :, :cut].clone()
-                valid[b, 1:cut + 1] = valid[b, :cut].clone()
-                keys[b, :, 0] = 0
-                values[b, :, 0] = 0
-                valid[b, 0] = False
-        if not bool(valid[:, 0].any()):
-            keys, values, valid = keys[..., 1:, :], values[..., 1:, :], valid[:, 1:]
-        self.keys, self.values = keys, values
-        self.valid = None if bool(valid.all()) else valid.contiguous()
-        return keys, values
+        self.unsent += 1
+        return self.keys, self.values
+
+    def daemon_lengths(self) -> List[int]:
+        """Tokens each sequence's session holds for this layer (the unsent ones excluded)."""
+        return [length - self.unsent for length in self.lengths]
+
+    def flush(self) -> None:
+        """Appends the unsent tokens to the sessions, then drops from the static set the
+        tokens that the daemon now retrieves (those before ``len - window``, after the sinks)."""
+        if self.unsent == 0:
+            return
+        u = self.unsent
+        for i, sess in enumerate(self.seq.sessions):
+            sess.append(self.kv_layer, host_rows(self.keys[i, :, -u:]), host_rows(self.values[i, :, -u:]))
+            self.seq.record.appends += 1
+        self.unsent = 0
+        self.seal_grown()
+        parts = []
+        for b in range(self.keys.shape[0]):
+            cols = slice(None) if self.valid is None else self.valid[b]
+            parts.append(self.static_of(self.keys[b][:, cols], self.values[b][:, cols]))
+        self.pack(parts)
 
     def full_states(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The whole context ``[B, KV, T, d]`` (zeros where padded): the static tokens and the
@@ -271,35 +283,37 @@ class KvdexLayer(CacheLayerMixin):
     def seal_grown(self) -> None:
         """Seals (from the keys alone) the layer of a sequence whose prompt was all static
         tokens, once it holds tokens to retrieve."""
-        for i, length in enumerate(self.lengths):
+        for i, length in enumerate(self.daemon_lengths()):
             if not self.indexed[i] and length > self.seq.sinks + self.seq.window:
                 self.seq.sessions[i].seal(self.kv_layer, self.seq.index)
                 self.indexed[i] = True
 
     def decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention ``[B, 1, H, d]``: the static tokens here, the rest from kvdex."""
-        from .gather import retrieved_partial  # noqa: PLC0415
+        """Decode attention ``[B, 1, H, d]``: the static tokens here, the rest from kvdex.
 
-        b, h, _, d = query.shape
+        The sequences' retrieves are submitted first (the daemon serves them in parallel) and
+        the local partial is computed while they run. The unsent tokens are appended after
+        the retrieves are answered, once there are ``append_block`` of them."""
+        from .gather import RetrieveStep  # noqa: PLC0415
+
         q = query[:, :, 0, :]
-        for i in range(b):  # the step's token, appended before the retrieve sees the window
-            self.seq.sessions[i].append(self.kv_layer, host_rows(self.keys[i, :, -1:]), host_rows(self.values[i, :, -1:]))
-        self.seal_grown()
-        out_l, lse_l = local_partial(q, self.keys, self.values, self.valid, scale)
-        out_r = torch.zeros_like(out_l)
-        lse_r = torch.full_like(lse_l, float("-inf"))
-        q_host = q.detach().float().cpu().numpy()
+        s, w = self.seq.sinks, self.seq.window
+        daemon = self.daemon_lengths()
+        step = RetrieveStep(self, q, scale, [i for i, n in enumerate(daemon) if n > s + w])
+        try:
+            out_l, lse_l = local_partial(q, self.keys, self.values, self.valid, scale)
+        except BaseException:
+            step.drain(0)
+            raise
+        out_r, lse_r, picked = step.finish(out_l, lse_l)
         n_static = self.keys.shape[-2] if self.valid is None else self.valid.sum(dim=1).tolist()
         for i, length in enumerate(self.lengths):
             static = n_static if isinstance(n_static, int) else int(n_static[i])
-            picked = 0.0
-            if length > self.seq.sinks + self.seq.window:
-                o, lse, k = retrieved_partial(self, i, q_host[i], q[i], scale)
-                out_r[i], lse_r[i] = o, lse
-                picked = float(np.mean(k))
-            self.seq.record.add(self.kv_layer == 0 and i == 0, static + picked, length)
+            self.seq.record.add(self.kv_layer == 0 and i == 0, static + picked[i], length)
         out = merge_partials(out_l, lse_l, out_r, lse_r)
         self.pending = None
+        if self.unsent >= self.seq.append_block:
+            self.flush()
         return out.to(query.dtype)[:, None, :, :]
 
 

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ..client import Client, Retrieved, Session
+from ..client import Client, PendingRetrieve, Retrieved, Session
 from ..errors import BadRequestError
+
+# Decode tokens held back and appended to the sessions together: one append round trip per
+# block instead of one per step (benches/results/hf_decode.md compares block sizes).
+APPEND_BLOCK = 32
 
 TORCH_DTYPE_OF_SESSION = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
 
@@ -72,6 +76,7 @@ class DecodeRecord:
     attended: List[float] = field(default_factory=list)
     past: List[int] = field(default_factory=list)
     retrieves: int = 0
+    appends: int = 0  # decode-time appends (one per sequence, layer and block of unsent tokens)
     retrieve_s: float = 0.0
     daemon_us: float = 0.0
 
@@ -88,10 +93,12 @@ class Sequences:
 
     def __init__(self, client: Client, n_layers: int, sinks: int, window: int, index: str,
                  budget: Budget, dtype: Optional[str], train_queries: Optional[int],
-                 wait_index: bool, gather: Optional[bool] = None) -> None:
+                 wait_index: bool, gather: Optional[bool] = None, append_block: int = APPEND_BLOCK) -> None:
         if sinks < 0 or window < 1:
             raise BadRequestError(f"KvdexCache: sinks = {sinks} must be >= 0 and window = {window} >= 1 "
                                   "(the step's own token is attended locally)")
+        if append_block < 1:
+            raise BadRequestError(f"KvdexCache: append_block = {append_block} must be >= 1")
         self.client = client
         self.n_layers = n_layers
         self.sinks, self.window = sinks, window
@@ -101,6 +108,7 @@ class Sequences:
         self.train_queries = train_queries
         self.wait_index = wait_index
         self.gather = gather  # CUDA gather mode: None = when the daemon can, True = required, False = never
+        self.append_block = append_block  # decode tokens appended to the sessions together
         self.sessions: List[Session] = []
         self.sealed_at: Optional[float] = None
         self.index_ready_s: Optional[float] = None
@@ -153,6 +161,19 @@ class Sequences:
         self.record.daemon_us += r.search_us + r.attend_us + r.copy_us
         return r
 
+    def submit(self, b: int, kv_layer: int, q: np.ndarray, scale: float) -> Tuple[float, PendingRetrieve]:
+        """An attend-mode retrieve of sequence ``b`` in flight; :meth:`collect` waits for it."""
+        return time.perf_counter(), self.sessions[b].retrieve_async(kv_layer, q, scale=scale, **self.budget.kwargs())
+
+    def collect(self, submitted: Tuple[float, PendingRetrieve]) -> Retrieved:
+        """The result of :meth:`submit` (recorded like :meth:`retrieve`, from submit to result)."""
+        t0, pending = submitted
+        r = pending.wait()
+        self.record.retrieve_s += time.perf_counter() - t0
+        self.record.retrieves += 1
+        self.record.daemon_us += r.search_us + r.attend_us + r.copy_us
+        return r
+
     def close(self) -> None:
         for s in self.sessions:
             try:
@@ -172,6 +193,7 @@ class Sequences:
             "attended_fraction": float(np.mean(frac)) if frac else None,
             "index_ready_s": self.index_ready_s,
             "retrieves": r.retrieves,
+            "appends": r.appends,
             "retrieve_ms": 1e3 * r.retrieve_s / r.retrieves if r.retrieves else None,
             "daemon_ms": 1e-3 * r.daemon_us / r.retrieves if r.retrieves else None,
             "sessions": len(self.sessions),
@@ -179,4 +201,4 @@ class Sequences:
         }
 
 
-__all__ = ["Budget", "Sequences", "session_dtype_for", "host_rows", "TORCH_DTYPE_OF_SESSION"]
+__all__ = ["APPEND_BLOCK", "Budget", "Sequences", "session_dtype_for", "host_rows", "TORCH_DTYPE_OF_SESSION"]
