@@ -79,6 +79,45 @@ fn futex_wake(word: &AtomicU32) {
     }
 }
 
+/// The word a waiter announces itself on and parks on, with the futex calls: an `AtomicU32`
+/// in the region (the real futex), or a model of one (`wire/tests/loom_wait.rs` checks the
+/// protocol of [`park_until`] and [`notify`] under loom with every interleaving).
+pub trait ParkWord {
+    /// The word's value.
+    fn load(&self, order: Ordering) -> u32;
+    /// Sets the word.
+    fn store(&self, value: u32, order: Ordering);
+    /// Sets the word, returning what it held.
+    fn swap(&self, value: u32, order: Ordering) -> u32;
+    /// A `SeqCst` fence (the model's own, under loom).
+    fn fence_seq_cst(&self);
+    /// Parks while the word holds `expected`, for at most `timeout`; may return spuriously.
+    fn park(&self, expected: u32, timeout: Duration);
+    /// Wakes one waiter parked on the word.
+    fn wake(&self);
+}
+
+impl ParkWord for AtomicU32 {
+    fn load(&self, order: Ordering) -> u32 {
+        AtomicU32::load(self, order)
+    }
+    fn store(&self, value: u32, order: Ordering) {
+        AtomicU32::store(self, value, order)
+    }
+    fn swap(&self, value: u32, order: Ordering) -> u32 {
+        AtomicU32::swap(self, value, order)
+    }
+    fn fence_seq_cst(&self) {
+        fence(Ordering::SeqCst)
+    }
+    fn park(&self, expected: u32, timeout: Duration) {
+        futex_wait(self, expected, timeout)
+    }
+    fn wake(&self) {
+        futex_wake(self)
+    }
+}
+
 /// Waits until `ready()` is true: spins for `policy.spin`, then parks once on `sleeping` for
 /// at most `policy.park_timeout`. Returns whether `ready()` held at the end (false: timed out,
 /// and the caller should check for stop requests or a dead peer before waiting again).
@@ -126,13 +165,24 @@ pub fn wait_watching(
             }
         }
     }
+    park_until(sleeping, policy.park_timeout, ready)
+}
+
+/// The parking half of a wait: announces the sleep on `sleeping`, re-checks `ready()` after a
+/// `SeqCst` fence (so a publish that [`notify`] did not see as a sleep is seen here), and
+/// parks at most `timeout`. Returns whether `ready()` held at the end.
+pub fn park_until<W: ParkWord + ?Sized>(
+    sleeping: &W,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
     sleeping.store(1, Ordering::SeqCst);
-    fence(Ordering::SeqCst);
+    sleeping.fence_seq_cst();
     if ready() {
         sleeping.store(0, Ordering::Relaxed);
         return true;
     }
-    futex_wait(sleeping, 1, policy.park_timeout);
+    sleeping.park(1, timeout);
     sleeping.store(0, Ordering::Relaxed);
     ready()
 }
@@ -140,10 +190,10 @@ pub fn wait_watching(
 /// Called after publishing something the peer may be waiting for: wakes it only if it parked.
 /// Returns true when it had to wake it (the peer was asleep, so an answer will take a
 /// scheduler wake-up: the caller should wait with [`wait_watching`]).
-pub fn notify(sleeping: &AtomicU32) -> bool {
-    fence(Ordering::SeqCst);
+pub fn notify<W: ParkWord + ?Sized>(sleeping: &W) -> bool {
+    sleeping.fence_seq_cst();
     if sleeping.load(Ordering::Relaxed) != 0 && sleeping.swap(0, Ordering::AcqRel) != 0 {
-        futex_wake(sleeping);
+        sleeping.wake();
         return true;
     }
     false
@@ -223,7 +273,7 @@ mod tests {
             std::thread::yield_now();
         }
         flag.store(true, Ordering::Release);
-        notify(&word);
+        notify(&*word);
         let waited = t.join().unwrap();
         assert!(
             waited < Duration::from_secs(10),
@@ -250,7 +300,7 @@ mod tests {
             std::thread::yield_now();
         }
         flag.store(true, Ordering::Release);
-        assert!(notify(&word), "the waiter had announced its park");
+        assert!(notify(&*word), "the waiter had announced its park");
         assert!(t.join().unwrap());
     }
 
