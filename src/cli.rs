@@ -57,7 +57,7 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Replaces this process with `kvdex-bench <command> <args…>`; returns only on failure.
 fn exec_tools(command: &str, args: Vec<OsString>) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    let bin = tools_binary().ok_or_else(|| {
+    let bin = find_binary(TOOLS_BINARY).ok_or_else(|| {
         KvdexError::Config(format!(
             "`kvdex {command}` runs the {TOOLS_BINARY} binary, which is neither next to this \
              one nor on the PATH: build it with `cargo build --release -p kvdex-tools`"
@@ -73,15 +73,16 @@ fn exec_tools(command: &str, args: Vec<OsString>) -> Result<()> {
     )))
 }
 
-/// [`TOOLS_BINARY`] next to the running binary, else the first on the `PATH`.
-fn tools_binary() -> Option<PathBuf> {
+/// The binary `name` next to the running one (where cargo and `pip install` put kvdex's
+/// binaries), else the first on the `PATH`.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
     let beside = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(TOOLS_BINARY)))
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
         .filter(|p| p.is_file());
     beside.or_else(|| {
         std::env::split_paths(&std::env::var_os("PATH")?)
-            .map(|dir| dir.join(TOOLS_BINARY))
+            .map(|dir| dir.join(name))
             .find(|p| p.is_file())
     })
 }

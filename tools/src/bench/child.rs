@@ -37,23 +37,13 @@ pub(crate) fn daemon_binary() -> kvdex::error::Result<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("KVDEX_BIN") {
         return Ok(p.into());
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("kvdex")))
-        .filter(|p| p.is_file());
-    beside
-        .or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH")?)
-                .map(|dir| dir.join("kvdex"))
-                .find(|p| p.is_file())
-        })
-        .ok_or_else(|| {
-            kvdex::KvdexError::Config(
-                "the benchmark starts a `kvdex serve` daemon, but no `kvdex` binary is next to \
+    kvdex::cli::find_binary("kvdex").ok_or_else(|| {
+        kvdex::KvdexError::Config(
+            "the benchmark starts a `kvdex serve` daemon, but no `kvdex` binary is next to \
                  this one or on the PATH (set KVDEX_BIN, or build it: cargo build -p kvdex)"
-                    .into(),
-            )
-        })
+                .into(),
+        )
+    })
 }
 
 #[cfg(test)]
